@@ -1,0 +1,176 @@
+import io
+import re
+
+import numpy as np
+import pytest
+from rich.cells import cell_len
+from rich.console import Console
+
+from tfcli.render.heatmap import MASKED, focus_view, grid_view, head_view, legend, visible
+
+ANSI = re.compile(r"\x1b\[")
+SHADES = set("░▒▓█")
+
+
+def causal(t: int, seed: int = 0) -> np.ndarray:
+    """A random causal attention matrix whose rows sum to 1 over the past."""
+    w = np.tril(np.random.default_rng(seed).random((t, t)) + 0.01)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def stack(layers: int, heads: int, t: int) -> np.ndarray:
+    return np.stack([np.stack([causal(t, 10 * li + h) for h in range(heads)]) for li in range(layers)])
+
+
+def render(renderable, *, color: bool = False) -> str:
+    console = Console(
+        width=80,
+        file=io.StringIO(),
+        color_system="truecolor" if color else None,
+        force_terminal=color,
+        legacy_windows=False,
+    )
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def body(out: str, t: int, *, title: bool = False) -> tuple[str, list[str]]:
+    """Split head_view output into its header line and its t query rows."""
+    lines = out.splitlines()[int(title):]
+    return lines[0], lines[1:1 + t]
+
+
+def test_visible_marks_whitespace_and_controls():
+    assert visible(" ") == "␣"
+    assert visible("\n") == "⏎"
+    assert visible("\t") == "⇥"
+    assert visible("\r") == "␍"
+    assert visible("\x00") == "␀"
+    assert visible("\u200b") == MASKED
+    assert visible("a") == "a"
+    assert visible("é") == "é"
+    assert visible("中") == "中"
+
+
+def test_masked_future_cells_are_shown_as_masked_and_past_cells_are_not():
+    t = 6
+    _, rows = body(render(head_view(causal(t), "abcdef")), t)
+    for i, row in enumerate(rows):
+        cells = row[5:]  # "0 a  " label: 1 digit + space + 2-cell glyph + space
+        pairs = [cells[2 * j:2 * j + 2] for j in range(t)]
+        assert all(p.strip() == MASKED for p in pairs[i + 1:]), row
+        assert all(MASKED not in p for p in pairs[:i + 1]), row
+
+
+def test_zero_weight_is_drawn_differently_from_masked():
+    w = np.array([[1.0, 0.0], [0.0, 1.0]])
+    _, rows = body(render(head_view(w, "ab", color=False)), 2)
+    assert rows[0].endswith(" " + MASKED)
+    assert rows[1][5:7] == "  "  # a real 0 is the lightest shade, not the masked dot
+
+
+def test_whitespace_shows_as_visible_glyphs_in_header_and_row_labels():
+    text = "a b\nc\td"
+    out = render(head_view(causal(len(text)), text))
+    header, rows = body(out, len(text))
+    for glyph in "␣⏎⇥":
+        assert glyph in header
+    assert [row.split()[1] for row in rows] == ["a", "␣", "b", "⏎", "c", "⇥", "d"]
+
+
+def test_wide_characters_keep_rows_and_header_aligned():
+    text = "你好, 世界!"
+    out = render(head_view(causal(len(text)), text, title="cjk"))
+    header, rows = body(out, len(text), title=True)
+    widths = {cell_len(row) for row in rows}
+    assert len(widths) == 1
+    assert cell_len(header) == widths.pop()
+    # each header glyph starts exactly where its 2-cell column starts
+    label = cell_len(rows[0]) - 2 * len(text)
+    assert header[:label].strip() == ""
+    assert header[label:].startswith("你好,")
+
+
+def test_long_prompt_is_windowed_to_the_last_positions_with_a_note():
+    t = 120
+    text = "".join(chr(ord("a") + i % 26) for i in range(t))
+    out = render(head_view(causal(t), text, max_width=80))
+    assert all(cell_len(line) <= 80 for line in out.splitlines())
+    note = re.search(r"showing positions (\d+)–(\d+) of 120", out)
+    assert note, out
+    first, last = int(note[1]), int(note[2])
+    assert last == t - 1 and first > 0
+    assert f"{last} {text[-1]}" in out and f"{first - 1} " not in out
+
+
+def test_offset_shifts_position_labels_and_note():
+    t = 100
+    out = render(head_view(causal(t), "x" * t, offset=50))
+    assert "of 50–149" in out
+    assert "149 x" in out
+
+
+def test_single_position_renders_one_cell():
+    out = render(head_view(np.array([[1.0]]), "q"))
+    header, rows = body(out, 1)
+    assert header.strip() == "q"
+    assert rows[0].endswith("██")
+    assert MASKED + " masked" in out
+
+
+def test_color_off_uses_shade_blocks_and_no_ansi_even_on_a_color_terminal():
+    out = render(head_view(causal(8), "colorful", title="t"), color=False)
+    colored_console = render(head_view(causal(8), "colorful", title="t", color=False), color=True)
+    assert SHADES & set(out)
+    assert not ANSI.search(colored_console)
+    assert SHADES & set(colored_console)
+
+
+def test_color_on_paints_cells_with_truecolor():
+    out = render(head_view(causal(4), "abcd"), color=True)
+    assert "\x1b[38;2;" in out
+
+
+def test_legend_shows_scale_max_and_masked_meaning():
+    out = render(legend(0.83, color=False))
+    assert "0.83" in out and "░" in out and "masked" in out and "max shown" in out
+
+
+def test_grid_view_shows_every_layer_and_head_label():
+    out = render(grid_view(stack(3, 4, 10), "abcdefghij", layer_labels=[2, 5, 7]))
+    for layer in (2, 5, 7):
+        for h in range(4):
+            assert f"L{layer} H{h}" in out
+    assert "L0 H0" not in out
+    assert all(cell_len(line) <= 80 for line in out.splitlines())
+
+
+def test_grid_view_windows_long_prompts_to_fit():
+    t = 90
+    out = render(grid_view(stack(1, 4, t), "z" * t, color=False))
+    assert all(cell_len(line) <= 80 for line in out.splitlines())
+    assert re.search(r"showing positions \d+–89 of 90", out)
+
+
+def test_grid_view_rejects_wrong_number_of_layer_labels():
+    with pytest.raises(ValueError):
+        grid_view(stack(2, 1, 3), "abc", layer_labels=[0])
+
+
+def test_focus_view_ranks_the_largest_weight_first():
+    w = np.zeros((1, 1, 4, 4))
+    w[0, 0, 3] = [0.1, 0.6, 0.05, 0.25]
+    out = render(focus_view(w, "ab c", 3, top=3))
+    lines = [line for line in out.splitlines() if line.startswith("  ")]
+    assert [line.split()[1] for line in lines] == ["1", "3", "0"]
+    assert lines[0].split()[0] == "b" and lines[0].rstrip().endswith("0.60")
+    assert lines[2].split()[0] == "a"
+    bars = [line.count("█") for line in lines]
+    assert bars == sorted(bars, reverse=True)
+
+
+def test_focus_view_ignores_future_positions_and_labels_each_head():
+    out = render(focus_view(stack(2, 2, 6), "abcdef", 1, top=5))
+    for label in ("L0 H0", "L0 H1", "L1 H0", "L1 H1"):
+        assert label in out
+    assert len([line for line in out.splitlines() if line.startswith("  ")]) == 4 * 2

@@ -1,0 +1,34 @@
+"""tfcli: train a character-level transformer on any text, sample from it, look inside it.
+
+The library is what the CLI is made of, usable from a notebook:
+
+    import tfcli
+    corpus = tfcli.load_corpus([Path("input.txt")])
+    tfcli.train(corpus, tfcli.ModelConfig(), tfcli.TrainConfig(max_steps=500), Path("runs/x"))
+    model = tfcli.load("runs/x")
+    text = "".join(p[0] for p in tfcli.generate(model, model.vocab, "ROMEO:", tfcli.SampleConfig(seed=1)))
+    att = tfcli.attention(model, "To be, or not to be")
+
+Names resolve lazily so that importing tfcli (and `tfcli --help`) does not load torch.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ModelConfig": "config", "TrainConfig": "config", "SampleConfig": "config",
+    "load_corpus": "corpus", "Vocab": "corpus",
+    "train": "trainer", "load": ("checkpoint", "load_model"), "generate": "sampling",
+    "attention": "inspect", "evaluate": "evaluation", "TfcliError": "errors",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tfcli' has no attribute {name!r}")
+    from importlib import import_module
+    target = _EXPORTS[name]
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    return getattr(import_module(f".{module}", __name__), attr)
+
+
+__all__ = list(_EXPORTS)

@@ -1,0 +1,186 @@
+"""Run directories and checkpoints: safetensors only, written atomically.
+
+A run directory holds
+  model.safetensors  the latest weights, with config, vocabulary and a training summary
+                     in the header metadata: enough to sample with nothing else
+  best.safetensors   the weights with the lowest validation loss so far
+  state.safetensors  what --resume needs: optimizer moments, step, clock, RNG states
+  metrics.jsonl      one JSON object per logged step / evaluation
+
+Loading never unpickles: safetensors is a JSON header plus raw tensor bytes, so a
+checkpoint cannot run code. Every write goes to a temp file, is fsynced, then
+renamed over the old one, so a crash mid-save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from .config import ModelConfig
+from .corpus import Vocab
+from .errors import TfcliError, UsageError
+
+FORMAT = "tfcli"
+FORMAT_VERSION = 1
+MODEL_FILE, BEST_FILE, STATE_FILE = "model.safetensors", "best.safetensors", "state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+RUNS_DIR = Path("runs")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename: readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    try:
+        atomic_write(path, st_save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), **meta}))
+    except OSError as e:
+        raise TfcliError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are untouched") from None
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint file")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError, Exception) as e:  # noqa: BLE001 - any parse failure means "not ours"
+        raise TfcliError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
+                         "tfcli never loads pickled .pt files") from None
+
+
+def _check_meta(path: Path, meta: dict | None) -> dict:
+    meta = meta or {}
+    if meta.get("format") != FORMAT:
+        raise TfcliError(f"{path}: a safetensors file, but not a tfcli checkpoint")
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise TfcliError(f"{path}: written by a newer tfcli (format {version}, this one reads "
+                         f"{FORMAT_VERSION}); upgrade tfcli")
+    return meta
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    vocab: Vocab
+    state_dict: dict[str, torch.Tensor]
+    summary: dict  # training summary: step, val_loss, tokens, seconds, corpus...
+    path: Path
+
+
+def save_model(path: Path, model: torch.nn.Module, vocab: Vocab, summary: dict) -> None:
+    meta = {"config": json.dumps(model.config.to_dict()), "vocab": json.dumps(vocab.chars),
+            "summary": json.dumps(summary)}
+    _save(path, {k: v.float() for k, v in model.state_dict().items()}, meta)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    with _open(path) as f:
+        meta = _check_meta(path, f.metadata())
+        try:
+            config = ModelConfig.from_dict(json.loads(meta["config"]))
+            vocab = Vocab(json.loads(meta["vocab"]))
+            summary = json.loads(meta.get("summary", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (KeyError, ValueError, TypeError, SafetensorError) as e:
+            raise TfcliError(f"{path}: damaged tfcli checkpoint ({e})") from None
+    if config.vocab_size != len(vocab):
+        raise TfcliError(f"{path}: damaged tfcli checkpoint (vocabulary does not match config)")
+    return Checkpoint(config, vocab, tensors, summary, path)
+
+
+def save_state(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    _save(path, tensors, {"state": json.dumps(state)})
+
+
+def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with _open(path) as f:
+        meta = _check_meta(path, f.metadata())
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["state"])
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def latest_run(root: Path = RUNS_DIR) -> Path | None:
+    found = [p for p in root.glob(f"*/{MODEL_FILE}") if p.is_file()] if root.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resolve_model_path(path: Path | None) -> Path:
+    """A run directory or .safetensors file; None means the most recent run under ./runs."""
+    if path is None:
+        found = latest_run()
+        if found is None:
+            raise UsageError("no trained model found under ./runs; train one with `tfcli train FILE` or pass -m PATH")
+        return found
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        raise UsageError(f"{path}: holds no {MODEL_FILE}; is it a run directory?")
+    if not path.exists():
+        raise UsageError(f"{path}: no such run directory or checkpoint")
+    return path
+
+
+def default_run_dir(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
+    """runs/<corpus name>, or runs/<name>-2, -3... so an earlier run is never overwritten."""
+    stem = corpus_paths[0].stem if corpus_paths[0].is_file() else corpus_paths[0].resolve().name
+    stem = stem or "corpus"
+    candidate, n = root / stem, 1
+    while (candidate / MODEL_FILE).exists() or (candidate / STATE_FILE).exists():
+        n += 1
+        candidate = root / f"{stem}-{n}"
+    return candidate
+
+
+def load_model(path: Path | str | None = None, device: str = "cpu"):
+    """A ready-to-use model from a run directory or .safetensors file (None: the latest run).
+
+    The vocabulary and training summary ride along as `model.vocab` and `model.summary`.
+    """
+    from .model import GPT
+
+    ck = load_checkpoint(resolve_model_path(Path(path) if path is not None else None))
+    model = GPT(ck.config)
+    try:
+        model.load_state_dict(ck.state_dict)
+    except RuntimeError as e:
+        raise TfcliError(f"{ck.path}: damaged tfcli checkpoint (weights do not match its config: "
+                         f"{str(e).splitlines()[0][:80]})") from None
+    model.vocab, model.summary, model.path = ck.vocab, ck.summary, ck.path
+    return model.to(device).eval()

@@ -1,0 +1,172 @@
+"""Configuration as frozen dataclasses, and the presets as plain data.
+
+Everything a run depends on lives here so that it can be stored in a checkpoint
+(as JSON) and compared on `--resume`. Nothing here imports torch: the CLI builds
+these objects before deciding whether torch is needed at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 65
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    dropout: float = 0.0
+
+    def validate(self) -> ModelConfig:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UsageError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise UsageError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary positions)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05  # final lr as a share of lr, reached at the end of cooldown
+    warmup_steps: int = 50
+    cooldown: float = 0.4  # last share of the run (steps or time) spent decaying lr linearly
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    time_budget: float | None = None  # seconds of wall clock, start-up and evaluation included
+    eval_interval: float = 30.0  # seconds between validations (time-based: step rates vary 100x across models)
+    eval_tokens: int = 32768  # fixed val subset scored during training; the full pass is `tfcli eval`
+    sample_chars: int = 80
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+
+    def validate(self) -> TrainConfig:
+        if self.batch_size <= 0:
+            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise UsageError("--time must be positive")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets name a model size and batch; `auto` resolves to one of them for the device
+# and time budget (see `resolve_preset`). Sizes are nanoGPT-like so figures compare.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, lr=3e-3),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=3e-3),
+    "medium": dict(n_layer=6, n_head=4, n_embd=256, block_size=128, batch_size=32, lr=2e-3),
+    "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, lr=1e-3),
+}
+PRESET_NAMES = ("auto", *PRESETS)
+DEFAULT_CPU_TIME = 300.0  # a run with neither --time nor --max-steps gets this budget
+
+
+def resolve_preset(name: str, device: str, time_budget: float | None) -> dict:
+    """Pick the preset that trains best in the budget: small models win short CPU runs."""
+    if name != "auto":
+        if name not in PRESETS:
+            raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
+        return dict(PRESETS[name])
+    if device.startswith("cuda"):
+        return dict(PRESETS["large"])
+    if time_budget is not None and time_budget < 240:
+        return dict(PRESETS["small"])
+    return dict(PRESETS["medium"])
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)?", re.IGNORECASE)
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `300`, `90s`, `5m`, `1h30m` or `1.5h`."""
+    s = text.strip().replace(" ", "")
+    pos, total, parts = 0, 0.0, 0
+    while pos < len(s):
+        m = _DURATION.match(s, pos)
+        if not m or m.end() == pos:
+            break
+        unit = m.group(2).lower() if m.group(2) else None
+        if unit is None and m.end() != len(s):
+            break
+        total += float(m.group(1)) * _UNIT[unit]
+        pos, parts = m.end(), parts + 1
+    if not s or pos != len(s) or parts == 0 or total <= 0:
+        raise UsageError(f"cannot read {text!r} as a duration; use seconds or e.g. 90s, 5m, 1h30m")
+    return total
+
+
+def with_overrides(obj, **changes):
+    """`dataclasses.replace` that ignores None, so unset CLI flags keep the preset's value."""
+    return replace(obj, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Generation settings; the filters apply in llama.cpp's order (see `generate.filter_logits`)."""
+
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    num_samples: int = 1
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> SampleConfig:
+        if self.max_new_tokens < 0:
+            raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise UsageError(f"--top-k must be positive, got {self.top_k}")
+        for name in ("top_p", "min_p"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+        if self.repeat_penalty <= 0:
+            raise UsageError(f"--repeat-penalty must be positive, got {self.repeat_penalty}")
+        if self.num_samples <= 0:
+            raise UsageError(f"--num-samples must be positive, got {self.num_samples}")
+        if any(not s for s in self.stop):
+            raise UsageError("--stop strings must not be empty")
+        return self

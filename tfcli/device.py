@@ -1,0 +1,69 @@
+"""Where and in what precision to run.
+
+bf16 autocast is a 2x win on CPUs with native bf16 dot products (AVX512_BF16,
+AMX) and a many-times loss on CPUs without them, so it is probed, not assumed.
+Weights, optimizer state and the loss always stay fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import shutil
+
+import torch
+
+from .errors import UsageError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps asked for, but MPS is not available here; use --device cpu")
+    return device
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    if platform.system() != "Linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """The autocast dtype: bf16 where the hardware computes it natively, else fp32 (fp16 on old GPUs)."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32 or device.type == "mps":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def can_compile() -> bool:
+    """torch.compile on CPU needs a C++ compiler for its generated kernels."""
+    return shutil.which("g++") is not None or shutil.which("c++") is not None or shutil.which("clang++") is not None

@@ -1,0 +1,73 @@
+"""Held-out loss, the way ../shared/BENCHMARKS.md defines it.
+
+The text is cut into consecutive, non-overlapping windows of the model's context;
+every character is predicted from the characters before it in its window. The
+result is deterministic, unlike an estimate from random batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .device import autocast
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    chars: int  # characters predicted
+    loss: float  # mean cross-entropy, nats per character
+
+    @property
+    def bpc(self) -> float:
+        return self.loss / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def to_dict(self) -> dict:
+        return {"chars": self.chars, "loss": self.loss, "bpc": self.bpc, "perplexity": self.perplexity}
+
+
+@torch.no_grad()
+def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype: torch.dtype = torch.float32,
+             on_progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored."""
+    T = model.config.block_size
+    device = next(model.parameters()).device
+    data = torch.as_tensor(np.asarray(ids, dtype=np.int64) if isinstance(ids, np.ndarray) else ids).long()
+    n = data.numel() - 1
+    if n < 1:
+        raise ValueError("need at least two characters to evaluate")
+    was_training = model.training
+    model.eval()
+    full = n // T
+    total = 0.0
+    for start in range(0, full, batch_size):
+        rows = min(batch_size, full - start)
+        chunk = data[start * T: (start + rows) * T + 1]
+        x = chunk[:-1].view(rows, T).to(device)
+        y = chunk[1:].view(rows, T).to(device)
+        total += _summed_loss(model, x, y, device, dtype)
+        if on_progress:
+            on_progress(rows * T)
+    rest = n - full * T
+    if rest:
+        chunk = data[full * T:]
+        x, y = chunk[:-1].view(1, rest).to(device), chunk[1:].view(1, rest).to(device)
+        total += _summed_loss(model, x, y, device, dtype)
+        if on_progress:
+            on_progress(rest)
+    model.train(was_training)
+    return EvalResult(n, total / n)
+
+
+def _summed_loss(model, x, y, device, dtype) -> float:
+    with autocast(device, dtype):
+        logits, _ = model(x)
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()

@@ -1,0 +1,215 @@
+"""A decoder-only transformer for characters, in plain PyTorch.
+
+Pre-norm blocks (RMSNorm without gains) of causal multi-head self-attention and a
+ReLU² MLP; rotary positions; QK-norm; no biases; output projections and the head
+start at zero, so a new model predicts the uniform distribution exactly.
+
+Rotary positions make attention depend only on the distance between characters,
+which is what lets the KV cache be a ring buffer: generation runs past the
+context with no recomputation and no seam. Attention runs fused
+(`scaled_dot_product_attention`) except when its weights are asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+ROPE_BASE = 10_000.0
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim/2), computed in float64 so that far positions stay exact."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer, allocated once, written as a ring of `size` slots.
+
+    Position p lives in slot p % size. Keys are stored already rotated, and rotary
+    attention depends only on relative position, so the order of slots is irrelevant.
+    """
+
+    def __init__(self, batch: int, n_head: int, size: int, head_dim: int, device, dtype):
+        super().__init__()
+        shape = (batch, n_head, size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def _qkv(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rms_norm(q), rms_norm(k)  # QK-norm: logits stay bounded, so lr can be high
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # (B, H, T, D) each
+
+    def forward(self, x, cos, sin, need_weights: bool = False):
+        q, k, v = self._qkv(x, cos, sin)
+        weights = None
+        if need_weights:
+            T = x.size(1)
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            weights = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
+            y = weights.to(v.dtype) @ v
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.scale)
+        return self._out(y), weights
+
+    def prefill(self, x, cos, sin, cache: KVCache):
+        """Causal attention over a prompt that starts at position 0, filling the cache."""
+        q, k, v = self._qkv(x, cos, sin)
+        T = x.size(1)
+        cache.k[:, :, :T] = k
+        cache.v[:, :, :T] = v
+        return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale))
+
+    def decode(self, x, cos, sin, cache: KVCache, slot: torch.Tensor, mask: torch.Tensor):
+        """One new position per sequence: write its key/value to `slot`, attend over valid slots."""
+        q, k, v = self._qkv(x, cos, sin)
+        cache.k.index_copy_(2, slot, k)
+        cache.v.index_copy_(2, slot, v)
+        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, scale=self.scale)
+        return self._out(y)
+
+    def _out(self, y):
+        B, H, T, D = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, need_weights: bool = False):
+        a, weights = self.attn(rms_norm(x), cos, sin, need_weights)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(rms_norm(x))), weights
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        cos, sin = rope_angles(torch.arange(cfg.block_size), cfg.head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.wte.weight, std=1.0)
+        for block in self.blocks:
+            for lin in (block.attn.qkv, block.mlp.fc):
+                nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+        nn.init.zeros_(self.head.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, V); with targets, also the mean cross-entropy in nats (computed in fp32)."""
+        T = idx.size(1)
+        x = self.wte(idx)
+        for block in self.blocks:
+            x, _ = block(x, self.cos[:T], self.sin[:T])
+        logits = self.head(rms_norm(x)).float()
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1).long())
+
+    @torch.no_grad()
+    def attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and attention weights (B, layer, head, query, key), by the explicit softmax path."""
+        T = idx.size(1)
+        x, maps = self.wte(idx), []
+        for block in self.blocks:
+            x, w = block(x, self.cos[:T], self.sin[:T], need_weights=True)
+            maps.append(w)
+        return self.head(rms_norm(x)).float(), torch.stack(maps, dim=1)
+
+    def hidden_states(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream after the embedding and after each block (for the logit lens)."""
+        T = idx.size(1)
+        x = self.wte(idx)
+        states = [x]
+        for block in self.blocks:
+            x, _ = block(x, self.cos[:T], self.sin[:T])
+            states.append(x)
+        return states
+
+    def logits_from_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(rms_norm(x)).float()
+
+    # -- KV-cached inference ------------------------------------------------------------
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        cfg, p = self.config, self.head.weight
+        return [KVCache(batch, cfg.n_head, cfg.block_size, cfg.head_dim, p.device, dtype or p.dtype)
+                for _ in range(cfg.n_layer)]
+
+    def prefill(self, idx: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Logits of the last position of a prompt (at most block_size long), filling caches."""
+        T = idx.size(1)
+        x = self.wte(idx)
+        for block, cache in zip(self.blocks, caches):
+            x = x + block.attn.prefill(rms_norm(x), self.cos[:T], self.sin[:T], cache)
+            x = x + block.mlp(rms_norm(x))
+        return self.head(rms_norm(x[:, -1:])).float()[:, 0]
+
+    def decode(self, idx: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
+        """Logits (B, V) for one new token per sequence at absolute position `pos`."""
+        size = self.config.block_size
+        device = idx.device
+        cos, sin = rope_angles(torch.tensor([pos], device=device), self.config.head_dim)
+        slot = torch.tensor([pos % size], device=device)
+        mask = (torch.arange(size, device=device) <= pos).view(1, 1, 1, size)
+        x = self.wte(idx.view(-1, 1))
+        for block, cache in zip(self.blocks, caches):
+            x = x + block.attn.decode(rms_norm(x), cos, sin, cache, slot, mask)
+            x = x + block.mlp(rms_norm(x))
+        return self.head(rms_norm(x)).float()[:, 0]

@@ -1,0 +1,140 @@
+"""Training progress for a person: a rich live dashboard on a terminal, plain log lines elsewhere.
+
+Both are callbacks over `tfcli.train` events; neither knows how training works.
+The plain form prints a line at most every `every` seconds plus every evaluation,
+so a log file stays readable and free of control codes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from ..trainer import Done, Eval, Notice, Sample, Start, Step
+
+LN2 = math.log(2)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def describe_start(e: Start) -> str:
+    m = e.model
+    budget = " ".join(filter(None, [f"{e.train.max_steps} steps" if e.train.max_steps else "",
+                                    f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
+    resumed = f", resuming at step {e.start_step}" if e.start_step else ""
+    return (f"model: {fmt_count(e.n_params)} params ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+            f"context {m.block_size}), batch {e.train.batch_size}, lr {e.train.lr:g}\n"
+            f"device: {e.device} ({e.dtype}); {budget}{resumed}; writing {e.run_dir}")
+
+
+def eta(progress: float, elapsed: float) -> float | None:
+    return elapsed * (1 - progress) / progress if progress > 0.01 else None
+
+
+class PlainProgress:
+    """Log lines for pipes and files."""
+
+    def __init__(self, console: Console, every: float = 10.0):
+        self.console, self.every, self.last = console, every, -math.inf
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __call__(self, e) -> None:
+        out = self.console.print
+        if isinstance(e, Start):
+            out(describe_start(e), highlight=False)
+        elif isinstance(e, Step) and (time.monotonic() - self.last >= self.every or e.step == 1):
+            self.last = time.monotonic()
+            left = eta(e.progress, e.elapsed)
+            out(f"step {e.step:>6}  loss {e.loss:.4f}  {fmt_count(e.tokens_per_s)} tok/s  lr {e.lr:.2e}  "
+                f"{fmt_time(e.elapsed)}" + (f"  eta {fmt_time(left)}" if left is not None else ""), highlight=False)
+        elif isinstance(e, Eval) and e.val_loss is not None:
+            out(f"step {e.step:>6}  val {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char)"
+                + ("  best" if e.best else ""), highlight=False)
+        elif isinstance(e, Sample):
+            out(f"sample: {e.text.strip().replace(chr(10), ' | ')[:100]}", highlight=False, markup=False)
+        elif isinstance(e, Notice):
+            out(f"warning: {e.message}", highlight=False, markup=False)
+        elif isinstance(e, Done):
+            out(describe_done(e), highlight=False)
+
+
+def describe_done(e: Done) -> str:
+    val = f", val loss {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char)" if e.val_loss is not None else ""
+    why = {"steps": "reached --max-steps", "time": "time budget spent", "interrupted": "interrupted"}[e.reason]
+    return f"done: {e.step} steps in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
+
+
+class LiveProgress:
+    """The dashboard: a progress bar, the latest numbers and a sample line, redrawn 4 times a second."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.start: Start | None = None
+        self.step: Step | None = None
+        self.eval: Eval | None = None
+        self.sample = ""
+        self.live = Live(console=console, refresh_per_second=4, transient=False, get_renderable=self.render)
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.live.__exit__(*exc)
+
+    def __call__(self, e) -> None:
+        if isinstance(e, Start):
+            self.start = e
+            self.console.print(describe_start(e), highlight=False)
+        elif isinstance(e, Step):
+            self.step = e
+        elif isinstance(e, Eval):
+            self.eval = e
+        elif isinstance(e, Sample):
+            self.sample = e.text
+        elif isinstance(e, Notice):
+            self.console.print(f"[yellow]warning:[/] {e.message}", highlight=False)
+        elif isinstance(e, Done):
+            self.live.update(self.render(), refresh=True)
+            self.console.print(describe_done(e), highlight=False)
+
+    def render(self):
+        s = self.step
+        if s is None:
+            return Text("starting…", style="dim")
+        left = eta(s.progress, s.elapsed)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(ProgressBar(total=1.0, completed=min(s.progress, 1.0), width=30),
+                    f"{s.progress:4.0%}", f"{fmt_time(s.elapsed)} elapsed",
+                    f"eta {fmt_time(left)}" if left is not None else "")
+        nums = Table.grid(padding=(0, 2))
+        val = self.eval.val_loss if self.eval else None
+        nums.add_row(f"step [bold]{s.step}[/]", f"loss [bold]{s.loss:.4f}[/]",
+                     f"val [bold]{val:.4f}[/] ({val / LN2:.3f} bpc)" if val is not None else "val –",
+                     f"{fmt_count(s.tokens_per_s)} tok/s", f"lr {s.lr:.1e}")
+        sample = Text(self.sample.strip().replace("\n", " ⏎ "), style="italic", no_wrap=True, overflow="ellipsis")
+        return Panel(Group(bar, nums, sample), title="tfcli train", title_align="left", border_style="blue")

@@ -1,0 +1,124 @@
+"""The sampling engine: prefill once, then one cached decode step per character.
+
+The KV cache is allocated once per call and used as a ring buffer, so generation
+continues past the model's context at constant cost per character. Logit
+filters apply in llama.cpp's order: repetition penalties, top-k, top-p, min-p,
+then temperature (0 means greedy: the argmax, exactly).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .config import SampleConfig
+from .corpus import Vocab
+
+
+def filter_logits(logits: torch.Tensor, cfg: SampleConfig, history: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) after penalties and truncation; removed tokens get -inf. Temperature not applied."""
+    logits = logits.float().clone()
+    if history is not None and history.numel() and _has_penalties(cfg):
+        logits = apply_penalties(logits, history[:, -cfg.repeat_last_n:] if cfg.repeat_last_n > 0 else history, cfg)
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        logits = _top_p(logits, cfg.top_p)
+    if cfg.min_p is not None and cfg.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def _has_penalties(cfg: SampleConfig) -> bool:
+    return cfg.repeat_penalty != 1.0 or cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0
+
+
+def apply_penalties(logits: torch.Tensor, recent: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """llama.cpp's penalties over the recent tokens: repeat divides positive logits (multiplies
+    negative ones); presence subtracts a constant once; frequency subtracts per occurrence."""
+    counts = torch.zeros_like(logits).scatter_add_(1, recent.long(), torch.ones_like(recent, dtype=logits.dtype))
+    seen = counts > 0
+    if cfg.repeat_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / cfg.repeat_penalty, logits * cfg.repeat_penalty)
+        logits = torch.where(seen, penalized, logits)
+    return logits - counts * cfg.frequency_penalty - seen.float() * cfg.presence_penalty
+
+
+def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = (cum - sorted_logits.softmax(-1)) >= p  # mass before this token already reaches p
+    drop[:, 0] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits / temperature).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def new_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop string, so a stop string is never shown."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.buffer, self.done = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if self.done:
+            return ""
+        self.buffer += text
+        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.done = True
+            out, self.buffer = self.buffer[:min(hits)], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
+        out = self.buffer[:len(self.buffer) - keep]
+        self.buffer = self.buffer[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.done else self.buffer), ""
+        return out
+
+
+@torch.no_grad()
+def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[list[str]]:
+    """Yields, per step, the new text of each sample ("" once a sample has hit a stop string).
+
+    `cfg.seed` must be set (the caller chooses and reports a random one), so that the
+    same seed and settings reproduce the same text.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
+    B, T = cfg.num_samples, model.config.block_size
+    context = prompt or ("\n" if "\n" in vocab.chars else vocab.chars[0])
+    ids = torch.as_tensor(vocab.encode(context[-T:]).astype("int64"), device=device).repeat(B, 1)
+    caches = model.new_cache(B)
+    logits = model.prefill(ids, caches)
+    pos = ids.size(1)
+    history = ids
+    matchers = [StopMatcher(cfg.stop) for _ in range(B)]
+    for _ in range(cfg.max_new_tokens):
+        nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, gen)
+        history = torch.cat([history[:, -max(cfg.repeat_last_n, 1):], nxt[:, None]], dim=1)
+        yield [m.feed(vocab.chars[i]) for m, i in zip(matchers, nxt.tolist())]
+        if all(m.done for m in matchers):
+            return
+        logits = model.decode(nxt, pos, caches)
+        pos += 1
+    tail = [m.flush() for m in matchers]
+    if any(tail):
+        yield tail

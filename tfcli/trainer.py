@@ -1,0 +1,300 @@
+"""The training loop. It never prints: it reports small event objects to a callback.
+
+Choices that matter for speed on a CPU: batches are gathered from one in-memory
+tensor (no DataLoader), bf16 autocast where the CPU has native bf16, fused AdamW,
+no dropout by default, and validation on a fixed subset at most every
+`eval_interval` seconds. The learning-rate schedule runs on whichever budget ends
+first, steps or wall clock: warmup, a stable phase, then a linear cooldown.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import ModelConfig, SampleConfig, TrainConfig
+from .corpus import Corpus
+from .device import autocast, can_compile, pick_device, pick_dtype
+from .errors import TfcliError, UsageError
+from .evaluation import evaluate
+from .model import GPT
+from .sampling import generate
+
+MIN_CONTEXT = 8  # below this a "language model" can only learn character frequencies
+
+
+# -- events ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Start:
+    run_dir: Path
+    n_params: int
+    model: ModelConfig
+    train: TrainConfig
+    device: str
+    dtype: str
+    train_chars: int
+    val_chars: int
+    vocab_size: int
+    start_step: int
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    elapsed: float
+    progress: float  # 0..1 of whichever budget ends first
+
+
+@dataclass(frozen=True)
+class Eval:
+    step: int
+    val_loss: float | None
+    train_loss: float
+    best: bool
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    step: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    step: int
+    val_loss: float | None
+    best_val_loss: float | None
+    elapsed: float
+    run_dir: Path
+    reason: str  # "steps" | "time" | "interrupted"
+
+
+Event = Start | Step | Eval | Sample | Notice | Done
+
+
+# -- pieces ------------------------------------------------------------------------------
+
+def fit_context(cfg: ModelConfig, corpus: Corpus, on_event: Callable[[Event], None]) -> ModelConfig:
+    """Shrink the context to fit a short corpus, or refuse a hopelessly short one."""
+    limit = len(corpus.train) - 2
+    if limit >= cfg.block_size:
+        return cfg
+    if limit < MIN_CONTEXT:
+        raise UsageError(f"the training text has {len(corpus.train)} characters: too short to train on "
+                         f"(need at least {MIN_CONTEXT + 2})")
+    on_event(Notice(f"the training text is shorter than the context; context shrunk to {limit}"))
+    return replace(cfg, block_size=limit)
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator, device):
+    """Random windows of block_size+1 tokens in one gather; x is the window, y the window shifted by one."""
+    starts = torch.randint(data.numel() - block_size, (batch_size,), generator=gen)
+    chunk = data[starts[:, None] + torch.arange(block_size + 1)].long()
+    return chunk[:, :-1].to(device, non_blocking=True), chunk[:, 1:].to(device, non_blocking=True)
+
+
+def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if progress < 1.0 - cfg.cooldown:
+        return cfg.lr * warm
+    frac = min(1.0, (progress - (1.0 - cfg.cooldown)) / max(cfg.cooldown, 1e-9))
+    return cfg.lr * warm * (1.0 - frac * (1.0 - cfg.min_lr_ratio))
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not embeddings' scale-free rows, not norms)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("wte")]
+    keep = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("wte")]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))
+
+
+def config_hash(model_cfg: ModelConfig, corpus: Corpus) -> str:
+    blob = json.dumps({"model": model_cfg.to_dict(), "corpus": corpus.digest, "vocab": corpus.vocab.chars})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- resume state ---------------------------------------------------------------------------
+
+def _state_tensors(model, opt, gen) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = gen.get_state()
+    return tensors
+
+
+def _restore(tensors, model, opt, gen) -> None:
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    device = next(model.parameters()).device
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        state = {k.split(".", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if state:
+            opt.state[p] = state
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.data"])
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one training run (what a checkpoint's summary records)."""
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0  # summed over resumed sessions
+    best_val: float | None = None
+    last_val: float | None = None
+
+
+def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path,
+          on_event: Callable[[Event], None] = lambda e: None, resume: bool = False,
+          should_stop: Callable[[], bool] = lambda: False, started_at: float | None = None) -> Done:
+    """Train a model on `corpus` into `run_dir` and return how it ended.
+
+    `started_at` (a time.monotonic() value) lets the wall-clock budget include the
+    caller's start-up; `should_stop` is polled after every step (the CLI's Ctrl-C flag).
+    """
+    started_at = time.monotonic() if started_at is None else started_at
+    if cfg.max_steps is None and cfg.time_budget is None:
+        raise UsageError("give a budget: --time and/or --max-steps")
+    model_cfg = fit_context(replace(model_cfg, vocab_size=len(corpus.vocab)).validate(), corpus, on_event)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    opt = make_optimizer(model, cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    run = _Run()
+    chash = config_hash(model_cfg, corpus)
+    if resume:
+        run = _load_resume(run_dir, chash, model, opt, gen)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_data = torch.from_numpy(corpus.train.astype(np.int32))
+    val_ids = corpus.val[: cfg.eval_tokens + 1] if len(corpus.val) >= 2 else None
+    if val_ids is None:
+        on_event(Notice("no validation text (too short); training without validation"))
+    on_event(Start(run_dir, model.num_params(), model_cfg, cfg, str(device), str(dtype).replace("torch.", ""),
+                   len(corpus.train), len(corpus.val), len(corpus.vocab), run.step))
+    step_fn = torch.compile(model) if cfg.compile and can_compile() else model
+
+    def save(reason: str) -> None:
+        summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),
+                   "val_loss": run.last_val, "best_val_loss": run.best_val, "params": model.num_params(),
+                   "ended": reason, "config_hash": chash, "train": cfg.to_dict()}
+        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)
+        ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
+
+    def validate(train_loss: float) -> None:
+        val = evaluate(model, val_ids, dtype=dtype).loss if val_ids is not None else None
+        best = val is not None and (run.best_val is None or val < run.best_val)
+        run.last_val = val
+        if best:
+            run.best_val = val
+        save("running")
+        if best:
+            ckpt.save_model(run_dir / ckpt.BEST_FILE, model, corpus.vocab, {"step": run.step, "val_loss": val})
+        ckpt.append_metrics(run_dir, {"step": run.step, "val_loss": val, "train_loss": train_loss,
+                                      "elapsed": round(time.monotonic() - started_at, 2)})
+        on_event(Eval(run.step, val, train_loss, best, time.monotonic() - started_at))
+        text = "".join(p[0] for p in generate(model, corpus.vocab, "", SampleConfig(
+            max_new_tokens=cfg.sample_chars, temperature=0.8, seed=run.step)))
+        on_event(Sample(run.step, text))
+        model.train()
+
+    reserve = _final_reserve(model, val_ids)
+    session_start = time.monotonic()
+    prior_seconds = run.train_seconds
+    budget = (cfg.time_budget - (session_start - started_at) - reserve) if cfg.time_budget else None
+    last_eval = session_start
+    window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
+    reason = "steps"
+    model.train()
+    while True:
+        now = time.monotonic()
+        progress = max(run.step / cfg.max_steps if cfg.max_steps else 0.0,
+                       (now - session_start) / budget if budget else 0.0)
+        if cfg.max_steps and run.step >= cfg.max_steps:
+            break
+        if budget is not None and now - session_start >= budget:
+            reason = "time"
+            break
+        lr = lr_at(progress, run.step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(train_data, cfg.batch_size, model_cfg.block_size, gen, device)
+        with autocast(device, dtype):
+            _, loss = step_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TfcliError(f"training diverged: loss is {loss_value} at step {run.step + 1}; "
+                             f"lower --lr (now {cfg.lr:g}); the last good checkpoint in {run_dir} is kept")
+        run.step += 1
+        run.tokens += x.numel()
+        run.train_seconds = prior_seconds + time.monotonic() - session_start
+        window_loss, window_n, window_tokens = window_loss + loss_value, window_n + 1, window_tokens + x.numel()
+        if run.step == 3:
+            gc.freeze()  # everything alive now lives for the whole run; spare the collector from walking it
+        now = time.monotonic()
+        if now - window_t >= 0.5 or run.step == 1:
+            on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
+                          now - started_at, progress))
+            ckpt.append_metrics(run_dir, {"step": run.step, "loss": round(window_loss / window_n, 5), "lr": lr,
+                                          "tokens_per_s": round(window_tokens / max(now - window_t, 1e-9), 1),
+                                          "elapsed": round(now - started_at, 2)})
+            train_loss = window_loss / window_n
+            window_loss, window_n, window_t, window_tokens = 0.0, 0, now, 0
+            if now - last_eval >= cfg.eval_interval:
+                validate(train_loss)
+                last_eval = time.monotonic()
+        if should_stop():
+            reason = "interrupted"
+            break
+    final_train = window_loss / window_n if window_n else float("nan")
+    validate(final_train)
+    save(reason)
+    return Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason)
+
+
+def _final_reserve(model: GPT, val_ids) -> float:
+    """Seconds to keep for the final validation and save, so --time is the whole run's length."""
+    return 0.5 + 3e-11 * model.num_params() * (len(val_ids) if val_ids is not None else 0)
+
+
+def _load_resume(run_dir: Path, chash: str, model, opt, gen) -> _Run:
+    state_path = run_dir / ckpt.STATE_FILE
+    if not state_path.is_file():
+        raise UsageError(f"{run_dir}: nothing to resume (no {ckpt.STATE_FILE}); drop --resume to start a new run")
+    tensors, state = ckpt.load_state(state_path)
+    if state.get("config_hash") != chash:
+        raise UsageError(f"{run_dir}: the corpus or model settings differ from the run being resumed; "
+                         "resume with the same corpus and sizes, or train into a new --out")
+    _restore(tensors, model, opt, gen)
+    return _Run(step=state["step"], tokens=state["tokens"], train_seconds=state["seconds"],
+                best_val=state.get("best_val_loss"), last_val=state.get("val_loss"))
