@@ -84,7 +84,10 @@ def _check_meta(path: Path, meta: dict | None) -> dict:
     meta = meta or {}
     if meta.get("format") != FORMAT:
         raise TfcliError(f"{path}: a safetensors file, but not a tfcli checkpoint")
-    version = int(meta.get("format_version", "0"))
+    version = meta.get("format_version", "0")
+    if not version.isdigit():
+        raise TfcliError(f"{path}: damaged tfcli checkpoint (format version {version!r})")
+    version = int(version)
     if version > FORMAT_VERSION:
         raise TfcliError(f"{path}: written by a newer tfcli (format {version}, this one reads "
                          f"{FORMAT_VERSION}); upgrade tfcli")
@@ -128,7 +131,10 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> Non
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with _open(path) as f:
         meta = _check_meta(path, f.metadata())
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["state"])
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["state"])
+        except (KeyError, ValueError, SafetensorError) as e:
+            raise TfcliError(f"{path}: damaged resume state ({e})") from None
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

@@ -18,6 +18,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .config import PRESET_NAMES, SampleConfig, TrainConfig, parse_duration, with_overrides
 from .errors import INTERRUPTED, TfcliError, UsageError
@@ -25,7 +26,17 @@ from .errors import INTERRUPTED, TfcliError, UsageError
 app = typer.Typer(name="tfcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
                   help="Train a character-level transformer on any text, sample from it, and look inside it.")
-stdout = Console(highlight=False, soft_wrap=True)
+
+
+class QuietConsole(Console):
+    """A Console that treats a closed pipe (`| head`) as the reader being done, not as an error."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+stdout = QuietConsole(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 
@@ -43,9 +54,16 @@ def process_age() -> float:
 
 
 def fail(message: str, code: int) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True) if stderr.is_terminal else \
-        print(f"error: {message}", file=sys.stderr)
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message.replace("\n", " ")), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def stop_writing_stdout() -> None:
+    """The reader went away: point fd 1 at /dev/null so the exit-time flush cannot fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (CliRunner, a closed stream)
+        pass
 
 
 def handle_errors(fn):
@@ -61,7 +79,7 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             fail("interrupted", INTERRUPTED)
         except BrokenPipeError:
-            sys.stdout = None  # the reader went away (`| head`): quietly stop writing
+            stop_writing_stdout()
             raise typer.Exit(0) from None
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
             if _debug:
@@ -98,9 +116,13 @@ class StopFlag:
         self.signum = signum
         stderr.print("\nstopping after this step (press Ctrl-C again to quit at once)…", highlight=False)
 
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+    def __enter__(self) -> StopFlag:
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _parse_time(time_: str | None) -> float | None:
@@ -139,6 +161,8 @@ def train(
     budget = _parse_time(time_)
     if budget is None and max_steps is None:
         budget = parse_duration("5m")
+    if errors not in ("strict", "replace"):
+        raise UsageError(f"--errors must be strict or replace, got {errors!r}")
     from . import checkpoint as ckpt
     from .config import ModelConfig, resolve_preset
     from .corpus import load_corpus
@@ -158,6 +182,8 @@ def train(
         run_dir = ckpt.default_run_dir(corpus)
     elif (run_dir / ckpt.MODEL_FILE).exists():
         raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or pick another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
 
     data = load_corpus(corpus, val, val_fraction, encoding, errors, vocab=vocab)
     print_corpus_report(corpus, data)
@@ -174,16 +200,14 @@ def train(
     from .render.progress import LiveProgress, PlainProgress
     from .trainer import train as run_training
 
-    stop = StopFlag()
-    stop.install()
     view = LiveProgress(stdout) if stdout.is_terminal else PlainProgress(stdout)
-    with view:
+    with StopFlag() as stop, view:
         done = run_training(data, model_cfg, train_cfg, run_dir, view, resume=resume, should_stop=stop,
                             started_at=started_at)
     if done.reason == "interrupted":
         args = " ".join(str(p) for p in corpus)
         stderr.print(f"checkpoint saved at step {done.step}; continue with:\n"
-                     f"  tfcli train {args} --out {run_dir} --resume", highlight=False)
+                     f"  tfcli train {args} --out {run_dir} --resume", highlight=False, markup=False)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))
 
 
@@ -218,11 +242,12 @@ def fit_prompt(vocab, prompt: str, unknown: str) -> str:
         return prompt
     from .corpus import show_char
     if unknown == "skip":
-        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in missing)}")
+        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in missing)}",
+                     markup=False)
         return "".join(c for c in prompt if c not in missing)
     mapping = {c: vocab.closest(c) for c in missing}
     stderr.print("warning: replaced unknown characters: " + ", ".join(
-        f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in mapping.items()))
+        f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in mapping.items()), markup=False)
     return "".join(mapping.get(c, c) or "" for c in prompt)
 
 
@@ -230,7 +255,7 @@ def load(model_path: Path | None, device: str = "cpu"):
     from .checkpoint import load_model
     model = load_model(model_path, device)
     if model_path is None:
-        stderr.print(f"using {model.path.parent}", style="dim", highlight=False)
+        stderr.print(f"using {model.path.parent}", style="dim", highlight=False, markup=False)
     return model
 
 
@@ -324,6 +349,9 @@ def inspect_attention(
     from .inspect import attention
     from .render import heatmap
 
+    view = view or ("head" if head is not None else "grid")
+    if view not in VIEWS:
+        raise UsageError(f"--view must be one of {', '.join(VIEWS)}, got {view!r}")
     text = read_prompt(prompt, prompt_file)
     model = load(model_path)
     text = fit_prompt(model.vocab, text, "error")
@@ -333,10 +361,7 @@ def inspect_attention(
         stderr.print(f"note: the prompt is longer than the context ({model.config.block_size}); "
                      f"showing its last {len(att.text)} characters", highlight=False)
     li = _index(layer if layer is not None else -1, L, "--layer")
-    view = view or ("head" if head is not None else "grid")
-    if view not in VIEWS:
-        raise UsageError(f"--view must be one of {', '.join(VIEWS)}, got {view!r}")
-    color = stdout.color_system is not None
+    color = stdout.color_system is not None and not stdout.no_color  # NO_COLOR: shades, not uniform blocks
     width = stdout.width
     if view == "grid":
         shown = att.weights[li:li + 1] if layer is not None or L > 1 else att.weights
@@ -372,11 +397,15 @@ def eval_(
     """Loss on held-out text: every character scored once, in windows of the model's context."""
     from tqdm import tqdm
 
-    from .corpus import read_text
+    from .corpus import read_text, show_char
     from .evaluation import evaluate
 
     text = read_text(file, encoding)
     model = load(model_path, device)
+    missing = model.vocab.unknown(text)
+    if missing:
+        raise UsageError(f"{', '.join(map(str, file))}: has characters the model never saw "
+                         f"({' '.join(show_char(c) for c in missing[:10])}); evaluate on text like its corpus")
     ids = model.vocab.encode(text)
     if len(ids) < 2:
         raise UsageError("need at least two characters to evaluate")
@@ -405,7 +434,7 @@ def info(
         return
     from .render.heatmap import visible
     c, s = model.config, model.summary
-    stdout.print(f"[bold]{model.path}[/]")
+    stdout.print(Text(str(model.path), style="bold"))
     stdout.print(f"  {model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
                  f"context {c.block_size}, vocabulary {c.vocab_size}")
     stdout.print("  vocabulary: " + "".join(visible(ch) for ch in model.vocab.chars), markup=False)

@@ -7,6 +7,7 @@ these objects before deciding whether torch is needed at all.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -65,16 +66,19 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
 
     def validate(self) -> TrainConfig:
         if self.batch_size <= 0:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
-        if not self.lr > 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise UsageError("--time must be positive")
+        if self.optimizer not in ("adamw", "muon"):
+            raise UsageError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         return self
@@ -108,23 +112,24 @@ def resolve_preset(name: str, device: str, time_budget: float | None) -> dict:
     return dict(PRESETS["medium"])
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)?", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|ms|m|s)?", re.IGNORECASE)
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
+_NEXT_UNIT = {"h": "m", "m": "s"}  # "1h30" means 1h30m, "5m30" means 5m30s
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from `300`, `90s`, `5m`, `1h30m` or `1.5h`."""
+    """Seconds from `300`, `90s`, `5m`, `1h30m`, `1h30` or `1.5h`."""
     s = text.strip().replace(" ", "")
-    pos, total, parts = 0, 0.0, 0
+    pos, total, parts, last = 0, 0.0, 0, None
     while pos < len(s):
         m = _DURATION.match(s, pos)
         if not m or m.end() == pos:
             break
-        unit = m.group(2).lower() if m.group(2) else None
-        if unit is None and m.end() != len(s):
+        unit = m.group(2).lower() if m.group(2) else _NEXT_UNIT.get(last) if last else None
+        if m.group(2) is None and m.end() != len(s):
             break
         total += float(m.group(1)) * _UNIT[unit]
-        pos, parts = m.end(), parts + 1
+        pos, parts, last = m.end(), parts + 1, unit
     if not s or pos != len(s) or parts == 0 or total <= 0:
         raise UsageError(f"cannot read {text!r} as a duration; use seconds or e.g. 90s, 5m, 1h30m")
     return total
@@ -155,7 +160,7 @@ class SampleConfig:
     def validate(self) -> SampleConfig:
         if self.max_new_tokens < 0:
             raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
             raise UsageError(f"--top-k must be positive, got {self.top_k}")
@@ -163,7 +168,7 @@ class SampleConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-        if self.repeat_penalty <= 0:
+        if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
             raise UsageError(f"--repeat-penalty must be positive, got {self.repeat_penalty}")
         if self.num_samples <= 0:
             raise UsageError(f"--num-samples must be positive, got {self.num_samples}")

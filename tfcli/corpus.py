@@ -60,7 +60,7 @@ def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict"
             raise UsageError(f"unknown encoding {encoding!r}") from None
     text = "".join(parts)
     if not text:
-        raise UsageError(f"{', '.join(str(p) for p in paths)}: empty corpus, nothing to train on")
+        raise UsageError(f"{', '.join(str(p) for p in paths)}: empty corpus, no text to read")
     return text
 
 

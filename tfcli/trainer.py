@@ -28,6 +28,7 @@ from .device import autocast, can_compile, pick_device, pick_dtype
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
 from .model import GPT
+from .optim import make_optimizer
 from .sampling import generate
 
 MIN_CONTEXT = 8  # below this a "language model" can only learn character frequencies
@@ -121,12 +122,15 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * (1.0 - frac * (1.0 - cfg.min_lr_ratio))
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not embeddings' scale-free rows, not norms)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("wte")]
-    keep = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("wte")]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))
+def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float) -> float:
+    """One optimizer step; returns the loss. `step_fn` is the model, or its compiled form."""
+    with autocast(device, dtype):
+        _, loss = step_fn(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def config_hash(model_cfg: ModelConfig, corpus: Corpus) -> str:
@@ -138,8 +142,8 @@ def config_hash(model_cfg: ModelConfig, corpus: Corpus) -> str:
 
 def _state_tensors(model, opt, gen) -> dict[str, torch.Tensor]:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        for k, v in opt.state.get(p, {}).items():
+    for i, p in enumerate(opt.params()):
+        for k, v in opt.state_of(p).items():
             tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.data"] = gen.get_state()
@@ -149,10 +153,10 @@ def _state_tensors(model, opt, gen) -> dict[str, torch.Tensor]:
 def _restore(tensors, model, opt, gen) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     device = next(model.parameters()).device
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+    for i, p in enumerate(opt.params()):
         state = {k.split(".", 2)[2]: v.to(device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
         if state:
-            opt.state[p] = state
+            opt.set_state(p, state)
     torch.set_rng_state(tensors["rng.torch"])
     gen.set_state(tensors["rng.data"])
 
@@ -230,6 +234,7 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     budget = (cfg.time_budget - (session_start - started_at) - reserve) if cfg.time_budget else None
     last_eval = session_start
     window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
+    train_loss = float("nan")
     reason = "steps"
     model.train()
     while True:
@@ -245,16 +250,11 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = get_batch(train_data, cfg.batch_size, model_cfg.block_size, gen, device)
-        with autocast(device, dtype):
-            _, loss = step_fn(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip)
         if not math.isfinite(loss_value):
+            kept = f"; the last good checkpoint in {run_dir} is kept" if (run_dir / ckpt.MODEL_FILE).exists() else ""
             raise TfcliError(f"training diverged: loss is {loss_value} at step {run.step + 1}; "
-                             f"lower --lr (now {cfg.lr:g}); the last good checkpoint in {run_dir} is kept")
+                             f"lower --lr (now {cfg.lr:g}){kept}")
         run.step += 1
         run.tokens += x.numel()
         run.train_seconds = prior_seconds + time.monotonic() - session_start
@@ -276,10 +276,11 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
         if should_stop():
             reason = "interrupted"
             break
-    final_train = window_loss / window_n if window_n else float("nan")
-    validate(final_train)
+    validate(window_loss / window_n if window_n else train_loss)
     save(reason)
-    return Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason)
+    done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason)
+    on_event(done)
+    return done
 
 
 def _final_reserve(model: GPT, val_ids) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -119,6 +120,8 @@ class LiveProgress:
         elif isinstance(e, Notice):
             self.console.print(f"[yellow]warning:[/] {e.message}", highlight=False)
         elif isinstance(e, Done):
+            if self.step is not None:
+                self.step = replace(self.step, step=e.step, progress=1.0)
             self.live.update(self.render(), refresh=True)
             self.console.print(describe_done(e), highlight=False)
 

@@ -1,0 +1,226 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from conftest import make_model
+from safetensors.torch import save as st_save
+
+from tfcli import checkpoint as ckpt
+from tfcli.corpus import Vocab
+from tfcli.errors import TfcliError, UsageError
+
+VOCAB = Vocab.from_text("abc\n🙂")
+
+
+class CreatesFile:
+    """Unpickling this creates the file at `path`: proof of whether a loader ran pickle."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = make_model(VOCAB, block_size=8)
+    path = tmp_path / "run" / ckpt.MODEL_FILE
+    ckpt.save_model(path, model, VOCAB, {"step": 7, "val_loss": 1.25})
+    return model, path
+
+
+def test_saved_model_loads_with_identical_weights_config_and_vocab(saved):
+    model, path = saved
+    ck = ckpt.load_checkpoint(path)
+    assert ck.config == model.config
+    assert ck.vocab == VOCAB
+    assert ck.summary == {"step": 7, "val_loss": 1.25}
+    assert ck.state_dict.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck.state_dict[k], v), k
+
+
+def test_load_model_gives_a_ready_model_from_a_run_directory(saved):
+    model, path = saved
+    loaded = ckpt.load_model(path.parent)
+    assert not loaded.training
+    assert loaded.vocab == VOCAB and loaded.summary["step"] == 7 and loaded.path == path
+    ids = torch.tensor([[0, 1, 2, 3, 4]])
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "f.bin"
+    ckpt.atomic_write(path, b"old")
+    ckpt.atomic_write(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    ckpt.atomic_write(path, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        ckpt.atomic_write(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_failed_save_says_earlier_checkpoints_are_untouched(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "disk full")))
+    with pytest.raises(TfcliError, match="disk full; earlier checkpoints are untouched"):
+        ckpt.save_model(tmp_path / ckpt.MODEL_FILE, make_model(VOCAB), VOCAB, {})
+
+
+def test_truncated_checkpoint_is_refused(saved):
+    _, path = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TfcliError, match="not a readable safetensors file"):
+        ckpt.load_model(path)
+
+
+def test_random_bytes_are_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(TfcliError, match="not a readable safetensors file"):
+        ckpt.load_checkpoint(path)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(st_save({"weight": torch.zeros(3)}, metadata={"format": "pt"}))
+    with pytest.raises(TfcliError, match="a safetensors file, but not a tfcli checkpoint"):
+        ckpt.load_model(path)
+
+
+def test_checkpoint_from_a_newer_version_asks_for_an_upgrade(saved):
+    _, path = saved
+    ck = ckpt.load_checkpoint(path)
+    meta = {"format": "tfcli", "format_version": str(ckpt.FORMAT_VERSION + 1),
+            "config": json.dumps(ck.config.to_dict()), "vocab": json.dumps(ck.vocab.chars)}
+    path.write_bytes(st_save(ck.state_dict, metadata=meta))
+    with pytest.raises(TfcliError, match="newer tfcli.*upgrade"):
+        ckpt.load_model(path)
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"format_version": "one"}, "damaged tfcli checkpoint"),
+    ({"config": None}, "damaged tfcli checkpoint"),
+    ({"vocab": json.dumps("ab")}, "vocabulary does not match config"),
+    ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 3, "n_head": 2, "n_embd": 32, "block_size": 8})},
+     "weights do not match its config"),
+], ids=["bad-version", "no-config", "short-vocab", "wrong-weights"])
+def test_damaged_metadata_is_refused(saved, meta, message):
+    _, path = saved
+    ck = ckpt.load_checkpoint(path)
+    full = {"format": "tfcli", "format_version": "1", "config": json.dumps(ck.config.to_dict()),
+            "vocab": json.dumps(ck.vocab.chars), **meta}
+    path.write_bytes(st_save(ck.state_dict, metadata={k: v for k, v in full.items() if v is not None}))
+    with pytest.raises(TfcliError, match=message):
+        ckpt.load_model(path)
+
+
+@pytest.mark.parametrize("dump", [pickle.dumps, torch.save], ids=["pickle", "torch.save"])
+def test_pickle_renamed_safetensors_is_refused_and_never_unpickled(tmp_path, dump):
+    planted = tmp_path / "pwned"
+    proof = tmp_path / "proof"
+    pickle.loads(pickle.dumps(CreatesFile(proof))).close()
+    assert proof.exists()  # the plant works: unpickling it creates a file
+
+    path = tmp_path / "model.safetensors"
+    if dump is torch.save:
+        torch.save({"w": CreatesFile(planted)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"w": CreatesFile(planted)}))
+    for load in (ckpt.load_checkpoint, ckpt.load_model, ckpt.load_state):
+        with pytest.raises(TfcliError, match="never loads pickled"):
+            load(path)
+    assert not planted.exists()
+
+
+def test_missing_checkpoint_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no such checkpoint file"):
+        ckpt.load_checkpoint(tmp_path / "none.safetensors")
+
+
+def test_resume_state_round_trips(tmp_path):
+    tensors = {"model.w": torch.randn(3, 4), "rng.torch": torch.get_rng_state()}
+    ckpt.save_state(tmp_path / ckpt.STATE_FILE, tensors, {"step": 5, "config_hash": "abc"})
+    got, state = ckpt.load_state(tmp_path / ckpt.STATE_FILE)
+    assert state == {"step": 5, "config_hash": "abc"}
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def test_model_file_is_not_mistaken_for_resume_state(saved):
+    _, path = saved
+    with pytest.raises(TfcliError, match="damaged resume state"):
+        ckpt.load_state(path)
+
+
+def test_metrics_are_appended_as_json_lines(tmp_path):
+    ckpt.append_metrics(tmp_path, {"step": 1, "loss": 2.5})
+    ckpt.append_metrics(tmp_path, {"step": 2, "val_loss": None})
+    lines = (tmp_path / ckpt.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 2.5}, {"step": 2, "val_loss": None}]
+
+
+def make_run(root, name: str, mtime: float):
+    path = root / name / ckpt.MODEL_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_no_path_means_the_most_recent_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "runs", "old", 1_000_000)
+    newest = make_run(tmp_path / "runs", "new", 3_000_000)
+    make_run(tmp_path / "runs", "middle", 2_000_000)
+    (tmp_path / "runs" / "crashed").mkdir()
+    assert ckpt.resolve_model_path(None).resolve() == newest.resolve()
+
+
+def test_no_runs_at_all_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="no trained model found under ./runs; train one"):
+        ckpt.resolve_model_path(None)
+
+
+def test_run_directory_resolves_to_its_model_file(tmp_path):
+    path = make_run(tmp_path, "r", 1_000_000)
+    assert ckpt.resolve_model_path(path.parent) == path
+    assert ckpt.resolve_model_path(path) == path
+
+
+def test_directory_without_a_model_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="holds no model.safetensors"):
+        ckpt.resolve_model_path(tmp_path)
+    with pytest.raises(UsageError, match="no such run directory"):
+        ckpt.resolve_model_path(tmp_path / "missing")
+
+
+def test_default_run_dir_never_reuses_an_existing_run(tmp_path):
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text("x")
+    root = tmp_path / "runs"
+    assert ckpt.default_run_dir([corpus], root) == root / "poems"
+    make_run(root, "poems", 1_000_000)
+    assert ckpt.default_run_dir([corpus], root) == root / "poems-2"
+    (root / "poems-2").mkdir()
+    (root / "poems-2" / ckpt.STATE_FILE).write_bytes(b"")  # a run interrupted before its first model save
+    assert ckpt.default_run_dir([corpus], root) == root / "poems-3"
+
+
+def test_default_run_dir_of_a_directory_is_named_after_it(tmp_path):
+    (tmp_path / "books").mkdir()
+    assert ckpt.default_run_dir([tmp_path / "books"], tmp_path / "runs") == tmp_path / "runs" / "books"

@@ -1,0 +1,461 @@
+"""The `tfcli` command end to end, through typer's CliRunner.
+
+One tiny model is trained once per module (2 layers, 32 wide, 30 steps on made-up names)
+and every other command runs against it. Bad input must give exit code 2 (usage) or 1
+(runtime) and one line on stderr that names the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tfcli.cli import app
+
+NAMES = ["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo", "ines", "jack", "kara", "liam"]
+TINY = ["--preset", "tiny", "--max-steps", "30"]
+ANSI = "\x1b["
+
+
+def invoke(*args: str, **kwargs):
+    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
+
+
+def ok(*args: str, **kwargs):
+    result = invoke(*args, **kwargs)
+    assert result.exit_code == 0, result.output
+    assert ANSI not in result.output
+    return result
+
+
+def refused(code: int, *args: str, **kwargs) -> str:
+    """Run a command that must fail; return its one-line error message (lowercased)."""
+    result = invoke(*args, **kwargs)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0].lower()
+
+
+def write_names(path: Path, lines: int = 300) -> Path:
+    rng = random.Random(0)
+    path.write_text("\n".join(f"{rng.choice(NAMES)} {rng.choice(NAMES)}" for _ in range(lines)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, and far faster than on two when the CPUs are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A directory holding names.txt and runs/names, the one run every read-only test uses."""
+    root = tmp_path_factory.mktemp("trained")
+    write_names(root / "names.txt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        ok("train", "names.txt", *TINY)
+    assert (root / "runs" / "names" / "model.safetensors").is_file()
+    return root
+
+
+@pytest.fixture
+def in_trained(trained, monkeypatch) -> Path:
+    monkeypatch.chdir(trained)
+    return trained
+
+
+@pytest.fixture
+def model(trained) -> Path:
+    return trained / "runs" / "names"
+
+
+# -- help and startup -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["sample", "--help"], ["eval", "--help"]])
+def test_help_does_not_import_torch(args):
+    code = ("import sys; from typer.testing import CliRunner; from tfcli.cli import app; "
+            f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "
+            "assert 'Usage' in r.output; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_no_arguments_shows_usage():
+    result = invoke()
+    assert "Usage" in result.output and "train" in result.output
+
+
+# -- train ------------------------------------------------------------------------------------
+
+def test_train_writes_run_named_after_corpus_and_never_overwrites(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_names(tmp_path / "names.txt", 100)
+    first = ok("train", "names.txt", "--preset", "tiny", "--max-steps", "5")
+    assert (tmp_path / "runs/names/model.safetensors").is_file()
+    assert "corpus: names.txt" in first.stdout and "done: 5 steps" in first.stdout
+    before = (tmp_path / "runs/names/model.safetensors").read_bytes()
+    ok("train", "names.txt", "--preset", "tiny", "--max-steps", "5")
+    assert (tmp_path / "runs/names-2/model.safetensors").is_file()
+    assert (tmp_path / "runs/names/model.safetensors").read_bytes() == before
+
+
+def test_train_output_in_a_pipe_is_plain_lines(trained, tmp_path):
+    result = ok("train", trained / "names.txt", "--preset", "tiny", "--max-steps", "3", "--out", tmp_path / "r")
+    assert result.stdout.startswith("corpus: ")
+    assert "step " in result.stdout and "\r" not in result.stdout
+
+
+def test_train_on_a_directory_reads_its_text_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_names(tmp_path / "data" / "a.txt", 60)
+    write_names(tmp_path / "data" / "b.txt", 60)
+    result = ok("train", tmp_path / "data", "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r")
+    both = len((tmp_path / "data/a.txt").read_text()) + len((tmp_path / "data/b.txt").read_text())
+    assert f"{both:,} chars" in result.stdout
+    assert (tmp_path / "r/model.safetensors").is_file()
+
+
+def test_train_resume_continues_the_step_count(trained, tmp_path):
+    out = tmp_path / "r"
+    ok("train", trained / "names.txt", "--preset", "tiny", "--max-steps", "3", "--out", out)
+    ok("train", trained / "names.txt", "--max-steps", "6", "--out", out, "--resume")
+    info = json.loads(ok("info", "-m", out, "--json").stdout)
+    assert info["summary"]["step"] == 6
+
+
+def test_train_refuses_existing_run_without_resume_and_leaves_it_untouched(trained, model):
+    before = (model / "model.safetensors").read_bytes()
+    message = refused(2, "train", trained / "names.txt", *TINY, "--out", model)
+    assert "--resume" in message and str(model).lower() in message
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_out_onto_a_file_is_refused_and_the_file_kept(trained, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    assert "is a file" in refused(2, "train", trained / "names.txt", *TINY, "--out", target)
+    assert target.read_text() == "keep me"
+
+
+def test_resume_with_nothing_to_resume_says_so(trained, tmp_path):
+    message = refused(2, "train", trained / "names.txt", *TINY, "--out", tmp_path / "nothing", "--resume")
+    assert "nothing" in message and "resume" in message
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_missing_corpus_file_is_named(tmp_path):
+    message = refused(2, "train", tmp_path / "missing.txt", *TINY)
+    assert "missing.txt" in message and "no such file" in message
+
+
+def test_directory_without_text_files_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "w.safetensors").write_bytes(b"x")
+    assert "no text files" in refused(2, "train", tmp_path / "empty", *TINY)
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    (tmp_path / "e.txt").write_text("")
+    assert "empty" in refused(2, "train", tmp_path / "e.txt", *TINY)
+
+
+def test_binary_corpus_with_nul_bytes_is_refused(tmp_path):
+    (tmp_path / "b.txt").write_bytes(b"abc\x00def" * 100)
+    message = refused(2, "train", tmp_path / "b.txt", *TINY)
+    assert "nul" in message and "b.txt" in message
+
+
+def test_invalid_utf8_is_refused_and_errors_replace_trains(tmp_path):
+    path = write_names(tmp_path / "bad.txt", 100)
+    path.write_bytes(path.read_bytes() + b"\xff\xfe oops\n")
+    message = refused(2, "train", path, *TINY, "--out", tmp_path / "r")
+    assert "utf-8" in message and "--errors replace" in message
+    ok("train", path, "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r", "--errors", "replace")
+
+
+def test_corpus_shorter_than_context_trains_with_a_warning(tmp_path):
+    (tmp_path / "short.txt").write_text("anna bob carla dave\n")
+    result = ok("train", tmp_path / "short.txt", "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r")
+    assert "shorter than the context" in result.output
+
+
+def test_hopelessly_short_corpus_is_refused(tmp_path):
+    (tmp_path / "abc.txt").write_text("abc")
+    assert "too short" in refused(2, "train", tmp_path / "abc.txt", *TINY, "--out", tmp_path / "r")
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_one_item_per_line_corpus_trains(tmp_path):
+    (tmp_path / "words.txt").write_text("\n".join(NAMES * 5) + "\n")
+    ok("train", tmp_path / "words.txt", "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--n-embd", "30", "--n-head", "4"], ["--n-embd", "divisible", "--n-head"]),
+    (["--n-layer", "0"], ["--n-layer", "positive"]),
+    (["--n-embd", "-8"], ["--n-embd", "positive"]),
+    (["--block-size", "0"], ["--block-size", "positive"]),
+    (["--batch-size", "0"], ["--batch-size", "positive"]),
+    (["--lr", "0"], ["--lr", "positive"]),
+    (["--time", "soon"], ["soon", "duration"]),
+    (["--time", "0"], ["duration"]),
+    (["--preset", "huge"], ["huge", "preset", "tiny"]),
+    (["--dropout", "1.5"], ["--dropout"]),
+    (["--val-fraction", "1"], ["--val-fraction"]),
+    (["--dtype", "int8"], ["--dtype"]),
+    (["--device", "tpu"], ["tpu"]),
+])
+def test_bad_train_setting_is_named(trained, tmp_path, flags, words):
+    args = ["train", trained / "names.txt", "--preset", "tiny", "--max-steps", "2", *flags, "--out", tmp_path / "r"]
+    message = refused(2, *args)
+    for word in words:
+        assert word.lower() in message
+    assert not (tmp_path / "r").exists()
+
+
+# -- sample -----------------------------------------------------------------------------------
+
+def test_sample_starts_with_the_prompt(in_trained):
+    out = ok("sample", "--prompt", "anna ", "-n", "40", "--seed", "1").stdout
+    assert out.startswith("anna ") and len(out) > len("anna ")
+
+
+def test_sample_with_a_seed_reproduces(model):
+    args = ("sample", "-m", model, "--prompt", "bob", "-n", "60", "--seed", "7")
+    assert ok(*args).stdout == ok(*args).stdout
+    assert ok(*args[:-1], "8").stdout != ok(*args).stdout
+
+
+def test_sample_without_seed_prints_the_seed_it_chose(model):
+    result = ok("sample", "-m", model, "--prompt", "bob", "-n", "20")
+    seed = next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("seed "))
+    again = ok("sample", "-m", model, "--prompt", "bob", "-n", "20", "--seed", seed)
+    assert again.stdout == result.stdout
+
+
+def test_temperature_zero_is_deterministic(model):
+    runs = {ok("sample", "-m", model, "--prompt", "eve", "-n", "50", "--temperature", "0",
+               "--seed", str(seed)).stdout for seed in (1, 2, 3)}
+    assert len(runs) == 1
+
+
+def test_sample_json_has_the_documented_keys(model):
+    lines = ok("sample", "-m", model, "--prompt", "gina", "-n", "30", "--seed", "3",
+               "--num-samples", "3", "--json").stdout.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3
+    for r in records:
+        assert {"prompt", "text", "seed", "settings"} <= r.keys()
+        assert r["prompt"] == "gina" and r["seed"] == 3 and len(r["text"]) == 30
+
+
+def test_stop_string_cuts_the_sample_and_is_not_printed(model):
+    full = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json").stdout)["text"]
+    assert "\n" in full
+    cut = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json",
+                        "--stop", "\n").stdout)["text"]
+    assert cut == full[:full.index("\n")]
+    streamed = ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--stop", "\n").stdout
+    assert streamed == "anna" + cut + "\n"
+
+
+def test_several_samples_are_each_shown_after_the_prompt(model):
+    out = ok("sample", "-m", model, "-p", "kara", "-n", "10", "--seed", "1", "--num-samples", "2").stdout
+    assert "sample 1/2" in out and "sample 2/2" in out and out.count("kara") >= 2
+
+
+def test_empty_prompt_is_allowed(model):
+    out = ok("sample", "-m", model, "--prompt", "", "-n", "20", "--seed", "1").stdout
+    assert len(out.rstrip("\n")) > 0
+
+
+def test_prompt_from_stdin(model):
+    out = ok("sample", "-m", model, "--prompt", "-", "-n", "5", "--seed", "1", input="hugo").stdout
+    assert out.startswith("hugo")
+
+
+def test_prompt_with_unknown_character_names_it(model):
+    message = refused(2, "sample", "-m", model, "--prompt", "anna Z", "-n", "5")
+    assert "z" in message and "--unknown" in message
+
+
+def test_unknown_skip_drops_and_replace_maps(model):
+    skipped = ok("sample", "-m", model, "--prompt", "anQna", "-n", "5", "--seed", "1", "--unknown", "skip")
+    assert skipped.stdout.startswith("anna") and "Q" in skipped.stderr
+    replaced = ok("sample", "-m", model, "--prompt", "ANNA", "-n", "5", "--seed", "1", "--unknown", "replace")
+    assert replaced.stdout.startswith("anna") and "A→a" in replaced.stderr
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--unknown", "guess"], "--unknown"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["-n", "-1"], "--max-new-tokens"),
+    (["--stop", ""], "--stop"),
+])
+def test_bad_sample_setting_is_named(model, flags, word):
+    assert word in refused(2, "sample", "-m", model, "--prompt", "a", *flags)
+
+
+# -- choosing a model -------------------------------------------------------------------------
+
+def test_no_runs_yet_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = refused(2, "sample", "--prompt", "a")
+    assert "tfcli train" in message and "-m" in message
+
+
+def test_model_path_missing_is_named(tmp_path):
+    message = refused(2, "info", "-m", tmp_path / "nope")
+    assert "nope" in message and "no such" in message
+
+
+def test_model_dir_without_checkpoint_is_named(tmp_path):
+    message = refused(2, "info", "-m", tmp_path)
+    assert "model.safetensors" in message
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(lambda good: good[: len(good) // 2], id="truncated"),
+    pytest.param(lambda good: random.Random(1).randbytes(4096), id="random-bytes"),
+    pytest.param(lambda good: pickle.dumps({"weights": [1.0, 2.0]}), id="pickle"),
+    pytest.param(lambda good: b"", id="empty"),
+])
+def test_damaged_checkpoint_is_refused_in_one_line(model, tmp_path, content):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content((model / "model.safetensors").read_bytes()))
+    for command in (["info"], ["sample", "-p", "a"], ["eval", model.parent.parent / "names.txt"]):
+        message = refused(1, *command, "-m", path)
+        assert "model.safetensors" in message
+
+
+def test_checkpoint_file_can_be_named_directly(model):
+    out = ok("info", "-m", model / "best.safetensors").stdout
+    assert "best.safetensors" in out
+
+
+# -- inspect-attention ------------------------------------------------------------------------
+
+def test_attention_shows_prompt_characters_with_visible_spaces(in_trained):
+    out = ok("inspect-attention", "--prompt", "anna bob").stdout
+    assert "anna␣bob" in out
+    assert "L1 H0" in out and "L1 H1" in out
+
+
+def test_attention_head_and_focus_views(model):
+    head = ok("inspect-attention", "-m", model, "--prompt", "eve gina", "--view", "head", "--layer", "0",
+              "--head", "1").stdout
+    assert "layer 0, head 1" in head
+    focus = ok("inspect-attention", "-m", model, "--prompt", "eve gina", "--view", "focus", "--at", "2").stdout
+    assert "e" in focus and ANSI not in focus
+
+
+def test_attention_prompt_longer_than_context_shows_its_end(model):
+    result = ok("inspect-attention", "-m", model, "--prompt", "anna bob " * 10 + "carla")
+    assert "last 32 characters" in result.stderr
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--layer", "2"], "--layer"),
+    (["--layer", "-3"], "--layer"),
+    (["--view", "head", "--head", "2"], "--head"),
+    (["--view", "focus", "--at", "99"], "--at"),
+    (["--view", "pie"], "--view"),
+])
+def test_attention_out_of_range_is_named(model, flags, word):
+    message = refused(2, "inspect-attention", "-m", model, "--prompt", "anna", *flags)
+    assert word in message
+
+
+def test_attention_empty_prompt_is_refused(model):
+    assert "empty" in refused(2, "inspect-attention", "-m", model, "--prompt", "")
+
+
+def test_attention_unknown_character_is_named(model):
+    assert "z" in refused(2, "inspect-attention", "-m", model, "--prompt", "anna Z")
+
+
+# -- eval and info ----------------------------------------------------------------------------
+
+def test_eval_json_has_chars_loss_bpc_perplexity(model, trained):
+    result = json.loads(ok("eval", trained / "names.txt", "-m", model, "--json").stdout)
+    assert set(result) == {"chars", "loss", "bpc", "perplexity"}
+    text = (trained / "names.txt").read_text()
+    assert result["chars"] == len(text) - 1
+    assert 0 < result["loss"] < 4 and abs(result["bpc"] * 0.6931 - result["loss"]) < 1e-3
+
+
+def test_eval_text_summary(model, trained):
+    out = ok("eval", trained / "names.txt", "-m", model).stdout
+    assert "bits/char" in out and "perplexity" in out
+
+
+def test_eval_text_with_unseen_characters_is_named(model, tmp_path):
+    (tmp_path / "other.txt").write_text("ANNA and BOB\n")
+    message = refused(2, "eval", tmp_path / "other.txt", "-m", model)
+    assert "a" in message and "other.txt" in message
+
+
+def test_eval_missing_file_is_named(model, tmp_path):
+    assert "missing.txt" in refused(2, "eval", tmp_path / "missing.txt", "-m", model)
+
+
+def test_info_shows_parameter_count(in_trained):
+    params = json.loads(ok("info", "--json").stdout)["params"]
+    out = ok("info").stdout
+    assert f"{params:,} parameters" in out and "2 layers" in out and "trained 30 steps" in out
+
+
+def test_info_json(model):
+    record = json.loads(ok("info", "-m", model, "--json").stdout)
+    n, v = 32, len(record["vocab"])  # tiny: 2 layers, 32 wide; embeddings tied or not, at least this many
+    assert record["params"] > 2 * 12 * n * n + v * n and record["config"]["n_embd"] == n
+    assert record["summary"]["step"] == 30 and "a" in record["vocab"]
+
+
+def test_paths_with_brackets_are_printed_literally(model, tmp_path):
+    odd = tmp_path / "[bold]run"
+    odd.mkdir()
+    (odd / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    assert "[bold]run" in ok("info", "-m", odd).stdout
+    assert "[/x]" in refused(2, "info", "-m", tmp_path / "[/x]")
+
+
+def test_unexpected_failure_is_one_line_unless_debug(model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("tfcli.checkpoint.load_model", broken)
+    message = refused(1, "info", "-m", model)
+    assert "disk on fire" in message and "--debug" in message
+    result = invoke("--debug", "info", "-m", model)
+    assert isinstance(result.exception, RuntimeError)
+
+
+def test_no_color_on_a_terminal_still_shades_the_heatmap(model):
+    env = {**os.environ, "NO_COLOR": "1", "FORCE_COLOR": "1"}  # FORCE_COLOR: act as on a terminal
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-m", "tfcli", "inspect-attention", "-m", str(model), "-p", "anna bob"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    assert "anna␣bob" in out
+    assert "38;" not in out and "48;" not in out  # no colour codes
+    assert any(shade in out for shade in "░▒▓")  # without colour the weights are drawn as shades

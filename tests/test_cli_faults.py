@@ -1,0 +1,86 @@
+"""The CLI under real signals and closed pipes, in real subprocesses.
+
+Ctrl-C (SIGINT) or SIGTERM during training must save a loadable checkpoint, say how
+to resume, and exit 130 or 143; a reader closing the pipe (`| head`) ends sampling quietly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tfcli.checkpoint import load_checkpoint
+from tfcli.cli import app
+
+NAMES = ["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo", "ines", "jack", "kara", "liam"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+
+
+def tfcli(*args) -> list[str]:
+    return [sys.executable, "-m", "tfcli", *map(str, args)]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    rng = random.Random(0)
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(f"{rng.choice(NAMES)} {rng.choice(NAMES)}" for _ in range(300)) + "\n")
+    return path
+
+
+def wait_for_steps(proc: subprocess.Popen, metrics: Path, timeout: float = 60.0) -> None:
+    """Until training has logged a step (metrics.jsonl exists), so the signal lands mid-training."""
+    deadline = time.monotonic() + timeout
+    while not metrics.exists():
+        assert proc.poll() is None, "training ended before it was signalled"
+        assert time.monotonic() < deadline, "no training step logged in time"
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_training_saves_and_says_how_to_resume(corpus, tmp_path, signum, code):
+    out = tmp_path / "run"
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen(tfcli("train", corpus, "--preset", "tiny", "--time", "60", "--out", out),
+                                stdout=so, stderr=se, env=ENV, cwd=tmp_path)
+        try:
+            wait_for_steps(proc, out / "metrics.jsonl")
+            proc.send_signal(signum)
+            assert proc.wait(timeout=30) == code
+        finally:
+            proc.kill()
+            proc.wait()
+    stderr = (tmp_path / "stderr").read_text()
+    assert "--resume" in stderr and "Traceback" not in stderr
+    ck = load_checkpoint(out / "model.safetensors")
+    assert ck.summary["step"] > 0 and ck.summary["ended"] == "interrupted"
+    assert "\x1b[" not in (tmp_path / "stdout").read_text()
+    resumed = subprocess.run(tfcli("train", corpus, "--out", out, "--resume", "--max-steps", ck.summary["step"] + 2),
+                             capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out / "model.safetensors").summary["step"] == ck.summary["step"] + 2
+
+
+def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):
+    trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    # more than a pipe buffer (64 KiB) of output, so the writer does hit the closed pipe
+    for extra in (["-n", "100000"], ["-n", "1000", "--num-samples", "80", "--no-stream"],
+                  ["-n", "1000", "--num-samples", "80", "--json"]):
+        proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-p", "anna", "--seed", "1", *extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        head = proc.stdout.read(20)
+        proc.stdout.close()  # what `| head -c 20` does
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 0, stderr
+        assert len(head) == 20 and "Traceback" not in stderr and "error" not in stderr.lower(), stderr

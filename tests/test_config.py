@@ -1,0 +1,107 @@
+import pytest
+
+from tfcli.config import PRESETS, ModelConfig, SampleConfig, TrainConfig, parse_duration, resolve_preset, with_overrides
+from tfcli.errors import USAGE, UsageError
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("300", 300.0), ("90s", 90.0), ("5m", 300.0), ("1h30m", 5400.0), ("1.5h", 5400.0), (" 2m 30s ", 150.0),
+])
+def test_duration_reads_seconds_and_units(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "5x", "-3", "0", "0s", "m", "5q3"])
+def test_unreadable_duration_is_a_usage_error(text):
+    with pytest.raises(UsageError) as e:
+        parse_duration(text)
+    assert e.value.exit_code == USAGE == 2
+    assert "duration" in e.value.message
+
+
+def test_defaults_are_valid():
+    assert ModelConfig().validate() == ModelConfig()
+    assert TrainConfig().validate() == TrainConfig()
+    assert SampleConfig().validate() == SampleConfig()
+
+
+def test_n_embd_not_divisible_by_n_head_names_both():
+    with pytest.raises(UsageError, match=r"--n-embd \(30\).*--n-head \(4\)"):
+        ModelConfig(n_embd=30, n_head=4).validate()
+
+
+def test_odd_head_size_is_refused_for_rotary():
+    with pytest.raises(UsageError, match="even"):
+        ModelConfig(n_embd=12, n_head=4).validate()
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "n_layer", "n_head", "n_embd", "block_size"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_zero_or_negative_size_names_the_flag(field, value):
+    with pytest.raises(UsageError, match=f"--{field.replace('_', '-')} must be positive"):
+        ModelConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0])
+def test_dropout_outside_unit_interval_is_refused(dropout):
+    with pytest.raises(UsageError, match="--dropout"):
+        ModelConfig(dropout=dropout).validate()
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan")])
+def test_non_positive_lr_is_refused(lr):
+    with pytest.raises(UsageError, match="--lr must be positive"):
+        TrainConfig(lr=lr).validate()
+
+
+@pytest.mark.parametrize("changes, flag", [
+    ({"batch_size": 0}, "--batch-size"), ({"max_steps": 0}, "--max-steps"), ({"time_budget": 0.0}, "--time"),
+    ({"dtype": "float8"}, "--dtype"),
+])
+def test_bad_train_settings_name_their_flag(changes, flag):
+    with pytest.raises(UsageError, match=flag):
+        TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("changes, flag", [
+    ({"temperature": -0.1}, "--temperature"), ({"top_k": 0}, "--top-k"), ({"top_p": 1.5}, "--top-p"),
+    ({"min_p": -0.1}, "--min-p"), ({"repeat_penalty": 0.0}, "--repeat-penalty"),
+    ({"num_samples": 0}, "--num-samples"), ({"stop": ("",)}, "--stop"), ({"max_new_tokens": -1}, "--max-new-tokens"),
+])
+def test_bad_sample_settings_name_their_flag(changes, flag):
+    with pytest.raises(UsageError, match=flag):
+        SampleConfig(**changes).validate()
+
+
+def test_model_config_round_trips_through_dict_ignoring_unknown_keys():
+    cfg = ModelConfig(vocab_size=7, n_layer=3, n_head=2, n_embd=16, block_size=9, dropout=0.1)
+    assert ModelConfig.from_dict({**cfg.to_dict(), "from_the_future": 1}) == cfg
+
+
+def test_named_preset_is_returned_as_a_copy():
+    got = resolve_preset("tiny", "cpu", None)
+    assert got == PRESETS["tiny"]
+    got["n_layer"] = 99
+    assert PRESETS["tiny"]["n_layer"] == 2
+
+
+@pytest.mark.parametrize("device, budget, name", [
+    ("cuda", None, "large"), ("cuda:1", 60.0, "large"), ("cpu", 60.0, "small"), ("cpu", 239.0, "small"),
+    ("cpu", 240.0, "medium"), ("cpu", None, "medium"), ("mps", 60.0, "small"),
+])
+def test_auto_preset_depends_on_device_and_budget(device, budget, name):
+    assert resolve_preset("auto", device, budget) == PRESETS[name]
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(UsageError, match="unknown preset 'huge'.*auto, tiny, small, medium, large"):
+        resolve_preset("huge", "cpu", None)
+
+
+def test_overrides_ignore_unset_flags():
+    cfg = with_overrides(ModelConfig(n_layer=6), n_layer=None, n_head=8)
+    assert (cfg.n_layer, cfg.n_head) == (6, 8)
+
+
+def test_duration_reads_milliseconds():
+    assert parse_duration("500ms") == 0.5

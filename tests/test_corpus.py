@@ -1,0 +1,179 @@
+import numpy as np
+import pytest
+
+from tfcli.corpus import MAX_VOCAB, Vocab, load_corpus, read_text
+from tfcli.errors import USAGE, TfcliError, UsageError
+
+MIXED = "Grüße, ÅNGSTRÖM! 你好，世界。 🙂🚀 naïve café\tend\n"
+
+
+def test_vocab_round_trips_non_ascii_text():
+    vocab = Vocab.from_text(MIXED)
+    ids = vocab.encode(MIXED)
+    assert vocab.decode(ids) == MIXED
+    assert len(ids) == len(MIXED)  # one id per code point, not per byte
+
+
+def test_vocab_is_the_sorted_set_of_code_points():
+    vocab = Vocab.from_text(MIXED)
+    assert vocab.chars == "".join(sorted(set(MIXED)))
+    assert [ord(c) for c in vocab.chars] == sorted(ord(c) for c in set(MIXED))
+    assert vocab.encode("🚀").tolist() == [vocab.chars.index("🚀")]
+    assert vocab.encode(vocab.chars).tolist() == list(range(len(vocab)))
+
+
+def test_ids_are_compact_integers():
+    assert Vocab.from_text("abc").encode("cab").dtype == np.uint16
+
+
+def test_unknown_characters_are_named_once_each_in_order():
+    vocab = Vocab.from_text("abc")
+    with pytest.raises(UsageError) as e:
+        vocab.encode("abzyz 🙂\t")
+    assert "no z y space 🙂 \\t;" in e.value.message
+    assert e.value.exit_code == USAGE
+
+
+def test_many_unknown_characters_are_summarised():
+    vocab = Vocab.from_text("a")
+    with pytest.raises(UsageError, match="no b c d e f g h i j k and 15 more;"):
+        vocab.encode("bcdefghijklmnopqrstuvwxyz")
+
+
+def test_unknown_lists_missing_characters():
+    assert Vocab.from_text("abc").unknown("xaxyb") == ["x", "y"]
+
+
+@pytest.mark.parametrize("char, closest", [("A", "a"), ("é", "e"), ("\t", " "), ("B", "b"), ("z", None)])
+def test_closest_known_character(char, closest):
+    assert Vocab.from_text("a be").closest(char) == closest
+
+
+def test_too_many_distinct_characters_is_refused():
+    text = "".join(chr(0x4E00 + i) for i in range(MAX_VOCAB + 1))
+    with pytest.raises(UsageError, match="too many"):
+        Vocab.from_text(text)
+
+
+def test_split_holds_out_the_last_fraction(tmp_path):
+    text = "".join(chr(ord("a") + i % 26) for i in range(100))
+    (tmp_path / "t.txt").write_text(text)
+    corpus = load_corpus([tmp_path / "t.txt"], val_fraction=0.1)
+    assert corpus.vocab.decode(corpus.train) == text[:90]
+    assert corpus.vocab.decode(corpus.val) == text[90:]
+    assert corpus.n_chars == 100
+
+
+def test_zero_val_fraction_trains_on_everything(tmp_path):
+    (tmp_path / "t.txt").write_text("abcdef")
+    corpus = load_corpus([tmp_path / "t.txt"], val_fraction=0.0)
+    assert corpus.vocab.decode(corpus.train) == "abcdef"
+    assert len(corpus.val) == 0
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1])
+def test_val_fraction_outside_range_is_refused(tmp_path, fraction):
+    (tmp_path / "t.txt").write_text("abcdef")
+    with pytest.raises(UsageError, match="--val-fraction"):
+        load_corpus([tmp_path / "t.txt"], val_fraction=fraction)
+
+
+def test_val_files_leave_all_text_for_training(tmp_path):
+    (tmp_path / "t.txt").write_text("abcabc")
+    (tmp_path / "v.txt").write_text("cabx")
+    corpus = load_corpus([tmp_path / "t.txt"], val_paths=[tmp_path / "v.txt"])
+    assert corpus.vocab.decode(corpus.train) == "abcabc"
+    assert corpus.vocab.decode(corpus.val) == "cabx"
+    assert corpus.vocab.chars == "abcx"
+
+
+def test_directory_is_read_as_its_text_files_sorted(tmp_path):
+    d = tmp_path / "books"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("B")
+    (d / "a.txt").write_text("A")
+    (d / "sub" / "c.md").write_text("C")
+    (d / ".hidden.txt").write_text("H")
+    (d / "model.safetensors").write_bytes(b"\x00\x01")
+    assert read_text([d]) == "ABC"
+
+
+def test_directory_without_text_files_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds no text files"):
+        read_text([tmp_path / "empty"])
+
+
+def test_several_files_are_joined_in_order(tmp_path):
+    (tmp_path / "1.txt").write_text("one ")
+    (tmp_path / "2.txt").write_text("two")
+    assert read_text([tmp_path / "2.txt", tmp_path / "1.txt"]) == "twoone "
+
+
+def test_nul_bytes_mean_not_text(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"abc\x00def")
+    with pytest.raises(UsageError, match="NUL bytes.*--encoding"):
+        read_text([tmp_path / "x.bin"])
+
+
+def test_utf16_text_reads_with_its_encoding(tmp_path):
+    (tmp_path / "x.txt").write_bytes("héllo".encode("utf-16"))
+    assert read_text([tmp_path / "x.txt"], encoding="utf-16") == "héllo"
+
+
+def test_invalid_utf8_names_the_byte_and_the_fix(tmp_path):
+    (tmp_path / "x.txt").write_bytes(b"abc\xffdef")
+    with pytest.raises(UsageError) as e:
+        read_text([tmp_path / "x.txt"])
+    assert "x.txt: not valid utf-8 at byte 3" in e.value.message
+    assert "--errors replace" in e.value.message
+
+
+def test_errors_replace_substitutes_bad_bytes(tmp_path):
+    (tmp_path / "x.txt").write_bytes(b"abc\xffdef")
+    assert read_text([tmp_path / "x.txt"], errors="replace") == "abc\ufffddef"
+
+
+def test_unknown_encoding_is_a_usage_error(tmp_path):
+    (tmp_path / "x.txt").write_text("abc")
+    with pytest.raises(UsageError, match="unknown encoding 'klingon'"):
+        read_text([tmp_path / "x.txt"], encoding="klingon")
+
+
+def test_empty_file_is_refused(tmp_path):
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(UsageError, match="empty corpus"):
+        read_text([tmp_path / "x.txt"])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(UsageError, match="nope.txt: no such file or directory"):
+        load_corpus([tmp_path / "nope.txt"])
+
+
+def test_reused_vocab_refuses_a_corpus_with_new_characters(tmp_path):
+    (tmp_path / "t.txt").write_text("abcz")
+    with pytest.raises(TfcliError, match=r"lacks \(z\)"):
+        load_corpus([tmp_path / "t.txt"], vocab=Vocab("abc"))
+
+
+def test_reused_vocab_keeps_its_ids(tmp_path):
+    (tmp_path / "t.txt").write_text("cab")
+    corpus = load_corpus([tmp_path / "t.txt"], val_fraction=0.0, vocab=Vocab("abcd"))
+    assert corpus.train.tolist() == [2, 0, 1]
+    assert len(corpus.vocab) == 4
+
+
+def test_digest_changes_with_the_training_text(tmp_path):
+    (tmp_path / "a.txt").write_text("abcabc")
+    (tmp_path / "b.txt").write_text("abcabd")
+    a1 = load_corpus([tmp_path / "a.txt"], val_fraction=0.0)
+    a2 = load_corpus([tmp_path / "a.txt"], val_fraction=0.0)
+    b = load_corpus([tmp_path / "b.txt"], val_fraction=0.0)
+    assert a1.digest == a2.digest != b.digest
+
+
+def test_real_corpus_loads_with_its_known_vocabulary(shakespeare):
+    corpus = load_corpus([shakespeare])
+    assert len(corpus.vocab) == 65
+    assert len(corpus.train) + len(corpus.val) == corpus.n_chars

@@ -1,0 +1,83 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+
+from tfcli.corpus import Vocab
+from tfcli.evaluation import EvalResult, evaluate
+
+VOCAB = Vocab.from_text("abcdefg")
+
+
+def ids_of(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, len(VOCAB), n).astype(np.uint16)
+
+
+@torch.no_grad()
+def reference_loss(model, ids: np.ndarray) -> float:
+    """Consecutive non-overlapping windows of block_size inputs, the last one shorter; mean over all targets."""
+    T, data = model.config.block_size, torch.as_tensor(ids.astype(np.int64))
+    total, count = 0.0, 0
+    for start in range(0, len(data) - 1, T):
+        x = data[start:start + T][: len(data) - 1 - start]
+        y = data[start + 1:start + 1 + len(x)]
+        logits, _ = model(x[None])
+        total += F.cross_entropy(logits[0], y, reduction="sum").item()
+        count += len(y)
+    assert count == len(data) - 1
+    return total / count
+
+
+@pytest.mark.parametrize("n", [2, 9, 17, 50, 65])
+def test_every_character_but_the_first_is_predicted(n):
+    assert evaluate(make_model(VOCAB, block_size=8), ids_of(n)).chars == n - 1
+
+
+@pytest.mark.parametrize("n, batch_size", [(9, 32), (50, 32), (65, 2), (100, 3)])
+def test_loss_is_the_mean_over_consecutive_windows(n, batch_size):
+    model = make_model(VOCAB, block_size=8)
+    got = evaluate(model, ids_of(n, seed=n), batch_size=batch_size)
+    assert got.loss == pytest.approx(reference_loss(model, ids_of(n, seed=n)), rel=1e-6)
+
+
+def test_evaluation_is_deterministic():
+    model = make_model(VOCAB, block_size=8)
+    assert evaluate(model, ids_of(70)) == evaluate(model, ids_of(70))
+
+
+def test_tensor_and_array_give_the_same_result():
+    model = make_model(VOCAB, block_size=8)
+    ids = ids_of(30)
+    assert evaluate(model, ids) == evaluate(model, torch.as_tensor(ids.astype(np.int64)))
+
+
+def test_new_model_scores_ln_vocab_size():
+    result = evaluate(make_model(VOCAB, std=None, block_size=8), ids_of(40))
+    assert result.loss == pytest.approx(math.log(len(VOCAB)), abs=1e-6)
+    assert result.bpc == pytest.approx(math.log2(len(VOCAB)), abs=1e-6)
+    assert result.perplexity == pytest.approx(len(VOCAB), rel=1e-5)
+
+
+def test_progress_reports_add_up_to_the_characters_scored():
+    seen = []
+    evaluate(make_model(VOCAB, block_size=8), ids_of(45), batch_size=2, on_progress=seen.append)
+    assert seen == [16, 16, 8, 4]
+
+
+def test_training_mode_is_restored():
+    model = make_model(VOCAB, block_size=8).train()
+    evaluate(model, ids_of(20))
+    assert model.training
+
+
+def test_a_single_character_cannot_be_evaluated():
+    with pytest.raises(ValueError, match="at least two characters"):
+        evaluate(make_model(VOCAB, block_size=8), ids_of(1))
+
+
+def test_result_dict_has_the_derived_figures():
+    assert EvalResult(10, math.log(4)).to_dict() == pytest.approx(
+        {"chars": 10, "loss": math.log(4), "bpc": 2.0, "perplexity": 4.0})

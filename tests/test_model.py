@@ -1,0 +1,159 @@
+import math
+
+import pytest
+import torch
+from conftest import make_model
+
+from tfcli.config import ModelConfig
+from tfcli.corpus import Vocab
+from tfcli.model import GPT, rms_norm, rope_angles
+
+VOCAB = Vocab.from_text("abcdefghij")
+
+
+def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, len(VOCAB), (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def windowed_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Reference for generation past the context: every layer attends to the last block_size positions only."""
+    T, W = idx.size(1), model.config.block_size
+    cos, sin = rope_angles(torch.arange(T), model.config.head_dim)
+    q_pos, k_pos = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    band = (k_pos <= q_pos) & (k_pos > q_pos - W)  # (T, T)
+    x = model.wte(idx)
+    for block in model.blocks:
+        q, k, v = block.attn._qkv(rms_norm(x), cos, sin)
+        w = (q @ k.transpose(-2, -1) * block.attn.scale).masked_fill(~band, float("-inf")).softmax(-1)
+        x = x + block.attn._out(w @ v)
+        x = x + block.mlp(rms_norm(x))
+    return model.logits_from_hidden(x)
+
+
+def test_new_model_predicts_the_uniform_distribution():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=len(VOCAB), n_layer=2, n_head=2, n_embd=32, block_size=16))
+    ids = random_ids(3, 16)
+    logits, loss = model(ids, ids)
+    assert torch.equal(logits, torch.zeros_like(logits))
+    assert loss.item() == pytest.approx(math.log(len(VOCAB)), abs=1e-6)
+
+
+def test_logits_have_batch_time_vocab_shape_and_loss_is_a_scalar():
+    model = make_model(VOCAB)
+    logits, loss = model(random_ids(3, 7), random_ids(3, 7, seed=2))
+    assert logits.shape == (3, 7, len(VOCAB)) and logits.dtype == torch.float32
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+@torch.no_grad()
+def test_changing_a_future_character_leaves_earlier_logits_unchanged():
+    model = make_model(VOCAB)
+    ids = random_ids(1, 16)
+    changed = ids.clone()
+    changed[0, 10] = (ids[0, 10] + 1) % len(VOCAB)
+    before, _ = model(ids)
+    after, _ = model(changed)
+    assert torch.equal(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+@torch.no_grad()
+def test_explicit_attention_path_matches_the_fused_one():
+    model = make_model(VOCAB, n_head=4)
+    ids = random_ids(2, 16)
+    fused, _ = model(ids)
+    explicit, weights = model.attention(ids)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
+    assert weights.shape == (2, 2, 4, 16, 16)  # (B, layer, head, query, key)
+
+
+@torch.no_grad()
+def test_attention_rows_sum_to_one_with_nothing_above_the_diagonal():
+    model = make_model(VOCAB)
+    _, weights = model.attention(random_ids(2, 12))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6, rtol=0)
+    above = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    assert (weights[..., above] == 0).all()
+    assert (weights[..., ~above] > 0).all()
+    assert (weights[..., 0, 0] == 1).all()  # the first character can only look at itself
+
+
+@torch.no_grad()
+def test_last_hidden_state_gives_the_forward_logits():
+    model = make_model(VOCAB)
+    ids = random_ids(1, 9)
+    states = model.hidden_states(ids)
+    assert len(states) == model.config.n_layer + 1
+    torch.testing.assert_close(model.logits_from_hidden(states[-1]), model(ids)[0], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt_len", [1, 5, 16])
+def test_kv_cache_prefill_and_decode_match_the_uncached_forward(prompt_len):
+    model = make_model(VOCAB, block_size=16)
+    ids = random_ids(3, 16)
+    full, _ = model(ids)
+    caches = model.new_cache(3)
+    torch.testing.assert_close(model.prefill(ids[:, :prompt_len], caches), full[:, prompt_len - 1], atol=1e-5, rtol=0)
+    for pos in range(prompt_len, 16):
+        logits = model.decode(ids[:, pos], pos, caches)
+        torch.testing.assert_close(logits, full[:, pos], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_one_layer_decode_past_the_context_sees_exactly_the_last_block_size_characters():
+    # With one layer, keys and values depend only on the character and (relatively) its position,
+    # so the ring buffer holds exactly what a fresh forward over the last block_size characters computes.
+    model = make_model(VOCAB, n_layer=1, block_size=8)
+    ids = random_ids(2, 30)
+    caches = model.new_cache(2)
+    model.prefill(ids[:, :8], caches)
+    for pos in range(8, 30):
+        logits = model.decode(ids[:, pos], pos, caches)
+        window, _ = model(ids[:, pos - 7:pos + 1])
+        torch.testing.assert_close(logits, window[:, -1], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_multi_layer_decode_past_the_context_is_sliding_window_attention():
+    # With two or more layers it is NOT the same as re-running the last block_size characters: a deeper
+    # layer's cached keys were computed when their own windows reached further back. What the ring buffer
+    # computes is sliding-window attention in every layer, with no seam at the context boundary.
+    model = make_model(VOCAB, n_layer=2, block_size=8)
+    ids = random_ids(2, 30)
+    reference = windowed_forward(model, ids)
+    caches = model.new_cache(2)
+    model.prefill(ids[:, :5], caches)
+    for pos in range(5, 30):
+        logits = model.decode(ids[:, pos], pos, caches)
+        assert torch.isfinite(logits).all()
+        torch.testing.assert_close(logits, reference[:, pos], atol=1e-4, rtol=0)
+    last_window, _ = model(ids[:, -8:])
+    assert not torch.allclose(logits, last_window[:, -1], atol=1e-3)
+
+
+@torch.no_grad()
+def test_sequences_in_a_batch_do_not_affect_each_other():
+    model = make_model(VOCAB)
+    ids = random_ids(2, 10)
+    alone, both = model.new_cache(1), model.new_cache(2)
+    model.prefill(ids[:1, :4], alone)
+    model.prefill(ids[:, :4], both)
+    for pos in range(4, 10):
+        a = model.decode(ids[:1, pos], pos, alone)
+        b = model.decode(ids[:, pos], pos, both)
+        torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+
+
+def test_dropout_only_acts_in_training_mode():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=len(VOCAB), n_layer=1, n_head=2, n_embd=32, block_size=16, dropout=0.5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    ids = random_ids(1, 16)
+    model.eval()
+    assert torch.equal(model(ids)[0], model(ids)[0])
+    model.train()
+    assert not torch.equal(model(ids)[0], model(ids)[0])

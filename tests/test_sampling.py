@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+from conftest import TEXT
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tfcli.config import SampleConfig
+from tfcli.sampling import StopMatcher, apply_penalties, filter_logits, generate, pick
+
+PROBS = [0.15, 0.5, 0.05, 0.3]  # deliberately not sorted, so the filters' sort and scatter are exercised
+LOGITS = torch.tensor([[math.log(p) for p in PROBS]])
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero()[:, 0].tolist()
+
+
+def text_of(model, prompt: str, cfg: SampleConfig, sample: int = 0) -> str:
+    return "".join(piece[sample] for piece in generate(model, model.vocab, prompt, cfg))
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: str, n: int) -> str:
+    ids = torch.as_tensor(model.vocab.encode(prompt).astype("int64"))[None]
+    for _ in range(n):
+        logits, _ = model(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return model.vocab.decode(ids[0, len(prompt):])
+
+
+def test_greedy_is_the_argmax_of_the_uncached_forward_at_every_step(model):
+    n = model.config.block_size - len("hello") + 1  # the last pick is made at the final position of the context
+    got = text_of(model, "hello", SampleConfig(max_new_tokens=n, temperature=0.0, seed=1))
+    assert got == greedy_reference(model, "hello", n)
+    assert len(got) == n
+
+
+def test_greedy_ignores_the_seed(model):
+    a = text_of(model, "he", SampleConfig(max_new_tokens=40, temperature=0.0, seed=1))
+    b = text_of(model, "he", SampleConfig(max_new_tokens=40, temperature=0.0, seed=2))
+    assert a == b
+
+
+def test_top_k_one_is_greedy(model):
+    greedy = text_of(model, "wo", SampleConfig(max_new_tokens=40, temperature=0.0, seed=1))
+    top1 = text_of(model, "wo", SampleConfig(max_new_tokens=40, temperature=1.5, top_k=1, seed=7))
+    assert top1 == greedy
+
+
+def test_same_seed_and_settings_reproduce_the_text(model):
+    cfg = SampleConfig(max_new_tokens=60, temperature=1.0, top_p=0.95, seed=42)
+    assert text_of(model, "hel", cfg) == text_of(model, "hel", cfg)
+
+
+def test_different_seeds_give_different_text(model):
+    a = text_of(model, "hel", SampleConfig(max_new_tokens=60, temperature=1.0, seed=1))
+    b = text_of(model, "hel", SampleConfig(max_new_tokens=60, temperature=1.0, seed=2))
+    assert a != b
+
+
+def test_num_samples_yields_that_many_different_streams(model):
+    pieces = list(generate(model, model.vocab, "h", SampleConfig(max_new_tokens=30, temperature=1.0,
+                                                                  num_samples=3, seed=3)))
+    assert len(pieces) == 30 and all(len(p) == 3 and all(len(c) == 1 for c in p) for p in pieces)
+    texts = {"".join(p[i] for p in pieces) for i in range(3)}
+    assert len(texts) == 3
+
+
+def test_empty_prompt_starts_from_a_newline(model):
+    cfg = SampleConfig(max_new_tokens=10, temperature=0.0, seed=1)
+    assert text_of(model, "", cfg) == text_of(model, "\n", cfg)
+
+
+def test_long_prompt_is_cut_to_the_context(model):
+    cfg = SampleConfig(max_new_tokens=10, temperature=0.0, seed=1)
+    long = "hello world\nhello world\n"
+    assert len(long) > model.config.block_size
+    assert text_of(model, long, cfg) == text_of(model, long[-model.config.block_size:], cfg)
+
+
+def test_generation_runs_past_the_context(model):
+    got = text_of(model, "hello", SampleConfig(max_new_tokens=5 * model.config.block_size, temperature=1.0, seed=5))
+    assert len(got) == 5 * model.config.block_size
+    assert set(got) <= set(TEXT)
+
+
+def test_zero_new_tokens_yields_nothing(model):
+    assert list(generate(model, model.vocab, "he", SampleConfig(max_new_tokens=0, seed=1))) == []
+
+
+def test_generation_stops_before_the_stop_string(model):
+    free = text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11))
+    stop = free[20:22]
+    cut = free[:free.index(stop)]
+    assert text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, stop=(stop,))) == cut
+
+
+def test_pick_at_zero_temperature_is_the_argmax():
+    gen = torch.Generator().manual_seed(0)
+    assert pick(LOGITS, 0.0, gen).tolist() == [1]
+
+
+def test_pick_never_chooses_a_removed_token():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, float("-inf"), 5.0, float("-inf")]]).repeat(200, 1)
+    assert set(pick(logits, 3.0, gen).tolist()) == {0, 2}
+
+
+@pytest.mark.parametrize("top_k, expected", [(1, [1]), (2, [1, 3]), (3, [0, 1, 3]), (4, [0, 1, 2, 3]),
+                                             (10, [0, 1, 2, 3])])
+def test_top_k_keeps_the_k_most_likely(top_k, expected):
+    assert kept(filter_logits(LOGITS, SampleConfig(top_k=top_k))) == expected
+
+
+@pytest.mark.parametrize("top_p, expected", [(0.0, [1]), (0.45, [1]), (0.7, [1, 3]), (0.9, [0, 1, 3]),
+                                             (0.99, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    assert kept(filter_logits(LOGITS, SampleConfig(top_p=top_p))) == expected
+
+
+@pytest.mark.parametrize("min_p, expected", [(0.0, [0, 1, 2, 3]), (0.2, [0, 1, 3]), (0.5, [1, 3]),
+                                             (0.7, [1]), (1.0, [1])])
+def test_min_p_keeps_tokens_at_least_min_p_times_the_best(min_p, expected):
+    assert kept(filter_logits(LOGITS, SampleConfig(min_p=min_p))) == expected
+
+
+def test_filters_leave_kept_logits_unchanged():
+    out = filter_logits(LOGITS, SampleConfig(top_k=2))
+    assert out[0, 1] == LOGITS[0, 1] and out[0, 3] == LOGITS[0, 3]
+
+
+def test_penalties_follow_llama_cpp():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    recent = torch.tensor([[0, 1, 1]])
+    cfg = SampleConfig(repeat_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    # token 0: 2/2 - 0.5 - 0.25*1; token 1: -1*2 - 0.5 - 0.25*2; tokens 2, 3 unseen
+    assert apply_penalties(logits, recent, cfg).tolist() == [[0.25, -3.0, 0.5, 3.0]]
+
+
+def test_repeat_penalty_only_looks_at_the_last_n_tokens():
+    logits = torch.tensor([[2.0, 2.0, 2.0, 2.0]])
+    history = torch.tensor([[0, 3, 3]])
+    out = filter_logits(logits, SampleConfig(repeat_penalty=2.0, repeat_last_n=2), history)
+    assert out.tolist() == [[2.0, 2.0, 2.0, 1.0]]
+
+
+def test_no_penalties_means_history_is_ignored():
+    out = filter_logits(LOGITS, SampleConfig(), torch.tensor([[0, 1, 1]]))
+    assert torch.equal(out, LOGITS)
+
+
+def test_stop_string_is_cut_exactly():
+    m = StopMatcher(("STOP",))
+    assert m.feed("hello wor") == "hello wor"
+    assert m.feed("ld STOP here") == "ld "
+    assert m.done
+    assert m.feed("more") == "" and m.flush() == ""
+
+
+def test_stop_string_split_across_pieces_is_never_shown():
+    m = StopMatcher(("END",))
+    assert [m.feed(p) for p in ("abE", "N", "Dxyz")] == ["ab", "", ""]
+    assert m.done
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop():
+    m = StopMatcher(("END",))
+    assert m.feed("abE") == "ab"
+    assert m.feed("Nx") == "ENx"
+    assert m.feed("abEN") == "ab"
+    assert m.flush() == "EN"
+
+
+def test_earliest_of_several_stop_strings_wins():
+    assert StopMatcher(("yb", "cd")).feed("xcdyb") == "x"
+
+
+def test_overlapping_stop_prefix_is_handled():
+    m = StopMatcher(("aab",))
+    assert "".join(m.feed(c) for c in "aaab") == "a"
+
+
+@given(st.lists(st.text("abc", max_size=4), max_size=12), st.lists(st.text("abc", min_size=1, max_size=3),
+                                                                     min_size=1, max_size=3))
+def test_stop_matcher_output_is_the_text_up_to_the_first_stop(pieces, stops):
+    m = StopMatcher(tuple(stops))
+    out = "".join(m.feed(p) for p in pieces) + m.flush()
+    text = "".join(pieces)
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    assert out == (text[:min(hits)] if hits else text)

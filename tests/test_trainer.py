@@ -1,0 +1,204 @@
+import json
+import math
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tfcli import checkpoint as ckpt
+from tfcli.config import ModelConfig, SampleConfig, TrainConfig
+from tfcli.corpus import load_corpus
+from tfcli.errors import TfcliError, UsageError
+from tfcli.evaluation import evaluate
+from tfcli.sampling import generate
+from tfcli.trainer import Done, Eval, Notice, Sample, Start, Step, lr_at, train
+
+PATTERN = "abcabd"  # after "ab", only the character before it tells c from d: a model must use its context
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+TRAIN = TrainConfig(max_steps=100, batch_size=16, lr=3e-3, warmup_steps=10, device="cpu", dtype="float32",
+                    eval_interval=1e9, sample_chars=20, seed=3)
+
+
+def unigram_entropy(text: str) -> float:
+    counts = Counter(text)
+    return -sum(n / len(text) * math.log(n / len(text)) for n in counts.values())
+
+
+def write(tmp_path, text: str, name: str = "t.txt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+class StopAfter:
+    """A should_stop flag that rises after `n` polls (one poll per step)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self) -> bool:
+        self.n -= 1
+        return self.n <= 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    corpus = load_corpus([write(tmp, PATTERN * 200)])
+    events = []
+    done = train(corpus, MODEL, TRAIN, tmp / "run", events.append)
+    return corpus, tmp / "run", events, done
+
+
+def test_short_run_learns_the_pattern(trained):
+    corpus, run_dir, _, done = trained
+    model = ckpt.load_model(run_dir)
+    entropy = unigram_entropy(PATTERN * 200)
+    assert evaluate(model, corpus.train).loss < 0.2 * entropy
+    assert done.val_loss < 0.2 * entropy
+
+
+def test_trained_model_continues_the_pattern(trained):
+    model = ckpt.load_model(trained[1])
+    text = "".join(p[0] for p in generate(model, model.vocab, "abcab", SampleConfig(max_new_tokens=25,
+                                                                                   temperature=0.0, seed=1)))
+    assert text == "dabcabdabcabdabcabdabcabd"
+
+
+def test_run_ends_at_max_steps(trained):
+    _, run_dir, _, done = trained
+    assert (done.step, done.reason, done.run_dir) == (100, "steps", run_dir)
+    assert ckpt.load_checkpoint(run_dir / ckpt.MODEL_FILE).summary["step"] == 100
+
+
+def test_run_directory_holds_model_best_state_and_metrics(trained):
+    _, run_dir, _, done = trained
+    assert {p.name for p in run_dir.iterdir()} == {ckpt.MODEL_FILE, ckpt.BEST_FILE, ckpt.STATE_FILE,
+                                                   ckpt.METRICS_FILE}
+    summary = ckpt.load_checkpoint(run_dir / ckpt.MODEL_FILE).summary
+    assert summary["ended"] == "steps" and summary["val_loss"] == done.val_loss
+    assert ckpt.load_checkpoint(run_dir / ckpt.BEST_FILE).summary == {"step": 100, "val_loss": done.best_val_loss}
+    records = [json.loads(line) for line in (run_dir / ckpt.METRICS_FILE).read_text().splitlines()]
+    assert records[0]["step"] == 1 and "loss" in records[0]
+    assert records[-1]["step"] == 100 and records[-1]["val_loss"] == done.val_loss
+
+
+def test_events_start_first_then_steps_then_the_final_eval_and_sample(trained):
+    _, _, events, done = trained
+    assert isinstance(events[0], Start)
+    assert events[0].start_step == 0 and events[0].model.vocab_size == 4 and events[0].device == "cpu"
+    steps = [e.step for e in events if isinstance(e, Step)]
+    assert steps[0] == 1 and steps == sorted(steps)
+    tail = [e for e in events if not isinstance(e, Done)][-2:]  # Done, once emitted, comes after them
+    assert isinstance(tail[0], Eval) and tail[0].step == 100 and tail[0].val_loss == done.val_loss
+    assert isinstance(tail[1], Sample) and tail[1].step == 100 and set(tail[1].text) <= set(PATTERN)
+
+
+def test_done_is_the_last_event(trained):
+    _, _, events, done = trained
+    assert events[-1] == done
+
+
+def test_final_metrics_line_is_strict_json(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    events = []
+    train(corpus, MODEL, replace(TRAIN, max_steps=1), tmp_path / "run", events.append)
+    assert all(math.isfinite(e.train_loss) for e in events if isinstance(e, Eval))
+
+    def refuse(name):
+        raise ValueError(name)
+
+    for line in (tmp_path / "run" / ckpt.METRICS_FILE).read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+
+
+def test_should_stop_saves_and_reports_interrupted(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    done = train(corpus, MODEL, TRAIN, tmp_path / "run", should_stop=StopAfter(7))
+    assert (done.step, done.reason) == (7, "interrupted")
+    summary = ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary
+    assert (summary["step"], summary["ended"]) == (7, "interrupted")
+    assert (tmp_path / "run" / ckpt.STATE_FILE).is_file()
+
+
+def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    cfg = replace(TRAIN, max_steps=30)
+    train(corpus, MODEL, cfg, tmp_path / "whole")
+    assert train(corpus, MODEL, cfg, tmp_path / "split", should_stop=StopAfter(12)).step == 12
+    events = []
+    done = train(corpus, MODEL, cfg, tmp_path / "split", events.append, resume=True)
+    assert events[0].start_step == 12 and done.step == 30
+    whole = ckpt.load_checkpoint(tmp_path / "whole" / ckpt.MODEL_FILE).state_dict
+    split = ckpt.load_checkpoint(tmp_path / "split" / ckpt.MODEL_FILE).state_dict
+    for k in whole:
+        assert torch.equal(whole[k], split[k]), k
+
+
+def test_resume_with_a_changed_corpus_is_refused(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")
+    changed = load_corpus([write(tmp_path, "abcabc" + PATTERN * 19, "u.txt")])
+    assert changed.vocab == corpus.vocab
+    with pytest.raises(UsageError, match="corpus or model settings differ"):
+        train(changed, MODEL, replace(TRAIN, max_steps=4), tmp_path / "run", resume=True)
+
+
+def test_resume_without_a_run_says_so(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    with pytest.raises(UsageError, match="nothing to resume"):
+        train(corpus, MODEL, TRAIN, tmp_path / "run", resume=True)
+
+
+def test_corpus_shorter_than_the_context_shrinks_it_with_a_notice(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 2)], val_fraction=0.0)
+    events = []
+    train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run", events.append)
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert "the training text is shorter than the context; context shrunk to 10" in notices
+    assert next(e for e in events if isinstance(e, Start)).model.block_size == 10
+    assert ckpt.load_model(tmp_path / "run").config.block_size == 10
+
+
+def test_hopelessly_short_corpus_is_refused(tmp_path):
+    corpus = load_corpus([write(tmp_path, "abcab")], val_fraction=0.0)
+    with pytest.raises(UsageError, match="too short to train on"):
+        train(corpus, MODEL, TRAIN, tmp_path / "run")
+
+
+def test_no_validation_text_trains_without_validation(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 10)], val_fraction=0.0)
+    events = []
+    done = train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run", events.append)
+    assert Notice("no validation text (too short); training without validation") in events
+    assert done.val_loss is None and done.best_val_loss is None
+    assert not (tmp_path / "run" / ckpt.BEST_FILE).exists()
+
+
+def test_diverging_loss_is_an_error_naming_the_lr(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    with pytest.raises(TfcliError, match=r"training diverged: loss is nan.*lower --lr \(now 1e\+30\)"):
+        train(corpus, MODEL, replace(TRAIN, lr=1e30, warmup_steps=1), tmp_path / "run")
+
+
+def test_a_budget_is_required(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    with pytest.raises(UsageError, match="give a budget"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=None), tmp_path / "run")
+
+
+def test_time_budget_ends_the_run(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    done = train(corpus, MODEL, replace(TRAIN, max_steps=None, time_budget=1.0), tmp_path / "run")
+    assert done.reason == "time" and done.step > 0
+    assert done.elapsed < 3.0
+
+
+def test_learning_rate_warms_up_holds_then_cools_down_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, cooldown=0.4, min_lr_ratio=0.05)
+    assert lr_at(0.0, 0, cfg) == pytest.approx(0.1)
+    assert lr_at(0.05, 9, cfg) == 1.0
+    assert lr_at(0.6, 60, cfg) == 1.0
+    assert lr_at(0.8, 80, cfg) == pytest.approx(1 - 0.5 * 0.95)
+    assert lr_at(1.0, 100, cfg) == pytest.approx(0.05)

@@ -1,0 +1,121 @@
+"""Throughput measurement: training tokens/s and sampling chars/s at nanoGPT's shapes.
+
+The shapes are nanoGPT's (vocab 65) so figures compare with its published ones.
+Training runs the same step `tfcli train` runs on this device (same precision,
+optimizer and compile choice), on random tokens: speed does not depend on the
+text. Each figure is the median over several timed windows, after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig, SampleConfig
+from .corpus import Vocab
+from .device import autocast, pick_device, pick_dtype
+from .model import GPT
+from .optim import make_optimizer
+from .sampling import generate
+from .trainer import train_step
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+
+
+SHAPES = {
+    "0.8M": Shape(4, 4, 128, 64, 12),
+    "4.8M": Shape(6, 4, 256, 128, 32),
+    "10.7M": Shape(6, 6, 384, 256, 16),
+}
+VOCAB = 65
+
+
+def flops_per_token(model: GPT) -> float:
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best large-square-matmul rate: the ceiling the training figures are a share of."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    with autocast(device, dtype):
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            (a @ b).sum().item()
+            best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _model(shape: Shape, device) -> GPT:
+    cfg = ModelConfig(VOCAB, shape.n_layer, shape.n_head, shape.n_embd, shape.block_size)
+    torch.manual_seed(0)
+    return GPT(cfg).to(device)
+
+
+def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0, windows: int = 5) -> dict:
+    model = _model(shape, device)
+    from .config import TrainConfig
+    opt = make_optimizer(model, TrainConfig(), device)
+    step_fn = torch.compile(model) if compile else model
+    x = torch.randint(VOCAB, (shape.batch_size, shape.block_size), device=device)
+    y = torch.randint(VOCAB, (shape.batch_size, shape.block_size), device=device)
+
+    def step():
+        train_step(step_fn, model, opt, x, y, device, dtype, 1.0)
+
+    for _ in range(3):  # warm-up: allocator, compile, autotuning
+        step()
+    t = time.perf_counter()
+    step()
+    per_window = max(1, round(seconds / windows / (time.perf_counter() - t)))
+    rates = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(per_window):
+            step()
+        rates.append(shape.batch_size * shape.block_size * per_window / (time.perf_counter() - t))
+    tps = statistics.median(rates)
+    return {"tokens_per_s": tps, "gflops": tps * flops_per_token(model) / 1e9, "params": model.num_params()}
+
+
+def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3) -> dict:
+    model = _model(shape, device)
+    for p in model.parameters():  # non-zero weights, so the work is real
+        torch.nn.init.normal_(p, std=0.02)
+    vocab = Vocab("".join(chr(33 + i) for i in range(VOCAB)))
+    cfg = SampleConfig(max_new_tokens=n_chars, temperature=1.0, seed=0)
+    rates = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        n = sum(1 for _ in generate(model, vocab, "!", cfg))
+        rates.append(n / (time.perf_counter() - t))
+    return {"chars_per_s": statistics.median(rates)}
+
+
+def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool = False,
+        shapes: list[str] | None = None, seconds: float = 6.0) -> dict:
+    device = pick_device(device_name)
+    dtype = pick_dtype(device, dtype_name)
+    peak = peak_gflops(device, dtype)
+    result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "compile": compile,
+              "peak_gflops": peak, "train": {}, "sample": {}}
+    for name in shapes or list(SHAPES):
+        r = train_speed(SHAPES[name], device, dtype, compile, seconds)
+        r["peak_fraction"] = r["gflops"] / peak
+        result["train"][name] = r
+    for name in ("0.8M", "10.7M"):
+        if shapes is None or name in shapes:
+            result["sample"][name] = sample_speed(SHAPES[name], device)
+    return result
