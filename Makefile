@@ -29,11 +29,12 @@ lint: install
 # code), then sample and look at attention: works offline, ships no borrowed text.
 DEMO_TIME ?= 90s
 demo: install
-	$(BIN)/python data/make_demo_corpus.py data/demo.txt
-	$(BIN)/tfcli train data/demo.txt --time $(DEMO_TIME) --out runs/demo
+	$(BIN)/python data/make_demo_corpus.py data/demo.txt data/demo-val.txt
+	rm -rf runs/demo
+	$(BIN)/tfcli train data/demo.txt --val data/demo-val.txt --time $(DEMO_TIME) --out runs/demo
 	$(BIN)/tfcli sample -m runs/demo --prompt "def " -n 300 --seed 1
 	$(BIN)/tfcli inspect-attention -m runs/demo --prompt "for i in range(10):"
-	$(BIN)/tfcli eval data/demo.txt -m runs/demo
+	$(BIN)/tfcli eval data/demo-val.txt -m runs/demo
 
 bench: install
 	$(BIN)/tfcli bench

@@ -9,22 +9,27 @@ import sys
 import sysconfig
 from pathlib import Path
 
-LIMIT = 1_500_000  # characters: about tinyshakespeare's size
+LIMIT = 1_000_000  # characters of training text: about tinyshakespeare's size
+HELD_OUT = 100_000  # characters of other modules, for `tfcli eval`
 
 
-def main(out: Path) -> None:
+def main(out: Path, val_out: Path) -> None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
+    train, val = [], []
     for path in sorted(stdlib.glob("*.py")):
         text = path.read_text(encoding="utf-8", errors="replace")
-        if not text.isascii() or total + len(text) > LIMIT:
+        if not text.isascii():
             continue
-        parts.append(text)
-        total += len(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
-    print(f"wrote {out}: {total:,} characters from {len(parts)} standard-library modules")
+        for part, limit in ((train, LIMIT), (val, HELD_OUT)):
+            if sum(map(len, part)) + len(text) <= limit:
+                part.append(text)
+                break
+    for path, part in ((out, train), (val_out, val)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(part), encoding="utf-8")
+        print(f"wrote {path}: {sum(map(len, part)):,} characters from {len(part)} standard-library modules")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "data/demo.txt"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "data/demo.txt"),
+         Path(sys.argv[2] if len(sys.argv) > 2 else "data/demo-val.txt"))

@@ -14,8 +14,10 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
+from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from tfcli.cli import app
@@ -359,6 +361,12 @@ def test_attention_shows_prompt_characters_with_visible_spaces(in_trained):
     out = ok("inspect-attention", "--prompt", "anna bob").stdout
     assert "anna␣bob" in out
     assert "L1 H0" in out and "L1 H1" in out
+    assert "L0 H0" not in out  # with no --view: the last layer's heads
+
+
+def test_attention_grid_view_shows_every_layer(model):
+    out = ok("inspect-attention", "-m", model, "--prompt", "anna bob", "--view", "grid").stdout
+    assert all(f"L{layer} H{h}" in out for layer in (0, 1) for h in (0, 1))
 
 
 def test_attention_head_and_focus_views(model):
@@ -374,16 +382,100 @@ def test_attention_prompt_longer_than_context_shows_its_end(model):
     assert "last 32 characters" in result.stderr
 
 
+def test_attention_summary_labels_every_head_on_prompt_and_probe(model):
+    out = ok("inspect-attention", "-m", model, "--prompt", "anna bob anna", "--view", "summary").stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("L")]
+    assert [r[:2] for r in rows] == [["L0", "H0"], ["L0", "H1"], ["L1", "H0"], ["L1", "H1"]] * 2
+    labels = {"previous", "current", "first", "duplicate", "induction", "local", "diffuse", "mixed"}
+    assert {r[2] for r in rows} <= labels
+    assert "on the prompt: anna␣bob␣anna" in out and "on the probe: 15 random characters" in out
+
+
+def test_attention_lens_shows_each_stage_and_the_next_prompt_char(model):
+    out = ok("inspect-attention", "-m", model, "--prompt", "anna bob", "--view", "lens", "--at", "2").stdout
+    assert "logit lens at position 2 n (next in the prompt: a)" in out
+    assert [line.split()[0] for line in out.splitlines()[2:5]] == ["embed", "L0", "L1"]
+
+
+def test_attention_generated_is_reproducible_and_has_one_row_per_char(model):
+    args = ("inspect-attention", "-m", model, "--prompt", "anna ", "--generate", "6", "--seed", "7")
+    first = ok(*args).stdout
+    assert first == ok(*args).stdout
+    rows = [line for line in first.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r.split()[0]) for r in rows] == list(range(5, 11))
+    assert "all layers, mean over heads" in first
+    one = ok(*args, "--layer", "0", "--head", "1").stdout
+    assert "layer 0, head 1" in one
+
+
+def test_attention_aggregate_shows_a_layers_heads_combined(model):
+    out = ok("inspect-attention", "-m", model, "--prompt", "anna bob", "--aggregate", "max").stdout
+    assert "layer 1, max over 2 heads" in out
+
+
+def test_attention_range_shows_only_those_positions(model):
+    out = ok("inspect-attention", "-m", model, "--prompt", "anna bob", "--view", "head", "--range", "2:5").stdout
+    labels = [line.split()[0] for line in out.splitlines()[2:5]]
+    assert labels == ["2", "3", "4"] and " 5 " not in out
+
+
+def test_attention_range_counts_positions_in_the_whole_prompt(model):
+    text = "anna bob " * 10 + "carla"  # 95 characters; the context holds the last 32
+    out = ok("inspect-attention", "-m", model, "--prompt", text, "--view", "focus", "--range", "80:", "--at", "85",
+             "--layer", "1").stdout
+    assert "attention from position 85" in out
+
+
+def test_attention_export_svg_html_and_json(model, tmp_path):
+    args = ("inspect-attention", "-m", model, "--prompt", "anna bob")
+    ok(*args, "--export", tmp_path / "a.svg")
+    assert ElementTree.parse(tmp_path / "a.svg").getroot().tag.endswith("svg")
+    ok(*args, "--view", "summary", "--export", tmp_path / "a.html")
+    page = (tmp_path / "a.html").read_text(encoding="utf-8")
+    assert "<html" in page and "anna␣bob" in page
+    ok(*args, "--view", "head", "--export", tmp_path / "a.json")
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["text"] == "anna bob" and record["offset"] == 0
+    assert record["layers"] == [0, 1] and record["heads"] == [0, 1]
+    assert len(record["weights"]) == 2 and len(record["weights"][0][0]) == 8
+    assert abs(sum(record["weights"][1][1][7]) - 1) < 1e-4
+
+
+def test_attention_on_wide_characters_keeps_columns_aligned(tmp_path):
+    corpus = tmp_path / "cjk.txt"
+    corpus.write_text("你好, 世界! こんにちは\n" * 50, encoding="utf-8")
+    ok("train", corpus, "--out", tmp_path / "run", "--preset", "tiny", "--max-steps", "2")
+    out = ok("inspect-attention", "-m", tmp_path / "run", "--prompt", "你好, 世界!", "--view", "head").stdout
+    header, rows = out.splitlines()[1], out.splitlines()[2:9]  # after the title: header, one row per char
+    assert len({cell_len(row) for row in rows} | {cell_len(header)}) == 1
+    label = cell_len(rows[0]) - 2 * 7
+    assert header[:label].strip() == "" and header[label:].startswith("你好,")
+
+
 @pytest.mark.parametrize("flags, word", [
     (["--layer", "2"], "--layer"),
     (["--layer", "-3"], "--layer"),
     (["--view", "head", "--head", "2"], "--head"),
     (["--view", "focus", "--at", "99"], "--at"),
     (["--view", "pie"], "--view"),
+    (["--view", "summary", "--at", "1"], "--at"),
+    (["--range", "x"], "--range"),
+    (["--range", "3:2"], "--range"),
+    (["--range", "9:"], "--range"),
+    (["--aggregate", "sum"], "--aggregate"),
+    (["--generate", "0"], "--generate"),
+    (["--export", "out.pdf"], "suffix"),
+    (["--export", "/no/such/dir/out.svg"], "no such directory"),
 ])
 def test_attention_out_of_range_is_named(model, flags, word):
     message = refused(2, "inspect-attention", "-m", model, "--prompt", "anna", *flags)
     assert word in message
+
+
+def test_attention_unwritable_export_is_one_line(model, tmp_path):
+    (tmp_path / "taken.svg").mkdir()
+    assert "cannot write" in refused(2, "inspect-attention", "-m", model, "--prompt", "anna",
+                                     "--export", tmp_path / "taken.svg")
 
 
 def test_attention_empty_prompt_is_refused(model):

@@ -5,7 +5,16 @@ from conftest import make_model
 
 from tfcli.corpus import Vocab
 from tfcli.errors import UsageError
-from tfcli.inspect import attention
+from tfcli.inspect import (
+    LOCAL_WINDOW,
+    aggregate,
+    attention,
+    generation_attention,
+    logit_lens,
+    probe_attention,
+    probe_ids,
+    score_heads,
+)
 
 VOCAB = Vocab.from_text("To be, or not to be")
 
@@ -48,3 +57,130 @@ def test_empty_prompt_is_a_usage_error(model):
 def test_prompt_with_unknown_character_names_it(model):
     with pytest.raises(UsageError, match="no z"):
         attention(model, "To bez")
+
+
+# -- head patterns on hand-made attention ---------------------------------------------------
+
+HALF = 8
+REPEAT = np.concatenate([np.arange(HALF), np.arange(HALF)])  # a random-like string, then the same again
+
+
+def pattern(key_of, ids=REPEAT) -> np.ndarray:
+    """A (1, 1, T, T) attention array: query q puts all weight on key_of(q), or spreads evenly if None."""
+    T = len(ids)
+    w = np.zeros((T, T))
+    for q in range(T):
+        k = key_of(q)
+        if k is None:
+            w[q, :q + 1] = 1 / (q + 1)
+        else:
+            w[q, k] = 1.0
+    return w[None, None]
+
+
+def label(weights, ids=REPEAT) -> str:
+    [head] = score_heads(weights, ids)
+    return head.label
+
+
+def test_previous_char_head_is_labelled_previous():
+    assert label(pattern(lambda q: max(q - 1, 0))) == "previous"
+
+
+def test_current_char_head_is_labelled_current():
+    assert label(pattern(lambda q: q)) == "current"
+
+
+def test_attention_sink_head_is_labelled_first():
+    assert label(pattern(lambda q: 0)) == "first"
+
+
+def test_head_on_earlier_copies_of_the_same_char_is_labelled_duplicate():
+    assert label(pattern(lambda q: q - HALF if q >= HALF else None)) == "duplicate"
+
+
+def test_head_on_the_char_after_an_earlier_copy_is_labelled_induction():
+    got = score_heads(pattern(lambda q: q - HALF + 1 if q >= HALF else None), REPEAT)[0]
+    assert got.label == "induction"
+    assert got.scores["induction"] == pytest.approx(1.0)
+    assert got.scores["duplicate"] == pytest.approx(0.0)
+
+
+def test_evenly_spread_head_is_labelled_diffuse():
+    got = score_heads(pattern(lambda q: None), REPEAT)[0]
+    assert got.label == "diffuse" and got.entropy == pytest.approx(1.0)
+
+
+def test_head_on_the_last_few_chars_is_labelled_local():
+    T = len(REPEAT)
+    w = np.tril(np.ones((T, T))) * np.triu(np.ones((T, T)), -(LOCAL_WINDOW - 1))
+    assert label((w / w.sum(-1, keepdims=True))[None, None]) == "local"
+
+
+def test_head_matching_nothing_well_is_labelled_mixed():
+    w = 0.3 * pattern(lambda q: 0) + 0.7 * pattern(lambda q: q // 2)  # a sink plus the middle of the past
+    got = score_heads(w, REPEAT)[0]
+    assert got.label == "mixed", got.scores
+
+
+def test_scores_keep_layer_and_head_numbers_and_skip_undefined_patterns():
+    w = np.concatenate([pattern(lambda q: 0), pattern(lambda q: q)], axis=1)  # (1, 2, T, T)
+    got = score_heads(w, np.arange(4 * HALF)[:2 * HALF] % 100, layers=[3])
+    assert [(h.layer, h.head, h.label) for h in got] == [(3, 0, "first"), (3, 1, "current")]
+    assert np.isnan(got[0].scores["duplicate"])  # no character repeats: duplicate is never defined
+
+
+def test_scores_refuse_weights_that_do_not_match_the_ids():
+    with pytest.raises(ValueError):
+        score_heads(np.zeros((1, 1, 4, 4)), np.arange(5))
+
+
+def test_probe_is_a_random_string_repeated_twice_within_the_context():
+    ids = probe_ids(vocab_size=65, block_size=32)
+    assert len(ids) == 30 and (ids[:15] == ids[15:]).all()
+    assert len(set(ids[:15].tolist())) == 15
+
+
+def test_probe_attention_covers_every_head(model):
+    ids, w = probe_attention(model)
+    assert w.shape == (2, 4, len(ids), len(ids))
+
+
+# -- logit lens and generation ----------------------------------------------------------------
+
+def test_logit_lens_last_stage_is_the_models_prediction(model):
+    lens = logit_lens(model, "To be", at=3, k=3)
+    assert lens.stages == ["embed", "L0", "L1"]
+    assert lens.actual == "e" and len(lens.actual_p) == 3
+    probs = torch.as_tensor(attention(model, "To be").logits[3]).softmax(-1)
+    assert lens.top[-1][0][0] == VOCAB.chars[int(probs.argmax())]
+    assert lens.top[-1][0][1] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_logit_lens_at_the_last_position_has_no_actual_next_char(model):
+    lens = logit_lens(model, "To be", at=4)
+    assert lens.actual is None and lens.actual_p == []
+
+
+def test_generated_text_matches_sampling_and_each_step_is_the_producing_query(model):
+    from tfcli.config import SampleConfig
+    from tfcli.sampling import generate
+
+    gen = generation_attention(model, "To", 10, seed=3)
+    sampled = "".join(p[0] for p in generate(model, VOCAB, "To", SampleConfig(10, temperature=0.8, seed=3)))
+    assert gen.text == "To" + sampled and gen.start == 2 and len(gen.steps) == 10
+    for step in gen.steps:
+        assert step.keys_from == max(0, step.index - 8)  # the context window of block_size 8
+        assert step.weights.shape == (2, 4, step.index - step.keys_from)
+        np.testing.assert_allclose(step.weights.sum(-1), 1.0, atol=1e-5)
+    last = gen.steps[-1]
+    window = attention(model, gen.text[last.keys_from:last.index])
+    np.testing.assert_allclose(last.weights, window.weights[:, :, -1], atol=1e-6)
+
+
+def test_aggregate_mean_and_max_over_heads():
+    w = np.array([[0.2, 0.8], [0.6, 0.4]])
+    np.testing.assert_allclose(aggregate(w, "mean", 0), [0.4, 0.6])
+    np.testing.assert_allclose(aggregate(w, "max", 0), [0.6, 0.8])
+    with pytest.raises(UsageError):
+        aggregate(w, "sum", 0)

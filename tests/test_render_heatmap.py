@@ -1,11 +1,14 @@
 import io
 import re
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
+from tfcli.inspect import PATTERNS, GeneratedStep, Generation, HeadPattern, Lens
+from tfcli.render.attention_views import export, generated_view, lens_view, summary_view
 from tfcli.render.heatmap import MASKED, focus_view, grid_view, head_view, legend, visible
 
 ANSI = re.compile(r"\x1b\[")
@@ -174,3 +177,78 @@ def test_focus_view_ignores_future_positions_and_labels_each_head():
     for label in ("L0 H0", "L0 H1", "L1 H0", "L1 H1"):
         assert label in out
     assert len([line for line in out.splitlines() if line.startswith("  ")]) == 4 * 2
+
+
+def test_grid_and_focus_views_number_positions_from_the_offset():
+    grid = render(grid_view(stack(1, 1, 90), "z" * 90, color=False, offset=100))
+    assert re.search(r"showing positions \d+–189 of 100–189", grid)
+    focus = render(focus_view(stack(1, 1, 4), "abcd", 3, top=1, offset=100))
+    assert "attention from position 103 d" in focus
+    assert re.search(r"^  [abcd]  10[0-3] ", focus, re.M), focus
+
+
+# -- attention_views: summary, lens, generated, export ------------------------------------------
+
+def head(layer: int, h: int, label: str, **scores: float) -> HeadPattern:
+    full = {name: scores.get(name, 0.0) for name in PATTERNS}
+    return HeadPattern(layer, h, full, scores.get("entropy", 0.1), label)
+
+
+def test_summary_lists_every_head_with_its_label_on_prompt_and_probe():
+    prompt = [head(0, 0, "previous", previous=0.93), head(1, 0, "first", first=0.71)]
+    probe = [head(0, 0, "previous", previous=0.95), head(1, 0, "induction", induction=0.62)]
+    out = render(summary_view(prompt, probe, "to be", 15, 0.4, color=False))
+    assert all(cell_len(line) <= 80 for line in out.splitlines())
+    rows = [line.split() for line in out.splitlines() if line.startswith("L")]
+    assert [r[:3] for r in rows] == [["L0", "H0", "previous"], ["L1", "H0", "first"],
+                                     ["L0", "H0", "previous"], ["L1", "H0", "induction"]]
+    assert rows[0][3] == "0.93" and rows[3][7] == "0.62"  # scores sit under their pattern's column
+    assert "to␣be" in out and "15 random characters" in out and "0.40" in out
+
+
+def test_summary_shows_a_dash_for_a_pattern_that_never_applies():
+    heads = [head(0, 0, "current", current=1.0, duplicate=float("nan"))]
+    out = render(summary_view(heads, heads, "abc", 3, 0.4, color=False))
+    assert "  –  " in out and "nan" not in out
+
+
+def test_lens_lists_guesses_per_stage_with_the_actual_next_char():
+    lens = Lens(1, ["embed", "L0"], [[("a", 0.5), ("中", 0.3)], [("中", 0.9), ("a", 0.05)]], "中", [0.3, 0.9])
+    out = render(lens_view(lens, "x中y", offset=10, color=False))
+    assert "logit lens at position 11 中 (next in the prompt: 中)" in out
+    rows = [line for line in out.splitlines() if line.split()[0] in ("embed", "L0")]
+    assert rows[0].split() == ["embed", "a", "0.50", "中", "0.30", "0.30"]
+    assert rows[1].split() == ["L0", "中", "0.90", "a", "0.05", "0.90"]
+    assert len({cell_len(r) for r in rows}) == 1  # a wide glyph takes the same two cells as a narrow one
+
+
+def test_generated_view_ranks_the_earlier_chars_each_step_attended_to():
+    steps = [GeneratedStep(3, "d", 0.62, 0, np.array([0.1, 0.7, 0.2])),
+             GeneratedStep(4, "世", 0.05, 1, np.array([0.5, 0.25, 0.25]))]
+    gen = Generation("ab dd世"[:2] + "c" + "d世", 3, steps)
+    out = render(generated_view(gen, [s.weights for s in steps], "layer 0, mean over heads", color=False))
+    assert "text: abc│d世" in out and "layer 0, mean over heads" in out
+    rows = [line for line in out.splitlines() if line[:1].isdigit()]
+    assert rows[0].split()[:5] == ["3", "d", "0.62", "b", "1"] and rows[0].split()[5] == "0.70"
+    assert rows[1].split()[:5] == ["4", "世", "0.05", "b", "1"]  # keys start at keys_from
+    assert rows[1].split()[6:8] == ["d", "3"]  # equal weights: the more recent key first
+    assert "not why" in out
+
+
+def test_export_writes_a_valid_svg_and_an_html_page_with_the_prompt(tmp_path):
+    view = head_view(causal(6), "héllo!", title="layer 0, head 0", color=False)
+    export(view, tmp_path / "a.svg", width=80, title="tfcli")
+    root = ElementTree.parse(tmp_path / "a.svg").getroot()
+    assert root.tag.endswith("svg")
+    assert "layer" in "".join(root.itertext())
+    export(view, tmp_path / "a.html", width=80, title="tfcli")
+    page = (tmp_path / "a.html").read_text(encoding="utf-8")
+    assert "<html" in page and "layer 0, head 0" in page and "é" in page
+
+
+def test_generated_view_keeps_the_end_of_a_long_prompt_on_one_line():
+    prompt = "x" * 200 + "end"
+    steps = [GeneratedStep(203, "!", 0.5, 171, np.full(32, 1 / 32))]
+    out = render(generated_view(Generation(prompt + "!", 203, steps), [s.weights for s in steps], "all layers"))
+    first = out.splitlines()[0]
+    assert first.startswith("text: …x") and first.endswith("end│!") and cell_len(first) <= 80

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -234,12 +235,16 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt or ""
 
 
-def fit_prompt(vocab, prompt: str, unknown: str) -> str:
+def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
     """Apply the --unknown policy; error (default) names the characters the model never saw."""
     missing = vocab.unknown(prompt)
-    if not missing or unknown == "error":
-        vocab.encode(prompt) if missing else None
+    if not missing:
         return prompt
+    if unknown == "error":
+        try:
+            vocab.encode(prompt)
+        except UsageError as e:
+            raise UsageError(e.message + hint) from None
     from .corpus import show_char
     if unknown == "skip":
         stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in missing)}",
@@ -294,7 +299,7 @@ def sample(
                        presence_penalty, frequency_penalty, seed, num_samples, tuple(stop or ())).validate()
     text = read_prompt(prompt, prompt_file)
     model = load(model_path, device)
-    text = fit_prompt(model.vocab, text, unknown)
+    text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     if cfg.seed is None:
         cfg = with_overrides(cfg, seed=new_seed())
         stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
@@ -327,7 +332,113 @@ def stream_one(prompt: str, pieces) -> None:
 
 # -- inspect-attention -----------------------------------------------------------------------
 
-VIEWS = ("grid", "head", "focus")
+VIEWS = ("head", "grid", "focus", "summary", "lens", "generated")
+# Which views each option changes; giving one elsewhere is an error, not silently ignored.
+APPLIES = {"--layer": ("head", "grid", "focus", "summary", "generated"), "--head": ("head", "generated"),
+           "--at": ("focus", "lens"), "--aggregate": ("head", "generated"),
+           "--generate": ("generated",), "--seed": ("generated",),
+           "--range": ("head", "grid", "focus", "summary", "lens")}
+DEFAULT_GENERATE = 20
+
+
+def _pick_view(view: str | None, given: dict[str, object]) -> str:
+    """--view, or the view the other options imply; then check every given option applies to it."""
+    if view is None:
+        implied = [v for flag, v in (("--generate", "generated"), ("--at", "focus"), ("--head", "head"),
+                                     ("--aggregate", "head")) if given[flag] is not None]
+        view = implied[0] if implied else "grid"
+    if view not in VIEWS:
+        raise UsageError(f"--view must be one of {', '.join(VIEWS)}, got {view!r}")
+    for flag, value in given.items():
+        if value is not None and view not in APPLIES[flag]:
+            raise UsageError(f"{flag} does not apply to --view {view} (only to {' and '.join(APPLIES[flag])})")
+    return view
+
+
+def _index(i: int, n: int, flag: str) -> int:
+    if not -n <= i < n:
+        raise UsageError(f"{flag} {i} is out of range: there are {n} (0 to {n - 1})")
+    return i % n
+
+
+def _parse_range(spec: str, offset: int, total: int) -> tuple[int, int]:
+    """--range A:B (prompt positions, B excluded, negative counts from the end) as indices into the seen text."""
+    match = re.fullmatch(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*", spec)
+    if not match:
+        raise UsageError(f"--range must look like A:B (e.g. 10:40, :20, -30:), got {spec!r}")
+    end = offset + total
+    a, b = (None if g is None else int(g) + end * (int(g) < 0) for g in match.groups())
+    a, b = offset if a is None else a, end if b is None else b
+    if not offset <= a < b <= end:
+        seen = f"{offset} to {end - 1}" + (" (earlier ones are past the context)" if offset else "")
+        raise UsageError(f"--range {spec} selects no positions the model saw: it saw positions {seen}")
+    return a - offset, b - offset
+
+
+def _query(at: int | None, offset: int, n: int) -> int:
+    """--at (a prompt position, or negative from the end) as an index into the n characters shown."""
+    if at is None:
+        return n - 1
+    i = at - offset if at >= 0 else at + n
+    if not 0 <= i < n:
+        raise UsageError(f"--at {at} is out of range: the positions shown are {offset} to {offset + n - 1}")
+    return i
+
+
+def _check_export(path: Path | None) -> None:
+    from .render.attention_views import EXPORT_SUFFIXES
+
+    if path is None:
+        return
+    if path.suffix.lower() not in EXPORT_SUFFIXES:
+        raise UsageError(f"--export {path}: unknown suffix; use {', '.join(EXPORT_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--export {path}: no such directory {path.parent}")
+
+
+def _write_export(path: Path, renderable, record: dict, width: int) -> None:
+    from .render.attention_views import export
+
+    try:
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(record), encoding="utf-8")
+        else:
+            export(renderable, path, width=width, title=f"tfcli inspect-attention: {record['text'][:40]}")
+    except OSError as e:
+        raise UsageError(f"--export {path}: cannot write ({e.strerror or e})") from None
+    stderr.print(f"wrote {path}", style="dim", highlight=False, markup=False)
+
+
+def _summary_view(model, chars: str, weights, layers: list[int], color: bool, width: int):
+    from .inspect import THRESHOLD, probe_attention, score_heads
+    from .render.attention_views import summary_view
+
+    ids = model.vocab.encode(chars)
+    probe, probe_weights = probe_attention(model)
+    on_prompt = score_heads(weights[layers], ids, layers=layers)
+    on_probe = score_heads(probe_weights[layers], probe, layers=layers)
+    return summary_view(on_prompt, on_probe, chars, len(probe) // 2, THRESHOLD, color=color, max_width=width)
+
+
+def _generated_view(model, text: str, n: int, seed: int | None, layer: int | None, head: int | None,
+                    how: str | None, color: bool, width: int):
+    from .inspect import aggregate, generation_attention
+    from .render.attention_views import generated_view
+    from .sampling import new_seed
+
+    if n < 1:
+        raise UsageError(f"--generate must be at least 1, got {n}")
+    if seed is None:
+        seed = new_seed()
+        stderr.print(f"seed {seed}", style="dim", highlight=False)
+    gen = generation_attention(model, text, n, seed)
+    how = how or "mean"
+    layers = slice(None) if layer is None else slice(layer, layer + 1)
+    heads = slice(None) if head is None else slice(head, head + 1)
+    where = ("all layers" if layer is None else f"layer {layer}") + (
+        f", head {head}" if head is not None else f", {how} over heads")
+    weights = [aggregate(s.weights[layers, heads], how, (0, 1)) for s in gen.steps]
+    return gen, generated_view(gen, weights, where, color=color, max_width=width)
 
 
 @app.command("inspect-attention")
@@ -336,50 +447,81 @@ def inspect_attention(
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to look at ('-': read stdin)."),
     prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from a file ('-': stdin)."),
-    view: Optional[str] = typer.Option(None, help="grid (all heads of a layer), head (one head), focus (one query)."),
-    layer: Optional[int] = typer.Option(None, help="Layer to show (negative counts from the end) [default: last]."),
-    head: Optional[int] = typer.Option(None, help="Head to show (with --view head) [default: 0]."),
-    at: Optional[int] = typer.Option(None, help="Query position for --view focus [default: last]."),
+    view: Optional[str] = typer.Option(
+        None, help="head (one head), grid (every layer x head; default: the last layer's heads), focus (where "
+        "each head looks from one position), summary (each head's pattern), lens (logit lens), generated "
+        "(attention behind sampled text)."),
+    layer: Optional[int] = typer.Option(None, help="Layer to show (negative counts from the end) [default: last, "
+                                        "or all for grid, focus, summary, generated]."),
+    head: Optional[int] = typer.Option(None, help="Head to show (head, generated) [default: 0 / all]."),
+    at: Optional[int] = typer.Option(None, help="Position of the query for focus and lens [default: last]."),
+    generate_: Optional[int] = typer.Option(None, "--generate", help=f"Characters to sample for --view generated "
+                                            f"[default: {DEFAULT_GENERATE}]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for --generate [default: random, printed]."),
+    aggregate_: Optional[str] = typer.Option(None, "--aggregate", help="Combine a layer's heads: mean or max."),
+    range_: Optional[str] = typer.Option(None, "--range", help="Prompt positions A:B to show (B excluded)."),
+    export: Optional[Path] = typer.Option(None, help="Also write the view to FILE: .svg, .html, or .json "
+                                          "(the raw weights)."),
 ) -> None:
     """Show what the attention heads look at, as heatmaps in the terminal.
 
     Attention weights show where information can flow, not why the model predicts what it does:
     read them as a hint, not an explanation.
     """
-    from .inspect import attention
-    from .render import heatmap
+    from .inspect import aggregate, attention, logit_lens
+    from .render import attention_views, heatmap
 
-    view = view or ("head" if head is not None else "grid")
-    if view not in VIEWS:
-        raise UsageError(f"--view must be one of {', '.join(VIEWS)}, got {view!r}")
+    given = {"--layer": layer, "--head": head, "--at": at, "--aggregate": aggregate_, "--generate": generate_,
+             "--seed": seed, "--range": range_}
+    explicit, view = view, _pick_view(view, given)
+    if aggregate_ is not None and aggregate_ not in ("mean", "max"):
+        raise UsageError(f"--aggregate must be mean or max, got {aggregate_!r}")
+    _check_export(export)
     text = read_prompt(prompt, prompt_file)
     model = load(model_path)
     text = fit_prompt(model.vocab, text, "error")
     att = attention(model, text)
     L, H = att.weights.shape[:2]
-    if att.offset:
+    if att.offset and view != "generated":
         stderr.print(f"note: the prompt is longer than the context ({model.config.block_size}); "
                      f"showing its last {len(att.text)} characters", highlight=False)
-    li = _index(layer if layer is not None else -1, L, "--layer")
+    li = _index(layer, L, "--layer") if layer is not None else None
+    hi = _index(head, H, "--head") if head is not None else None
+    start, stop = _parse_range(range_, att.offset, len(att.text)) if range_ else (0, len(att.text))
+    chars, weights, offset = att.text[start:stop], att.weights[..., start:stop, start:stop], att.offset + start
+    layers = list(range(L)) if li is None else [li]
     color = stdout.color_system is not None and not stdout.no_color  # NO_COLOR: shades, not uniform blocks
     width = stdout.width
+    pos = _query(at, offset, len(chars))
     if view == "grid":
-        shown = att.weights[li:li + 1] if layer is not None or L > 1 else att.weights
-        out = heatmap.grid_view(shown, att.text, layer_labels=[li], color=color, max_width=width)
+        shown = layers if explicit == "grid" or li is not None else [L - 1]
+        out = heatmap.grid_view(weights[shown], chars, layer_labels=shown, color=color, max_width=width,
+                                offset=offset)
     elif view == "head":
-        hi = _index(head or 0, H, "--head")
-        out = heatmap.head_view(att.weights[li, hi], att.text, title=f"layer {li}, head {hi}", color=color,
-                                max_width=width, offset=att.offset)
+        layer_ = L - 1 if li is None else li
+        if aggregate_:
+            w, title = aggregate(weights[layer_], aggregate_, 0), f"layer {layer_}, {aggregate_} over {H} heads"
+        else:
+            w, title = weights[layer_, hi or 0], f"layer {layer_}, head {hi or 0}"
+        out = heatmap.head_view(w, chars, title=title, color=color, max_width=width, offset=offset)
+    elif view == "focus":
+        out = heatmap.focus_view(weights[layers], chars, pos, color=color, layer_labels=layers, offset=offset)
+    elif view == "summary":
+        out = _summary_view(model, chars, weights, layers, color, width)
+    elif view == "lens":
+        out = attention_views.lens_view(logit_lens(model, att.text, start + pos), att.text, offset=att.offset,
+                                        color=color)
     else:
-        pos = _index(at if at is not None else -1, len(att.text), "--at")
-        out = heatmap.focus_view(att.weights, att.text, pos, color=color)
+        gen, out = _generated_view(model, text, DEFAULT_GENERATE if generate_ is None else generate_, seed, li, hi,
+                                   aggregate_, color, width)
+        att = attention(model, gen.text)
+        chars, weights, offset = att.text, att.weights, att.offset
     stdout.print(out)
-
-
-def _index(i: int, n: int, flag: str) -> int:
-    if not -n <= i < n:
-        raise UsageError(f"{flag} {i} is out of range: there are {n} (0 to {n - 1})")
-    return i % n
+    if export is not None:
+        heads = list(range(H)) if hi is None else [hi]
+        record = {"text": chars, "offset": offset, "layers": layers, "heads": heads,
+                  "weights": weights[layers][:, heads].round(6).tolist()}
+        _write_export(export, out, record, width)
 
 
 # -- eval, info ------------------------------------------------------------------------------
@@ -441,6 +583,38 @@ def info(
     if s.get("step") is not None:
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
         stdout.print(f"  trained {s['step']} steps, {s.get('tokens', 0):,} tokens, {s.get('seconds', 0)} s{val}")
+
+
+@app.command()
+@handle_errors
+def bench(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the training step."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", help="Only these shapes: 0.8M, 4.8M, 10.7M."),
+    seconds: float = typer.Option(6.0, help="Timed seconds per training shape (after warm-up)."),
+) -> None:
+    """Training tokens/s and sampling chars/s at nanoGPT's three model shapes."""
+    from . import bench as b
+
+    unknown = [s for s in shape or [] if s not in b.SHAPES]
+    if unknown:
+        raise UsageError(f"unknown --shape {unknown[0]!r}; choose from {', '.join(b.SHAPES)}")
+    result = b.run(device, dtype, compile_, shape or None, seconds)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.table import Table
+    t = Table(title=f"tfcli bench: {result['device']}, {result['dtype']}"
+                    f"{', compiled' if compile_ else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)")
+    for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s"):
+        t.add_column(col, justify="right")
+    for name, r in result["train"].items():
+        sample_rate = result["sample"].get(name, {}).get("chars_per_s")
+        t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
+                  f"{r['peak_fraction']:.0%}", f"{sample_rate:,.0f}" if sample_rate else "–")
+    stdout.print(t)
 
 
 def run() -> None:

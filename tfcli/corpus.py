@@ -106,7 +106,7 @@ class Vocab:
             shown = " ".join(show_char(c) for c in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise UsageError(f"the model's vocabulary has no {shown}{more}; "
-                             "remove those characters (or use --unknown skip|replace)")
+                             "remove those characters")
         ids = np.searchsorted(self._table, _codepoints(text))
         return ids.astype(np.uint16 if len(self) <= 65535 else np.int32)
 

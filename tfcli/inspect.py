@@ -3,6 +3,11 @@
 Weights come from the model's explicit-softmax path, which tests hold equal to the
 fused attention used in training and sampling. A prompt longer than the context is
 cut to its last `block_size` characters, as the model would see it when sampling.
+
+Head patterns are scored like TransformerLens' head detector: a pattern names, for each
+query, the keys it would attend to; a head's score is its mean attention share on those
+keys, over the queries where the pattern is defined (query 0, which can only attend to
+itself, is never counted). Scores describe where attention goes, not what the head does.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ import torch
 
 from .errors import UsageError
 
+# Specific patterns first: a head matching one of them is labelled by it even if the
+# broad "local" pattern (which contains previous and current) scores higher.
+SPECIFIC = ("previous", "current", "first", "duplicate", "induction")
+PATTERNS = (*SPECIFIC, "local")
+LOCAL_WINDOW = 4  # keys q-3..q
+THRESHOLD = 0.4
+DIFFUSE_ENTROPY = 0.8  # mean normalised entropy at which a head counts as spread over everything
+
 
 @dataclass(frozen=True)
 class Attention:
@@ -23,13 +36,186 @@ class Attention:
     logits: np.ndarray  # (query, vocab): the model's next-character logits at each position
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _ids(model, text: str) -> torch.Tensor:
+    return torch.as_tensor(model.vocab.encode(text).astype(np.int64))[None].to(_device(model))
+
+
 def attention(model, text: str) -> Attention:
     """Attention weights of every head for `text` (its last block_size characters)."""
     if not text:
         raise UsageError("the prompt is empty: attention needs at least one character")
-    T = model.config.block_size
-    offset = max(0, len(text) - T)
+    offset = max(0, len(text) - model.config.block_size)
     seen = text[offset:]
-    ids = torch.as_tensor(model.vocab.encode(seen).astype(np.int64))[None].to(next(model.parameters()).device)
-    logits, weights = model.attention(ids)
+    logits, weights = model.attention(_ids(model, seen))
     return Attention(seen, weights[0].float().cpu().numpy(), offset, logits[0].cpu().numpy())
+
+
+# -- head patterns ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HeadPattern:
+    layer: int
+    head: int
+    scores: dict[str, float]  # pattern -> mean attention share on its targets (nan: never defined)
+    entropy: float  # mean row entropy / log(keys available): 0 = one key, 1 = uniform
+    label: str  # a pattern name, "diffuse" or "mixed"
+
+
+def pattern_targets(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """For each pattern, a (query, key) boolean array of the keys it attends to."""
+    ids = np.asarray(ids)
+    T = len(ids)
+    q, k = np.indices((T, T))
+    past = k < q
+    same = ids[:, None] == ids[None, :]
+    after_same = np.zeros((T, T), dtype=bool)  # key k follows an earlier copy of the query's char
+    after_same[:, 1:] = same[:, :-1]
+    targets = {
+        "previous": k == q - 1,
+        "current": k == q,
+        "first": k == 0,
+        "duplicate": past & same,
+        "induction": past & after_same,
+        "local": (k <= q) & (k > q - LOCAL_WINDOW),
+    }
+    targets = {name: t & (q > 0) for name, t in targets.items()}  # query 0 has no choice
+    return targets
+
+
+def _entropy(w: np.ndarray) -> float:
+    """Mean normalised entropy of rows 1.. of a (T, T) causal attention matrix."""
+    T = w.shape[-1]
+    if T < 2:
+        return float("nan")
+    p = np.clip(w[1:], 1e-12, 1.0)
+    h = -(w[1:] * np.log(p)).sum(-1)
+    return float(np.mean(h / np.log(np.arange(2, T + 1))))
+
+
+def _label(scores: dict[str, float], entropy: float, threshold: float) -> str:
+    specific = {n: s for n, s in scores.items() if n in SPECIFIC and np.isfinite(s)}
+    best = max(specific, key=lambda n: specific[n], default=None)  # ties: earlier in SPECIFIC wins
+    if best is not None and specific[best] >= threshold:
+        return best
+    if entropy >= DIFFUSE_ENTROPY:
+        return "diffuse"
+    if scores.get("local", 0.0) >= threshold:
+        return "local"
+    return "mixed"
+
+
+def score_heads(weights: np.ndarray, ids: np.ndarray, threshold: float = THRESHOLD,
+                layers: list[int] | None = None) -> list[HeadPattern]:
+    """Score every head of `weights` (layer, head, query, key) against each pattern for token `ids`."""
+    w = np.asarray(weights, dtype=float)
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2] or w.shape[-1] != len(ids):
+        raise ValueError(f"weights shape {w.shape} does not match (L, H, T, T) with T == {len(ids)}")
+    labels = list(range(w.shape[0])) if layers is None else list(layers)
+    targets = pattern_targets(ids)
+    out = []
+    for li, layer in enumerate(labels):
+        for h in range(w.shape[1]):
+            scores = {}
+            for name, t in targets.items():
+                rows = t.any(-1)
+                scores[name] = float((w[li, h] * t).sum(-1)[rows].mean()) if rows.any() else float("nan")
+            entropy = _entropy(w[li, h])
+            out.append(HeadPattern(layer, h, scores, entropy, _label(scores, entropy, threshold)))
+    return out
+
+
+def probe_ids(vocab_size: int, block_size: int, seed: int = 0) -> np.ndarray:
+    """A random string of ~block_size/2 - 1 ids, repeated twice: the second copy rewards induction."""
+    n = max(1, block_size // 2 - 1)
+    rng = np.random.default_rng(seed)
+    half = rng.choice(vocab_size, size=n, replace=n > vocab_size)
+    return np.concatenate([half, half])
+
+
+def probe_attention(model, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the probe and the model's attention on it, (layer, head, T, T)."""
+    ids = probe_ids(model.config.vocab_size, model.config.block_size, seed)
+    _, weights = model.attention(torch.as_tensor(ids, dtype=torch.int64, device=_device(model))[None])
+    return ids, weights[0].float().cpu().numpy()
+
+
+# -- logit lens ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lens:
+    at: int  # query index into the text the model saw
+    stages: list[str]  # "embed", then "L0".. : the residual stream after each block
+    top: list[list[tuple[str, float]]]  # per stage, the k likeliest next characters and their probabilities
+    actual: str | None  # the character that follows `at` in the prompt, if any
+    actual_p: list[float]  # per stage, the probability given to `actual` (empty if none)
+
+
+@torch.no_grad()
+def logit_lens(model, text: str, at: int, k: int = 5) -> Lens:
+    """Next-character guesses at query `at` read off the residual stream after each block."""
+    states = model.hidden_states(_ids(model, text))
+    vocab = model.vocab.chars
+    stages = ["embed", *(f"L{i}" for i in range(len(states) - 1))]
+    actual = text[at + 1] if at + 1 < len(text) else None
+    top, actual_p = [], []
+    for x in states:
+        probs = model.logits_from_hidden(x[0, at]).softmax(-1).cpu().numpy()
+        order = np.argsort(-probs, kind="stable")[:k]
+        top.append([(vocab[i], float(probs[i])) for i in order])
+        if actual is not None:
+            actual_p.append(float(probs[vocab.index(actual)]))
+    return Lens(at, stages, top, actual, actual_p)
+
+
+# -- attention behind generated text ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class GeneratedStep:
+    index: int  # position of the generated character in `Generation.text`
+    char: str
+    p: float  # the model's probability for it (before temperature)
+    keys_from: int  # position of the first key the query could see (the context is a window)
+    weights: np.ndarray  # (layer, head, keys): attention of the query that predicted `char`
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # prompt + generated characters
+    start: int  # position of the first generated character
+    steps: list[GeneratedStep]
+
+
+def generation_attention(model, prompt: str, n: int, seed: int) -> Generation:
+    """Sample `n` characters after `prompt`; for each, the attention of the query that produced it.
+
+    The character at position j was sampled from the logits of query j-1, which saw the
+    last block_size characters before j; each window is re-run with the explicit-softmax path.
+    """
+    from .config import SampleConfig
+    from .sampling import generate
+
+    if not prompt:
+        raise UsageError("the prompt is empty: --generate continues a prompt of at least one character")
+    cfg = SampleConfig(max_new_tokens=n, seed=seed, temperature=0.8).validate()
+    text = prompt + "".join(parts[0] for parts in generate(model, model.vocab, prompt, cfg))
+    T = model.config.block_size
+    steps = []
+    for j in range(len(prompt), len(text)):
+        s = max(0, j - T)
+        logits, weights = model.attention(_ids(model, text[s:j]))
+        p = float(logits[0, -1].softmax(-1)[model.vocab.chars.index(text[j])])
+        steps.append(GeneratedStep(j, text[j], p, s, weights[0, :, :, -1].float().cpu().numpy()))
+    return Generation(text, len(prompt), steps)
+
+
+def aggregate(weights: np.ndarray, how: str, axis: int | tuple[int, ...]) -> np.ndarray:
+    """Mean or max of attention weights over heads (and layers); max rows no longer sum to 1."""
+    if how == "mean":
+        return np.asarray(weights).mean(axis=axis)
+    if how == "max":
+        return np.asarray(weights).max(axis=axis)
+    raise UsageError(f"--aggregate must be mean or max, got {how!r}")

@@ -178,6 +178,7 @@ def grid_view(
     layer_labels: list[int] | None = None,
     color: bool = True,
     max_width: int = 80,
+    offset: int = 0,
 ) -> RenderableType:
     """Every layer x head as a small heatmap labelled ``L{l} H{h}``, one shared scale and legend."""
     w = _check(weights, chars, 4)
@@ -202,7 +203,7 @@ def grid_view(
                 parts += ([" " * _GAP] if k else []) + [panel[r]]
             lines.append(_line(*parts))
     if n < total:
-        lines.append(_window_note(start, total, 0, total))
+        lines.append(_window_note(start, total, offset, total))
     lines.append(legend(vmax, color=color))
     return Group(*lines)
 
@@ -230,22 +231,27 @@ def focus_view(
     top: int = 5,
     color: bool = True,
     layer_labels: list[int] | None = None,
+    offset: int = 0,
 ) -> RenderableType:
-    """For query position ``at``: each layer/head's top-``top`` attended keys as ranked bars."""
+    """For query index ``at``: each layer/head's top-``top`` attended keys as ranked bars.
+
+    ``offset`` is the position of ``chars[0]`` in the prompt; labels show prompt positions.
+    """
     w = _check(weights, chars, 4)
     total = len(chars)
     if not -total <= at < total:
         raise ValueError(f"position {at} out of range for {total} characters")
     at %= total
     labels = list(range(w.shape[0])) if layer_labels is None else list(layer_labels)
-    digits = len(str(total - 1))
+    digits = len(str(offset + total - 1))
     bold = "bold" if color else ""
-    lines = [_line(Text(f"attention from position {at} {visible(chars[at])}", style=bold))]
+    lines = [_line(Text(f"attention from position {offset + at} {visible(chars[at])}", style=bold))]
     for li, layer in enumerate(labels):
         for h in range(w.shape[1]):
             row = w[li, h, at]
             lines.append(_line(Text(f"L{layer} H{h}", style=bold)))
             for pos in _ranked(row, at, max(top, 1)):
                 glyph = _header_glyph(chars[pos])
-                lines.append(_line(f"  {glyph} {pos:>{digits}} ", _bar(row[pos], color), f" {row[pos]:.2f}"))
+                label = f"  {glyph} {offset + pos:>{digits}} "
+                lines.append(_line(label, _bar(row[pos], color), f" {row[pos]:.2f}"))
     return Group(*lines)

@@ -1,0 +1,152 @@
+"""Views of attention analyses: head-pattern tables, the logit lens, and generated text.
+
+Built like ``heatmap``'s views: ``no_wrap`` Text lines of fixed width, characters drawn in
+2-cell columns (so wide CJK glyphs align), ``color=False`` emits no styles at all.
+``export`` writes any of these renderables (or a heatmap) as an SVG or HTML document.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.cells import cell_len
+from rich.console import Console, Group, RenderableType
+from rich.text import Text
+
+from ..inspect import DIFFUSE_ENTROPY, LOCAL_WINDOW, PATTERNS, Generation, HeadPattern, Lens
+from .heatmap import _fit, _header_glyph, _line, _rgb, visible
+
+_SHORT = {"previous": "prev", "current": "cur", "first": "first", "duplicate": "dup", "induction": "ind",
+          "local": "local"}
+MEANINGS = (
+    "previous: the char before   current: itself   first: position 0 (a sink)",
+    f"duplicate: earlier copies of the same char   local: the last {LOCAL_WINDOW} chars",
+    "induction: the char after an earlier copy of this one (see the probe)",
+    "entropy: 0 = one key, 1 = spread evenly   mixed: none of these",
+)
+
+
+def _note(s: str, color: bool, max_width: int = 80) -> Text:
+    return _line(Text(_fit(s, max_width), style="dim" if color else ""))
+
+
+def _tail(s: str, width: int) -> str:
+    """The end of ``s`` in at most ``width`` cells, an ellipsis marking a cut (long prompts: the end matters)."""
+    if cell_len(s) <= width:
+        return s
+    kept = ""
+    for c in reversed(s):
+        if cell_len(c + kept) > width - 1:
+            break
+        kept = c + kept
+    return "…" + kept
+
+
+def _num(x: float) -> str:
+    return "  –  " if not math.isfinite(x) else f"{x:5.2f}"
+
+
+def _pattern_table(patterns: list[HeadPattern], title: str, color: bool, max_width: int) -> list[Text]:
+    bold = "bold" if color else ""
+    head_w = max(len(f"L{p.layer} H{p.head}") for p in patterns)
+    cols = "".join(f"{_SHORT[n]:>6}" for n in PATTERNS) + f"{'entropy':>8}"
+    lines = [_line(Text(_fit(title, max_width), style=bold)),
+             _line(f"{'':{head_w}}  {'label':<9}{cols}")]
+    previous_layer = patterns[0].layer
+    for p in patterns:
+        if p.layer != previous_layer:
+            lines.append(_line(""))
+            previous_layer = p.layer
+        row = _line(f"{f'L{p.layer} H{p.head}':<{head_w}}  ", Text(f"{p.label:<9}", style=bold))
+        for name in PATTERNS:
+            picked = name == p.label and color
+            row.append(f" {_num(p.scores[name])}", style="bold reverse" if picked else "")
+        row.append(f"   {_num(p.entropy)}", style="bold reverse" if p.label == "diffuse" and color else "")
+        lines.append(row)
+    return lines
+
+
+def summary_view(on_prompt: list[HeadPattern], on_probe: list[HeadPattern], prompt: str, probe_len: int,
+                 threshold: float, *, color: bool = True, max_width: int = 80) -> RenderableType:
+    """Each head's label and pattern scores, on the prompt and on the repeated random probe."""
+    shown = "".join(visible(c) for c in prompt)
+    lines = [_note("head patterns: a score is the mean share of attention on the pattern's keys;", False, max_width),
+             _note(f"label = the best score ≥ {threshold:.2f}, else diffuse (entropy ≥ {DIFFUSE_ENTROPY:.2f}), "
+                   "local or mixed", False, max_width), _line("")]
+    lines += _pattern_table(on_prompt, f"on the prompt: {shown}", color, max_width)
+    lines += [_line("")]
+    lines += _pattern_table(on_probe, f"on the probe: {probe_len} random characters, then the same again",
+                            color, max_width)
+    lines += [_line(""), *(_note(m, color, max_width) for m in MEANINGS)]
+    return Group(*lines)
+
+
+def lens_view(lens: Lens, chars: str, *, offset: int = 0, color: bool = True) -> RenderableType:
+    """Per stage of the residual stream, the likeliest next characters (the logit lens)."""
+    bold = "bold" if color else ""
+    title = f"logit lens at position {offset + lens.at} {visible(chars[lens.at])}"
+    if lens.actual is not None:
+        title += f" (next in the prompt: {visible(lens.actual)})"
+    stage_w = max(len(s) for s in lens.stages)
+    k = len(lens.top[0])
+    lines = [_line(Text(title, style=bold)),
+             _line(f"{'':{stage_w}}  {'likeliest next characters':<{9 * k}}"
+                   + (f"p({visible(lens.actual)})" if lens.actual is not None else ""))]
+    for i, (stage, top) in enumerate(zip(lens.stages, lens.top)):
+        row = _line(f"{stage:<{stage_w}}  ")
+        for c, p in top:
+            row.append(Text(_header_glyph(c), style=bold if c == lens.actual else ""))
+            row.append(Text(f"{p:5.2f}  ", style=_rgb(p) if color else ""))
+        if lens.actual_p:
+            row.append(f"{lens.actual_p[i]:5.2f}")
+        lines.append(row)
+    lines.append(_note("embed: the embedding alone; Ln: after block n (the last row is the output)", color))
+    return Group(*lines)
+
+
+def generated_view(gen: Generation, weights: list[np.ndarray], what: str, *, color: bool = True,
+                   max_width: int = 80) -> RenderableType:
+    """For each generated character, the earlier characters its query attended to most.
+
+    ``weights[i]`` is step i's attention over its keys, already aggregated over heads/layers.
+    """
+    bold = "bold" if color else ""
+    prompt, made = gen.text[:gen.start], gen.text[gen.start:]
+    made = "│" + "".join(visible(c) for c in made)
+    head = Text("text: ", no_wrap=True)
+    head.append(_tail("".join(visible(c) for c in prompt), max_width - 6 - cell_len(made)), style=bold)
+    head.append(made)
+    digits = len(str(len(gen.text) - 1))
+    item = 2 + 1 + digits + 1 + 4 + 2  # glyph, position, weight, gap
+    prefix = digits + 2 + 2 + 6 + 2
+    top = max(1, min(5, (max_width - prefix) // item))
+    lines = [_line(head), _line(_fit(f"attention that produced each character ({what})", max_width)),
+             _line(f"{'pos':>{digits}}  ch     p  most-attended earlier characters (position, weight)")]
+    for step, w in zip(gen.steps, weights):
+        row = _line(f"{step.index:>{digits}}  ", Text(_header_glyph(step.char), style=bold), f" {step.p:5.2f}  ")
+        order = np.argsort(-w[::-1], kind="stable")[:top]  # ties: the more recent key first
+        for r in order:
+            pos = step.keys_from + len(w) - 1 - int(r)
+            weight = float(w[len(w) - 1 - int(r)])
+            row.append(_header_glyph(gen.text[pos]) + f" {pos:>{digits}} ")
+            row.append(Text(f"{weight:4.2f}", style=_rgb(weight) if color else ""))
+            row.append("  ")
+        lines.append(row)
+    lines.append(_note("p: the model's probability for it, before temperature. Where it looked, not why.",
+                       color, max_width))
+    return Group(*lines)
+
+
+EXPORT_SUFFIXES = (".svg", ".html", ".json")
+
+
+def export(renderable: RenderableType, path: Path, *, width: int, title: str) -> None:
+    """Write ``renderable`` as an SVG or HTML document, drawn as a ``width``-column terminal."""
+    console = Console(record=True, width=width, file=io.StringIO(), color_system="truecolor",
+                      force_terminal=True, legacy_windows=False)
+    console.print(renderable)
+    text = console.export_svg(title=title) if path.suffix.lower() == ".svg" else console.export_html()
+    path.write_text(text, encoding="utf-8")
