@@ -268,6 +268,20 @@ def test_sample_json_has_the_documented_keys(model):
         assert r["prompt"] == "gina" and r["seed"] == 3 and len(r["text"]) == 30
 
 
+def test_json_logprobs_align_with_the_text_even_after_a_stop(model):
+    record = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json",
+                           "--logprobs", "--stop", "\n").stdout)
+    assert len(record["logprobs"]) == len(record["text"]) > 0
+    assert all(lp <= 0 for lp in record["logprobs"])
+
+
+def test_color_by_prob_prints_a_legend_and_the_same_text(model):
+    plain = ok("sample", "-m", model, "-p", "anna", "-n", "40", "--seed", "5").stdout
+    coloured = ok("sample", "-m", model, "-p", "anna", "-n", "40", "--seed", "5", "--color-by-prob")
+    assert coloured.stdout == plain
+    assert "probability" in coloured.stderr
+
+
 def test_stop_string_cuts_the_sample_and_is_not_printed(model):
     full = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json").stdout)["text"]
     assert "\n" in full

@@ -190,3 +190,11 @@ def test_stop_matcher_output_is_the_text_up_to_the_first_stop(pieces, stops):
     text = "".join(pieces)
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     assert out == (text[:min(hits)] if hits else text)
+
+
+def test_repeat_last_n_zero_turns_the_penalties_off():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    history = torch.tensor([[0, 1, 3]])
+    cfg = SampleConfig(repeat_penalty=2.0, presence_penalty=1.0, repeat_last_n=0)
+    assert torch.equal(filter_logits(logits, cfg, history), logits)
+    assert not torch.equal(filter_logits(logits, SampleConfig(repeat_penalty=2.0), history), logits)

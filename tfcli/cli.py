@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -134,25 +135,25 @@ def _parse_time(time_: str | None) -> float | None:
 @handle_errors
 def train(
     corpus: list[Path] = typer.Argument(..., help="Text files, or directories of text files, to train on.",
-                                        show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory [default: runs/<corpus name>]."),
+                                        metavar="CORPUS", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory \\[default: runs/<corpus name>]."),
     val: Optional[list[Path]] = typer.Option(None, "--val", help="Validate on this file instead of the last 10%."),
     val_fraction: float = typer.Option(0.1, help="Share of the text held out for validation."),
-    time_: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget: 300, 90s, 5m, 1h30m [default: 5m]."),
+    time_: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget: 300, 90s, 5m, 1h30m \\[default: 5m]."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} (auto: by device and --time)."),
     n_layer: Optional[int] = typer.Option(None, help="Transformer blocks."),
     n_head: Optional[int] = typer.Option(None, help="Attention heads per block."),
     n_embd: Optional[int] = typer.Option(None, help="Width of the residual stream."),
     block_size: Optional[int] = typer.Option(None, help="Context length in characters."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout rate [default: 0]."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout rate \\[default: 0]."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per step."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: int = typer.Option(1337, help="Random seed (initialisation and batches)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16 (autocast precision)."),
     compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
-    eval_interval: Optional[float] = typer.Option(None, help="Seconds between validations [default: 30]."),
+    eval_interval: Optional[float] = typer.Option(None, help="Seconds between validations \\[default: 30]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to the budget now given."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files."),
     errors: str = typer.Option("strict", help="On undecodable bytes: strict (refuse) or replace."),
@@ -276,22 +277,24 @@ def sample(
     top_p: Optional[float] = typer.Option(None, help="Keep the smallest set with this much probability."),
     min_p: Optional[float] = typer.Option(None, help="Drop characters below min-p times the top probability."),
     repeat_penalty: float = typer.Option(1.0, help="Penalise characters seen in the last --repeat-last-n."),
-    repeat_last_n: int = typer.Option(64, help="How far back the penalties look."),
+    repeat_last_n: int = typer.Option(64, help="How far back the penalties look (0: penalties off)."),
     presence_penalty: float = typer.Option(0.0, help="Subtract once from every recently seen character."),
     frequency_penalty: float = typer.Option(0.0, help="Subtract per recent occurrence."),
-    seed: Optional[int] = typer.Option(None, help="Random seed [default: random, printed]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed \\[default: random, printed]."),
     num_samples: int = typer.Option(1, help="Samples to generate, as one batch."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop at this string (repeatable; not printed)."),
     unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip or replace."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print characters as they come."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
+    logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
+    color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
 ) -> None:
     """Generate text from a trained model.
 
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
-    from .sampling import generate, new_seed
+    from .sampling import generate_pieces, new_seed
 
     if unknown not in ("error", "skip", "replace"):
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
@@ -303,29 +306,82 @@ def sample(
     if cfg.seed is None:
         cfg = with_overrides(cfg, seed=new_seed())
         stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
-    steps = generate(model, model.vocab, text, cfg)
+    pieces = generate_pieces(model, model.vocab, text, cfg)
+    if color_by_prob and not as_json:
+        stderr.print(prob_legend(), highlight=False)
+    if cfg.num_samples == 1 and stream and not as_json:
+        stream_one(text, pieces, color_by_prob)
+        return
+    outs = collect(pieces, cfg.num_samples)
     if as_json:
-        outs = ["".join(parts) for parts in zip(*steps)] if cfg.max_new_tokens else [""] * cfg.num_samples
-        settings = {k: v for k, v in cfg.__dict__.items()}
-        for out in outs:
-            print(json.dumps({"prompt": text, "text": out, "seed": cfg.seed, "settings": settings}))
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+        for out, lps in outs:
+            record = {"prompt": text, "text": out, "seed": cfg.seed, "settings": settings}
+            print(json.dumps(record | ({"logprobs": lps} if logprobs else {})))
         return
-    if cfg.num_samples == 1 and stream:
-        stream_one(text, (parts[0] for parts in steps))
-        return
-    outs = ["".join(parts) for parts in zip(*steps)] if cfg.max_new_tokens else [""] * cfg.num_samples
-    for i, out in enumerate(outs):
+    for i, (out, lps) in enumerate(outs):
         if cfg.num_samples > 1:
             stdout.rule(f"sample {i + 1}/{cfg.num_samples}", style="dim")
-        stdout.print(text, style="bold", end="", markup=False, soft_wrap=True)
-        stdout.print(out, markup=False, soft_wrap=True)
+        stdout.print(text, style="bold", end="", markup=False)
+        stdout.print(styled(out, lps) if color_by_prob else out, markup=False)
 
 
-def stream_one(prompt: str, pieces) -> None:
-    stdout.print(prompt, style="bold", end="", markup=False, soft_wrap=True)
+class _Aligned:
+    """Pairs shown text with the log-probs of its characters (stop matching delays and drops text)."""
+
+    def __init__(self):
+        self.pending: list[float] = []
+        self.text, self.logprobs = "", []
+
+    def add(self, shown: str, char: str, logprob: float) -> list[float]:
+        if char:
+            self.pending.append(logprob)
+        lps, self.pending = self.pending[:len(shown)], self.pending[len(shown):]
+        self.text += shown
+        self.logprobs += lps
+        return lps
+
+
+def collect(pieces, n: int) -> list[tuple[str, list[float]]]:
+    rows = [_Aligned() for _ in range(n)]
     for piece in pieces:
-        if piece:
-            stdout.print(piece, end="", markup=False, soft_wrap=True)
+        for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs):
+            row.add(shown, char, lp)
+    return [(r.text, r.logprobs) for r in rows]
+
+
+PROB_STYLES = ((0.1, "red"), (0.3, "dark_orange"), (0.6, "yellow"), (0.9, "green"), (1.01, "bright_green"))
+
+
+def prob_style(logprob: float) -> str:
+    p = math.exp(logprob)
+    return next(style for bound, style in PROB_STYLES if p < bound)
+
+
+def prob_legend():
+    from rich.text import Text
+    legend = Text("probability: ")
+    for (lo, _), (hi, style) in zip(((0.0, ""), *PROB_STYLES[:-1]), PROB_STYLES):
+        legend.append(f"{lo:.1f}–{min(hi, 1.0):.1f} ", style=style)
+    return legend
+
+
+def styled(text: str, logprobs: list[float]):
+    from rich.text import Text
+    out = Text()
+    for ch, lp in zip(text, logprobs):
+        out.append(ch, style=prob_style(lp))
+    return out
+
+
+def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
+    stdout.print(prompt, style="bold", end="", markup=False)
+    row = _Aligned()
+    for piece in pieces:
+        lps = row.add(piece.texts[0], piece.chars[0], piece.logprobs[0])
+        if piece.texts[0]:
+            shown = piece.texts[0]
+            stdout.print(styled(shown, lps) if color_by_prob else shown, end="", markup=False)
             stdout.file.flush()
     stdout.print()
 
@@ -451,13 +507,13 @@ def inspect_attention(
         None, help="head (one head), grid (every layer x head; default: the last layer's heads), focus (where "
         "each head looks from one position), summary (each head's pattern), lens (logit lens), generated "
         "(attention behind sampled text)."),
-    layer: Optional[int] = typer.Option(None, help="Layer to show (negative counts from the end) [default: last, "
+    layer: Optional[int] = typer.Option(None, help="Layer to show (negative counts from the end) \\[default: last, "
                                         "or all for grid, focus, summary, generated]."),
-    head: Optional[int] = typer.Option(None, help="Head to show (head, generated) [default: 0 / all]."),
-    at: Optional[int] = typer.Option(None, help="Position of the query for focus and lens [default: last]."),
+    head: Optional[int] = typer.Option(None, help="Head to show (head, generated) \\[default: 0 / all]."),
+    at: Optional[int] = typer.Option(None, help="Position of the query for focus and lens \\[default: last]."),
     generate_: Optional[int] = typer.Option(None, "--generate", help=f"Characters to sample for --view generated "
                                             f"[default: {DEFAULT_GENERATE}]."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for --generate [default: random, printed]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for --generate \\[default: random, printed]."),
     aggregate_: Optional[str] = typer.Option(None, "--aggregate", help="Combine a layer's heads: mean or max."),
     range_: Optional[str] = typer.Option(None, "--range", help="Prompt positions A:B to show (B excluded)."),
     export: Optional[Path] = typer.Option(None, help="Also write the view to FILE: .svg, .html, or .json "

@@ -40,18 +40,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-class KVCache(nn.Module):
-    """Keys and values of one layer, allocated once, written as a ring of `size` slots.
+class KVCache:
+    """Keys and values of every layer, allocated once, written as a ring of block_size slots.
 
-    Position p lives in slot p % size. Keys are stored already rotated, and rotary
+    Position p lives in slot p % block_size. Keys are stored already rotated, and rotary
     attention depends only on relative position, so the order of slots is irrelevant.
+    Everything a decode step indexes (rotary angles, masks, slot numbers) is made here
+    once, so the step itself allocates nothing but its activations.
     """
 
-    def __init__(self, batch: int, n_head: int, size: int, head_dim: int, device, dtype):
-        super().__init__()
-        shape = (batch, n_head, size, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+    def __init__(self, cfg: ModelConfig, batch: int, device, dtype):
+        T = cfg.block_size
+        shape = (cfg.n_layer, batch, cfg.n_head, T, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.masks = torch.ones(T, T, dtype=torch.bool, device=device).tril().view(T, 1, 1, 1, T)
+        self.slots = torch.arange(T, device=device)
+        self.head_dim, self.size = cfg.head_dim, T
+        self.cos, self.sin = rope_angles(torch.arange(4 * T, device=device), cfg.head_dim)
+
+    def step(self, pos: int):
+        """cos, sin, slot and attention mask (None once the ring is full) for position `pos`."""
+        if pos >= self.cos.size(0):  # generation ran long: extend the angle table, doubling
+            self.cos, self.sin = rope_angles(torch.arange(2 * pos, device=self.k.device), self.head_dim)
+        slot = pos % self.size
+        mask = self.masks[pos] if pos < self.size else None
+        return self.cos[pos:pos + 1], self.sin[pos:pos + 1], self.slots[slot:slot + 1], mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,20 +97,20 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.scale)
         return self._out(y), weights
 
-    def prefill(self, x, cos, sin, cache: KVCache):
+    def prefill(self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """Causal attention over a prompt that starts at position 0, filling the cache."""
         q, k, v = self._qkv(x, cos, sin)
         T = x.size(1)
-        cache.k[:, :, :T] = k
-        cache.v[:, :, :T] = v
+        k_cache[:, :, :T] = k
+        v_cache[:, :, :T] = v
         return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale))
 
-    def decode(self, x, cos, sin, cache: KVCache, slot: torch.Tensor, mask: torch.Tensor):
+    def decode(self, x, cos, sin, k_cache, v_cache, slot: torch.Tensor, mask: torch.Tensor | None):
         """One new position per sequence: write its key/value to `slot`, attend over valid slots."""
         q, k, v = self._qkv(x, cos, sin)
-        cache.k.index_copy_(2, slot, k)
-        cache.v.index_copy_(2, slot, v)
-        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, scale=self.scale)
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v)
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.scale)
         return self._out(y)
 
     def _out(self, y):
@@ -187,29 +201,24 @@ class GPT(nn.Module):
 
     # -- KV-cached inference ------------------------------------------------------------
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> list[KVCache]:
-        cfg, p = self.config, self.head.weight
-        return [KVCache(batch, cfg.n_head, cfg.block_size, cfg.head_dim, p.device, dtype or p.dtype)
-                for _ in range(cfg.n_layer)]
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.head.weight
+        return KVCache(self.config, batch, p.device, dtype or p.dtype)
 
-    def prefill(self, idx: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """Logits of the last position of a prompt (at most block_size long), filling caches."""
+    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits of the last position of a prompt (at most block_size long), filling the cache."""
         T = idx.size(1)
         x = self.wte(idx)
-        for block, cache in zip(self.blocks, caches):
-            x = x + block.attn.prefill(rms_norm(x), self.cos[:T], self.sin[:T], cache)
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn.prefill(rms_norm(x), self.cos[:T], self.sin[:T], cache.k[i], cache.v[i])
             x = x + block.mlp(rms_norm(x))
         return self.head(rms_norm(x[:, -1:])).float()[:, 0]
 
-    def decode(self, idx: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
+    def decode(self, idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) for one new token per sequence at absolute position `pos`."""
-        size = self.config.block_size
-        device = idx.device
-        cos, sin = rope_angles(torch.tensor([pos], device=device), self.config.head_dim)
-        slot = torch.tensor([pos % size], device=device)
-        mask = (torch.arange(size, device=device) <= pos).view(1, 1, 1, size)
+        cos, sin, slot, mask = cache.step(pos)
         x = self.wte(idx.view(-1, 1))
-        for block, cache in zip(self.blocks, caches):
-            x = x + block.attn.decode(rms_norm(x), cos, sin, cache, slot, mask)
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn.decode(rms_norm(x), cos, sin, cache.k[i], cache.v[i], slot, mask)
             x = x + block.mlp(rms_norm(x))
         return self.head(rms_norm(x)).float()[:, 0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +21,8 @@ from .corpus import Vocab
 def filter_logits(logits: torch.Tensor, cfg: SampleConfig, history: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, V) after penalties and truncation; removed tokens get -inf. Temperature not applied."""
     logits = logits.float().clone()
-    if history is not None and history.numel() and _has_penalties(cfg):
-        logits = apply_penalties(logits, history[:, -cfg.repeat_last_n:] if cfg.repeat_last_n > 0 else history, cfg)
+    if history is not None and history.numel() and cfg.repeat_last_n > 0 and _has_penalties(cfg):
+        logits = apply_penalties(logits, history[:, -cfg.repeat_last_n:], cfg)
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -93,32 +94,49 @@ class StopMatcher:
         return out
 
 
-@torch.no_grad()
-def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[list[str]]:
-    """Yields, per step, the new text of each sample ("" once a sample has hit a stop string).
+@dataclass(frozen=True)
+class Piece:
+    """One step of generation, for every sample in the batch."""
 
-    `cfg.seed` must be set (the caller chooses and reports a random one), so that the
-    same seed and settings reproduce the same text.
-    """
+    texts: list[str]  # text now safe to show ("" while held back for a possible stop string, or once stopped)
+    chars: list[str]  # the character just sampled
+    logprobs: list[float]  # its log-probability under the model, before penalties, filters and temperature
+
+
+@torch.inference_mode()
+def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[Piece]:
+    """Prefill the prompt's last block_size characters, then one cached decode step per character."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
     B, T = cfg.num_samples, model.config.block_size
     context = prompt or ("\n" if "\n" in vocab.chars else vocab.chars[0])
     ids = torch.as_tensor(vocab.encode(context[-T:]).astype("int64"), device=device).repeat(B, 1)
-    caches = model.new_cache(B)
-    logits = model.prefill(ids, caches)
-    pos = ids.size(1)
-    history = ids
+    cache = model.new_cache(B)
+    logits = model.prefill(ids, cache)
+    pos, keep = ids.size(1), max(cfg.repeat_last_n, 1)
+    history = ids[:, -keep:]
     matchers = [StopMatcher(cfg.stop) for _ in range(B)]
     for _ in range(cfg.max_new_tokens):
         nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, gen)
-        history = torch.cat([history[:, -max(cfg.repeat_last_n, 1):], nxt[:, None]], dim=1)
-        yield [m.feed(vocab.chars[i]) for m, i in zip(matchers, nxt.tolist())]
+        logprobs = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].tolist()
+        history = torch.cat([history[:, 1 - keep:] if keep > 1 else history[:, :0], nxt[:, None]], dim=1)
+        chars = [vocab.chars[i] for i in nxt.tolist()]
+        yield Piece([m.feed(c) for m, c in zip(matchers, chars)], chars, logprobs)
         if all(m.done for m in matchers):
             return
-        logits = model.decode(nxt, pos, caches)
+        logits = model.decode(nxt, pos, cache)
         pos += 1
     tail = [m.flush() for m in matchers]
     if any(tail):
-        yield tail
+        yield Piece(tail, [""] * B, [0.0] * B)
+
+
+def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[list[str]]:
+    """Yields, per step, the new text of each sample ("" once a sample has hit a stop string).
+
+    `cfg.seed` should be set (the caller chooses and reports a random one), so that the
+    same seed and settings reproduce the same text.
+    """
+    for piece in generate_pieces(model, vocab, prompt, cfg):
+        yield piece.texts
