@@ -59,9 +59,10 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    if temperature == 0:
+    if temperature < 1e-5:  # 0 is greedy; below float32's reach, sampling is greedy in the limit too
         return logits.argmax(-1)
-    probs = (logits / temperature).softmax(-1)
+    scaled = (logits - logits.max(-1, keepdim=True).values) / temperature  # max first: no inf/inf at tiny T
+    probs = scaled.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
