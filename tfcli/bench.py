@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelConfig, SampleConfig
 from .corpus import Vocab
-from .device import autocast, pick_device, pick_dtype
+from .device import autocast, pick_device, pick_dtype, should_compile
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import generate
@@ -38,6 +38,7 @@ SHAPES = {
     "10.7M": Shape(6, 6, 384, 256, 16),
 }
 VOCAB = 65
+DEFAULT_TRAIN_SECONDS = 300.0  # bench measures what a default `tfcli train` (5 minutes) runs
 
 
 def flops_per_token(model: GPT) -> float:
@@ -104,10 +105,11 @@ def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3) -> dic
     return {"chars_per_s": statistics.median(rates)}
 
 
-def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool = False,
+def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | None = None,
         shapes: list[str] | None = None, seconds: float = 6.0) -> dict:
     device = pick_device(device_name)
     dtype = pick_dtype(device, dtype_name)
+    compile = should_compile(device, compile, seconds=DEFAULT_TRAIN_SECONDS)
     peak = peak_gflops(device, dtype)
     result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "compile": compile,
               "peak_gflops": peak, "train": {}, "sample": {}}

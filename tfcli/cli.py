@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import signal
@@ -22,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .config import PRESET_NAMES, SampleConfig, TrainConfig, parse_duration, with_overrides
+from .config import DEFAULT_CPU_TIME, PRESET_NAMES, SampleConfig, TrainConfig, parse_duration, with_overrides
 from .errors import INTERRUPTED, TfcliError, UsageError
 
 app = typer.Typer(name="tfcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -152,8 +151,10 @@ def train(
     seed: int = typer.Option(1337, help="Random seed (initialisation and batches)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16 (autocast precision)."),
-    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the model \\[default: where a compiler is found]."),
     eval_interval: Optional[float] = typer.Option(None, help="Seconds between validations \\[default: 30]."),
+    optimizer: Optional[str] = typer.Option(None, help="muon (Muon for hidden matrices + AdamW) or adamw."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to the budget now given."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files."),
     errors: str = typer.Option("strict", help="On undecodable bytes: strict (refuse) or replace."),
@@ -162,7 +163,7 @@ def train(
     started_at = time.monotonic() - process_age()
     budget = _parse_time(time_)
     if budget is None and max_steps is None:
-        budget = parse_duration("5m")
+        budget = DEFAULT_CPU_TIME
     if errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
     from . import checkpoint as ckpt
@@ -196,7 +197,8 @@ def train(
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
     train_cfg = with_overrides(base_train, batch_size=batch_size, lr=lr, eval_interval=eval_interval)
-    train_cfg = with_overrides(train_cfg, seed=seed, device=device, dtype=dtype, compile=compile_)
+    train_cfg = with_overrides(train_cfg, seed=seed, device=device, dtype=dtype, compile=compile_,
+                               optimizer=optimizer)
     train_cfg = TrainConfig(**{**train_cfg.to_dict(), "max_steps": max_steps, "time_budget": budget}).validate()
 
     from .render.progress import LiveProgress, PlainProgress
@@ -294,7 +296,8 @@ def sample(
 
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
-    from .sampling import generate_pieces, new_seed
+    from .render.sample import prob_legend, styled
+    from .sampling import collect, generate_pieces, new_seed
 
     if unknown not in ("error", "skip", "replace"):
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
@@ -326,57 +329,12 @@ def sample(
         stdout.print(styled(out, lps) if color_by_prob else out, markup=False)
 
 
-class _Aligned:
-    """Pairs shown text with the log-probs of its characters (stop matching delays and drops text)."""
-
-    def __init__(self):
-        self.pending: list[float] = []
-        self.text, self.logprobs = "", []
-
-    def add(self, shown: str, char: str, logprob: float) -> list[float]:
-        if char:
-            self.pending.append(logprob)
-        lps, self.pending = self.pending[:len(shown)], self.pending[len(shown):]
-        self.text += shown
-        self.logprobs += lps
-        return lps
-
-
-def collect(pieces, n: int) -> list[tuple[str, list[float]]]:
-    rows = [_Aligned() for _ in range(n)]
-    for piece in pieces:
-        for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs):
-            row.add(shown, char, lp)
-    return [(r.text, r.logprobs) for r in rows]
-
-
-PROB_STYLES = ((0.1, "red"), (0.3, "dark_orange"), (0.6, "yellow"), (0.9, "green"), (1.01, "bright_green"))
-
-
-def prob_style(logprob: float) -> str:
-    p = math.exp(logprob)
-    return next(style for bound, style in PROB_STYLES if p < bound)
-
-
-def prob_legend():
-    from rich.text import Text
-    legend = Text("probability: ")
-    for (lo, _), (hi, style) in zip(((0.0, ""), *PROB_STYLES[:-1]), PROB_STYLES):
-        legend.append(f"{lo:.1f}–{min(hi, 1.0):.1f} ", style=style)
-    return legend
-
-
-def styled(text: str, logprobs: list[float]):
-    from rich.text import Text
-    out = Text()
-    for ch, lp in zip(text, logprobs):
-        out.append(ch, style=prob_style(lp))
-    return out
-
-
 def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
+    from .render.sample import styled
+    from .sampling import Aligned
+
     stdout.print(prompt, style="bold", end="", markup=False)
-    row = _Aligned()
+    row = Aligned()
     for piece in pieces:
         lps = row.add(piece.texts[0], piece.chars[0], piece.logprobs[0])
         if piece.texts[0]:
@@ -647,7 +605,8 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    compile_: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the training step."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the training step \\[default: as train does]."),
     shape: Optional[list[str]] = typer.Option(None, "--shape", help="Only these shapes: 0.8M, 4.8M, 10.7M."),
     seconds: float = typer.Option(6.0, help="Timed seconds per training shape (after warm-up)."),
 ) -> None:
@@ -663,7 +622,7 @@ def bench(
         return
     from rich.table import Table
     t = Table(title=f"tfcli bench: {result['device']}, {result['dtype']}"
-                    f"{', compiled' if compile_ else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)")
+                    f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)")
     for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s"):
         t.add_column(col, justify="right")
     for name, r in result["train"].items():

@@ -53,7 +53,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # final lr as a share of lr, reached at the end of cooldown
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     cooldown: float = 0.4  # last share of the run (steps or time) spent decaying lr linearly
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -65,8 +65,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False
-    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    compile: bool | None = None  # None: when a compiler is present (see device.should_compile)
+    optimizer: str = "muon"  # muon (Muon for hidden matrices, AdamW for the rest) | adamw
 
     def validate(self) -> TrainConfig:
         if self.batch_size <= 0:
@@ -91,12 +91,12 @@ class TrainConfig:
 # and time budget (see `resolve_preset`). Sizes are nanoGPT-like so figures compare.
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, lr=3e-3),
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=3e-3),
-    "medium": dict(n_layer=6, n_head=4, n_embd=256, block_size=128, batch_size=32, lr=2e-3),
-    "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, lr=1e-3),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=6e-3),
+    "medium": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=32, lr=1e-2),
+    "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, lr=3e-3),
 }
 PRESET_NAMES = ("auto", *PRESETS)
-DEFAULT_CPU_TIME = 300.0  # a run with neither --time nor --max-steps gets this budget
+DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this budget
 
 
 def resolve_preset(name: str, device: str, time_budget: float | None) -> dict:

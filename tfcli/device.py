@@ -64,6 +64,21 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+COMPILE_WORTH_S = 60.0  # a cold compile costs ~20-40 s on 2 CPU cores; shorter runs lose by it
+COMPILE_WORTH_STEPS = 2000
+
+
+def should_compile(device: torch.device, asked: bool | None, seconds: float | None = None,
+                   steps: int | None = None) -> bool:
+    """torch.compile when asked, or by default for runs long enough to repay it, where it works."""
+    works = device.type == "cuda" or (device.type == "cpu" and can_compile())
+    if asked is not None:
+        return asked and works
+    long_enough = (seconds is not None and seconds >= COMPILE_WORTH_S) or \
+        (seconds is None and steps is not None and steps >= COMPILE_WORTH_STEPS)
+    return works and long_enough
+
+
 def can_compile() -> bool:
     """torch.compile on CPU needs a C++ compiler for its generated kernels."""
     return shutil.which("g++") is not None or shutil.which("c++") is not None or shutil.which("clang++") is not None

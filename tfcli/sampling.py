@@ -141,3 +141,27 @@ def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[li
     """
     for piece in generate_pieces(model, vocab, prompt, cfg):
         yield piece.texts
+
+
+class Aligned:
+    """Pairs shown text with the log-probs of its characters (stop matching delays and drops text)."""
+
+    def __init__(self):
+        self.pending: list[float] = []
+        self.text, self.logprobs = "", []
+
+    def add(self, shown: str, char: str, logprob: float) -> list[float]:
+        if char:
+            self.pending.append(logprob)
+        lps, self.pending = self.pending[:len(shown)], self.pending[len(shown):]
+        self.text += shown
+        self.logprobs += lps
+        return lps
+
+
+def collect(pieces, n: int) -> list[tuple[str, list[float]]]:
+    rows = [Aligned() for _ in range(n)]
+    for piece in pieces:
+        for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs):
+            row.add(shown, char, lp)
+    return [(r.text, r.logprobs) for r in rows]

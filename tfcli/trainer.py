@@ -24,7 +24,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
-from .device import autocast, can_compile, pick_device, pick_dtype
+from .device import autocast, pick_device, pick_dtype, should_compile
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
 from .model import GPT
@@ -48,6 +48,7 @@ class Start:
     val_chars: int
     vocab_size: int
     start_step: int
+    compiled: bool
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,10 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     val_ids = corpus.val[: cfg.eval_tokens + 1] if len(corpus.val) >= 2 else None
     if val_ids is None:
         on_event(Notice("no validation text (too short); training without validation"))
+    compiled = should_compile(device, cfg.compile, cfg.time_budget, cfg.max_steps)
+    step_fn = torch.compile(model) if compiled else model
     on_event(Start(run_dir, model.num_params(), model_cfg, cfg, str(device), str(dtype).replace("torch.", ""),
-                   len(corpus.train), len(corpus.val), len(corpus.vocab), run.step))
-    step_fn = torch.compile(model) if cfg.compile and can_compile() else model
+                   len(corpus.train), len(corpus.val), len(corpus.vocab), run.step, compiled))
 
     def save(reason: str) -> None:
         summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),

@@ -44,7 +44,8 @@ def describe_start(e: Start) -> str:
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
     return (f"model: {fmt_count(e.n_params)} params ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"context {m.block_size}), batch {e.train.batch_size}, lr {e.train.lr:g}\n"
-            f"device: {e.device} ({e.dtype}); {budget}{resumed}; writing {e.run_dir}")
+            f"device: {e.device} ({e.dtype}{', compiled' if e.compiled else ''}, {e.train.optimizer}); "
+            f"{budget}{resumed}; writing {e.run_dir}")
 
 
 def eta(progress: float, elapsed: float) -> float | None:
