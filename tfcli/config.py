@@ -92,7 +92,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, lr=3e-3),
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=6e-3),
-    "medium": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=32, lr=1e-2),
+    "medium": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=16, lr=1e-2),
     "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, lr=3e-3),
 }
 PRESET_NAMES = ("auto", *PRESETS)
