@@ -50,7 +50,8 @@ def wait_for_steps(proc: subprocess.Popen, metrics: Path, timeout: float = 60.0)
 def test_signal_during_training_saves_and_says_how_to_resume(corpus, tmp_path, signum, code):
     out = tmp_path / "run"
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
-        proc = subprocess.Popen(tfcli("train", corpus, "--preset", "tiny", "--time", "60", "--no-compile", "--out", out),
+        args = ("train", corpus, "--preset", "tiny", "--time", "60", "--no-compile", "--out", out)
+        proc = subprocess.Popen(tfcli(*args),
                                 stdout=so, stderr=se, env=ENV, cwd=tmp_path)
         try:
             wait_for_steps(proc, out / "metrics.jsonl")

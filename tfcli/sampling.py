@@ -80,10 +80,10 @@ class StopMatcher:
         if self.done:
             return ""
         self.buffer += text
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        hits = [(i + len(s), i) for s in self.stops if (i := self.buffer.find(s)) >= 0]
+        if hits:  # the stop completed first wins, as it would have one character at a time
             self.done = True
-            out, self.buffer = self.buffer[:min(hits)], ""
+            out, self.buffer = self.buffer[:min(hits)[1]], ""
             return out
         keep = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
         out = self.buffer[:len(self.buffer) - keep]
