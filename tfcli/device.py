@@ -64,7 +64,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-COMPILE_WORTH_S = 60.0  # a cold compile costs ~20-40 s on 2 CPU cores; shorter runs lose by it
+COMPILE_WORTH_S = 180.0  # a cold compile costs ~25 s on 2 CPU cores (measured); shorter runs lose by it
 COMPILE_WORTH_STEPS = 2000
 
 
