@@ -124,6 +124,7 @@ class LiveProgress:
             if self.step is not None:
                 self.step = replace(self.step, step=e.step, progress=1.0)
             self.live.update(self.render(), refresh=True)
+            self.live.stop()  # the summary line goes under the final panel, not above it
             self.console.print(describe_done(e), highlight=False)
 
     def render(self):
