@@ -213,13 +213,13 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
         ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)
         ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
 
-    def validate(train_loss: float) -> None:
+    def validate(train_loss: float, reason: str = "running") -> None:
         val = evaluate(model, val_ids, dtype=dtype).loss if val_ids is not None else None
         best = val is not None and (run.best_val is None or val < run.best_val)
         run.last_val = val
         if best:
             run.best_val = val
-        save("running")
+        save(reason)
         if best:
             ckpt.save_model(run_dir / ckpt.BEST_FILE, model, corpus.vocab, {"step": run.step, "val_loss": val})
         ckpt.append_metrics(run_dir, {"step": run.step, "val_loss": val, "train_loss": train_loss,
@@ -278,8 +278,7 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
         if should_stop():
             reason = "interrupted"
             break
-    validate(window_loss / window_n if window_n else train_loss)
-    save(reason)
+    validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
     done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason)
     on_event(done)
     return done
