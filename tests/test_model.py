@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import make_model
 
+import tfcli.model as model_module
 from tfcli.config import ModelConfig
 from tfcli.corpus import Vocab
 from tfcli.model import GPT, rms_norm, rope_angles
@@ -59,13 +60,32 @@ def test_changing_a_future_character_leaves_earlier_logits_unchanged():
 
 
 @torch.no_grad()
-def test_explicit_attention_path_matches_the_fused_one():
+def test_explicit_attention_path_matches_the_fused_one(monkeypatch):
     model = make_model(VOCAB, n_head=4)
     ids = random_ids(2, 16)
+    monkeypatch.setattr(model_module, "EXPLICIT_MAX_T", 0)  # the fused kernel, as on GPUs and long contexts
     fused, _ = model(ids)
     explicit, weights = model.attention(ids)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
     assert weights.shape == (2, 2, 4, 16, 16)  # (B, layer, head, query, key)
+
+
+def test_cpu_training_path_gives_the_fused_paths_loss_and_gradients(monkeypatch):
+    model = make_model(VOCAB, n_head=4)
+    for p in model.parameters():  # zero-init projections would hide attention from the gradients
+        torch.nn.init.normal_(p, std=0.3)
+    ids, targets = random_ids(3, 16), random_ids(3, 16, seed=2)
+    results = []
+    for limit in (0, 256):
+        monkeypatch.setattr(model_module, "EXPLICIT_MAX_T", limit)
+        model.zero_grad()
+        _, loss = model(ids, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fused_loss, fused_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, fused_loss, atol=1e-6, rtol=0)
+    for g, fg in zip(grads, fused_grads):
+        torch.testing.assert_close(g, fg, atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 ROPE_BASE = 10_000.0
+EXPLICIT_MAX_T = 256  # CPU training: spelled-out attention up to this context, fused beyond
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -85,17 +86,26 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, need_weights: bool = False):
         q, k, v = self._qkv(x, cos, sin)
-        weights = None
-        if need_weights:
-            T = x.size(1)
-            scores = (q @ k.transpose(-2, -1)) * self.scale
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            weights = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
-            y = weights.to(v.dtype) @ v
-        else:
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.scale)
-        return self._out(y), weights
+        if need_weights or (x.device.type == "cpu" and x.size(1) <= EXPLICIT_MAX_T):
+            y, weights = self._explicit(q, k, v)
+            return self._out(y), weights if need_weights else None
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.scale)
+        return self._out(y), None
+
+    def _explicit(self, q, k, v):
+        """Softmax attention spelled out, with its weights (fp32).
+
+        Also the CPU training path for short contexts: PyTorch's fused CPU attention has a
+        slow backward, and at T <= 256 these small matmuls plus one fused softmax train a
+        step 1.3x faster (0.8M and 4.8M shapes, bf16, compiled; `tfcli bench`).
+        """
+        T = q.size(-2)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        weights = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
+        dropped = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
+        return dropped.to(v.dtype) @ v, weights
 
     def prefill(self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """Causal attention over a prompt that starts at position 0, filling the cache."""

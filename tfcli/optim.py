@@ -8,6 +8,9 @@ the two share one learning rate, so `--lr` means the same thing for both.
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+
 import torch
 
 from .config import TrainConfig
@@ -47,6 +50,62 @@ class Optimizers:
         return [p for g in self.param_groups for p in g["params"]]
 
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of the modded-nanogpt speedrun
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """An approximately orthogonal matrix with g's singular vectors, for a stack (n, rows, cols) in bf16.
+
+    The iteration pushes every singular value towards 1 (into roughly [0.7, 1.2]), which is
+    all Muon needs; it runs on the wide orientation, where the Gram matrix is smaller.
+    """
+    a, b, c = NS_COEFFICIENTS
+    tall = g.size(-2) > g.size(-1)
+    x = g.bfloat16()
+    x = x.mT if tall else x
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then an orthogonalised update, for hidden matrices.
+
+    Same maths as torch.optim.Muon with adjust_lr_fn="match_rms_adamw" (the update's RMS
+    matches AdamW's, so one --lr serves both optimizers), but matrices of equal shape are
+    orthogonalised as one batch: torch's version goes one matrix at a time, and on a CPU
+    with small matrices those calls were 44% of a 0.8M-parameter step.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, u in enumerate(updates):
+            by_shape[tuple(u.shape)].append(i)
+        lr = group["lr"]
+        for shape, idx in by_shape.items():
+            ps = [params[i] for i in idx]
+            ortho = newton_schulz(torch.stack([updates[i] for i in idx]), group["ns_steps"]).float()
+            if group["weight_decay"]:
+                torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(ps, list(ortho.unbind(0)), alpha=-lr * 0.2 * math.sqrt(max(shape)))
+
+
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and name.startswith("blocks.")
 
@@ -58,7 +117,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
     other = [p for n, p in named if not is_hidden_matrix(n, p)]
     if cfg.optimizer == "muon":
-        muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+        muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay)
         adam = torch.optim.AdamW(other, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
         return Optimizers(muon, adam)
     groups = [{"params": hidden, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from tfcli.config import ModelConfig, TrainConfig
+from tfcli.model import GPT
+from tfcli.optim import Muon, is_hidden_matrix, make_optimizer, newton_schulz
+
+SHAPES = [(16, 48), (16, 16), (64, 16), (16, 64), (16, 48)]  # wide, square, tall; repeats batch together
+
+
+def params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def test_newton_schulz_flattens_the_singular_values_of_every_matrix_in_the_stack():
+    g = torch.randn(3, 16, 40) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]  # scale must not matter
+    s = torch.linalg.svdvals(newton_schulz(g).float())
+    assert s.shape == (3, 16)
+    assert 0.6 < s.min() and s.max() < 1.25
+
+
+def test_newton_schulz_keeps_tall_matrices_tall_and_their_singular_vectors():
+    g = torch.randn(2, 40, 16)
+    o = newton_schulz(g).float()
+    assert o.shape == g.shape
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    aligned = torch.einsum("nij,nij->n", o, u @ vh) / (u @ vh).norm(dim=(-2, -1)) / o.norm(dim=(-2, -1))
+    assert (aligned > 0.98).all()  # o ≈ U S' Vᵀ with S' near 1: nearly parallel to U Vᵀ
+
+
+def test_batched_muon_takes_the_same_steps_as_torch_muon():
+    ours, theirs = params(), params()
+    a = Muon(ours, lr=0.02, weight_decay=0.1)
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert all("momentum_buffer" in a.state[p] for p in ours)
+
+
+def test_muon_skips_parameters_without_gradients():
+    ps = params()
+    before = [p.detach().clone() for p in ps]
+    ps[0].grad = torch.ones_like(ps[0])
+    Muon(ps, lr=0.1).step()
+    assert not torch.equal(ps[0], before[0])
+    assert all(torch.equal(p, b) for p, b in zip(ps[1:], before[1:]))
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_every_parameter_is_optimized_once(optimizer):
+    model = GPT(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    ids = sorted(id(p) for p in opt.params())
+    assert ids == sorted(id(p) for p in model.parameters())
+    if optimizer == "muon":
+        muon = opt.optimizers[0]
+        hidden = {id(p) for n, p in model.named_parameters() if is_hidden_matrix(n, p)}
+        assert {id(p) for g in muon.param_groups for p in g["params"]} == hidden
+        assert not any(is_hidden_matrix(n, p) for n, p in model.named_parameters() if n in ("wte.weight", "head.weight"))
