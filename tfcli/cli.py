@@ -67,6 +67,10 @@ def stop_writing_stdout() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """A second SIGTERM: stop at once, like a second Ctrl-C, but exit 143 as a shell expects."""
+
+
 def handle_errors(fn):
     """One line and an exit code for every failure a user can cause; a traceback only with --debug."""
     @functools.wraps(fn)
@@ -77,6 +81,8 @@ def handle_errors(fn):
             raise
         except TfcliError as e:
             fail(e.message, e.exit_code)
+        except Terminated:
+            fail("terminated", 128 + signal.SIGTERM)
         except KeyboardInterrupt:
             fail("interrupted", INTERRUPTED)
         except BrokenPipeError:
@@ -112,8 +118,8 @@ class StopFlag:
         return self.signum is not None
 
     def handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
+        if self.signum is not None:  # the exit code names the second signal, as a shell would
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signum = signum
         stderr.print("\nstopping after this step (press Ctrl-C again to quit at once)…", highlight=False)
 
@@ -284,13 +290,17 @@ def sample(
     frequency_penalty: float = typer.Option(0.0, help="Subtract per recent occurrence."),
     seed: Optional[int] = typer.Option(None, help="Random seed \\[default: random, printed]."),
     num_samples: int = typer.Option(1, help="Samples to generate, as one batch."),
-    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop at this string (repeatable; not printed)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop",
+                                             help="Stop at this string (repeatable; not printed; with -i: kept)."),
     unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip or replace."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print characters as they come."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
+    interactive: bool = typer.Option(False, "--interactive", "-i",
+                                     help="Keep going: type text to add, the model continues after each line; "
+                                     "/help lists the commands (/temp, /top, /undo...)."),
 ) -> None:
     """Generate text from a trained model.
 
@@ -301,6 +311,8 @@ def sample(
 
     if unknown not in ("error", "skip", "replace"):
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
+    if interactive:
+        check_interactive(num_samples, as_json, stream, prompt, prompt_file)
     cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed, num_samples, tuple(stop or ())).validate()
     text = read_prompt(prompt, prompt_file)
@@ -309,9 +321,12 @@ def sample(
     if cfg.seed is None:
         cfg = with_overrides(cfg, seed=new_seed())
         stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
-    pieces = generate_pieces(model, model.vocab, text, cfg)
     if color_by_prob and not as_json:
         stderr.print(prob_legend(), highlight=False)
+    if interactive:
+        run_interactive(model, cfg, text, unknown, color_by_prob)
+        return
+    pieces = generate_pieces(model, model.vocab, text, cfg)
     if cfg.num_samples == 1 and stream and not as_json:
         stream_one(text, pieces, color_by_prob)
         return
@@ -342,6 +357,66 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
             stdout.print(styled(shown, lps) if color_by_prob else shown, end="", markup=False)
             stdout.file.flush()
     stdout.print()
+
+
+def check_interactive(num_samples: int, as_json: bool, stream: bool, prompt: str | None,
+                      prompt_file: Path | None) -> None:
+    """--interactive streams one text and reads your lines from stdin: refuse what cannot go with that."""
+    clash = [flag for flag, given in (("--num-samples", num_samples != 1), ("--json", as_json),
+                                      ("--no-stream", not stream)) if given]
+    if clash:
+        raise UsageError(f"--interactive streams one text; drop {clash[0]}")
+    if prompt == "-" or str(prompt_file) == "-":
+        raise UsageError("--interactive reads your lines from stdin; give the prompt with --prompt TEXT "
+                         "or --prompt-file FILE")
+
+
+class ReplOutput:
+    """Where an interactive session's writes go. The text goes to stdout, and the lines typed are echoed
+    there only when stdin or stdout is not the terminal (on a terminal you see them as you type), so a
+    piped run prints the whole text; remarks go to stderr. On a terminal every remark, listing and prompt
+    starts on a line of its own."""
+
+    def __init__(self, color_by_prob: bool):
+        self.screen = stdout.is_terminal and sys.stdin.isatty()
+        self.color_by_prob, self.at_line_start = color_by_prob, True
+
+    def __call__(self, kind: str, text: str, logprob: float | None = None) -> None:
+        from .render.sample import prob_style
+
+        if kind in ("info", "error"):
+            self.new_line(self.screen)
+            stderr.print(Text.assemble(("error:", "bold red"), " ", text.replace("\n", " ")) if kind == "error"
+                         else Text(text, style="dim"), soft_wrap=True)
+            return
+        if kind == "typed" and self.screen:
+            self.at_line_start = True  # the terminal shows the line, and Enter left the cursor on the next
+            return
+        if kind == "listing":
+            self.new_line(True)
+        style = "bold" if kind in ("prompt", "typed") else prob_style(logprob) if (
+            kind == "generated" and self.color_by_prob and logprob is not None) else ""
+        stdout.print(text, style=style, end="", markup=False)
+        stdout.file.flush()
+        self.at_line_start = text.endswith("\n")
+
+    def new_line(self, needed: bool) -> None:
+        if needed and not self.at_line_start:
+            stdout.print()
+            self.at_line_start = True
+
+
+def run_interactive(model, cfg: SampleConfig, prompt: str, unknown: str, color_by_prob: bool) -> None:
+    """The REPL: one session over the loaded model, fed stdin's lines; EOF, /quit or Ctrl-C at the prompt end it."""
+    from .repl import Session, read_lines
+
+    out = ReplOutput(color_by_prob)
+    fit = functools.partial(fit_prompt, model.vocab, unknown=unknown, hint=" (or start with --unknown skip|replace)")
+    session = Session(model, cfg, out, prompt, seed=cfg.seed, fit=fit)
+    if out.screen:
+        stderr.print("type text to continue it, /help for commands, Ctrl-D to quit", style="dim", highlight=False)
+    session.run(read_lines("> " if out.screen else "", before=lambda: out.new_line(out.screen)))
+    out.new_line(True)
 
 
 # -- inspect-attention -----------------------------------------------------------------------

@@ -61,9 +61,13 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     if temperature < 1e-5:  # 0 is greedy; below float32's reach, sampling is greedy in the limit too
         return logits.argmax(-1)
+    return torch.multinomial(tempered(logits, temperature), 1, generator=generator)[:, 0]
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The probabilities (B, V) that sampling at this (non-zero) temperature draws from."""
     scaled = (logits - logits.max(-1, keepdim=True).values) / temperature  # max first: no inf/inf at tiny T
-    probs = scaled.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return scaled.softmax(-1)
 
 
 def new_seed() -> int:
@@ -95,6 +99,12 @@ class StopMatcher:
         return out
 
 
+def context_ids(vocab: Vocab, prompt: str, block_size: int, device) -> torch.Tensor:
+    """The prompt's last block_size characters as ids (1, T); an empty prompt starts from a newline."""
+    context = prompt or ("\n" if "\n" in vocab.chars else vocab.chars[0])
+    return torch.as_tensor(vocab.encode(context[-block_size:]).astype("int64"), device=device)[None]
+
+
 @dataclass(frozen=True)
 class Piece:
     """One step of generation, for every sample in the batch."""
@@ -111,8 +121,7 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iter
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
     B, T = cfg.num_samples, model.config.block_size
-    context = prompt or ("\n" if "\n" in vocab.chars else vocab.chars[0])
-    ids = torch.as_tensor(vocab.encode(context[-T:]).astype("int64"), device=device).repeat(B, 1)
+    ids = context_ids(vocab, prompt, T, device).repeat(B, 1)
     cache = model.new_cache(B)
     logits = model.prefill(ids, cache)
     pos, keep = ids.size(1), max(cfg.repeat_last_n, 1)
@@ -131,6 +140,22 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iter
     tail = [m.flush() for m in matchers]
     if any(tail):
         yield Piece(tail, [""] * B, [0.0] * B)
+
+
+@torch.inference_mode()
+def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities (V,) of the character after `text`: the model's own, and the ones sampling with
+    `cfg` draws from (after penalties, filters and temperature; one-hot when greedy). The context is
+    the one `generate_pieces` would start from, so the two agree on the first character."""
+    model.eval()
+    ids = context_ids(vocab, text, model.config.block_size, next(model.parameters()).device)
+    logits = model.prefill(ids, model.new_cache(1))
+    filtered = filter_logits(logits, cfg, ids[:, -max(cfg.repeat_last_n, 1):])
+    if cfg.temperature < 1e-5:
+        sampled = torch.nn.functional.one_hot(filtered.argmax(-1), filtered.size(-1)).float()
+    else:
+        sampled = tempered(filtered, cfg.temperature)
+    return logits.softmax(-1)[0], sampled[0]
 
 
 def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[list[str]]:
