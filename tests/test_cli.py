@@ -565,3 +565,7 @@ def test_no_color_on_a_terminal_still_shades_the_heatmap(model):
     assert "anna␣bob" in out
     assert "38;" not in out and "48;" not in out  # no colour codes
     assert any(shade in out for shade in "░▒▓")  # without colour the weights are drawn as shades
+
+
+def test_attention_help_says_weights_are_not_an_explanation():
+    assert "not an explanation" in " ".join(ok("inspect-attention", "--help").stdout.split())

@@ -49,6 +49,12 @@ def test_long_prompt_is_cut_to_the_last_block_size_characters(model):
     np.testing.assert_array_equal(got.weights, attention(model, text[-8:]).weights)
 
 
+def test_prompt_as_long_as_the_context_is_shown_whole(model):
+    text = "or not t"  # block_size 8
+    got = attention(model, text)
+    assert got.text == text and got.offset == 0 and got.weights.shape == (2, 4, 8, 8)
+
+
 def test_empty_prompt_is_a_usage_error(model):
     with pytest.raises(UsageError, match="prompt is empty"):
         attention(model, "")

@@ -1,5 +1,6 @@
 import io
 import re
+from html.parser import HTMLParser
 from xml.etree import ElementTree
 
 import numpy as np
@@ -252,3 +253,108 @@ def test_generated_view_keeps_the_end_of_a_long_prompt_on_one_line():
     out = render(generated_view(Generation(prompt + "!", 203, steps), [s.weights for s in steps], "all layers"))
     first = out.splitlines()[0]
     assert first.startswith("text: …x") and first.endswith("end│!") and cell_len(first) <= 80
+
+
+# -- content on a fixed-width console, alignment, valid exports --------------------------------
+
+MIXED = "a中😀\u0301\x01 é\tＡz"  # narrow, CJK, emoji, a bare combining mark, a control char, fullwidth
+
+
+def test_grid_panels_draw_each_heads_weights_where_they_are():
+    t = 6
+    w = np.zeros((1, 2, t, t))
+    w[0, 0] = np.eye(t)  # head 0: each query on itself
+    w[0, 1, :, 0] = 1.0  # head 1: every query on the first key
+    lines = render(grid_view(w, "abcdef", color=False)).splitlines()
+    assert lines[0] == "text: abcdef" and lines[1].split() == ["L0", "H0", "L0", "H1"]
+    width = max(t, len("L0 H0"))  # a panel is as wide as its keys or its label; then a 2-column gap
+    for i, row in enumerate(lines[2:2 + t]):
+        current, first = row[:t], row[width + 2:width + 2 + t]
+        assert current == " " * i + "█" + MASKED * (t - 1 - i), row
+        assert first == "█" + " " * i + MASKED * (t - 1 - i), row
+
+
+def test_head_view_columns_stay_aligned_with_wide_combining_and_control_characters():
+    out = render(head_view(causal(len(MIXED)), MIXED, color=False))
+    header, rows = body(out, len(MIXED))
+    assert len({cell_len(row) for row in rows}) == 1 and cell_len(header) == cell_len(rows[0])
+    glyphs = [visible(c) for c in MIXED]
+    assert [row.split()[1] for row in rows] == glyphs
+    label = cell_len(rows[0]) - 2 * len(MIXED)
+    starts, i = [], 0
+    for g in glyphs:  # the terminal column each header glyph starts at
+        i = header.index(g, i)
+        starts.append(cell_len(header[:i]))
+        i += len(g)
+    assert starts == [label + 2 * j for j in range(len(MIXED))], header
+
+
+def test_focus_view_bars_stay_aligned_with_wide_combining_and_control_characters():
+    t = len(MIXED)
+    out = render(focus_view(stack(1, 1, t), MIXED, t - 1, top=t, color=False))
+    rows = [line for line in out.splitlines() if line.startswith("  ")]
+    assert sorted(row.split()[0] for row in rows) == sorted(visible(c) for c in MIXED)
+    assert len({cell_len(row) for row in rows}) == 1
+    bar_starts = {cell_len(re.match(r"  \S+ +\d+ ", row)[0]) for row in rows}  # after "  glyph position "
+    assert len(bar_starts) == 1, out
+
+
+class StrictHTML(HTMLParser):
+    """Fails on a closing tag that does not close the innermost open element; collects the text."""
+
+    VOID = {"meta", "link", "br", "img", "hr", "input"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.open: list[str] = []
+        self.seen: list[str] = []
+        self.text = ""
+        self.doctype = ""
+
+    def handle_decl(self, decl):
+        self.doctype = decl
+
+    def handle_starttag(self, tag, attrs):
+        self.seen.append(tag)
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+
+    def handle_data(self, data):
+        self.text += data
+
+
+def views(chars: str) -> dict:
+    t = len(chars)
+    lens = Lens(1, ["embed", "L0"], [[("a", 0.5)], [("中", 0.9)]], chars[2], [0.1, 0.2])
+    pattern = [head(0, 0, "previous", previous=0.9)]
+    gen = Generation(chars, 2, [GeneratedStep(j, chars[j], 0.5, 0, np.full(j, 1 / j)) for j in range(2, t)])
+    return {
+        "head": head_view(causal(t), chars, title="layer 0, head 0"),
+        "grid": grid_view(stack(2, 2, t), chars),
+        "focus": focus_view(stack(2, 2, t), chars, t - 1),
+        "summary": summary_view(pattern, pattern, chars, 3, 0.4),
+        "lens": lens_view(lens, chars),
+        "generated": generated_view(gen, [s.weights for s in gen.steps], "all layers"),
+    }
+
+
+@pytest.mark.parametrize("name", ["head", "grid", "focus", "summary", "lens", "generated"])
+def test_every_view_exports_as_valid_svg_and_html_with_its_characters(tmp_path, name):
+    chars = "ab中 é<&"
+    view = views(chars)[name]
+    title = "tfcli: a<b & \x01\n"  # a prompt's raw characters, as the CLI passes them
+    export(view, tmp_path / "v.svg", width=80, title=title)
+    svg = ElementTree.parse(tmp_path / "v.svg").getroot()
+    assert svg.tag.endswith("svg")
+    assert "中" in "".join(svg.itertext()).replace("\xa0", " ")
+    export(view, tmp_path / "v.html", width=80, title=title)
+    page = StrictHTML()
+    page.feed((tmp_path / "v.html").read_text(encoding="utf-8"))
+    page.close()
+    assert page.doctype.lower() == "doctype html" and page.open == []
+    assert page.seen[:2] == ["html", "head"] and "title" in page.seen and "body" in page.seen
+    assert "中" in page.text and "tfcli: a<b & ␁⏎" in page.text  # escaped in the file, characters in the page

@@ -7,6 +7,7 @@ Built like ``heatmap``'s views: ``no_wrap`` Text lines of fixed width, character
 
 from __future__ import annotations
 
+import html
 import io
 import math
 from pathlib import Path
@@ -148,5 +149,9 @@ def export(renderable: RenderableType, path: Path, *, width: int, title: str) ->
     console = Console(record=True, width=width, file=io.StringIO(), color_system="truecolor",
                       force_terminal=True, legacy_windows=False)
     console.print(renderable)
-    text = console.export_svg(title=title) if path.suffix.lower() == ".svg" else console.export_html()
+    title = "".join(c if c == " " else visible(c) for c in title)  # a control char would make invalid XML
+    if path.suffix.lower() == ".svg":
+        text = console.export_svg(title=title)
+    else:  # rich's page has no <title>, which HTML requires
+        text = console.export_html().replace("<head>", f"<head>\n<title>{html.escape(title)}</title>", 1)
     path.write_text(text, encoding="utf-8")
