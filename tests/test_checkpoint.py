@@ -224,3 +224,79 @@ def test_default_run_dir_never_reuses_an_existing_run(tmp_path):
 def test_default_run_dir_of_a_directory_is_named_after_it(tmp_path):
     (tmp_path / "books").mkdir()
     assert ckpt.default_run_dir([tmp_path / "books"], tmp_path / "runs") == tmp_path / "runs" / "books"
+
+
+# -- divergence, unwritable directories, pickles named .pt -------------------------------------
+
+def test_non_finite_weights_are_never_written_over_a_good_checkpoint(saved):
+    model, path = saved
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(TfcliError, match=r"not writing .*head\.weight holds NaN.*earlier checkpoints are untouched"):
+        ckpt.save_model(path, model, VOCAB, {"step": 8})
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    with pytest.raises(TfcliError, match="holds NaN or infinite values"):
+        ckpt.save_state(path.parent / ckpt.STATE_FILE, dict(model.state_dict()), {"step": 8})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [ckpt.MODEL_FILE]
+
+
+def test_run_directory_under_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(TfcliError, match="cannot create run directory .*notes.txt/run: Not a directory"):
+        ckpt.make_run_dir(tmp_path / "notes.txt" / "run")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_metrics_that_cannot_be_written_are_one_error(tmp_path):
+    (tmp_path / ckpt.METRICS_FILE).mkdir()  # something that is not a file where the log goes
+    with pytest.raises(TfcliError, match="cannot write .*metrics.jsonl: Is a directory"):
+        ckpt.append_metrics(tmp_path, {"step": 1})
+
+
+def test_pt_file_is_named_as_a_pickle_and_never_unpickled(tmp_path):
+    planted = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    torch.save({"w": CreatesFile(planted)}, path)
+    with pytest.raises(TfcliError, match=r"model\.pt: a pickle \(what torch.save writes.*never loads pickled"):
+        ckpt.load_model(path)
+    assert not planted.exists()
+
+
+# -- devices: the file records none; the loader puts weights where asked ------------------------
+
+def test_checkpoint_header_records_no_device(saved):
+    _, path = saved
+    data = path.read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = header.pop("__metadata__")
+    assert set(meta) == {"format", "format_version", "config", "vocab", "summary"}
+    assert all(set(entry) == {"dtype", "shape", "data_offsets"} and entry["dtype"] == "F32"
+               for entry in header.values())
+
+
+def test_bfloat16_and_non_contiguous_weights_save_and_load_as_float32(tmp_path):
+    model = make_model(VOCAB, block_size=8).to(torch.bfloat16)
+    with torch.no_grad():  # a transposed view: what a sharded or tied weight can look like
+        model.head.weight.data = model.head.weight.data.t().contiguous().t()
+    assert not model.head.weight.is_contiguous()
+    ckpt.save_model(tmp_path / ckpt.MODEL_FILE, model, VOCAB, {})
+    loaded = ckpt.load_model(tmp_path, device="cpu")
+    for name, p in loaded.named_parameters():
+        assert p.dtype == torch.float32 and p.device.type == "cpu", name
+        assert torch.equal(p, model.get_parameter(name).float()), name
+
+
+def test_load_model_puts_every_tensor_on_the_requested_device(saved):
+    _, path = saved
+    loaded = ckpt.load_model(path, device="meta")  # a device other than the CPU that every PyTorch has
+    assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"meta"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_loading_onto_a_missing_gpu_is_a_usage_error(saved):
+    _, path = saved
+    with pytest.raises(UsageError, match="sees no CUDA GPU"):
+        ckpt.load_model(path, device="cuda")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,18 +31,33 @@ SAVER = textwrap.dedent("""
 """)
 
 
+def wait_for_new_temp_file(directory: Path, known: set[str], timeout: float = 10.0) -> None:
+    """Until a save has begun writing its temp file, so the kill lands mid-write."""
+    deadline = time.monotonic() + timeout
+    while not {p.name for p in directory.glob("*.tmp")} - known:
+        assert time.monotonic() < deadline, "no save started"
+
+
 @pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
     rng = random.Random(0)
-    for _ in range(8):
+    torn = 0
+    for i in range(10):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # at least one save completed
-        time.sleep(rng.uniform(0.0, 0.3))
+        temps = {p.name for p in tmp_path.glob("*.tmp")}
+        if i % 2:  # every other kill aimed inside a write, the rest at any moment
+            wait_for_new_temp_file(tmp_path, temps)
+            time.sleep(rng.uniform(0.0, 0.005))
+        else:
+            time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        torn += bool({p.name for p in tmp_path.glob("*.tmp")} - temps)  # the kill cut a write short
         ck = load_checkpoint(path)  # must parse, whatever moment the kill came
         step = ck.summary["step"]
         assert step >= 1 and (ck.state_dict["head.weight"] == float(step)).all()
+    assert torn >= 3, f"only {torn} of 10 kills landed mid-write: the test did not test what it claims"
     atomic_write(path, path.read_bytes())  # the next save sweeps the temp files killed writers left
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

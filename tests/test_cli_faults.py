@@ -1,7 +1,8 @@
 """The CLI under real signals and closed pipes, in real subprocesses.
 
 Ctrl-C (SIGINT) or SIGTERM during training must save a loadable checkpoint, say how
-to resume, and exit 130 or 143; a reader closing the pipe (`| head`) ends sampling quietly.
+to resume, and exit 130 or 143; a second signal quits at once, leaving the last checkpoint
+whole; a reader closing the pipe (`| head`) ends sampling quietly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tfcli.checkpoint import load_checkpoint
+from tfcli.checkpoint import load_checkpoint, load_state
 from tfcli.cli import app
 
 NAMES = ["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo", "ines", "jack", "kara", "liam"]
@@ -69,6 +70,39 @@ def test_signal_during_training_saves_and_says_how_to_resume(corpus, tmp_path, s
                              capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(out / "model.safetensors").summary["step"] == ck.summary["step"] + 2
+
+
+def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"training ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_second_signal_quits_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path, signum, code):
+    out = tmp_path / "run"
+    err = tmp_path / "stderr"
+    # steps of a few tenths of a second, so the second signal lands while the first one's step still runs
+    args = ("train", corpus, "--n-layer", "2", "--n-head", "2", "--n-embd", "128", "--block-size", "128",
+            "--batch-size", "64", "--time", "60", "--no-compile", "--eval-interval", "0.5", "--out", out)
+    with open(err, "w") as se:
+        proc = subprocess.Popen(tfcli(*args), stdout=subprocess.DEVNULL, stderr=se, env=ENV, cwd=tmp_path)
+        try:
+            wait_until(proc, (out / "model.safetensors").exists, "a first checkpoint")
+            proc.send_signal(signum)
+            wait_until(proc, lambda: "stopping after this step" in err.read_text(), "the first signal's notice")
+            proc.send_signal(signum)
+            assert proc.wait(timeout=30) == code
+        finally:
+            proc.kill()
+            proc.wait()
+    stderr = err.read_text()
+    assert "Traceback" not in stderr
+    assert "checkpoint saved at step" not in stderr  # it quit without finishing the step and saving again
+    assert load_checkpoint(out / "model.safetensors").summary["step"] >= 1  # what was on disk is whole
+    assert load_state(out / "state.safetensors")[1]["step"] >= 1  # and resumable
 
 
 def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):

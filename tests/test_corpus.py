@@ -1,7 +1,10 @@
+import hashlib
+
 import numpy as np
 import pytest
 
-from tfcli.corpus import MAX_VOCAB, Vocab, load_corpus, read_text
+from tfcli import corpus as corpus_module
+from tfcli.corpus import MAX_VOCAB, Vocab, iter_text, load_corpus, read_text
 from tfcli.errors import USAGE, TfcliError, UsageError
 
 MIXED = "Grüße, ÅNGSTRÖM! 你好，世界。 🙂🚀 naïve café\tend\n"
@@ -177,3 +180,55 @@ def test_real_corpus_loads_with_its_known_vocabulary(shakespeare):
     corpus = load_corpus([shakespeare])
     assert len(corpus.vocab) == 65
     assert len(corpus.train) + len(corpus.val) == corpus.n_chars
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_characters_split_between_chunks_are_decoded_whole(tmp_path, chunk):
+    (tmp_path / "x.txt").write_text(MIXED, encoding="utf-8")
+    pieces = list(iter_text([tmp_path / "x.txt"], chunk_bytes=chunk))
+    assert "".join(text for _, text in pieces) == MIXED
+    assert max(n for n, _ in pieces) <= chunk  # the file is streamed, never read whole
+    assert sum(n for n, _ in pieces) == len(MIXED.encode())
+
+
+@pytest.mark.parametrize("data, offset", [
+    ("héllo wörld ".encode() * 3 + b"\xff tail", 42),  # a bad byte in a later chunk
+    (b"ab\xe4A more", 2),  # a sequence begun in one chunk and broken in the next
+    (b"abc" + "é".encode()[:1], 3),  # a file that ends inside a character
+])
+@pytest.mark.parametrize("chunk", [1, 3, 7, None])
+def test_invalid_utf8_is_named_by_its_offset_in_the_file_whatever_the_chunks(tmp_path, data, offset, chunk):
+    (tmp_path / "x.txt").write_bytes(data)
+    with pytest.raises(UsageError, match=f"x.txt: not valid utf-8 at byte {offset};"):
+        list(iter_text([tmp_path / "x.txt"], chunk_bytes=chunk))
+
+
+def test_nul_bytes_after_the_first_chunk_mean_not_text(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"abc" * 10 + b"\x00")
+    with pytest.raises(UsageError, match="NUL bytes"):
+        list(iter_text([tmp_path / "x.bin"], chunk_bytes=4))
+
+
+def test_errors_replace_works_across_chunks(tmp_path):
+    (tmp_path / "x.txt").write_bytes("añb".encode()[:2] + b"\xff" + "ñ".encode())
+    assert "".join(t for _, t in iter_text([tmp_path / "x.txt"], errors="replace", chunk_bytes=1)) == "a\ufffd\ufffdñ"
+
+
+def test_small_chunks_give_the_same_corpus_and_digest(tmp_path, monkeypatch):
+    text = MIXED * 7
+    (tmp_path / "a.txt").write_text(text[:100])
+    (tmp_path / "b.txt").write_text(text[100:])
+    whole = load_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], val_fraction=0.3)
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 5)
+    chunked = load_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], val_fraction=0.3)
+    cut = len(text) - int(len(text) * 0.3)
+    assert chunked.vocab.decode(chunked.train) == text[:cut] and chunked.vocab.decode(chunked.val) == text[cut:]
+    assert np.array_equal(chunked.train, whole.train) and np.array_equal(chunked.val, whole.val)
+    assert chunked.digest == whole.digest == hashlib.sha256(text[:cut].encode()).hexdigest()
+
+
+def test_empty_val_file_is_refused(tmp_path):
+    (tmp_path / "t.txt").write_text("abc")
+    (tmp_path / "v.txt").write_text("")
+    with pytest.raises(UsageError, match="v.txt: empty corpus"):
+        load_corpus([tmp_path / "t.txt"], val_paths=[tmp_path / "v.txt"])

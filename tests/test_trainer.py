@@ -3,6 +3,7 @@ import math
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from tfcli.corpus import load_corpus
 from tfcli.errors import TfcliError, UsageError
 from tfcli.evaluation import evaluate
 from tfcli.sampling import generate
-from tfcli.trainer import Done, Eval, Notice, Sample, Start, Step, lr_at, train
+from tfcli.tokens import TokenCache
+from tfcli.trainer import Done, Eval, Notice, Sample, Start, Step, get_batch, lr_at, train, val_sample
 
 PATTERN = "abcabd"  # after "ab", only the character before it tells c from d: a model must use its context
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
@@ -88,6 +90,7 @@ def test_events_start_first_then_steps_then_the_final_eval_and_sample(trained):
     _, _, events, done = trained
     assert isinstance(events[0], Start)
     assert events[0].start_step == 0 and events[0].model.vocab_size == 4 and events[0].device == "cpu"
+    assert events[0].processes == 1
     steps = [e.step for e in events if isinstance(e, Step)]
     assert steps[0] == 1 and steps == sorted(steps)
     tail = [e for e in events if not isinstance(e, Done)][-2:]  # Done, once emitted, comes after them
@@ -202,3 +205,48 @@ def test_learning_rate_warms_up_holds_then_cools_down_to_the_floor():
     assert lr_at(0.6, 60, cfg) == 1.0
     assert lr_at(0.8, 80, cfg) == pytest.approx(1 - 0.5 * 0.95)
     assert lr_at(1.0, 100, cfg) == pytest.approx(0.05)
+
+
+def test_batches_from_a_memory_map_equal_those_from_memory(tmp_path):
+    ids = np.arange(1000, dtype=np.uint16) % 251
+    ids.tofile(tmp_path / "ids")
+    mapped = np.memmap(tmp_path / "ids", dtype=np.uint16, mode="r")
+    x1, y1 = get_batch(ids, 6, 16, torch.Generator().manual_seed(0), "cpu")
+    x2, y2 = get_batch(mapped, 6, 16, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.int64
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # y is x shifted by one
+
+
+def test_a_share_of_a_batch_is_those_rows_of_the_whole_batch():
+    ids = np.arange(500, dtype=np.uint8)
+    whole, _ = get_batch(ids, 8, 10, torch.Generator().manual_seed(1), "cpu")
+    part, _ = get_batch(ids, 8, 10, torch.Generator().manual_seed(1), "cpu", slice(4, 8))
+    assert torch.equal(part, whole[4:8])
+
+
+def test_short_val_split_is_scored_whole():
+    val = np.arange(100)
+    assert [p.tolist() for p in val_sample(val, 1000)] == [val.tolist()]
+    assert val_sample(val[:1], 1000) == []
+
+
+@pytest.mark.parametrize("length", [10_000, 1_000_000])
+def test_long_val_split_is_sampled_at_a_fixed_size_across_its_length(length):
+    val = np.arange(length)
+    pieces = val_sample(val, 800, pieces=8)
+    assert len(pieces) == 8 and sum(len(p) for p in pieces) == 8 * 101  # the same cost however long the split
+    assert pieces[0][0] == 0 and pieces[-1][-1] == length - 1  # from its start to its end
+    assert all(np.all(np.diff(p) == 1) for p in pieces)  # each piece is contiguous text
+
+
+def test_memory_mapped_corpus_trains_exactly_like_one_in_memory(tmp_path):
+    path = write(tmp_path, PATTERN * 20)
+    held = load_corpus([path])
+    mapped = load_corpus([path], store=TokenCache(tmp_path / "cache"))
+    assert isinstance(mapped.train, np.memmap)
+    cfg = replace(TRAIN, max_steps=5)
+    train(held, MODEL, cfg, tmp_path / "held")
+    train(mapped, MODEL, cfg, tmp_path / "mapped")
+    a = ckpt.load_checkpoint(tmp_path / "held" / ckpt.MODEL_FILE).state_dict
+    b = ckpt.load_checkpoint(tmp_path / "mapped" / ckpt.MODEL_FILE).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)

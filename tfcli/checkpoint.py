@@ -65,7 +65,13 @@ def _umask() -> int:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Tensors go to the CPU and contiguous memory first: the file records no device, so a
+    checkpoint written on a GPU loads on a CPU (and back) with no conversion step."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # a diverged run must not overwrite the last good checkpoint with NaNs
+        raise TfcliError(f"not writing {path}: {bad} holds NaN or infinite values (training diverged); "
+                         "earlier checkpoints are untouched")
     try:
         atomic_write(path, st_save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), **meta}))
     except OSError as e:
@@ -78,8 +84,21 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError, Exception) as e:  # noqa: BLE001 - any parse failure means "not ours"
+        if _looks_pickled(path):
+            raise TfcliError(f"{path}: a pickle (what torch.save writes to .pt files), not safetensors; "
+                             "tfcli never loads pickled files, since unpickling can run code") from None
         raise TfcliError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
                          "tfcli never loads pickled .pt files") from None
+
+
+def _looks_pickled(path: Path) -> bool:
+    """torch.save writes a zip (PK) of pickles, or (before 1.6) a bare pickle (protocol 2+ starts with 0x80)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _check_meta(path: Path, meta: dict | None) -> dict:
@@ -139,9 +158,23 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise TfcliError(f"{path}: damaged resume state ({e})") from None
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory, or say in one line why it cannot hold a run (before any training)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TfcliError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise TfcliError(f"cannot write to run directory {run_dir}: permission denied")
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    path = run_dir / METRICS_FILE
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise TfcliError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are untouched") from None
 
 
 def latest_run(root: Path = RUNS_DIR) -> Path | None:
@@ -181,8 +214,10 @@ def load_model(path: Path | str | None = None, device: str = "cpu"):
 
     The vocabulary and training summary ride along as `model.vocab` and `model.summary`.
     """
+    from .device import pick_device
     from .model import GPT
 
+    target = pick_device(device)  # an unavailable device is a one-line error, not a crash mid-load
     ck = load_checkpoint(resolve_model_path(Path(path) if path is not None else None))
     model = GPT(ck.config)
     try:
@@ -191,4 +226,4 @@ def load_model(path: Path | str | None = None, device: str = "cpu"):
         raise TfcliError(f"{ck.path}: damaged tfcli checkpoint (weights do not match its config: "
                          f"{str(e).splitlines()[0][:80]})") from None
     model.vocab, model.summary, model.path = ck.vocab, ck.summary, ck.path
-    return model.to(device).eval()
+    return model.to(target).eval()

@@ -111,8 +111,9 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 class StopFlag:
     """First Ctrl-C/SIGTERM: finish the step, save, exit. Second: stop at once (saves are atomic)."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.signum: int | None = None
+        self.quiet = quiet  # torchrun's other ranks: rank 0 speaks for them
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -121,7 +122,8 @@ class StopFlag:
         if self.signum is not None:  # the exit code names the second signal, as a shell would
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signum = signum
-        stderr.print("\nstopping after this step (press Ctrl-C again to quit at once)…", highlight=False)
+        if not self.quiet:
+            stderr.print("\nstopping after this step (press Ctrl-C again to quit at once)…", highlight=False)
 
     def __enter__(self) -> StopFlag:
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -194,8 +196,12 @@ def train(
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
 
+    from .distributed import World
+
+    world = World.from_env()  # under torchrun: only rank 0 speaks
     data = load_corpus(corpus, val, val_fraction, encoding, errors, vocab=vocab)
-    print_corpus_report(corpus, data)
+    if world.is_main:
+        print_corpus_report(corpus, data)
     if base_model is None:
         picked = resolve_preset(preset, pick_device(device).type, budget)
         base_train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"))
@@ -207,17 +213,20 @@ def train(
                                optimizer=optimizer)
     train_cfg = TrainConfig(**{**train_cfg.to_dict(), "max_steps": max_steps, "time_budget": budget}).validate()
 
-    from .render.progress import LiveProgress, PlainProgress
+    from .render.progress import LiveProgress, NullProgress, PlainProgress
     from .trainer import train as run_training
 
-    view = LiveProgress(stdout) if stdout.is_terminal else PlainProgress(stdout)
-    with StopFlag() as stop, view:
+    view = (NullProgress() if not world.is_main else
+            LiveProgress(stdout) if stdout.is_terminal else PlainProgress(stdout))
+    with StopFlag(quiet=not world.is_main) as stop, view:
         done = run_training(data, model_cfg, train_cfg, run_dir, view, resume=resume, should_stop=stop,
-                            started_at=started_at)
+                            started_at=started_at, world=world)
     if done.reason == "interrupted":
-        args = " ".join(str(p) for p in corpus)
-        stderr.print(f"checkpoint saved at step {done.step}; continue with:\n"
-                     f"  tfcli train {args} --out {run_dir} --resume", highlight=False, markup=False)
+        if world.is_main:
+            launcher = "torchrun ... -m tfcli train" if world.is_distributed else "tfcli train"
+            args = " ".join(str(p) for p in corpus)
+            stderr.print(f"checkpoint saved at step {done.step}; continue with:\n"
+                         f"  {launcher} {args} --out {run_dir} --resume", highlight=False, markup=False)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))
 
 

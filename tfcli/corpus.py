@@ -2,23 +2,33 @@
 
 A character is a Unicode code point, not a byte, so any language works. The
 vocabulary is the sorted set of characters in the training text; it travels
-inside every checkpoint, so a model never needs its corpus again. Encoding goes
-through numpy (UTF-32 code points + a sorted lookup), which keeps large corpora fast.
+inside every checkpoint, so a model never needs its corpus again.
+
+Files are streamed in chunks, never held whole: a first pass finds the vocabulary and
+the length, a second writes the ids (through numpy: UTF-32 code points and a lookup
+table) into a `tokens` store, which keeps big corpora on disk, encoded once and
+memory-mapped. The corpus's `train` and `val` are views into that one array.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import TfcliError, UsageError
+from .tokens import FORMAT, Encoded, MemoryStore, Sink, TokenCache, ids_dtype, store_for
 
 MAX_VOCAB = 20_000  # more distinct characters than any natural-language text needs: likely not text
 TEXT_SUFFIXES_SKIPPED = {".safetensors", ".pt", ".bin", ".zip", ".gz", ".png", ".jpg", ".pdf", ".npy"}
+CHUNK_BYTES = 4 << 20  # read, decode and encode this much at a time: memory stays flat for any corpus size
 
 
 def list_files(paths: list[Path]) -> list[Path]:
@@ -45,23 +55,55 @@ def list_files(paths: list[Path]) -> list[Path]:
 
 def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict") -> str:
     """All files joined in order; refuses binary data with a hint instead of training on it."""
-    parts = []
-    for f in list_files(paths):
-        raw = f.read_bytes()
-        if b"\x00" in raw and encoding.lower().replace("-", "") == "utf8":
-            raise UsageError(f"{f}: contains NUL bytes, so it is probably not a text file "
-                             "(use --encoding if it is UTF-16/32 text)")
-        try:
-            parts.append(raw.decode(encoding, errors=errors))
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{f}: not valid {encoding} at byte {e.start}; "
-                             "pass --encoding NAME, or --errors replace to substitute bad bytes") from None
-        except LookupError:
-            raise UsageError(f"unknown encoding {encoding!r}") from None
-    text = "".join(parts)
+    text = "".join(piece for _, piece in iter_text(list_files(paths), encoding, errors))
     if not text:
-        raise UsageError(f"{', '.join(str(p) for p in paths)}: empty corpus, no text to read")
+        raise UsageError(f"{_names(paths)}: empty corpus, no text to read")
     return text
+
+
+def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict",
+              chunk_bytes: int | None = None) -> Iterator[tuple[int, str]]:
+    """(bytes read, text) pieces of the files in order, CHUNK_BYTES at a time.
+
+    An incremental decoder carries a character split between two chunks over to the next
+    piece, so chunk boundaries never matter; error offsets count from each file's start.
+    """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    for f in files:
+        decoder = _decoder(encoding, errors)
+        offset = 0
+        try:
+            with f.open("rb") as fh:
+                while raw := fh.read(chunk_bytes):
+                    if b"\x00" in raw and encoding.lower().replace("-", "") == "utf8":
+                        raise UsageError(f"{f}: contains NUL bytes, so it is probably not a text file "
+                                         "(use --encoding if it is UTF-16/32 text)")
+                    yield len(raw), _decode(decoder, raw, f, offset, encoding)
+                    offset += len(raw)
+        except OSError as e:
+            raise UsageError(f"{f}: cannot read ({e.strerror or e})") from None
+        yield 0, _decode(decoder, b"", f, offset, encoding, final=True)
+
+
+def _decoder(encoding: str, errors: str) -> codecs.IncrementalDecoder:
+    try:
+        return codecs.getincrementaldecoder(encoding)(errors)
+    except LookupError:
+        raise UsageError(f"unknown encoding {encoding!r}") from None
+
+
+def _decode(decoder: codecs.IncrementalDecoder, raw: bytes, f: Path, offset: int, encoding: str,
+            final: bool = False) -> str:
+    pending = len(decoder.getstate()[0])  # bytes of a character begun in the previous chunk
+    try:
+        return decoder.decode(raw, final)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{f}: not valid {encoding} at byte {offset - pending + e.start}; "
+                         "pass --encoding NAME, or --errors replace to substitute bad bytes") from None
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths)
 
 
 def _codepoints(text: str) -> np.ndarray:
@@ -81,7 +123,11 @@ class Vocab:
 
     @classmethod
     def from_text(cls, text: str) -> Vocab:
-        chars = "".join(sorted(set(text)))
+        return cls.checked("".join(sorted(set(text))))
+
+    @classmethod
+    def checked(cls, chars: str) -> Vocab:
+        """The vocabulary of these sorted, distinct characters, unless there are too many for text."""
         if len(chars) > MAX_VOCAB:
             raise UsageError(f"{len(chars):,} distinct characters: too many for a character model "
                              f"(limit {MAX_VOCAB:,}); is this a binary file?")
@@ -124,36 +170,123 @@ class Vocab:
 @dataclass(frozen=True)
 class Corpus:
     vocab: Vocab
-    train: np.ndarray  # token ids
+    train: np.ndarray  # token ids (a read-only np.memmap for a cached corpus)
     val: np.ndarray
-    digest: str  # sha256 of the training text, checked on --resume
+    digest: str  # sha256 of the training text (UTF-8), checked on --resume
     n_chars: int
 
 
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
-                encoding: str = "utf-8", errors: str = "strict", vocab: Vocab | None = None) -> Corpus:
+                encoding: str = "utf-8", errors: str = "strict", vocab: Vocab | None = None,
+                store: MemoryStore | TokenCache | None = None) -> Corpus:
     """Read, build the vocabulary (or reuse one, for --resume) and split.
 
     The default split holds out the *last* `val_fraction` of the text, as nanoGPT does,
     so validation text is never seen in training. With `val_paths` all text trains.
+    `store` defaults to memory for small corpora and the token cache for big ones.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    text = read_text(paths, encoding, errors)
-    val_text = read_text(val_paths, encoding, errors) if val_paths else None
-    if val_text is None:
-        cut = len(text) - int(len(text) * val_fraction)
-        text, val_text = text[:cut], text[cut:]
-    if vocab is None:
-        vocab = Vocab.from_text(text + val_text)
-    else:
-        missing = vocab.unknown(text + val_text)
-        if missing:
-            shown = " ".join(show_char(c) for c in missing[:10])
-            raise TfcliError(f"the corpus has characters the run's vocabulary lacks ({shown}); "
-                             "it is not the corpus this run trained on")
-    return Corpus(vocab, vocab.encode(text), vocab.encode(val_text), text_digest(text), len(text) + len(val_text))
+    groups = [(paths, list_files(paths))] + ([(val_paths, list_files(val_paths))] if val_paths else [])
+    source = _Source(groups, encoding, errors)
+    store = store if store is not None else store_for(source.n_bytes)
+    key = source.key(split="val files" if val_paths else f"val fraction {val_fraction!r}")
+    with store.lock():
+        encoded = store.get(key)
+        if encoded is None:
+            vocab_found, counts = source.scan()
+            cut = counts[0] if val_paths else counts[0] - int(counts[0] * val_fraction)
+            encoded = store.put(key, vocab_found.chars, cut, sum(counts),
+                                lambda sink: source.encode(vocab_found, cut, sink))
+    if vocab is not None and vocab.chars != encoded.vocab:
+        encoded = _with_vocab(encoded, vocab, store, key)
+    ids = encoded.ids
+    return Corpus(Vocab(encoded.vocab), ids[:encoded.cut], ids[encoded.cut:], encoded.digest, len(ids))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A corpus's files and how to read them: the training files, then any --val files."""
+    groups: list[tuple[list[Path], list[Path]]]  # (paths as the user named them, the files they hold)
+    encoding: str
+    errors: str
+
+    @functools.cached_property
+    def n_bytes(self) -> int:
+        return sum(f.stat().st_size for _, files in self.groups for f in files)
+
+    def key(self, split: str) -> str:
+        """sha256 of all the ids depend on: every file's bytes, in order and by group, and how they are read."""
+        h = hashlib.sha256(f"tfcli tokens {FORMAT}\0{self.encoding}\0{self.errors}\0{split}".encode())
+        buf = bytearray(CHUNK_BYTES)
+        with _bar(self.n_bytes, "hashing") as bar:
+            for i, (_, files) in enumerate(self.groups):
+                for f in files:
+                    try:
+                        with f.open("rb") as fh:
+                            h.update(f"\0{i}\0{f.stat().st_size}\0".encode())
+                            while n := fh.readinto(buf):
+                                h.update(memoryview(buf)[:n])
+                                bar.update(n)
+                    except OSError as e:
+                        raise UsageError(f"{f}: cannot read ({e.strerror or e})") from None
+        return h.hexdigest()
+
+    def scan(self) -> tuple[Vocab, list[int]]:
+        """First pass: the vocabulary, and each group's length in characters (refusing an empty one)."""
+        seen = np.zeros(0x110000, dtype=bool)  # one flag per Unicode code point
+        counts = []
+        with _bar(self.n_bytes, "reading") as bar:
+            for names, files in self.groups:
+                n = 0
+                for n_bytes, text in iter_text(files, self.encoding, self.errors):
+                    seen[np.flatnonzero(np.bincount(_codepoints(text)))] = True
+                    n += len(text)
+                    bar.update(n_bytes)
+                if n == 0:
+                    raise UsageError(f"{_names(names)}: empty corpus, no text to read")
+                counts.append(n)
+        return Vocab.checked("".join(map(chr, np.flatnonzero(seen)))), counts
+
+    def encode(self, vocab: Vocab, cut: int, sink: Sink) -> str:
+        """Second pass: every character's id, in order, to `sink`; returns the digest of the first `cut`."""
+        table = _codepoints(vocab.chars)
+        lookup = np.zeros(int(table[-1]) + 1, dtype=ids_dtype(len(vocab)))  # code point -> id
+        lookup[table] = np.arange(len(vocab))
+        h = hashlib.sha256()
+        pos = 0
+        with _bar(self.n_bytes, "encoding") as bar:
+            for _, files in self.groups:
+                for n_bytes, text in iter_text(files, self.encoding, self.errors):
+                    sink(np.take(lookup, _codepoints(text)))
+                    if pos < cut:
+                        h.update(text[:cut - pos].encode("utf-8", "surrogatepass"))
+                    pos += len(text)
+                    bar.update(n_bytes)
+        return h.hexdigest()
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    """A progress bar on stderr, only on a terminal and only for work that lasts over a second."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, delay=1.0,
+                disable=None)
+
+
+def _with_vocab(encoded: Encoded, vocab: Vocab, store: MemoryStore | TokenCache, key: str) -> Encoded:
+    """The same text's ids under a given vocabulary (a resumed run's), which must hold all its characters."""
+    missing = [c for c in encoded.vocab if c not in set(vocab.chars)]
+    if missing:
+        shown = " ".join(show_char(c) for c in missing[:10])
+        raise TfcliError(f"the corpus has characters the run's vocabulary lacks ({shown}); "
+                         "it is not the corpus this run trained on")
+    table = np.searchsorted(_codepoints(vocab.chars), _codepoints(encoded.vocab)).astype(ids_dtype(len(vocab)))
+
+    def fill(sink: Sink) -> str:
+        for start in range(0, len(encoded.ids), CHUNK_BYTES):
+            sink(table[encoded.ids[start:start + CHUNK_BYTES]])
+        return encoded.digest
+
+    key = hashlib.sha256(f"{key}\0{vocab.chars}".encode("utf-8", "surrogatepass")).hexdigest()
+    with store.lock():
+        found = store.get(key)
+        return found if found is not None else store.put(key, vocab.chars, encoded.cut, len(encoded.ids), fill)

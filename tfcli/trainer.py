@@ -1,10 +1,12 @@
 """The training loop. It never prints: it reports small event objects to a callback.
 
-Choices that matter for speed on a CPU: batches are gathered from one in-memory
-tensor (no DataLoader), bf16 autocast where the CPU has native bf16, fused AdamW,
-no dropout by default, and validation on a fixed subset at most every
-`eval_interval` seconds. The learning-rate schedule runs on whichever budget ends
-first, steps or wall clock: warmup, a stable phase, then a linear cooldown.
+Choices that matter for speed on a CPU: batches are gathered straight from the
+corpus's id array, in memory or memory-mapped (no DataLoader), bf16 autocast where
+the CPU has native bf16, fused AdamW, no dropout by default, and validation on a
+fixed sample at most every `eval_interval` seconds. The learning-rate schedule runs
+on whichever budget ends first, steps or wall clock: warmup, a stable phase, then a
+linear cooldown. Under torchrun the processes train data-parallel (see distributed.py)
+and only rank 0 reports events and writes the run directory.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from . import checkpoint as ckpt
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
 from .device import autocast, pick_device, pick_dtype, should_compile
+from .distributed import World, agree, mean, process_group, wrap
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import generate
+from .tokens import release
 
 MIN_CONTEXT = 8  # below this a "language model" can only learn character frequencies
+VAL_PIECES = 8  # a long val split is sampled as this many stretches spread across it
 
 
 # -- events ------------------------------------------------------------------------------
@@ -49,6 +54,7 @@ class Start:
     vocab_size: int
     start_step: int
     compiled: bool
+    processes: int = 1  # data-parallel processes under torchrun, each on its share of every batch
 
 
 @dataclass(frozen=True)
@@ -108,11 +114,34 @@ def fit_context(cfg: ModelConfig, corpus: Corpus, on_event: Callable[[Event], No
     return replace(cfg, block_size=limit)
 
 
-def get_batch(data: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator, device):
-    """Random windows of block_size+1 tokens in one gather; x is the window, y the window shifted by one."""
-    starts = torch.randint(data.numel() - block_size, (batch_size,), generator=gen)
-    chunk = data[starts[:, None] + torch.arange(block_size + 1)].long()
+def get_batch(data: np.ndarray, batch_size: int, block_size: int, gen: torch.Generator, device,
+              rows: slice = slice(None)):
+    """Random windows of block_size+1 tokens, gathered from the id array (in memory or mapped).
+
+    x is the window, y the window shifted by one. Every process draws the whole batch's starts
+    and keeps its `rows`, so the generator's state, and a resumed run's, is the same everywhere.
+    """
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=gen)[rows].numpy()
+    chunk = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    release(data)  # a mapped corpus keeps only this batch's pages resident
     return chunk[:, :-1].to(device, non_blocking=True), chunk[:, 1:].to(device, non_blocking=True)
+
+
+def val_sample(val: np.ndarray, n_tokens: int, pieces: int = VAL_PIECES) -> list[np.ndarray]:
+    """The fixed text scored by validations during training: all of a short val split, else
+    `pieces` stretches spread evenly across it, so its cost does not grow with the corpus."""
+    if len(val) < 2:
+        return []
+    if len(val) <= n_tokens + 1:
+        return [val]
+    size = max(2, n_tokens // pieces + 1)
+    return [val[s:s + size] for s in np.linspace(0, len(val) - size, pieces).astype(np.int64)]
+
+
+def val_loss(model: GPT, sample: list[np.ndarray], dtype: torch.dtype) -> float | None:
+    """Mean loss per character over the stretches of a validation sample."""
+    results = [evaluate(model, piece, dtype=dtype) for piece in sample]
+    return sum(r.loss * r.chars for r in results) / sum(r.chars for r in results) if results else None
 
 
 def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
@@ -176,17 +205,34 @@ class _Run:
 
 def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path,
           on_event: Callable[[Event], None] = lambda e: None, resume: bool = False,
-          should_stop: Callable[[], bool] = lambda: False, started_at: float | None = None) -> Done:
+          should_stop: Callable[[], bool] = lambda: False, started_at: float | None = None,
+          world: World | None = None) -> Done:
     """Train a model on `corpus` into `run_dir` and return how it ended.
 
     `started_at` (a time.monotonic() value) lets the wall-clock budget include the
     caller's start-up; `should_stop` is polled after every step (the CLI's Ctrl-C flag).
+    `world` places this process in a torchrun job (default: as torchrun's environment
+    says); events reach `on_event` on rank 0 only.
     """
     started_at = time.monotonic() if started_at is None else started_at
     if cfg.max_steps is None and cfg.time_budget is None:
         raise UsageError("give a budget: --time and/or --max-steps")
+    world = World.from_env() if world is None else world
+    world.share(cfg.batch_size)  # refuse an uneven split before joining the other processes
+    device = world.device(pick_device(cfg.device))
+    with process_group(world, device):
+        return _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
+                      started_at, world, device)
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, on_event: Callable[[Event], None],
+           resume: bool, should_stop: Callable[[], bool], started_at: float, world: World,
+           device: torch.device) -> Done:
     model_cfg = fit_context(replace(model_cfg, vocab_size=len(corpus.vocab)).validate(), corpus, on_event)
-    device = pick_device(cfg.device)
     dtype = pick_dtype(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
@@ -196,25 +242,30 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     chash = config_hash(model_cfg, corpus)
     if resume:
         run = _load_resume(run_dir, chash, model, opt, gen)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_data = torch.from_numpy(corpus.train.astype(np.int32))
-    val_ids = corpus.val[: cfg.eval_tokens + 1] if len(corpus.val) >= 2 else None
-    if val_ids is None:
+    if world.is_main:
+        ckpt.make_run_dir(run_dir)
+    rows = world.share(cfg.batch_size)
+    val_ids = val_sample(corpus.val, cfg.eval_tokens)
+    if not val_ids:
         on_event(Notice("no validation text (too short); training without validation"))
+    net = wrap(model, world, device)
     compiled = should_compile(device, cfg.compile, cfg.time_budget, cfg.max_steps)
-    step_fn = torch.compile(model) if compiled else model
+    step_fn = torch.compile(net) if compiled else net
     on_event(Start(run_dir, model.num_params(), model_cfg, cfg, str(device), str(dtype).replace("torch.", ""),
-                   len(corpus.train), len(corpus.val), len(corpus.vocab), run.step, compiled))
+                   len(corpus.train), len(corpus.val), len(corpus.vocab), run.step, compiled, world.size))
 
     def save(reason: str) -> None:
         summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),
                    "val_loss": run.last_val, "best_val_loss": run.best_val, "params": model.num_params(),
                    "ended": reason, "config_hash": chash, "train": cfg.to_dict()}
-        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)
+        # state first: a run directory that holds a model always holds the state to --resume it
         ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
+        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)
 
     def validate(train_loss: float, reason: str = "running") -> None:
-        val = evaluate(model, val_ids, dtype=dtype).loss if val_ids is not None else None
+        val = val_loss(model, val_ids, dtype)
+        if val is not None and not math.isfinite(val):  # blown up by the last step: keep the last good save
+            raise _diverged(f"validation loss is {val}", run.step, cfg, run_dir)
         best = val is not None and (run.best_val is None or val < run.best_val)
         run.last_val = val
         if best:
@@ -238,33 +289,35 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
     train_loss = float("nan")
     reason = "steps"
+    stop = False
     model.train()
     while True:
-        now = time.monotonic()
-        progress = max(run.step / cfg.max_steps if cfg.max_steps else 0.0,
-                       (now - session_start) / budget if budget else 0.0)
+        elapsed, stop = agree(world, device, time.monotonic() - session_start, stop)
+        if stop:
+            reason = "interrupted"
+            break
+        progress = max(run.step / cfg.max_steps if cfg.max_steps else 0.0, elapsed / budget if budget else 0.0)
         if cfg.max_steps and run.step >= cfg.max_steps:
             break
-        if budget is not None and now - session_start >= budget:
+        if budget is not None and elapsed >= budget:
             reason = "time"
             break
         lr = lr_at(progress, run.step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train_data, cfg.batch_size, model_cfg.block_size, gen, device)
-        loss_value = train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip)
+        x, y = get_batch(corpus.train, cfg.batch_size, model_cfg.block_size, gen, device, rows)
+        loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip))
         if not math.isfinite(loss_value):
-            kept = f"; the last good checkpoint in {run_dir} is kept" if (run_dir / ckpt.MODEL_FILE).exists() else ""
-            raise TfcliError(f"training diverged: loss is {loss_value} at step {run.step + 1}; "
-                             f"lower --lr (now {cfg.lr:g}){kept}")
+            raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
         run.step += 1
-        run.tokens += x.numel()
+        step_tokens = x.numel() * world.size
+        run.tokens += step_tokens
         run.train_seconds = prior_seconds + time.monotonic() - session_start
-        window_loss, window_n, window_tokens = window_loss + loss_value, window_n + 1, window_tokens + x.numel()
+        window_loss, window_n, window_tokens = window_loss + loss_value, window_n + 1, window_tokens + step_tokens
         if run.step == 3:
             gc.freeze()  # everything alive now lives for the whole run; spare the collector from walking it
         now = time.monotonic()
-        if now - window_t >= 0.5 or run.step == 1:
+        if world.is_main and (now - window_t >= 0.5 or run.step == 1):
             on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
                           now - started_at, progress))
             ckpt.append_metrics(run_dir, {"step": run.step, "loss": round(window_loss / window_n, 5), "lr": lr,
@@ -275,18 +328,22 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
             if now - last_eval >= cfg.eval_interval:
                 validate(train_loss)
                 last_eval = time.monotonic()
-        if should_stop():
-            reason = "interrupted"
-            break
-    validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
+        stop = should_stop()
+    if world.is_main:
+        validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
     done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason)
     on_event(done)
     return done
 
 
-def _final_reserve(model: GPT, val_ids) -> float:
+def _diverged(what: str, step: int, cfg: TrainConfig, run_dir: Path) -> TfcliError:
+    kept = f"; the last good checkpoint in {run_dir} is kept" if (run_dir / ckpt.MODEL_FILE).exists() else ""
+    return TfcliError(f"training diverged: {what} at step {step}; lower --lr (now {cfg.lr:g}){kept}")
+
+
+def _final_reserve(model: GPT, val_ids: list[np.ndarray]) -> float:
     """Seconds to keep for the final validation and save, so --time is the whole run's length."""
-    return 0.5 + 3e-11 * model.num_params() * (len(val_ids) if val_ids is not None else 0)
+    return 0.5 + 3e-11 * model.num_params() * sum(len(piece) for piece in val_ids)
 
 
 def _load_resume(run_dir: Path, chash: str, model, opt, gen) -> _Run:

@@ -44,12 +44,26 @@ def describe_start(e: Start) -> str:
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
     return (f"model: {fmt_count(e.n_params)} params ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"context {m.block_size}), batch {e.train.batch_size}, lr {e.train.lr:g}\n"
-            f"device: {e.device} ({e.dtype}{', compiled' if e.compiled else ''}, {e.train.optimizer}); "
+            f"device: {e.device}{f' × {e.processes} processes' if e.processes > 1 else ''} "
+            f"({e.dtype}{', compiled' if e.compiled else ''}, {e.train.optimizer}); "
             f"{budget}{resumed}; writing {e.run_dir}")
 
 
 def eta(progress: float, elapsed: float) -> float | None:
     return elapsed * (1 - progress) / progress if progress > 0.01 else None
+
+
+class NullProgress:
+    """Shows nothing: torchrun's ranks other than 0, whose events rank 0 already shows."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __call__(self, e) -> None:
+        pass
 
 
 class PlainProgress:

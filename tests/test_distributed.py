@@ -1,0 +1,112 @@
+"""Data-parallel training: torchrun's environment, batch shares, and real 2-process gloo runs on the CPU."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tfcli import checkpoint as ckpt
+from tfcli.cli import app
+from tfcli.config import ModelConfig, TrainConfig
+from tfcli.corpus import load_corpus
+from tfcli.distributed import World
+from tfcli.errors import UsageError
+from tfcli.model import GPT
+from tfcli.trainer import train
+
+PATTERN = "abcabd"
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+TRAIN = TrainConfig(max_steps=2, batch_size=8, device="cpu", dtype="float32", compile=False)
+
+
+def test_without_torchrun_there_is_one_process():
+    assert World.from_env({}) == World(0, 0, 1)
+    assert World.from_env({"PATH": "/bin"}).is_main and not World().is_distributed
+
+
+def test_torchrun_environment_places_the_process():
+    world = World.from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert (world.rank, world.local_rank, world.size, world.is_main, world.is_distributed) == (3, 1, 4, False, True)
+
+
+@pytest.mark.parametrize("env", [{"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}])
+def test_bad_torchrun_environment_is_a_usage_error(env):
+    with pytest.raises(UsageError):
+        World.from_env(env)
+
+
+def test_shares_of_a_batch_are_disjoint_and_cover_it():
+    rows = [World(r, r, 4).share(12) for r in range(4)]
+    assert [list(range(12))[s] for s in rows] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_batch_that_does_not_split_evenly_is_refused_before_training(tmp_path):
+    corpus = load_corpus([_write(tmp_path, PATTERN * 20)])
+    with pytest.raises(UsageError, match="--batch-size 9 does not split evenly over 2 processes"):
+        train(corpus, MODEL, replace(TRAIN, batch_size=9), tmp_path / "run", world=World(0, 0, 2))
+    assert not (tmp_path / "run").exists()
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# lr 0.9 with the tiny preset's 30 warmup steps: 0.03 then 0.06, so two steps move every weight
+# far more than summation order could; the default optimizer is Muon for matrices + AdamW for the rest
+ARGS = ["--preset", "tiny", "--max-steps", "2", "--batch-size", "8", "--lr", "0.9", "--seed", "5",
+        "--dtype", "float32", "--no-compile", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same training by `torchrun --nproc-per-node 2 -m tfcli train` (gloo) and by one process."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    corpus = tmp / "t.txt"
+    corpus.write_text(PATTERN * 40)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "tfcli", "train", str(corpus), *ARGS, "--out", "two"]
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one = CliRunner().invoke(app, ["train", str(corpus), *ARGS, "--out", str(tmp / "one")])
+    assert one.exit_code == 0, one.output
+    return two, tmp / "two", tmp / "one"
+
+
+def test_torchrun_run_writes_one_checkpoint_from_rank_0(runs):
+    result, two, _ = runs
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 2 steps") == 1  # only rank 0 reports
+    assert "Warning" not in result.stderr
+    assert {p.name for p in two.iterdir()} == {ckpt.MODEL_FILE, ckpt.BEST_FILE, ckpt.STATE_FILE, ckpt.METRICS_FILE}
+    summary = ckpt.load_checkpoint(two / ckpt.MODEL_FILE).summary
+    assert summary["step"] == 2 and summary["tokens"] == 2 * 8 * 32  # the global batch, not one process's share
+    records = [json.loads(line) for line in (two / ckpt.METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1]  # written once, not once per process
+    assert [r["step"] for r in records if "val_loss" in r] == [2]
+
+
+def test_two_processes_take_the_same_steps_as_one_with_the_whole_batch(runs):
+    result, two, one = runs
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = ckpt.load_checkpoint(one / ckpt.MODEL_FILE)
+    torch.manual_seed(5)
+    start = GPT(trained.config).state_dict()  # the weights before the first step
+    split = ckpt.load_checkpoint(two / ckpt.MODEL_FILE).state_dict
+    for k, whole in trained.state_dict.items():
+        assert (whole - start[k]).abs().max() > 1e-3, k  # every tensor moved (50x the tolerance)...
+        torch.testing.assert_close(split[k], whole, rtol=1e-4, atol=2e-5, msg=k)  # ...and alike in both runs
