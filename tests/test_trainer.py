@@ -250,3 +250,32 @@ def test_memory_mapped_corpus_trains_exactly_like_one_in_memory(tmp_path):
     a = ckpt.load_checkpoint(tmp_path / "held" / ckpt.MODEL_FILE).state_dict
     b = ckpt.load_checkpoint(tmp_path / "mapped" / ckpt.MODEL_FILE).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fp16_step(scaler):
+    from tfcli.model import GPT
+    from tfcli.optim import make_optimizer
+    from tfcli.trainer import train_step
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=7, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    ids = torch.randint(7, (4, 8), generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_step(model, model, opt, ids, ids.roll(-1, 1), torch.device("cpu"), torch.float16, 1.0, scaler)
+    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+    return loss, moved
+
+
+def test_float16_training_scales_the_loss_and_steps():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    loss, moved = _fp16_step(scaler)
+    assert math.isfinite(loss) and any(moved)
+    assert scaler.get_scale() == 2.0**10  # no overflow: the scale stays until its growth interval
+
+
+def test_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_lowered():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e30)  # the scaled loss overflows float16
+    _, moved = _fp16_step(scaler)
+    assert not any(moved)
+    assert scaler.get_scale() < 1e30

@@ -46,7 +46,7 @@ def flops_per_token(model: GPT) -> float:
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 12) -> float:
     """Best large-square-matmul rate: the ceiling the training figures are a share of."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)

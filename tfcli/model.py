@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 ROPE_BASE = 10_000.0
-EXPLICIT_MAX_T = 256  # CPU training: spelled-out attention up to this context, fused beyond
+EXPLICIT_MAX_T = 128  # CPU training: spelled-out attention up to this context, fused beyond
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +80,11 @@ class CausalSelfAttention(nn.Module):
 
     def _qkv(self, x, cos, sin):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rms_norm(q), rms_norm(k)  # QK-norm: logits stay bounded, so lr can be high
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v  # (B, H, T, D) each
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        # QK-norm keeps logits bounded, so lr can be high; q and k go through norm and rotation
+        # together: half the kernel launches, which is what a one-character decode step is made of
+        q, k = apply_rope(rms_norm(qkv[:2]), cos, sin)
+        return q, k, qkv[2]  # (B, H, T, D) each
 
     def forward(self, x, cos, sin, need_weights: bool = False):
         q, k, v = self._qkv(x, cos, sin)
@@ -97,8 +99,9 @@ class CausalSelfAttention(nn.Module):
         """Softmax attention spelled out, with its weights (fp32).
 
         Also the CPU training path for short contexts: PyTorch's fused CPU attention has a
-        slow backward, and at T <= 256 these small matmuls plus one fused softmax train a
-        step 1.3x faster (0.8M and 4.8M shapes, bf16, compiled; `tfcli bench`).
+        slow backward, and at T <= 128 these small matmuls plus one fused softmax train a
+        step 1.3x faster (0.8M and 4.8M shapes, bf16, compiled; `tfcli bench`). At 256 the
+        two tie, and beyond it the fused kernel saves the (T, T) scores' memory.
         """
         T = q.size(-2)
         scores = (q @ k.transpose(-2, -1)) * self.scale

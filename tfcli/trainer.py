@@ -152,13 +152,26 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * (1.0 - frac * (1.0 - cfg.min_lr_ratio))
 
 
-def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float) -> float:
-    """One optimizer step; returns the loss. `step_fn` is the model, or its compiled form."""
+def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float, scaler=None) -> float:
+    """One optimizer step; returns the loss. `step_fn` is the model, or its compiled form.
+
+    `scaler` (a GradScaler) is for float16, whose narrow range loses small gradients
+    unless the loss is scaled up first; bf16 has fp32's range and needs none.
+    """
     with autocast(device, dtype):
         _, loss = step_fn(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        for o in opt.optimizers:
+            scaler.unscale_(o)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        for o in opt.optimizers:  # skipped, and the scale lowered, when a gradient overflowed
+            scaler.step(o)
+        scaler.update()
     opt.zero_grad(set_to_none=True)
     return loss.item()
 
@@ -234,6 +247,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
            device: torch.device) -> Done:
     model_cfg = fit_context(replace(model_cfg, vocab_size=len(corpus.vocab)).validate(), corpus, on_event)
     dtype = pick_dtype(device, cfg.dtype)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     opt = make_optimizer(model, cfg, device)
@@ -306,7 +320,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = get_batch(corpus.train, cfg.batch_size, model_cfg.block_size, gen, device, rows)
-        loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip))
+        loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler))
         if not math.isfinite(loss_value):
             raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
         run.step += 1
