@@ -215,6 +215,7 @@ def test_one_item_per_line_corpus_trains(tmp_path):
     (["--n-embd", "-8"], ["--n-embd", "positive"]),
     (["--block-size", "0"], ["--block-size", "positive"]),
     (["--batch-size", "0"], ["--batch-size", "positive"]),
+    (["--grad-accum", "0"], ["--grad-accum", "positive"]),
     (["--lr", "0"], ["--lr", "positive"]),
     (["--time", "soon"], ["soon", "duration"]),
     (["--time", "0"], ["duration"]),

@@ -279,3 +279,36 @@ def test_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_lowered(
     _, moved = _fp16_step(scaler)
     assert not any(moved)
     assert scaler.get_scale() < 1e30
+
+
+def _one_step(accum: int):
+    from tfcli.model import GPT
+    from tfcli.optim import make_optimizer
+    from tfcli.trainer import train_step
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=9, n_layer=2, n_head=2, n_embd=16, block_size=8))
+    for p in model.parameters():  # non-zero projections, so every weight gets a gradient
+        torch.nn.init.normal_(p, std=0.2)
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    ids = torch.randint(9, (8, 9), generator=torch.Generator().manual_seed(2))
+    loss = train_step(model, model, opt, ids[:, :-1], ids[:, 1:], torch.device("cpu"), torch.float32, 1.0,
+                      accum=accum)
+    return loss, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_takes_the_whole_batch_step(accum):
+    loss, weights = _one_step(1)
+    loss_acc, weights_acc = _one_step(accum)
+    assert loss_acc == pytest.approx(loss, abs=1e-6)
+    for w, wa in zip(weights, weights_acc):
+        torch.testing.assert_close(wa, w, atol=2e-6, rtol=1e-5)
+
+
+def test_grad_accum_that_does_not_split_the_batch_is_refused(tmp_path):
+    corpus = load_corpus([write(tmp_path, "abcdefgh" * 40)])
+    cfg = TrainConfig(batch_size=6, grad_accum=4, max_steps=1)
+    with pytest.raises(UsageError, match="--grad-accum 4"):
+        train(corpus, ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8), cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / ckpt.MODEL_FILE).exists()

@@ -155,6 +155,8 @@ def train(
     block_size: Optional[int] = typer.Option(None, help="Context length in characters."),
     dropout: Optional[float] = typer.Option(None, help="Dropout rate \\[default: 0]."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per step."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step: the same step in less memory "
+                                             "\\[default: 1]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     seed: int = typer.Option(1337, help="Random seed (initialisation and batches)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
@@ -208,7 +210,8 @@ def train(
         base_model = ModelConfig(vocab_size=len(data.vocab), **picked)
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
-    train_cfg = with_overrides(base_train, batch_size=batch_size, lr=lr, eval_interval=eval_interval)
+    train_cfg = with_overrides(base_train, batch_size=batch_size, lr=lr, eval_interval=eval_interval,
+                               grad_accum=grad_accum)
     train_cfg = with_overrides(train_cfg, seed=seed, device=device, dtype=dtype, compile=compile_,
                                optimizer=optimizer)
     train_cfg = TrainConfig(**{**train_cfg.to_dict(), "max_steps": max_steps, "time_budget": budget}).validate()

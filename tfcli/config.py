@@ -51,6 +51,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per step and process: the same step in less memory
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # final lr as a share of lr, reached at the end of cooldown
     warmup_steps: int = 30
@@ -71,6 +72,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.batch_size <= 0:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.grad_accum <= 0:
+            raise UsageError(f"--grad-accum must be positive, got {self.grad_accum}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps <= 0:

@@ -152,20 +152,26 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * (1.0 - frac * (1.0 - cfg.min_lr_ratio))
 
 
-def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float, scaler=None) -> float:
+def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float, scaler=None,
+               accum: int = 1) -> float:
     """One optimizer step; returns the loss. `step_fn` is the model, or its compiled form.
 
-    `scaler` (a GradScaler) is for float16, whose narrow range loses small gradients
-    unless the loss is scaled up first; bf16 has fp32's range and needs none.
+    With `accum` > 1 the batch goes through in that many equal micro-batches whose
+    gradients add up to the whole batch's: the same step in a fraction of the activation
+    memory. `scaler` (a GradScaler) is for float16, whose narrow range loses small
+    gradients unless the loss is scaled up first; bf16 has fp32's range and needs none.
     """
-    with autocast(device, dtype):
-        _, loss = step_fn(x, y)
+    total = torch.zeros((), device=x.device)
+    for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+        with autocast(device, dtype):
+            _, loss = step_fn(xs, ys)
+        loss = loss / accum
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        total += loss.detach()
     if scaler is None:
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
     else:
-        scaler.scale(loss).backward()
         for o in opt.optimizers:
             scaler.unscale_(o)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -173,7 +179,7 @@ def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float, 
             scaler.step(o)
         scaler.update()
     opt.zero_grad(set_to_none=True)
-    return loss.item()
+    return total.item()
 
 
 def config_hash(model_cfg: ModelConfig, corpus: Corpus) -> str:
@@ -259,6 +265,9 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     if world.is_main:
         ckpt.make_run_dir(run_dir)
     rows = world.share(cfg.batch_size)
+    if (rows.stop - rows.start) % cfg.grad_accum:
+        raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's {rows.stop - rows.start} "
+                         f"sequences evenly; pick a divisor of it")
     val_ids = val_sample(corpus.val, cfg.eval_tokens)
     if not val_ids:
         on_event(Notice("no validation text (too short); training without validation"))
@@ -320,7 +329,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = get_batch(corpus.train, cfg.batch_size, model_cfg.block_size, gen, device, rows)
-        loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler))
+        loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler,
+                                                    cfg.grad_accum))
         if not math.isfinite(loss_value):
             raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
         run.step += 1
