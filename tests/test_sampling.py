@@ -202,3 +202,13 @@ def test_repeat_last_n_zero_turns_the_penalties_off():
     cfg = SampleConfig(repeat_penalty=2.0, presence_penalty=1.0, repeat_last_n=0)
     assert torch.equal(filter_logits(logits, cfg, history), logits)
     assert not torch.equal(filter_logits(logits, SampleConfig(repeat_penalty=2.0), history), logits)
+
+
+@pytest.mark.slow  # compiling the decode step takes seconds
+def test_compiled_decode_samples_the_same_text_as_eager_past_the_context(model):
+    n = 3 * model.config.block_size  # through the ring's wrap, where the mask switches to "all slots"
+    for cfg in (SampleConfig(max_new_tokens=n, temperature=0.0, seed=1),
+                SampleConfig(max_new_tokens=n, temperature=1.0, top_k=5, seed=3)):
+        eager = text_of(model, "he", cfg)
+        compiled = text_of(model, "he", SampleConfig(**{**cfg.__dict__, "compile": True}))
+        assert compiled == eager

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -91,12 +91,15 @@ def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0
     return {"tokens_per_s": tps, "gflops": tps * flops_per_token(model) / 1e9, "params": model.num_params()}
 
 
-def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3) -> dict:
+def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compile: bool = False) -> dict:
+    """Steady-state chars/s; with `compile`, after one untimed generation that compiles the step."""
     model = _model(shape, device)
     for p in model.parameters():  # non-zero weights, so the work is real
         torch.nn.init.normal_(p, std=0.02)
     vocab = Vocab("".join(chr(33 + i) for i in range(VOCAB)))
-    cfg = SampleConfig(max_new_tokens=n_chars, temperature=1.0, seed=0)
+    cfg = SampleConfig(max_new_tokens=n_chars, temperature=1.0, seed=0, compile=compile)
+    if compile:
+        sum(1 for _ in generate(model, vocab, "!", replace(cfg, max_new_tokens=2)))
     rates = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -120,4 +123,7 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
     for name in ("0.8M", "10.7M"):
         if shapes is None or name in shapes:
             result["sample"][name] = sample_speed(SHAPES[name], device)
+    if (shapes is None or "0.8M" in shapes) and compile:  # `sample --compile` pays off at this size only
+        fast = sample_speed(SHAPES["0.8M"], device, n_chars=2000, compile=True)
+        result["sample"]["0.8M"]["compiled_chars_per_s"] = fast["chars_per_s"]
     return result

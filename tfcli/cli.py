@@ -309,6 +309,8 @@ def sample(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
+    compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (~15 s first, then ~3x faster "
+                                  "for small models): for long generations."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
     interactive: bool = typer.Option(False, "--interactive", "-i",
                                      help="Keep going: type text to add, the model continues after each line; "
@@ -326,7 +328,8 @@ def sample(
     if interactive:
         check_interactive(num_samples, as_json, stream, prompt, prompt_file)
     cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                       presence_penalty, frequency_penalty, seed, num_samples, tuple(stop or ())).validate()
+                       presence_penalty, frequency_penalty, seed, num_samples, tuple(stop or ()),
+                       compile_).validate()
     text = read_prompt(prompt, prompt_file)
     model = load(model_path, device)
     text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
@@ -713,9 +716,12 @@ def bench(
     for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s"):
         t.add_column(col, justify="right")
     for name, r in result["train"].items():
-        sample_rate = result["sample"].get(name, {}).get("chars_per_s")
+        s = result["sample"].get(name, {})
+        rate = f"{s['chars_per_s']:,.0f}" if s else "–"
+        if "compiled_chars_per_s" in s:
+            rate += f" ({s['compiled_chars_per_s']:,.0f} with --compile)"
         t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
-                  f"{r['peak_fraction']:.0%}", f"{sample_rate:,.0f}" if sample_rate else "–")
+                  f"{r['peak_fraction']:.0%}", rate)
     stdout.print(t)
 
 

@@ -159,6 +159,7 @@ class SampleConfig:
     seed: int | None = None
     num_samples: int = 1
     stop: tuple[str, ...] = ()
+    compile: bool = False  # compile the decode step: pays off for small models and long generations
 
     def validate(self) -> SampleConfig:
         if self.max_new_tokens < 0:

@@ -127,6 +127,7 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iter
     pos, keep = ids.size(1), max(cfg.repeat_last_n, 1)
     history = ids[:, -keep:]
     matchers = [StopMatcher(cfg.stop) for _ in range(B)]
+    decode = model.compiled_decoder() if cfg.compile else model.decode
     for _ in range(cfg.max_new_tokens):
         nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, gen)
         logprobs = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].tolist()
@@ -135,7 +136,7 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iter
         yield Piece([m.feed(c) for m, c in zip(matchers, chars)], chars, logprobs)
         if all(m.done for m in matchers):
             return
-        logits = model.decode(nxt, pos, cache)
+        logits = decode(nxt, pos, cache)
         pos += 1
     tail = [m.flush() for m in matchers]
     if any(tail):
