@@ -242,8 +242,9 @@ class GPT(nn.Module):
 
     def compiled_decoder(self):
         """`decode`, compiled with a C++ wrapper: a small model's step is mostly per-op overhead,
-        which this removes (0.8M: 2.7K vs 0.9K chars/s here), at ~15 s of compiling the first
-        time. Larger models lose (10.7M: 111 vs 186), as inductor's one-row matmuls are slower."""
+        which this removes (nanoGPT's 0.8M shape samples 2.3K instead of 1.1K chars/s here), at
+        3-15 s of compiling. Larger models gain nothing (10.7M: 111 vs 186 for the bare step), as
+        inductor's one-row matmuls are no faster than eager ones."""
         if "_compiled_step" not in self.__dict__:
             self._compiled_step = torch.compile(self.decode_step, dynamic=False, options={"cpp_wrapper": True})
 
