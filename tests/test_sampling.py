@@ -212,3 +212,45 @@ def test_compiled_decode_samples_the_same_text_as_eager_past_the_context(model):
         eager = text_of(model, "he", cfg)
         compiled = text_of(model, "he", SampleConfig(**{**cfg.__dict__, "compile": True}))
         assert compiled == eager
+
+
+def test_decode_dtype_halves_weights_only_for_models_that_outgrow_the_cache(model, monkeypatch):
+    import tfcli.device
+    import tfcli.sampling as sampling
+    assert sampling.decode_dtype(model, 1) == torch.float32  # a test model is tiny
+    assert sampling.decode_dtype(model, 1, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
+    assert sampling.decode_dtype(model, 1) == torch.float16
+    monkeypatch.setattr(tfcli.device, "cpu_has_native_bf16", lambda: True)
+    assert sampling.decode_dtype(model, 16) == torch.bfloat16
+    monkeypatch.setattr(tfcli.device, "cpu_has_native_bf16", lambda: False)
+    assert sampling.decode_dtype(model, 16) == torch.float32
+
+
+def test_float16_greedy_text_matches_float32_on_a_small_model(model):
+    cfg = SampleConfig(max_new_tokens=3 * model.config.block_size, temperature=0.0, seed=1)
+    exact = text_of(model, "he", cfg)
+    assert text_of(model, "he", SampleConfig(**{**cfg.__dict__, "dtype": "float16"})) == exact
+
+
+def test_logprobs_can_be_left_out():
+    from tfcli.sampling import generate_pieces
+    from conftest import make_model
+    from tfcli.corpus import Vocab
+    m = make_model(Vocab.from_text("abc"))
+    pieces = list(generate_pieces(m, m.vocab, "a", SampleConfig(max_new_tokens=3, seed=1), logprobs=False))
+    assert [p.logprobs for p in pieces] == [None] * 3
+    with_lp = list(generate_pieces(m, m.vocab, "a", SampleConfig(max_new_tokens=3, seed=1)))
+    assert [p.chars for p in pieces] == [p.chars for p in with_lp]
+    assert all(lp[0] <= 0 for lp in (p.logprobs for p in with_lp))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_pick_draws_each_token_with_its_tempered_probability(temperature):
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    draws = pick(LOGITS.expand(n, -1), temperature, gen)
+    freq = torch.bincount(draws, minlength=len(PROBS)).double() / n
+    expected = torch.tensor(PROBS, dtype=torch.double) ** (1 / temperature)
+    expected /= expected.sum()
+    assert (freq - expected).abs().max() < 0.01  # 4 standard errors at n = 40,000

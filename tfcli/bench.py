@@ -19,7 +19,7 @@ from .corpus import Vocab
 from .device import autocast, pick_device, pick_dtype, should_compile
 from .model import GPT
 from .optim import make_optimizer
-from .sampling import generate
+from .sampling import decode_dtype, generate
 from .trainer import train_step
 
 
@@ -91,21 +91,25 @@ def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0
     return {"tokens_per_s": tps, "gflops": tps * flops_per_token(model) / 1e9, "params": model.num_params()}
 
 
-def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compile: bool = False) -> dict:
-    """Steady-state chars/s; with `compile`, after one untimed generation that compiles the step."""
+def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compile: bool = False,
+                 batch: int = 1) -> dict:
+    """Steady-state chars/s per sample; with `compile`, after one untimed generation that compiles
+    the step. Weights in the precision `sample` picks (sampling.decode_dtype)."""
     model = _model(shape, device)
     for p in model.parameters():  # non-zero weights, so the work is real
         torch.nn.init.normal_(p, std=0.02)
     vocab = Vocab("".join(chr(33 + i) for i in range(VOCAB)))
-    cfg = SampleConfig(max_new_tokens=n_chars, temperature=1.0, seed=0, compile=compile)
+    cfg = SampleConfig(max_new_tokens=n_chars, temperature=1.0, seed=0, compile=compile, num_samples=batch)
     if compile:
-        sum(1 for _ in generate(model, vocab, "!", replace(cfg, max_new_tokens=2)))
+        # past a full ring, so every graph the generation needs is built before the clock starts
+        sum(1 for _ in generate(model, vocab, "!", replace(cfg, max_new_tokens=2 * shape.block_size)))
     rates = []
     for _ in range(reps):
         t = time.perf_counter()
         n = sum(1 for _ in generate(model, vocab, "!", cfg))
         rates.append(n / (time.perf_counter() - t))
-    return {"chars_per_s": statistics.median(rates)}
+    dtype = str(decode_dtype(model, batch)).replace("torch.", "")
+    return {"chars_per_s": statistics.median(rates), "dtype": dtype}
 
 
 def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | None = None,
@@ -122,7 +126,9 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
         result["train"][name] = r
     for name in ("0.8M", "10.7M"):
         if shapes is None or name in shapes:
-            result["sample"][name] = sample_speed(SHAPES[name], device)
+            one = result["sample"][name] = sample_speed(SHAPES[name], device)
+            sixteen = sample_speed(SHAPES[name], device, n_chars=200, reps=1, batch=16)
+            one["num_samples_16_cost"] = one["chars_per_s"] / sixteen["chars_per_s"]  # x one sample's time
     if (shapes is None or "0.8M" in shapes) and compile:  # `sample --compile` pays off at this size only
         fast = sample_speed(SHAPES["0.8M"], device, n_chars=2000, compile=True)
         result["sample"]["0.8M"]["compiled_chars_per_s"] = fast["chars_per_s"]

@@ -160,6 +160,7 @@ class SampleConfig:
     num_samples: int = 1
     stop: tuple[str, ...] = ()
     compile: bool = False  # compile the decode step: pays off for small models and long generations
+    dtype: str = "auto"  # the weights' precision while sampling (see sampling.decode_dtype)
 
     def validate(self) -> SampleConfig:
         if self.max_new_tokens < 0:
@@ -178,4 +179,6 @@ class SampleConfig:
             raise UsageError(f"--num-samples must be positive, got {self.num_samples}")
         if any(not s for s in self.stop):
             raise UsageError("--stop strings must not be empty")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise UsageError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         return self

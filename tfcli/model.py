@@ -42,31 +42,61 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once, written as a ring of block_size slots.
+    """Keys and values of every layer, allocated once, written as a ring of block_size slots,
+    plus the weights the cached steps compute with, in the cache's dtype (activations, keys
+    and values are float32 whatever it is).
 
     Position p lives in slot p % block_size. Keys are stored already rotated, and rotary
     attention depends only on relative position, so the order of slots is irrelevant.
-    Everything a decode step indexes (rotary angles, masks, slot numbers) is made here
+    Everything a decode step indexes (rotary tables, masks, slot numbers) is made here
     once, so the step itself allocates nothing but its activations.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, device, dtype):
+    def __init__(self, model: GPT, batch: int, dtype: torch.dtype):
+        cfg, device = model.config, model.head.weight.device
         T = cfg.block_size
-        shape = (cfg.n_layer, batch, cfg.n_head, T, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros((cfg.n_layer, 2, batch, cfg.n_head, T, cfg.head_dim), device=device)
         self.masks = torch.ones(T, T, dtype=torch.bool, device=device).tril().view(T, 1, 1, 1, T)
         self.slots = torch.arange(T, device=device)
         self.head_dim, self.size = cfg.head_dim, T
-        self.cos, self.sin = rope_angles(torch.arange(4 * T, device=device), cfg.head_dim)
+        self.cos, self.sin = rotary_tables(4 * T, cfg.head_dim, device)
+        self.weights = model.inference_weights(dtype)
 
     def step(self, pos: int):
         """cos, sin, slot and attention mask (None once the ring is full) for position `pos`."""
-        if pos >= self.cos.size(0):  # generation ran long: extend the angle table, doubling
-            self.cos, self.sin = rope_angles(torch.arange(2 * pos, device=self.k.device), self.head_dim)
+        if pos >= self.cos.size(0):  # generation ran long: extend the tables, doubling
+            self.cos, self.sin = rotary_tables(2 * pos, self.head_dim, self.kv.device)
         slot = pos % self.size
         mask = self.masks[pos] if pos < self.size else None
         return self.cos[pos:pos + 1], self.sin[pos:pos + 1], self.slots[slot:slot + 1], mask
+
+
+def rotary_tables(n: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width tables (n, head_dim) for `rotate`: cos|cos and -sin|sin."""
+    cos, sin = rope_angles(torch.arange(n, device=device), head_dim)
+    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in three kernels instead of nine: flipping the two halves of each head gives
+    (x2, x1), which the -sin|sin table turns into the rotation's second term."""
+    halves = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, halves, sin)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x|: RMSNorm without its sqrt(d), which the cached steps fold into the next weights."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-30)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Activations stay float32; only weights may be half (their bytes are what a step reads)."""
+    return F.linear(x, w) if x.dtype == w.dtype else F.linear(x.to(w.dtype), w).float()
+
+
+def add_linear(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x + y @ w.T, in one kernel (addmm) when nothing needs casting."""
+    return torch.addmm(x, y, w.t()) if x.dtype == w.dtype else x + linear(y, w)
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,22 +139,6 @@ class CausalSelfAttention(nn.Module):
         weights = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
         dropped = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
         return dropped.to(v.dtype) @ v, weights
-
-    def prefill(self, x, cos, sin, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        """Causal attention over a prompt that starts at position 0, filling the cache."""
-        q, k, v = self._qkv(x, cos, sin)
-        T = x.size(1)
-        k_cache[:, :, :T] = k
-        v_cache[:, :, :T] = v
-        return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale))
-
-    def decode(self, x, cos, sin, k_cache, v_cache, slot: torch.Tensor, mask: torch.Tensor | None):
-        """One new position per sequence: write its key/value to `slot`, attend over valid slots."""
-        q, k, v = self._qkv(x, cos, sin)
-        k_cache.index_copy_(2, slot, k)
-        v_cache.index_copy_(2, slot, v)
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=self.scale)
-        return self._out(y)
 
     def _out(self, y):
         B, H, T, D = y.shape
@@ -213,43 +227,79 @@ class GPT(nn.Module):
         return self.head(rms_norm(x)).float()
 
     # -- KV-cached inference ------------------------------------------------------------
+    # The cached steps are plain functions of tensors (no modules, no Python ints), in as few
+    # kernels as the maths allows: a one-character step of a small model is made of per-kernel
+    # overhead, and a large one's is made of reading its weights.
+
+    def inference_weights(self, dtype: torch.dtype) -> tuple:
+        """(embedding, per-layer (qkv, proj, fc, out), head) in `dtype`, with the sqrt(d) of each
+        RMSNorm folded into the weights that read its output (see `unit`). Made once per dtype
+        and kept until a parameter changes (tensors count their in-place writes in `_version`),
+        so that generations reuse them and a compiled step stays valid."""
+        key = (dtype, tuple(p._version for p in self.parameters()))
+        if self.__dict__.get("_weights_key") != key:
+            root_d = self.config.n_embd ** 0.5
+
+            def w(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+                return (t.detach().float() * scale).to(dtype)
+            layers = tuple((w(b.attn.qkv.weight, root_d), w(b.attn.proj.weight), w(b.mlp.fc.weight, root_d),
+                            w(b.mlp.proj.weight)) for b in self.blocks)
+            self._weights, self._weights_key = (w(self.wte.weight), layers, w(self.head.weight, root_d)), key
+        return self._weights
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
-        p = self.head.weight
-        return KVCache(self.config, batch, p.device, dtype or p.dtype)
+        return KVCache(self, batch, dtype or self.head.weight.dtype)
 
     def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits of the last position of a prompt (at most block_size long), filling the cache."""
         T = idx.size(1)
-        x = self.wte(idx)
-        for i, block in enumerate(self.blocks):
-            x = x + block.attn.prefill(rms_norm(x), self.cos[:T], self.sin[:T], cache.k[i], cache.v[i])
-            x = x + block.mlp(rms_norm(x))
-        return self.head(rms_norm(x[:, -1:])).float()[:, 0]
+        return cached_step(idx, cache.cos[:T], cache.sin[:T], None, None, cache.kv, cache.weights, self.config.n_head)
 
     def decode(self, idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) for one new token per sequence at absolute position `pos`."""
         cos, sin, slot, mask = cache.step(pos)
-        return self.decode_step(idx, cos, sin, slot, mask, cache.k, cache.v)
+        return cached_step(idx.view(-1, 1), cos, sin, slot, mask, cache.kv, cache.weights, self.config.n_head)
 
-    def decode_step(self, idx, cos, sin, slot, mask, k_cache, v_cache) -> torch.Tensor:
-        """The decode step on tensors alone (no Python ints), so that it can be compiled once."""
-        x = self.wte(idx.view(-1, 1))
-        for i, block in enumerate(self.blocks):
-            x = x + block.attn.decode(rms_norm(x), cos, sin, k_cache[i], v_cache[i], slot, mask)
-            x = x + block.mlp(rms_norm(x))
-        return self.head(rms_norm(x)).float()[:, 0]
-
-    def compiled_decoder(self):
-        """`decode`, compiled with a C++ wrapper: a small model's step is mostly per-op overhead,
-        which this removes (nanoGPT's 0.8M shape samples 2.3K instead of 1.1K chars/s here), at
-        3-15 s of compiling. Larger models gain nothing (10.7M: 111 vs 186 for the bare step), as
-        inductor's one-row matmuls are no faster than eager ones."""
-        if "_compiled_step" not in self.__dict__:
-            self._compiled_step = torch.compile(self.decode_step, dynamic=False, options={"cpp_wrapper": True})
+    def compiled_decoder(self, cache: KVCache):
+        """`decode` for this cache's weights, compiled with a C++ wrapper and the weights as
+        constants: a small model's step is mostly per-kernel overhead, which this removes, at
+        3-10 s of compiling (once per process and weights)."""
+        weights, n_head = cache.weights, self.config.n_head
+        if self.__dict__.get("_compiled_for") is not weights:
+            def step(idx, cos, sin, slot, mask, kv):
+                return cached_step(idx, cos, sin, slot, mask, kv, weights, n_head)
+            self._compiled_step = torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
+            self._compiled_for = weights
+        compiled = self._compiled_step
 
         def decode(idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
             cos, sin, slot, mask = cache.step(pos)
             full = cache.masks[cache.size - 1]  # every slot valid: one graph for the whole generation
-            return self._compiled_step(idx, cos, sin, slot, full if mask is None else mask, cache.k, cache.v)
+            return compiled(idx.view(-1, 1), cos, sin, slot, full if mask is None else mask, cache.kv)
         return decode
+
+
+def cached_step(idx, cos, sin, slot, mask, kv, weights, n_head: int) -> torch.Tensor:
+    """Logits (B, V) after the last of `idx` (B, T). With `slot`, one new position per sequence
+    whose key and value go to that ring slot (decode); without, a prompt from position 0 (prefill).
+    Keys are cached unit-length, so attention scales by sqrt(head_dim) where RMSNorm'd keys
+    would have divided by it."""
+    wte, layers, head = weights
+    x = F.embedding(idx, wte).float()
+    B, T, C = x.shape
+    D = C // n_head
+    x = x.view(B * T, C)  # two dimensions: what addmm takes
+    for (w_qkv, w_proj, w_fc, w_out), kv_i in zip(layers, kv):  # unbinding: one op, not one per index
+        qkv = linear(unit(x), w_qkv).view(B, T, 3, n_head, D).permute(2, 0, 3, 1, 4)
+        q, k = rotate(unit(qkv[:2]), cos, sin)
+        v = qkv[2]
+        if slot is None:
+            kv_i[:, :, :, :T] = torch.stack((k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** 0.5)
+        else:
+            kv_i.index_copy_(3, slot, torch.stack((k, v)))
+            keys, values = kv_i
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=D ** 0.5)
+        x = add_linear(x, y.transpose(1, 2).reshape(B * T, C), w_proj)
+        x = add_linear(x, torch.relu_(linear(unit(x), w_fc)).square_(), w_out)
+    return linear(unit(x.view(B, T, C)[:, -1]), head)

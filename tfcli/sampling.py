@@ -20,7 +20,7 @@ from .corpus import Vocab
 
 def filter_logits(logits: torch.Tensor, cfg: SampleConfig, history: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, V) after penalties and truncation; removed tokens get -inf. Temperature not applied."""
-    logits = logits.float().clone()
+    logits = logits.float()  # every filter below is out of place: the caller's logits stay intact
     if history is not None and history.numel() and cfg.repeat_last_n > 0 and _has_penalties(cfg):
         logits = apply_penalties(logits, history[:, -cfg.repeat_last_n:], cfg)
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
@@ -59,15 +59,42 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """The argmax at temperature 0; otherwise a draw from `tempered`, by racing exponential clocks:
+    the first of independent Exp(rate p_i) clocks to ring is token i with probability p_i. Exact,
+    and a third of `torch.multinomial`'s cost on one row (its per-call set-up dominates here)."""
     if temperature < 1e-5:  # 0 is greedy; below float32's reach, sampling is greedy in the limit too
         return logits.argmax(-1)
-    return torch.multinomial(tempered(logits, temperature), 1, generator=generator)[:, 0]
+    probs = tempered(logits, temperature)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The probabilities (B, V) that sampling at this (non-zero) temperature draws from."""
-    scaled = (logits - logits.max(-1, keepdim=True).values) / temperature  # max first: no inf/inf at tiny T
-    return scaled.softmax(-1)
+    return (logits / temperature).softmax(-1)  # above pick's greedy cut, |logits| / T stays finite
+
+
+HALF_WEIGHTS_FROM = 8 << 20  # bytes of float32 weights; see decode_dtype
+
+
+def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
+    """Half-precision weights for CPU models whose float32 weights outgrow a last-level cache.
+
+    A one-character step reads every weight once, so a big model's step is bound by memory
+    bandwidth: the 10.7M shape (43 MB of float32) decodes about 3x faster from half as many
+    bytes here. float16 for one or two sequences (PyTorch's CPU kernel for those row counts
+    was the fastest, ahead of bfloat16's), bfloat16 for batches where the CPU computes it
+    natively (float16's kernel for 16 rows was 6x slower than bfloat16's), float32 otherwise.
+    """
+    from .device import cpu_has_native_bf16
+
+    if name != "auto":
+        return getattr(torch, name)
+    small = sum(t.numel() for t in model.parameters()) * 4 < HALF_WEIGHTS_FROM
+    if small or model.head.weight.device.type != "cpu":
+        return torch.float32
+    if batch <= 2:
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def new_seed() -> int:
@@ -111,36 +138,38 @@ class Piece:
 
     texts: list[str]  # text now safe to show ("" while held back for a possible stop string, or once stopped)
     chars: list[str]  # the character just sampled
-    logprobs: list[float]  # its log-probability under the model, before penalties, filters and temperature
+    logprobs: list[float] | None  # its log-probability under the model, before penalties, filters and
+    # temperature (None unless asked for: a step of a small model costs less than computing it)
 
 
 @torch.inference_mode()
-def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[Piece]:
+def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:
     """Prefill the prompt's last block_size characters, then one cached decode step per character."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
     B, T = cfg.num_samples, model.config.block_size
     ids = context_ids(vocab, prompt, T, device).repeat(B, 1)
-    cache = model.new_cache(B)
+    cache = model.new_cache(B, decode_dtype(model, B, cfg.dtype))
     logits = model.prefill(ids, cache)
     pos, keep = ids.size(1), max(cfg.repeat_last_n, 1)
-    history = ids[:, -keep:]
+    history = ids[:, -keep:] if _has_penalties(cfg) else None
     matchers = [StopMatcher(cfg.stop) for _ in range(B)]
-    decode = model.compiled_decoder() if cfg.compile else model.decode
+    decode = model.compiled_decoder(cache) if cfg.compile else model.decode
     for _ in range(cfg.max_new_tokens):
         nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, gen)
-        logprobs = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].tolist()
-        history = torch.cat([history[:, 1 - keep:] if keep > 1 else history[:, :0], nxt[:, None]], dim=1)
+        lps = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].tolist() if logprobs else None
+        if history is not None:
+            history = torch.cat([history[:, 1 - keep:] if keep > 1 else history[:, :0], nxt[:, None]], dim=1)
         chars = [vocab.chars[i] for i in nxt.tolist()]
-        yield Piece([m.feed(c) for m, c in zip(matchers, chars)], chars, logprobs)
+        yield Piece([m.feed(c) for m, c in zip(matchers, chars)], chars, lps)
         if all(m.done for m in matchers):
             return
         logits = decode(nxt, pos, cache)
         pos += 1
     tail = [m.flush() for m in matchers]
     if any(tail):
-        yield Piece(tail, [""] * B, [0.0] * B)
+        yield Piece(tail, [""] * B, [0.0] * B if logprobs else None)
 
 
 @torch.inference_mode()
@@ -150,7 +179,7 @@ def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[
     the one `generate_pieces` would start from, so the two agree on the first character."""
     model.eval()
     ids = context_ids(vocab, text, model.config.block_size, next(model.parameters()).device)
-    logits = model.prefill(ids, model.new_cache(1))
+    logits = model.prefill(ids, model.new_cache(1, decode_dtype(model, 1, cfg.dtype)))
     filtered = filter_logits(logits, cfg, ids[:, -max(cfg.repeat_last_n, 1):])
     if cfg.temperature < 1e-5:
         sampled = torch.nn.functional.one_hot(filtered.argmax(-1), filtered.size(-1)).float()
@@ -165,7 +194,7 @@ def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[li
     `cfg.seed` should be set (the caller chooses and reports a random one), so that the
     same seed and settings reproduce the same text.
     """
-    for piece in generate_pieces(model, vocab, prompt, cfg):
+    for piece in generate_pieces(model, vocab, prompt, cfg, logprobs=False):
         yield piece.texts
 
 
@@ -188,6 +217,6 @@ class Aligned:
 def collect(pieces, n: int) -> list[tuple[str, list[float]]]:
     rows = [Aligned() for _ in range(n)]
     for piece in pieces:
-        for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs):
+        for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs or [None] * n):
             row.add(shown, char, lp)
     return [(r.text, r.logprobs) for r in rows]

@@ -1,0 +1,25 @@
+"""The benchmark's report, on shapes small enough for a test (no speed is asserted)."""
+
+import json
+
+from typer.testing import CliRunner
+
+import tfcli.bench as bench
+from tfcli.cli import app
+
+
+def test_bench_json_reports_every_figure_the_issue_names(monkeypatch):
+    monkeypatch.setattr(bench, "SHAPES", {"0.8M": bench.Shape(1, 1, 16, 8, 2), "4.8M": bench.Shape(1, 2, 16, 8, 2),
+                                          "10.7M": bench.Shape(2, 2, 16, 8, 2)})
+    monkeypatch.setattr(bench, "peak_gflops", lambda *a, **k: 100.0)
+    result = CliRunner().invoke(app, ["bench", "--json", "--no-compile", "--seconds", "0.05", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["train"]) == {"0.8M", "4.8M", "10.7M"}
+    for r in report["train"].values():
+        assert r["tokens_per_s"] > 0 and r["gflops"] > 0
+        assert abs(r["peak_fraction"] - r["gflops"] / 100.0) < 1e-9
+    assert set(report["sample"]) == {"0.8M", "10.7M"}
+    for s in report["sample"].values():
+        assert s["chars_per_s"] > 0 and s["num_samples_16_cost"] > 0 and s["dtype"] == "float32"
+    assert report["device"] == "cpu"
