@@ -220,3 +220,11 @@ def test_inference_weights_are_reused_until_a_parameter_changes():
     again = model.inference_weights(torch.float32)
     assert again is not first
     torch.testing.assert_close(again[2], (model.head.weight * model.config.n_embd ** 0.5))
+
+
+def test_a_model_made_under_inference_mode_can_still_sample():
+    with torch.inference_mode():
+        model = make_model(VOCAB)
+        cache = model.new_cache(1)
+        logits = model.prefill(random_ids(1, 4), cache)
+    assert torch.isfinite(logits).all()

@@ -236,8 +236,10 @@ class GPT(nn.Module):
         RMSNorm folded into the weights that read its output (see `unit`). Made once per dtype
         and kept until a parameter changes (tensors count their in-place writes in `_version`),
         so that generations reuse them and a compiled step stays valid."""
-        key = (dtype, tuple(p._version for p in self.parameters()))
-        if self.__dict__.get("_weights_key") != key:
+        params = list(self.parameters())
+        # weights made under inference_mode count no writes: for those, make them every time
+        key = None if any(p.is_inference() for p in params) else (dtype, tuple(p._version for p in params))
+        if key is None or self.__dict__.get("_weights_key") != key:
             root_d = self.config.n_embd ** 0.5
 
             def w(t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
