@@ -312,3 +312,22 @@ def test_grad_accum_that_does_not_split_the_batch_is_refused(tmp_path):
     with pytest.raises(UsageError, match="--grad-accum 4"):
         train(corpus, ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8), cfg, tmp_path / "run")
     assert not (tmp_path / "run" / ckpt.MODEL_FILE).exists()
+
+
+def test_each_group_follows_the_schedule_times_its_lr_scale(tmp_path, monkeypatch):
+    import tfcli.trainer as trainer_module
+    from tfcli.optim import EMBEDDING_LR_SCALE
+    seen = []
+    real_step = trainer_module.train_step
+
+    def spy(step_fn, model, opt, *args, **kwargs):
+        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        seen.append((lrs[id(model.wte.weight)], lrs[id(model.head.weight)], lrs[id(model.blocks[0].mlp.fc.weight)]))
+        return real_step(step_fn, model, opt, *args, **kwargs)
+    monkeypatch.setattr(trainer_module, "train_step", spy)
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    train(corpus, MODEL, replace(TRAIN, max_steps=3, optimizer="muon"), tmp_path / "run")
+    assert len(seen) == 3
+    for step, (embedding, head, hidden) in enumerate(seen):
+        assert hidden == head == pytest.approx(lr_at(step / 3, step, replace(TRAIN, max_steps=3)))
+        assert embedding == pytest.approx(EMBEDDING_LR_SCALE * head)

@@ -327,7 +327,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             break
         lr = lr_at(progress, run.step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         x, y = get_batch(corpus.train, cfg.batch_size, model_cfg.block_size, gen, device, rows)
         loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler,
                                                     cfg.grad_accum))
