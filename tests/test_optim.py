@@ -66,3 +66,15 @@ def test_every_parameter_is_optimized_once(optimizer):
         assert {id(p) for g in muon.param_groups for p in g["params"]} == hidden
         outer = [p for n, p in model.named_parameters() if n in ("wte.weight", "head.weight")]
         assert not any(id(p) in hidden for p in outer)
+
+
+def test_parameters_keep_the_model_order_across_groups():
+    # resume state is stored by position in opt.params(): splitting a group must not reorder it
+    from conftest import make_model
+    from tfcli.config import TrainConfig
+    from tfcli.corpus import Vocab
+    model = make_model(Vocab.from_text("abc"))
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    hidden = [p for n, p in model.named_parameters() if is_hidden_matrix(n, p)]
+    rest = [p for n, p in model.named_parameters() if not is_hidden_matrix(n, p)]
+    assert [id(p) for p in opt.params()] == [id(p) for p in hidden + rest]

@@ -723,17 +723,16 @@ def bench(
     from rich.table import Table
     t = Table(title=f"tfcli bench: {result['device']}, {result['dtype']}"
                     f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)")
-    for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s"):
+    for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s", "--compile",
+                "16 samples"):
         t.add_column(col, justify="right")
     for name, r in result["train"].items():
         s = result["sample"].get(name, {})
-        rate = f"{s['chars_per_s']:,.0f} ({s['dtype']})" if s else "–"
-        if "compiled_chars_per_s" in s:
-            rate += f", {s['compiled_chars_per_s']:,.0f} with --compile"
-        if "num_samples_16_cost" in s:
-            rate += f"; 16 samples: {s['num_samples_16_cost']:.1f}x one's time"
+        rate = f"{s['chars_per_s']:,.0f} {s['dtype']}" if s else "–"
+        compiled = f"{s['compiled_chars_per_s']:,.0f}" if "compiled_chars_per_s" in s else "–"
+        batch = f"{s['num_samples_16_cost']:.1f}x one's time" if "num_samples_16_cost" in s else "–"
         t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
-                  f"{r['peak_fraction']:.0%}", rate)
+                  f"{r['peak_fraction']:.0%}", rate, compiled, batch)
     stdout.print(t)
 
 
