@@ -309,7 +309,7 @@ def sample(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
-    compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first, then up to 1.5x "
+    compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first, then up to 1.4x "
                                   "faster for small models): for long generations."),
     dtype: str = typer.Option("auto", help="Weights while sampling: auto (float16 for CPU models over 8 MB, "
                               "bfloat16 for their batches), float32, float16 or bfloat16."),
