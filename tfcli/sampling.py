@@ -65,7 +65,8 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -
     if temperature < 1e-5:  # 0 is greedy; below float32's reach, sampling is greedy in the limit too
         return logits.argmax(-1)
     probs = tempered(logits, temperature)
-    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+    clocks = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)  # 0/0 would win argmax
+    return (probs / clocks).argmax(-1)
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -144,7 +145,8 @@ class Piece:
 
 @torch.inference_mode()
 def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:
-    """Prefill the prompt's last block_size characters, then one cached decode step per character."""
+    """Prefill the prompt's last block_size characters, then one cached decode step per character.
+    `logprobs=False` leaves Piece.logprobs None (it costs a few kernels per character)."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
