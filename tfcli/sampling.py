@@ -109,6 +109,8 @@ class StopMatcher:
         self.stops, self.buffer, self.done = stops, "", False
 
     def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
         if self.done:
             return ""
         self.buffer += text
