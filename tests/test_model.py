@@ -228,3 +228,44 @@ def test_a_model_made_under_inference_mode_can_still_sample():
         cache = model.new_cache(1)
         logits = model.prefill(random_ids(1, 4), cache)
     assert torch.isfinite(logits).all()
+
+
+@torch.no_grad()
+def test_batched_attention_over_part_of_the_ring_is_scaled_dot_product_attention():
+    from tfcli.model import attend
+    ring = torch.randn(2, 3, 2, 8, 4)  # keys|values, batch 3, 2 heads, 8 slots, head_dim 4
+    keys, values = ring[..., :5, :]  # the filled part of the ring, as a view
+    q = torch.randn(3, 2, 1, 4)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=2.0)
+    torch.testing.assert_close(attend(q, keys, values, None, 2.0), expected, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+def test_packed_weights_decode_like_plain_ones(dtype, atol):
+    if not model_module.can_pack(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    model = make_model(VOCAB, std=0.3)
+    ids = random_ids(3, 40)
+    plain, packed = model.new_cache(3, dtype), model.new_cache(3, dtype, pack=True)
+    assert packed.weights[1][0][0].is_mkldnn and not plain.weights[1][0][0].is_mkldnn
+    pairs = [(model.prefill(ids[:, :4], plain), model.prefill(ids[:, :4], packed))]
+    for pos in range(4, 40):  # past the context, through the ring
+        pairs.append((model.decode(ids[:, pos], pos, plain), model.decode(ids[:, pos], pos, packed)))
+    a = torch.stack([p[0] for p in pairs]).log_softmax(-1)
+    b = torch.stack([p[1] for p in pairs]).log_softmax(-1)
+    assert a.std() > 0.5  # far from uniform: a wrong layout would show
+    torch.testing.assert_close(b, a, atol=atol, rtol=0)
+
+
+@torch.no_grad()
+def test_packed_weights_follow_parameter_changes():
+    if not model_module.can_pack(torch.float32):
+        pytest.skip("no oneDNN")
+    model = make_model(VOCAB)
+    ids = random_ids(2, 6)
+    before = model.prefill(ids, model.new_cache(2, torch.float32, pack=True))
+    model.head.weight.mul_(2.0)
+    after = model.prefill(ids, model.new_cache(2, torch.float32, pack=True))
+    torch.testing.assert_close(after, model.prefill(ids, model.new_cache(2, torch.float32)), atol=1e-4, rtol=0)
+    assert not torch.allclose(after, before, atol=1e-3)

@@ -227,6 +227,21 @@ def test_decode_dtype_halves_weights_only_for_models_that_outgrow_the_cache(mode
     assert sampling.decode_dtype(model, 16) == torch.float32
 
 
+def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypatch):
+    import tfcli.model
+    import tfcli.sampling as sampling
+    monkeypatch.setattr(tfcli.model, "can_pack", lambda dtype: True)
+    packs = []
+    monkeypatch.setattr(type(model), "new_cache", lambda self, batch, dtype, pack: packs.append(pack))
+    sampling.new_cache(model, 4, SampleConfig())  # a test model is tiny
+    monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
+    sampling.new_cache(model, 4, SampleConfig())
+    sampling.new_cache(model, 4, SampleConfig(compile=True))  # the compiled step takes plain weights
+    monkeypatch.setattr(tfcli.model, "can_pack", lambda dtype: False)
+    sampling.new_cache(model, 4, SampleConfig())
+    assert packs == [False, True, False, False]
+
+
 def test_float16_greedy_text_matches_float32_on_a_small_model(model):
     cfg = SampleConfig(max_new_tokens=3 * model.config.block_size, temperature=0.0, seed=1)
     exact = text_of(model, "he", cfg)

@@ -52,7 +52,7 @@ class KVCache:
     once, so the step itself allocates nothing but its activations.
     """
 
-    def __init__(self, model: GPT, batch: int, dtype: torch.dtype):
+    def __init__(self, model: GPT, batch: int, dtype: torch.dtype, pack: bool = False):
         cfg, device = model.config, model.head.weight.device
         T = cfg.block_size
         self.kv = torch.zeros((cfg.n_layer, 2, batch, cfg.n_head, T, cfg.head_dim), device=device)
@@ -60,15 +60,17 @@ class KVCache:
         self.slots = torch.arange(T, device=device)
         self.head_dim, self.size = cfg.head_dim, T
         self.cos, self.sin = rotary_tables(4 * T, cfg.head_dim, device)
-        self.weights = model.inference_weights(dtype)
+        self.weights = model.inference_weights(dtype, batch if pack else None)
 
     def step(self, pos: int):
-        """cos, sin, slot and attention mask (None once the ring is full) for position `pos`."""
+        """cos, sin and ring slot of position `pos`, and the part of the ring it attends to: until
+        the ring is full, only the filled slots (the empty ones would be masked out, after
+        costing as much to read as the rest)."""
         if pos >= self.cos.size(0):  # generation ran long: extend the tables, doubling
             self.cos, self.sin = rotary_tables(2 * pos, self.head_dim, self.kv.device)
         slot = pos % self.size
-        mask = self.masks[pos] if pos < self.size else None
-        return self.cos[pos:pos + 1], self.sin[pos:pos + 1], self.slots[slot:slot + 1], mask
+        kv = self.kv[..., :pos + 1, :] if pos < self.size else self.kv
+        return self.cos[pos:pos + 1], self.sin[pos:pos + 1], self.slots[slot:slot + 1], kv
 
 
 def rotary_tables(n: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,12 +93,44 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Activations stay float32; only weights may be half (their bytes are what a step reads)."""
+    if w.is_mkldnn:  # laid out by `packed`; oneDNN takes inputs of the weight's dtype
+        return torch.ops.mkldnn._linear_pointwise(x.to(w.dtype).contiguous(), w, None, "none", [], "").float()
     return F.linear(x, w) if x.dtype == w.dtype else F.linear(x.to(w.dtype), w).float()
 
 
 def add_linear(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x + y @ w.T, in one kernel (addmm) when nothing needs casting."""
-    return torch.addmm(x, y, w.t()) if x.dtype == w.dtype else x + linear(y, w)
+    return torch.addmm(x, y, w.t()) if x.dtype == w.dtype and not w.is_mkldnn else x + linear(y, w)
+
+
+def packed(weights: tuple, rows: int) -> tuple:
+    """`inference_weights`' matrices in oneDNN's blocked layout, for steps of about `rows` rows.
+    A 16-row step of the 10.7M shape ran its matmuls 1.5x faster this way in bfloat16 (2.0 vs
+    2.9 ms) and 2x in float32; below ~8 MB of weights the extra per-call cost outweighs it."""
+    wte, layers, head = weights
+
+    def pack(w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    return wte, tuple(tuple(pack(w) for w in layer) for layer in layers), pack(head)
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether `packed` weights of `dtype` work on this CPU (float16 needs AVX512-FP16)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """Attention of one new position per sequence over the ring. For batches, two batched
+    matmuls over the B*H heads ran 1.2-1.6x faster than scaled_dot_product_attention (whose
+    kernel is built for many queries); a single sequence is faster through that kernel."""
+    B, H, _, D = q.shape
+    if B == 1 or mask is not None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    n = keys.size(2)  # reshapes below are views: batch and head strides of the ring merge
+    scores = torch.bmm(q.reshape(B * H, 1, D) * scale, keys.reshape(B * H, n, D).transpose(1, 2))
+    return torch.bmm(scores.softmax(-1), values.reshape(B * H, n, D)).view(B, H, 1, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -231,7 +265,7 @@ class GPT(nn.Module):
     # kernels as the maths allows: a one-character step of a small model is made of per-kernel
     # overhead, and a large one's is made of reading its weights.
 
-    def inference_weights(self, dtype: torch.dtype) -> tuple:
+    def inference_weights(self, dtype: torch.dtype, packed_for: int | None = None) -> tuple:
         """(embedding, per-layer (qkv, proj, fc, out), head) in `dtype`, with the sqrt(d) of each
         RMSNorm folded into the weights that read its output (see `unit`). Made once per dtype
         and kept until a parameter changes (tensors count their in-place writes in `_version`),
@@ -247,10 +281,17 @@ class GPT(nn.Module):
             layers = tuple((w(b.attn.qkv.weight, root_d), w(b.attn.proj.weight), w(b.mlp.fc.weight, root_d),
                             w(b.mlp.proj.weight)) for b in self.blocks)
             self._weights, self._weights_key = (w(self.wte.weight), layers, w(self.head.weight, root_d)), key
-        return self._weights
+            self._packed = None
+        if packed_for is None:
+            return self._weights
+        if key is None or self.__dict__.get("_packed") is None or self._packed[0] != packed_for:
+            self._packed = packed_for, packed(self._weights, packed_for)
+        return self._packed[1]
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self, batch, dtype or self.head.weight.dtype)
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None, pack: bool = False) -> KVCache:
+        """A cache for `batch` sequences, computing from weights in `dtype`, laid out for oneDNN
+        with `pack` (see `packed`)."""
+        return KVCache(self, batch, dtype or self.head.weight.dtype, pack)
 
     def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits of the last position of a prompt (at most block_size long), filling the cache."""
@@ -259,8 +300,8 @@ class GPT(nn.Module):
 
     def decode(self, idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) for one new token per sequence at absolute position `pos`."""
-        cos, sin, slot, mask = cache.step(pos)
-        return cached_step(idx.view(-1, 1), cos, sin, slot, mask, cache.kv, cache.weights, self.config.n_head)
+        cos, sin, slot, kv = cache.step(pos)
+        return cached_step(idx.view(-1, 1), cos, sin, slot, None, kv, cache.weights, self.config.n_head)
 
     def compiled_decoder(self, cache: KVCache):
         """`decode` for this cache's weights, compiled with a C++ wrapper and the weights as
@@ -275,9 +316,9 @@ class GPT(nn.Module):
         compiled = self._compiled_step
 
         def decode(idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-            cos, sin, slot, mask = cache.step(pos)
-            full = cache.masks[cache.size - 1]  # every slot valid: one graph for the whole generation
-            return compiled(idx.view(-1, 1), cos, sin, slot, full if mask is None else mask, cache.kv)
+            cos, sin, slot, _ = cache.step(pos)
+            mask = cache.masks[min(pos, cache.size - 1)]  # the whole ring, masked: one graph throughout
+            return compiled(idx.view(-1, 1), cos, sin, slot, mask, cache.kv)
         return decode
 
 
@@ -301,7 +342,7 @@ def cached_step(idx, cos, sin, slot, mask, kv, weights, n_head: int) -> torch.Te
         else:
             kv_i.index_copy_(3, slot, torch.stack((k, v)))
             keys, values = kv_i
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=D ** 0.5)
+            y = attend(q, keys, values, mask, D ** 0.5)
         x = add_linear(x, y.transpose(1, 2).reshape(B * T, C), w_proj)
         x = add_linear(x, torch.relu_(linear(unit(x), w_fc)).square_(), w_out)
     return linear(unit(x.view(B, T, C)[:, -1]), head)

@@ -98,6 +98,17 @@ def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def new_cache(model, batch: int, cfg: SampleConfig):
+    """The cache `cfg` samples with: weights in `decode_dtype`; for CPU models of 8 MB and more,
+    in oneDNN's layout (`model.packed`: 1.5-2x faster matmuls there, slower below)."""
+    from .model import can_pack
+
+    dtype = decode_dtype(model, batch, cfg.dtype)
+    big = sum(t.numel() for t in model.parameters()) * 4 >= HALF_WEIGHTS_FROM
+    pack = big and not cfg.compile and model.head.weight.device.type == "cpu" and can_pack(dtype)
+    return model.new_cache(batch, dtype, pack)
+
+
 def new_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
@@ -154,7 +165,7 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprob
     gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
     B, T = cfg.num_samples, model.config.block_size
     ids = context_ids(vocab, prompt, T, device).repeat(B, 1)
-    cache = model.new_cache(B, decode_dtype(model, B, cfg.dtype))
+    cache = new_cache(model, B, cfg)
     logits = model.prefill(ids, cache)
     pos, keep = ids.size(1), max(cfg.repeat_last_n, 1)
     history = ids[:, -keep:] if _has_penalties(cfg) else None
@@ -183,7 +194,7 @@ def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[
     the one `generate_pieces` would start from, so the two agree on the first character."""
     model.eval()
     ids = context_ids(vocab, text, model.config.block_size, next(model.parameters()).device)
-    logits = model.prefill(ids, model.new_cache(1, decode_dtype(model, 1, cfg.dtype)))
+    logits = model.prefill(ids, new_cache(model, 1, cfg))
     filtered = filter_logits(logits, cfg, ids[:, -max(cfg.repeat_last_n, 1):])
     if cfg.temperature < 1e-5:
         sampled = torch.nn.functional.one_hot(filtered.argmax(-1), filtered.size(-1)).float()
