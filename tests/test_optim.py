@@ -71,6 +71,7 @@ def test_every_parameter_is_optimized_once(optimizer):
 def test_parameters_keep_the_model_order_across_groups():
     # resume state is stored by position in opt.params(): splitting a group must not reorder it
     from conftest import make_model
+
     from tfcli.config import TrainConfig
     from tfcli.corpus import Vocab
     model = make_model(Vocab.from_text("abc"))

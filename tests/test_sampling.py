@@ -249,9 +249,10 @@ def test_float16_greedy_text_matches_float32_on_a_small_model(model):
 
 
 def test_logprobs_can_be_left_out():
-    from tfcli.sampling import generate_pieces
     from conftest import make_model
+
     from tfcli.corpus import Vocab
+    from tfcli.sampling import generate_pieces
     m = make_model(Vocab.from_text("abc"))
     pieces = list(generate_pieces(m, m.vocab, "a", SampleConfig(max_new_tokens=3, seed=1), logprobs=False))
     assert [p.logprobs for p in pieces] == [None] * 3
