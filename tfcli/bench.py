@@ -94,7 +94,8 @@ def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0
 def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compile: bool = False,
                  batch: int = 1) -> dict:
     """Chars/s per sample over `n_chars` from a one-character prompt (the context fills, then
-    the ring turns); with `compile`, after one untimed generation that compiles the step. Weights in the precision `sample` picks (sampling.decode_dtype)."""
+    the ring turns); with `compile`, after one untimed generation that compiles the step.
+    Weights in the precision `sample` picks (sampling.decode_dtype)."""
     model = _model(shape, device)
     for p in model.parameters():  # non-zero weights, so the work is real
         torch.nn.init.normal_(p, std=0.02)

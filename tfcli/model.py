@@ -48,8 +48,9 @@ class KVCache:
 
     Position p lives in slot p % block_size. Keys are stored already rotated, and rotary
     attention depends only on relative position, so the order of slots is irrelevant.
-    Everything a decode step indexes (rotary tables, masks, slot numbers) is made here
-    once, so the step itself allocates nothing but its activations.
+    Everything a decode step indexes (rotary tables, slot numbers, and the masks of the
+    compiled step, which always reads the whole ring) is made here once, so the step itself
+    allocates nothing but its activations.
     """
 
     def __init__(self, model: GPT, batch: int, dtype: torch.dtype, pack: bool = False):
@@ -324,9 +325,9 @@ class GPT(nn.Module):
 
 def cached_step(idx, cos, sin, slot, mask, kv, weights, n_head: int) -> torch.Tensor:
     """Logits (B, V) after the last of `idx` (B, T). With `slot`, one new position per sequence
-    whose key and value go to that ring slot (decode); without, a prompt from position 0 (prefill).
-    Keys are cached unit-length, so attention scales by sqrt(head_dim) where RMSNorm'd keys
-    would have divided by it."""
+    whose key and value go to that ring slot (decode), attending to all of `kv` but what `mask`
+    hides; without, a prompt from position 0 (prefill). Keys are cached unit-length, so
+    attention scales by sqrt(head_dim) where RMSNorm'd keys would have divided by it."""
     wte, layers, head = weights
     x = F.embedding(idx, wte).float()
     B, T, C = x.shape
