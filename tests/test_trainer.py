@@ -14,7 +14,7 @@ from tfcli.errors import TfcliError, UsageError
 from tfcli.evaluation import evaluate
 from tfcli.sampling import generate
 from tfcli.tokens import TokenCache
-from tfcli.trainer import Done, Eval, Notice, Sample, Start, Step, get_batch, lr_at, train, val_sample
+from tfcli.trainer import Done, Eval, Notice, Sample, Start, Step, get_batch, lr_at, train, val_sample, validation_due
 
 PATTERN = "abcabd"  # after "ab", only the character before it tells c from d: a model must use its context
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
@@ -331,3 +331,11 @@ def test_each_group_follows_the_schedule_times_its_lr_scale(tmp_path, monkeypatc
     for step, (embedding, head, hidden) in enumerate(seen):
         assert hidden == head == pytest.approx(lr_at(step / 3, step, replace(TRAIN, max_steps=3)))
         assert embedding == pytest.approx(EMBEDDING_LR_SCALE * head)
+
+
+def test_validation_is_due_every_interval_but_not_just_before_the_final_one():
+    assert validation_due(30.0, 100.0, 295.0, 30.0)
+    assert not validation_due(29.0, 100.0, 295.0, 30.0)
+    assert not validation_due(31.0, 282.0, 295.0, 30.0)  # 13 s left: the final validation is near
+    assert validation_due(31.0, 279.0, 295.0, 30.0)
+    assert validation_due(31.0, 1e6, None, 30.0)  # no time budget: steps end the run

@@ -349,7 +349,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
                                           "elapsed": round(now - started_at, 2)})
             train_loss = window_loss / window_n
             window_loss, window_n, window_t, window_tokens = 0.0, 0, now, 0
-            if now - last_eval >= cfg.eval_interval:
+            if validation_due(now - last_eval, now - session_start, budget, cfg.eval_interval):
                 validate(train_loss)
                 last_eval = time.monotonic()
         stop = should_stop()
@@ -358,6 +358,13 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason)
     on_event(done)
     return done
+
+
+def validation_due(since_last: float, elapsed: float, budget: float | None, interval: float) -> bool:
+    """Every `interval` seconds, except within half an interval of the time budget's end, where
+    the final validation is about to score the model anyway."""
+    near_end = budget is not None and budget - elapsed < interval / 2
+    return since_last >= interval and not near_end
 
 
 def _diverged(what: str, step: int, cfg: TrainConfig, run_dir: Path) -> TfcliError:
