@@ -242,6 +242,20 @@ def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypat
     assert packs == [False, True, False, False]
 
 
+def test_packed_weights_sample_the_same_batch_as_plain_ones(model, monkeypatch):
+    import tfcli.model
+    import tfcli.sampling as sampling
+    assert not tfcli.model.can_pack(torch.float16)  # so one or two float16 samples keep plain weights
+    if not tfcli.model.can_pack(torch.float32):
+        pytest.skip("no oneDNN")
+    cfg = SampleConfig(max_new_tokens=2 * model.config.block_size, temperature=0.0, seed=1, num_samples=3,
+                       dtype="float32")
+    plain = [text_of(model, "he", cfg, i) for i in range(3)]
+    monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
+    assert sampling.new_cache(model, 3, cfg).weights[2].is_mkldnn
+    assert [text_of(model, "he", cfg, i) for i in range(3)] == plain
+
+
 def test_float16_greedy_text_matches_float32_on_a_small_model(model):
     cfg = SampleConfig(max_new_tokens=3 * model.config.block_size, temperature=0.0, seed=1)
     exact = text_of(model, "he", cfg)

@@ -1,7 +1,7 @@
 """Attention extraction and analysis: numbers, not pictures.
 
 Weights come from the model's explicit-softmax path, which tests hold equal to the
-fused attention used in training and sampling. A prompt longer than the context is
+attention used in training and sampling. A prompt longer than the context is
 cut to its last `block_size` characters, as the model would see it when sampling.
 
 Head patterns are scored like TransformerLens' head detector: a pattern names, for each

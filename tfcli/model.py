@@ -7,7 +7,8 @@ start at zero, so a new model predicts the uniform distribution exactly.
 Rotary positions make attention depend only on the distance between characters,
 which is what lets the KV cache be a ring buffer: generation runs past the
 context with no recomputation and no seam. Attention runs fused
-(`scaled_dot_product_attention`) except when its weights are asked for.
+(`scaled_dot_product_attention`) except when its weights are asked for, in CPU training at
+short contexts, and in batched CPU decoding (see `attend`).
 """
 
 from __future__ import annotations
@@ -116,18 +117,19 @@ def packed(weights: tuple, rows: int) -> tuple:
 
 
 def can_pack(dtype: torch.dtype) -> bool:
-    """Whether `packed` weights of `dtype` work on this CPU (float16 needs AVX512-FP16)."""
+    """Whether `packed` weights of `dtype` work here: float32, and bfloat16 where the CPU computes it
+    natively (oneDNN lays float16 out only on CPUs with AVX512-FP16, which tfcli has not measured)."""
     if not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """Attention of one new position per sequence over the ring. For batches, two batched
+    """Attention of one new position per sequence over the ring. For batches on a CPU, two batched
     matmuls over the B*H heads ran 1.2-1.6x faster than scaled_dot_product_attention (whose
     kernel is built for many queries); a single sequence is faster through that kernel."""
     B, H, _, D = q.shape
-    if B == 1 or mask is not None:
+    if B == 1 or mask is not None or q.device.type != "cpu":  # GPUs: not measured, left to the kernel
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     n = keys.size(2)  # reshapes below are views: batch and head strides of the ring merge
     scores = torch.bmm(q.reshape(B * H, 1, D) * scale, keys.reshape(B * H, n, D).transpose(1, 2))
@@ -270,7 +272,8 @@ class GPT(nn.Module):
         """(embedding, per-layer (qkv, proj, fc, out), head) in `dtype`, with the sqrt(d) of each
         RMSNorm folded into the weights that read its output (see `unit`). Made once per dtype
         and kept until a parameter changes (tensors count their in-place writes in `_version`),
-        so that generations reuse them and a compiled step stays valid."""
+        so that generations reuse them and a compiled step stays valid. With `packed_for`, the
+        same matrices laid out for oneDNN steps of that many rows (`packed`), kept alongside."""
         params = list(self.parameters())
         # weights made under inference_mode count no writes: for those, make them every time
         key = None if any(p.is_inference() for p in params) else (dtype, tuple(p._version for p in params))

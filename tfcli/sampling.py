@@ -99,8 +99,10 @@ def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
 
 
 def new_cache(model, batch: int, cfg: SampleConfig):
-    """The cache `cfg` samples with: weights in `decode_dtype`; for CPU models of 8 MB and more,
-    in oneDNN's layout (`model.packed`: 1.5-2x faster matmuls there, slower below)."""
+    """The cache `cfg` samples with: weights in `decode_dtype`, and for CPU models of 8 MB and
+    more, when that dtype can be (`model.can_pack`: float32 and bfloat16, so batches, not the
+    float16 of one or two samples) and the step is not compiled, in oneDNN's layout
+    (`model.packed`: 1.5-2x faster matmuls there, slower below)."""
     from .model import can_pack
 
     dtype = decode_dtype(model, batch, cfg.dtype)
