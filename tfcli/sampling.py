@@ -90,24 +90,28 @@ def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
 
     if name != "auto":
         return getattr(torch, name)
-    small = sum(t.numel() for t in model.parameters()) * 4 < HALF_WEIGHTS_FROM
-    if small or model.head.weight.device.type != "cpu":
+    if not _big_cpu_model(model):
         return torch.float32
     if batch <= 2:
         return torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def _big_cpu_model(model) -> bool:
+    """On a CPU, with float32 weights of HALF_WEIGHTS_FROM bytes or more."""
+    big = sum(t.numel() for t in model.parameters()) * 4 >= HALF_WEIGHTS_FROM
+    return big and model.head.weight.device.type == "cpu"
+
+
 def new_cache(model, batch: int, cfg: SampleConfig):
     """The cache `cfg` samples with: weights in `decode_dtype`, and for CPU models of 8 MB and
-    more, when that dtype can be (`model.can_pack`: float32 and bfloat16, so batches, not the
-    float16 of one or two samples) and the step is not compiled, in oneDNN's layout
-    (`model.packed`: 1.5-2x faster matmuls there, slower below)."""
+    more, when that dtype can be (`tfcli.model.can_pack`: float32 and bfloat16, so batches, not
+    the float16 of one or two samples) and the step is not compiled, in oneDNN's layout
+    (`tfcli.model.packed`: 1.5-2x faster matmuls there, slower below)."""
     from .model import can_pack
 
     dtype = decode_dtype(model, batch, cfg.dtype)
-    big = sum(t.numel() for t in model.parameters()) * 4 >= HALF_WEIGHTS_FROM
-    pack = big and not cfg.compile and model.head.weight.device.type == "cpu" and can_pack(dtype)
+    pack = not cfg.compile and _big_cpu_model(model) and can_pack(dtype)
     return model.new_cache(batch, dtype, pack)
 
 
