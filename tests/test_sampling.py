@@ -236,10 +236,20 @@ def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypat
     sampling.new_cache(model, 4, SampleConfig())  # a test model is tiny
     monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
     sampling.new_cache(model, 4, SampleConfig())
-    sampling.new_cache(model, 4, SampleConfig(compile=True))  # the compiled step takes plain weights
+    sampling.new_cache(model, 1, SampleConfig(compile=True))  # the compiled step takes plain weights
+    sampling.new_cache(model, 4, SampleConfig(compile=True))  # batches are never compiled
     monkeypatch.setattr(tfcli.model, "can_pack", lambda dtype: False)
     sampling.new_cache(model, 4, SampleConfig())
-    assert packs == [False, True, False, False]
+    assert packs == [False, True, False, True, False]
+
+
+def test_compile_applies_to_single_samples_only(model, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(type(model), "compiled_decoder", lambda self, cache: compiled.append(cache) or self.decode)
+    batch = text_of(model, "he", SampleConfig(max_new_tokens=5, seed=1, num_samples=3, compile=True))
+    assert compiled == [] and batch == text_of(model, "he", SampleConfig(max_new_tokens=5, seed=1, num_samples=3))
+    text_of(model, "he", SampleConfig(max_new_tokens=5, seed=1, compile=True))
+    assert len(compiled) == 1
 
 
 def test_packed_weights_sample_the_same_batch_as_plain_ones(model, monkeypatch):

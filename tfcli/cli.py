@@ -340,6 +340,9 @@ def sample(
         stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
     if color_by_prob and not as_json:
         stderr.print(prob_legend(), highlight=False)
+    if compile_ and num_samples > 1:
+        stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
+                     style="dim", highlight=False)
     if interactive:
         run_interactive(model, cfg, text, unknown, color_by_prob)
         return
