@@ -139,6 +139,18 @@ def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):
         assert torch.equal(whole[k], split[k]), k
 
 
+@pytest.mark.parametrize("eval_tokens, rewritten", [(TRAIN.eval_tokens, False), (TRAIN.eval_tokens // 2, True)])
+def test_resume_keeps_the_best_score_only_when_scored_on_the_same_slice(tmp_path, eval_tokens, rewritten):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")
+    state_path = tmp_path / "run" / ckpt.STATE_FILE
+    tensors, state = ckpt.load_state(state_path)
+    ckpt.save_state(state_path, tensors, state | {"best_val_loss": 0.0})  # a best no later score beats
+    train(corpus, MODEL, replace(TRAIN, max_steps=4, eval_tokens=eval_tokens), tmp_path / "run", resume=True)
+    best = ckpt.load_checkpoint(tmp_path / "run" / ckpt.BEST_FILE).summary
+    assert (best["step"] == 4) == rewritten
+
+
 def test_resume_with_a_changed_corpus_is_refused(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")
@@ -198,12 +210,13 @@ def test_time_budget_ends_the_run(tmp_path):
     assert done.elapsed < 3.0
 
 
-def test_learning_rate_warms_up_holds_then_cools_down_to_the_floor():
+def test_learning_rate_warms_up_holds_then_cools_down_to_the_floor_as_one_minus_sqrt():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, cooldown=0.4, min_lr_ratio=0.05)
     assert lr_at(0.0, 0, cfg) == pytest.approx(0.1)
     assert lr_at(0.05, 9, cfg) == 1.0
     assert lr_at(0.6, 60, cfg) == 1.0
-    assert lr_at(0.8, 80, cfg) == pytest.approx(1 - 0.5 * 0.95)
+    assert lr_at(0.7, 70, cfg) == pytest.approx(0.05 + 0.95 * 0.5)  # a quarter into the cooldown: halfway down
+    assert lr_at(0.8, 80, cfg) == pytest.approx(0.05 + 0.95 * (1 - 0.5 ** 0.5))
     assert lr_at(1.0, 100, cfg) == pytest.approx(0.05)
 
 

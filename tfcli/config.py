@@ -55,7 +55,7 @@ class TrainConfig:
     lr: float = 2e-3
     min_lr_ratio: float = 0.05  # final lr as a share of lr, reached at the end of cooldown
     warmup_steps: int = 30
-    cooldown: float = 0.4  # last share of the run (steps or time) spent decaying lr linearly
+    cooldown: float = 0.4  # last share of the run (steps or time) spent decaying lr (1 - sqrt shape)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_steps: int | None = None
@@ -96,7 +96,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, lr=3e-3),
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, lr=6e-3),
-    "medium": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=16, lr=1e-2),
+    "medium": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=16, lr=7.5e-3),
     "large": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, lr=3e-3),
 }
 PRESET_NAMES = ("auto", *PRESETS)
