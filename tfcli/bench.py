@@ -46,8 +46,11 @@ def flops_per_token(model: GPT) -> float:
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 12) -> float:
-    """Best large-square-matmul rate: the ceiling the training figures are a share of."""
+def peak_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 12) -> float:
+    """Best large-square-matmul rate: the ceiling the training figures are a share of.
+
+    2048 squared fills a CPU; a GPU needs 8192 squared, or launch latency is what gets measured."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     best = float("inf")
