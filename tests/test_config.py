@@ -93,6 +93,26 @@ def test_auto_preset_depends_on_device_and_budget(device, budget, name):
     assert resolve_preset("auto", device, budget) == PRESETS[name]
 
 
+def test_auto_regularises_runs_that_would_pass_over_a_small_text_many_times():
+    # 5 CPU minutes of the medium preset read ~2.5M characters: 2.5 passes over tinyshakespeare's 1M
+    assert resolve_preset("auto", "cpu", 300.0, train_chars=1_000_000) == PRESETS["medium"]
+    small = resolve_preset("auto", "cpu", 300.0, train_chars=100_000)  # ~25 passes
+    assert small == {**PRESETS["medium"], "dropout": 0.2, "epochs": 10.0}
+    assert resolve_preset("auto", "cuda", 300.0, train_chars=1_000_000)["epochs"] == 10.0  # a GPU reads far more
+    assert "dropout" not in resolve_preset("auto", "cuda", 300.0, train_chars=10**10)
+
+
+def test_auto_counts_passes_exactly_for_max_steps_and_leaves_the_step_count_alone():
+    tokens_per_step = PRESETS["medium"]["batch_size"] * PRESETS["medium"]["block_size"]
+    assert resolve_preset("auto", "cpu", None, train_chars=tokens_per_step, max_steps=4) == PRESETS["medium"]
+    assert resolve_preset("auto", "cpu", None, train_chars=tokens_per_step, max_steps=5) == \
+        {**PRESETS["medium"], "dropout": 0.2}  # 5 passes: dropout, but the run still takes its 5 steps
+
+
+def test_named_presets_ignore_the_text_size():
+    assert resolve_preset("medium", "cpu", 300.0, train_chars=1000) == PRESETS["medium"]
+
+
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(UsageError, match="unknown preset 'huge'.*auto, tiny, small, medium, large"):
         resolve_preset("huge", "cpu", None)

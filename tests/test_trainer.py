@@ -14,7 +14,20 @@ from tfcli.errors import TfcliError, UsageError
 from tfcli.evaluation import evaluate
 from tfcli.sampling import generate
 from tfcli.tokens import TokenCache
-from tfcli.trainer import Done, Eval, Notice, Sample, Start, Step, get_batch, lr_at, train, val_sample, validation_due
+from tfcli.trainer import (
+    Done,
+    Eval,
+    Notice,
+    Sample,
+    Start,
+    Step,
+    get_batch,
+    lr_at,
+    step_limit,
+    train,
+    val_sample,
+    validation_due,
+)
 
 PATTERN = "abcabd"  # after "ab", only the character before it tells c from d: a model must use its context
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
@@ -267,6 +280,7 @@ def test_memory_mapped_corpus_trains_exactly_like_one_in_memory(tmp_path):
 
 def _fp16_step(scaler):
     from tfcli.model import GPT
+    from tfcli.optim import make_optimizer
     from tfcli.trainer import train_step
 
     torch.manual_seed(0)
@@ -352,3 +366,37 @@ def test_validation_is_due_every_interval_but_not_just_before_the_final_one():
     assert not validation_due(31.0, 282.0, 295.0, 30.0)  # 13 s left: the final validation is near
     assert validation_due(31.0, 279.0, 295.0, 30.0)
     assert validation_due(31.0, 1e6, None, 30.0)  # no time budget: steps end the run
+
+
+def test_epochs_become_the_steps_whose_batches_read_the_text_that_many_times():
+    cfg = TrainConfig(batch_size=4, epochs=2.5)
+    assert step_limit(cfg, train_chars=1000, block_size=25) == (25, "epochs")  # 2,500 characters / 100 a step
+    assert step_limit(replace(cfg, max_steps=10), 1000, 25) == (10, "steps")  # whichever comes first
+    assert step_limit(replace(cfg, max_steps=30), 1000, 25) == (25, "epochs")
+    assert step_limit(replace(cfg, epochs=None), 1000, 25) == (None, "steps")  # only the clock ends it
+    assert step_limit(replace(cfg, epochs=0.001), 1000, 25) == (1, "epochs")
+
+
+def test_a_run_given_epochs_ends_there_and_says_so(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 200)])
+    cfg = replace(TRAIN, max_steps=None, epochs=2.0, batch_size=8)
+    done = train(corpus, MODEL, cfg, tmp_path / "run")
+    assert (done.step, done.reason) == (math.ceil(2.0 * len(corpus.train) / (8 * MODEL.block_size)), "epochs")
+
+
+def test_validation_is_also_due_every_eval_steps_steps():
+    assert validation_due(1.0, 10.0, 295.0, 30.0, steps_since=250, every_steps=250)
+    assert not validation_due(1.0, 10.0, 295.0, 30.0, steps_since=249, every_steps=250)
+    assert not validation_due(1.0, 290.0, 295.0, 30.0, steps_since=900, every_steps=250)  # the final one is near
+    assert not validation_due(1.0, 10.0, 295.0, 30.0, steps_since=900, every_steps=None)
+
+
+def test_fast_runs_validate_every_eval_steps_and_remember_where_the_best_was(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 200)])
+    events = []
+    done = train(corpus, MODEL, replace(TRAIN, max_steps=20, eval_steps=6), tmp_path / "run", events.append)
+    evals = [e for e in events if isinstance(e, Eval)]
+    assert [e.step for e in evals] == [6, 12, 18, 20]  # the interval (1e9 s) never comes due
+    best = [e.step for e in evals if e.best][-1]
+    assert done.best_step == best == ckpt.load_checkpoint(tmp_path / "run" / ckpt.BEST_FILE).summary["step"]
+    assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["best_step"] == best

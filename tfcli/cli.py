@@ -146,14 +146,18 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory \\[default: runs/<corpus name>]."),
     val: Optional[list[Path]] = typer.Option(None, "--val", help="Validate on this file instead of the last 10%."),
     val_fraction: float = typer.Option(0.1, help="Share of the text held out for validation."),
-    time_: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget: 300, 90s, 5m, 1h30m \\[default: 5m]."),
+    time_: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget: 300, 90s, 5m, 1h30m "
+                                        "\\[default: 5m, unless --max-steps or --epochs is given]."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the training text "
+                                           "\\[default: 10 where auto sees a small text, else none]."),
     preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} (auto: by device and --time)."),
     n_layer: Optional[int] = typer.Option(None, help="Transformer blocks."),
     n_head: Optional[int] = typer.Option(None, help="Attention heads per block."),
     n_embd: Optional[int] = typer.Option(None, help="Width of the residual stream."),
     block_size: Optional[int] = typer.Option(None, help="Context length in characters."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout rate \\[default: 0]."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout rate \\[default: 0.2 where auto sees a small text, "
+                                            "else 0]."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per step."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step: the same step in less memory "
                                              "\\[default: 1]."),
@@ -164,6 +168,7 @@ def train(
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                             help="torch.compile the model \\[default: where a compiler is found]."),
     eval_interval: Optional[float] = typer.Option(None, help="Seconds between validations \\[default: 30]."),
+    eval_steps: Optional[int] = typer.Option(None, help="...or steps between them, if sooner \\[default: 250]."),
     optimizer: Optional[str] = typer.Option(None, help="muon (Muon for hidden matrices + AdamW) or adamw."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to the budget now given."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files."),
@@ -172,7 +177,7 @@ def train(
     """Train a model on CORPUS; progress live on a terminal, log lines in a pipe."""
     started_at = time.monotonic() - process_age()
     budget = _parse_time(time_)
-    if budget is None and max_steps is None:
+    if budget is None and max_steps is None and epochs is None:
         budget = DEFAULT_CPU_TIME
     if errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
@@ -205,13 +210,14 @@ def train(
     if world.is_main:
         print_corpus_report(corpus, data)
     if base_model is None:
-        picked = resolve_preset(preset, pick_device(device).type, budget)
-        base_train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"))
+        picked = resolve_preset(preset, pick_device(device).type, budget, len(data.train), max_steps)
+        base_train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"),
+                                 epochs=picked.pop("epochs", None))
         base_model = ModelConfig(vocab_size=len(data.vocab), **picked)
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
     train_cfg = with_overrides(base_train, batch_size=batch_size, lr=lr, eval_interval=eval_interval,
-                               grad_accum=grad_accum)
+                               eval_steps=eval_steps, grad_accum=grad_accum, epochs=epochs)
     train_cfg = with_overrides(train_cfg, seed=seed, device=device, dtype=dtype, compile=compile_,
                                optimizer=optimizer)
     train_cfg = TrainConfig(**{**train_cfg.to_dict(), "max_steps": max_steps, "time_budget": budget}).validate()

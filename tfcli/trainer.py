@@ -94,7 +94,8 @@ class Done:
     best_val_loss: float | None
     elapsed: float
     run_dir: Path
-    reason: str  # "steps" | "time" | "interrupted"
+    reason: str  # "steps" | "epochs" | "time" | "interrupted"
+    best_step: int | None = None  # where best.safetensors was saved
 
 
 Event = Start | Step | Eval | Sample | Notice | Done
@@ -222,6 +223,7 @@ class _Run:
     tokens: int = 0
     train_seconds: float = 0.0  # summed over resumed sessions
     best_val: float | None = None
+    best_step: int | None = None
     last_val: float | None = None
 
 
@@ -237,8 +239,8 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     says); events reach `on_event` on rank 0 only.
     """
     started_at = time.monotonic() if started_at is None else started_at
-    if cfg.max_steps is None and cfg.time_budget is None:
-        raise UsageError("give a budget: --time and/or --max-steps")
+    if cfg.max_steps is None and cfg.time_budget is None and cfg.epochs is None:
+        raise UsageError("give a budget: --time, --max-steps and/or --epochs")
     world = World.from_env() if world is None else world
     world.share(cfg.batch_size)  # refuse an uneven split before joining the other processes
     device = world.device(pick_device(cfg.device))
@@ -282,8 +284,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
 
     def save(reason: str) -> None:
         summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),
-                   "val_loss": run.last_val, "best_val_loss": run.best_val, "params": model.num_params(),
-                   "ended": reason, "config_hash": chash, "train": cfg.to_dict()}
+                   "val_loss": run.last_val, "best_val_loss": run.best_val, "best_step": run.best_step,
+                   "params": model.num_params(), "ended": reason, "config_hash": chash, "train": cfg.to_dict()}
         # state first: a run directory that holds a model always holds the state to --resume it
         ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
         ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)
@@ -295,7 +297,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         best = val is not None and (run.best_val is None or val < run.best_val)
         run.last_val = val
         if best:
-            run.best_val = val
+            run.best_val, run.best_step = val, run.step
         save(reason)
         if best:
             ckpt.save_model(run_dir / ckpt.BEST_FILE, model, corpus.vocab, {"step": run.step, "val_loss": val})
@@ -311,10 +313,10 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     session_start = time.monotonic()
     prior_seconds = run.train_seconds
     budget = (cfg.time_budget - (session_start - started_at) - reserve) if cfg.time_budget else None
-    last_eval = session_start
+    last_eval, last_eval_step = session_start, run.step
     window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
     train_loss = float("nan")
-    reason = "steps"
+    max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
     stop = False
     model.train()
     while True:
@@ -322,8 +324,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if stop:
             reason = "interrupted"
             break
-        progress = max(run.step / cfg.max_steps if cfg.max_steps else 0.0, elapsed / budget if budget else 0.0)
-        if cfg.max_steps and run.step >= cfg.max_steps:
+        progress = max(run.step / max_steps if max_steps else 0.0, elapsed / budget if budget else 0.0)
+        if max_steps and run.step >= max_steps:
             break
         if budget is not None and elapsed >= budget:
             reason = "time"
@@ -352,22 +354,37 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
                                           "elapsed": round(now - started_at, 2)})
             train_loss = window_loss / window_n
             window_loss, window_n, window_t, window_tokens = 0.0, 0, now, 0
-            if validation_due(now - last_eval, now - session_start, budget, cfg.eval_interval):
-                validate(train_loss)
-                last_eval = time.monotonic()
+        if world.is_main and validation_due(now - last_eval, now - session_start, budget, cfg.eval_interval,
+                                            run.step - last_eval_step, cfg.eval_steps):
+            validate(window_loss / window_n if window_n else train_loss)
+            last_eval, last_eval_step = time.monotonic(), run.step
         stop = should_stop()
     if world.is_main:
         validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
-    done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason)
+    done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason, run.best_step)
     on_event(done)
     return done
 
 
-def validation_due(since_last: float, elapsed: float, budget: float | None, interval: float) -> bool:
-    """Every `interval` seconds, except within half an interval of the time budget's end, where
-    the final validation is about to score the model anyway."""
+def step_limit(cfg: TrainConfig, train_chars: int, block_size: int) -> tuple[int | None, str]:
+    """The step that ends the run (None: only time does) and which limit sets it: --max-steps, or
+    --epochs as the steps whose batches add up to that many passes over the training text."""
+    limits = [(cfg.max_steps, "steps")] if cfg.max_steps else []
+    if cfg.epochs:
+        limits.append((max(1, math.ceil(cfg.epochs * train_chars / (cfg.batch_size * block_size))), "epochs"))
+    return min(limits) if limits else (None, "steps")
+
+
+def validation_due(since_last: float, elapsed: float, budget: float | None, interval: float,
+                   steps_since: int = 0, every_steps: int | None = None) -> bool:
+    """Every `interval` seconds or every `every_steps` steps, whichever comes first, except within
+    half an interval of the time budget's end, where the final validation is about to score the
+    model anyway. Seconds pace a CPU run; the step count is for fast devices, where 30 s can be
+    dozens of passes over a small corpus and the best model comes and goes between two validations
+    (an H200 ran 1,700 steps before its first one)."""
     near_end = budget is not None and budget - elapsed < interval / 2
-    return since_last >= interval and not near_end
+    due = since_last >= interval or (every_steps is not None and steps_since >= every_steps)
+    return due and not near_end
 
 
 def _diverged(what: str, step: int, cfg: TrainConfig, run_dir: Path) -> TfcliError:
@@ -393,4 +410,5 @@ def _load_resume(run_dir: Path, chash: str, model, opt, gen, eval_tokens: int) -
     # characters) is no yardstick: the first validation after resuming sets a new one
     same_slice = state.get("train", {}).get("eval_tokens") == eval_tokens
     return _Run(step=state["step"], tokens=state["tokens"], train_seconds=state["seconds"],
-                best_val=state.get("best_val_loss") if same_slice else None, last_val=state.get("val_loss"))
+                best_val=state.get("best_val_loss") if same_slice else None,
+                best_step=state.get("best_step") if same_slice else None, last_val=state.get("val_loss"))

@@ -18,6 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ..checkpoint import BEST_FILE
 from ..trainer import Done, Eval, Notice, Sample, Start, Step
 
 LN2 = math.log(2)
@@ -39,11 +40,13 @@ def fmt_count(n: float) -> str:
 
 def describe_start(e: Start) -> str:
     m = e.model
-    budget = " ".join(filter(None, [f"{e.train.max_steps} steps" if e.train.max_steps else "",
-                                    f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
+    budget = ", ".join(filter(None, [f"{e.train.max_steps} steps" if e.train.max_steps else "",
+                                     f"{e.train.epochs:g} epochs" if e.train.epochs else "",
+                                     f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
+    dropout = f", dropout {m.dropout:g}" if m.dropout else ""
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
     return (f"model: {fmt_count(e.n_params)} params ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-            f"context {m.block_size}), batch {e.train.batch_size}, lr {e.train.lr:g}\n"
+            f"context {m.block_size}{dropout}), batch {e.train.batch_size}, lr {e.train.lr:g}\n"
             f"device: {e.device}{f' × {e.processes} processes' if e.processes > 1 else ''} "
             f"({e.dtype}{', compiled' if e.compiled else ''}, {e.train.optimizer}); "
             f"{budget}{resumed}; writing {e.run_dir}")
@@ -100,8 +103,24 @@ class PlainProgress:
 
 def describe_done(e: Done) -> str:
     val = f", val loss {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char)" if e.val_loss is not None else ""
-    why = {"steps": "reached --max-steps", "time": "time budget spent", "interrupted": "interrupted"}[e.reason]
-    return f"done: {e.step} steps in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
+    why = {"steps": "reached --max-steps", "epochs": "reached --epochs", "time": "time budget spent",
+           "interrupted": "interrupted"}[e.reason]
+    line = f"done: {e.step} steps in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
+    return line + overfit_note(e)
+
+
+OVERFIT_MARGIN = 0.02  # nats/char: more than the run-to-run noise of the validation slice
+
+
+def overfit_note(e: Done) -> str:
+    """A second line when validation ended well above its best: the run memorised the text, and
+    the better model is the one in best.safetensors."""
+    if e.val_loss is None or e.best_val_loss is None or e.val_loss - e.best_val_loss < OVERFIT_MARGIN:
+        return ""
+    at = f" at step {e.best_step}" if e.best_step is not None else ""
+    best = e.run_dir / BEST_FILE
+    return (f"\nbest val loss {e.best_val_loss:.4f}{at}, kept in {best}; validation rose after it, so the model "
+            f"memorised the training text: sample the best with -m {best}, or train less, smaller or with --dropout")
 
 
 class LiveProgress:
