@@ -142,6 +142,15 @@ def test_train_resume_continues_the_step_count(trained, tmp_path):
     assert info["summary"]["step"] == 6
 
 
+def test_train_ends_after_epochs_and_a_resume_goes_on_to_the_limits_given_then(trained, tmp_path):
+    out, corpus = tmp_path / "r", trained / "names.txt"
+    first = ok("train", corpus, "--preset", "tiny", "--epochs", "0.5", "--out", out)
+    assert "0.5 epochs" in first.stdout and "(reached --epochs)" in first.stdout  # no default time budget either
+    ended = json.loads(ok("info", "-m", out, "--json").stdout)["summary"]["step"]
+    ok("train", corpus, "--max-steps", str(ended + 2), "--out", out, "--resume")  # the old epochs no longer stop it
+    assert json.loads(ok("info", "-m", out, "--json").stdout)["summary"]["step"] == ended + 2
+
+
 def test_train_refuses_existing_run_without_resume_and_leaves_it_untouched(trained, model):
     before = (model / "model.safetensors").read_bytes()
     message = refused(2, "train", trained / "names.txt", *TINY, "--out", model)

@@ -220,7 +220,9 @@ def train(
                                eval_steps=eval_steps, grad_accum=grad_accum, epochs=epochs)
     train_cfg = with_overrides(train_cfg, seed=seed, device=device, dtype=dtype, compile=compile_,
                                optimizer=optimizer)
-    train_cfg = TrainConfig(**{**train_cfg.to_dict(), "max_steps": max_steps, "time_budget": budget}).validate()
+    # every limit comes from this command: a resumed run goes on to the limits given now, not its old ones
+    limits = {"max_steps": max_steps, "time_budget": budget, **({"epochs": epochs} if resume else {})}
+    train_cfg = TrainConfig(**{**train_cfg.to_dict(), **limits}).validate()
 
     from .render.progress import LiveProgress, NullProgress, PlainProgress
     from .trainer import train as run_training
