@@ -124,6 +124,16 @@ def test_train_output_in_a_pipe_is_plain_lines(trained, tmp_path):
     assert "step " in result.stdout and "\r" not in result.stdout
 
 
+def test_train_with_a_validation_file_says_how_much_each_file_holds(tmp_path):
+    write_names(tmp_path / "train.txt", 80)
+    (tmp_path / "val.txt").write_text("anna bob\n" * 10)
+    result = ok("train", tmp_path / "train.txt", "--val", tmp_path / "val.txt", "--preset", "tiny", "--max-steps",
+                "2", "--out", tmp_path / "r")
+    train_chars = len((tmp_path / "train.txt").read_text())
+    assert f"train.txt: {train_chars:,} chars to train on; validation: {tmp_path / 'val.txt'}: 90 chars" \
+        in result.stdout
+
+
 def test_train_on_a_directory_reads_its_text_files(tmp_path):
     (tmp_path / "data").mkdir()
     write_names(tmp_path / "data" / "a.txt", 60)

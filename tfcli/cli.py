@@ -208,7 +208,7 @@ def train(
     world = World.from_env()  # under torchrun: only rank 0 speaks
     data = load_corpus(corpus, val, val_fraction, encoding, errors, vocab=vocab)
     if world.is_main:
-        print_corpus_report(corpus, data)
+        print_corpus_report(corpus, data, val)
     if base_model is None:
         picked = resolve_preset(preset, pick_device(device).type, budget, len(data.train), max_steps)
         base_train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"),
@@ -241,10 +241,17 @@ def train(
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))
 
 
-def print_corpus_report(paths: list[Path], data) -> None:
-    names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-    stdout.print(f"corpus: {names}: {data.n_chars:,} chars, vocab {len(data.vocab)}; "
-                 f"train {len(data.train):,} / val {len(data.val):,}", highlight=False, markup=False)
+def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) -> None:
+    def listed(ps: list[Path]) -> str:
+        return ", ".join(str(p) for p in ps[:3]) + (f" and {len(ps) - 3} more" if len(ps) > 3 else "")
+
+    if val:  # two texts: say which holds how much
+        line = (f"corpus: {listed(paths)}: {len(data.train):,} chars to train on; validation: {listed(val)}: "
+                f"{len(data.val):,} chars; vocab {len(data.vocab)}")
+    else:
+        line = (f"corpus: {listed(paths)}: {data.n_chars:,} chars, vocab {len(data.vocab)}; "
+                f"train {len(data.train):,} / val {len(data.val):,}")
+    stdout.print(line, highlight=False, markup=False)
 
 
 # -- sample --------------------------------------------------------------------------------
