@@ -100,6 +100,9 @@ def test_auto_regularises_runs_that_would_pass_over_a_small_text_many_times():
     assert small == {**PRESETS["medium"], "dropout": 0.2, "epochs": 10.0}
     assert resolve_preset("auto", "cuda", 300.0, train_chars=1_000_000)["epochs"] == 10.0  # a GPU reads far more
     assert "dropout" not in resolve_preset("auto", "cuda", 300.0, train_chars=10**10)
+    tiny = resolve_preset("auto", "cpu", 300.0, train_chars=2000)  # 10 passes would be 5 steps: 200 instead
+    medium = PRESETS["medium"]
+    assert tiny["epochs"] * 2000 == pytest.approx(200 * medium["batch_size"] * medium["block_size"])
 
 
 def test_auto_counts_passes_exactly_for_max_steps_and_leaves_the_step_count_alone():

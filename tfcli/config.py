@@ -113,6 +113,7 @@ DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this
 NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 22e3, "medium": 8.4e3, "large": 3e3}, "gpu": 1e6}
 MANY_PASSES = 4.0  # beyond this many passes over the text, a model without dropout memorises it
 SMALL_DATA = dict(dropout=0.2, epochs=10.0)  # see README, "Small texts"
+MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5 steps, too few to learn anything
 
 
 def resolve_preset(name: str, device: str, time_budget: float | None, train_chars: int | None = None,
@@ -120,7 +121,8 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     """Pick the preset that trains best in the budget: small models win short CPU runs.
 
     `auto` also fits the regime to the text: a run that would pass over it more than MANY_PASSES
-    times gets dropout and ends after SMALL_DATA's epochs (unless --max-steps says otherwise).
+    times gets dropout and ends after SMALL_DATA's epochs or MIN_STEPS steps, whichever is longer
+    (unless --max-steps says otherwise).
     On 100K characters a 3.2M model without them was best after 4 passes and then memorised
     the text (validation 2.34, then 4.48 at 5 minutes); with them it was still improving at 10.
     """
@@ -136,7 +138,10 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
         name = "medium"
     picked = dict(PRESETS[name])
     if train_chars and expected_passes(name, device, picked, time_budget, max_steps, train_chars) > MANY_PASSES:
-        picked.update(SMALL_DATA if max_steps is None else {"dropout": SMALL_DATA["dropout"]})
+        picked["dropout"] = SMALL_DATA["dropout"]
+        if max_steps is None:
+            floor = MIN_STEPS * picked["batch_size"] * picked["block_size"] / train_chars
+            picked["epochs"] = max(SMALL_DATA["epochs"], floor)
     return picked
 
 

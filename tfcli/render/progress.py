@@ -41,7 +41,7 @@ def fmt_count(n: float) -> str:
 def describe_start(e: Start) -> str:
     m = e.model
     budget = ", ".join(filter(None, [f"{e.train.max_steps} steps" if e.train.max_steps else "",
-                                     f"{e.train.epochs:g} epochs" if e.train.epochs else "",
+                                     f"{e.train.epochs:.3g} epochs" if e.train.epochs else "",
                                      f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
     dropout = f", dropout {m.dropout:g}" if m.dropout else ""
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
@@ -120,7 +120,8 @@ def overfit_note(e: Done) -> str:
     at = f" at step {e.best_step}" if e.best_step is not None else ""
     best = e.run_dir / BEST_FILE
     return (f"\nbest val loss {e.best_val_loss:.4f}{at}, kept in {best}; validation rose after it, so the model "
-            f"memorised the training text: sample the best with -m {best}, or train less, smaller or with --dropout")
+            f"memorised the training text: sample the best with -m {best}, or train for less, a smaller model or more "
+            f"--dropout")
 
 
 class LiveProgress:
