@@ -99,6 +99,12 @@ def test_help_does_not_import_torch(args):
     assert out.strip() == "False"
 
 
+def test_version_needs_no_command():
+    from importlib.metadata import version
+    result = ok("--version")
+    assert result.stdout == f"tfcli {version('tfcli')}\n"
+
+
 def test_no_arguments_shows_usage():
     result = invoke()
     assert "Usage" in result.output and "train" in result.output

@@ -95,15 +95,20 @@ def handle_errors(fn):
     return wrapper
 
 
-@app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-         version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    global _debug
-    _debug = debug
-    if version:
+def print_version(asked: bool) -> None:
+    """Eager, so `tfcli --version` needs no command after it."""
+    if asked:
         from importlib.metadata import version as v
         print(f"tfcli {v('tfcli')}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+         version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                      callback=print_version, is_eager=True)) -> None:
+    global _debug
+    _debug = debug
 
 
 # -- train ---------------------------------------------------------------------------------
