@@ -384,6 +384,13 @@ def test_a_run_given_epochs_ends_there_and_says_so(tmp_path):
     assert (done.step, done.reason) == (math.ceil(2.0 * len(corpus.train) / (8 * MODEL.block_size)), "epochs")
 
 
+def test_a_run_ending_on_a_validation_step_validates_there_once(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 200)])
+    events = []
+    train(corpus, MODEL, replace(TRAIN, max_steps=18, eval_steps=6), tmp_path / "run", events.append)
+    assert [e.step for e in events if isinstance(e, Eval)] == [6, 12, 18]
+
+
 def test_validation_is_also_due_every_eval_steps_steps():
     assert validation_due(1.0, 10.0, 295.0, 30.0, steps_since=250, every_steps=250)
     assert not validation_due(1.0, 10.0, 295.0, 30.0, steps_since=249, every_steps=250)

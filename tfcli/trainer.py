@@ -354,8 +354,10 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
                                           "elapsed": round(now - started_at, 2)})
             train_loss = window_loss / window_n
             window_loss, window_n, window_t, window_tokens = 0.0, 0, now, 0
-        if world.is_main and validation_due(now - last_eval, now - session_start, budget, cfg.eval_interval,
-                                            run.step - last_eval_step, cfg.eval_steps):
+        last_step = max_steps is not None and run.step >= max_steps  # the final validation follows at once
+        if world.is_main and not last_step and validation_due(now - last_eval, now - session_start, budget,
+                                                              cfg.eval_interval, run.step - last_eval_step,
+                                                              cfg.eval_steps):
             validate(window_loss / window_n if window_n else train_loss)
             last_eval, last_eval_step = time.monotonic(), run.step
         stop = should_stop()
