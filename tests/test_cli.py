@@ -557,6 +557,17 @@ def test_info_shows_parameter_count(in_trained):
     assert f"{params:,} parameters" in out and "2 layers" in out and "trained 30 steps" in out
 
 
+def test_info_names_the_best_validation_when_it_came_before_the_end(model, tmp_path):
+    from tfcli import checkpoint as ckpt
+    trained = ckpt.load_model(model)
+    summary = {**trained.summary, "step": 90, "val_loss": 2.5, "best_val_loss": 1.25, "best_step": 40}
+    ckpt.save_model(tmp_path / "m.safetensors", trained, trained.vocab, summary)
+    shown = ok("info", "-m", tmp_path / "m.safetensors").stdout
+    assert "val loss 2.5000; best 1.2500 at step 40 (best.safetensors)" in shown
+    ckpt.save_model(tmp_path / "m.safetensors", trained, trained.vocab, {**summary, "best_step": 90})
+    assert "best" not in ok("info", "-m", tmp_path / "m.safetensors").stdout.splitlines()[-1]
+
+
 def test_info_json(model):
     record = json.loads(ok("info", "-m", model, "--json").stdout)
     n, v = 32, len(record["vocab"])  # tiny: 2 layers, 32 wide; embeddings tied or not, at least this many

@@ -719,7 +719,10 @@ def info(
     stdout.print("  vocabulary: " + "".join(visible(ch) for ch in model.vocab.chars), markup=False)
     if s.get("step") is not None:
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
-        stdout.print(f"  trained {s['step']} steps, {s.get('tokens', 0):,} tokens, {s.get('seconds', 0)} s{val}")
+        if s.get("best_step") not in (None, s["step"]) and s.get("best_val_loss") is not None:
+            val += f"; best {s['best_val_loss']:.4f} at step {s['best_step']} (best.safetensors)"
+        stdout.print(f"  trained {s['step']} steps, {s.get('tokens', 0):,} tokens, {s.get('seconds', 0)} s{val}",
+                     markup=False)
 
 
 @app.command()
