@@ -12,6 +12,17 @@ from tfcli.model import GPT, rms_norm, rope_angles
 VOCAB = Vocab.from_text("abcdefghij")
 
 
+@pytest.fixture(params=["c-kernel", "pytorch"])
+def decode_path(request, monkeypatch):
+    """Decode steps through the C kernel of tfcli.decode_attention, and through PyTorch's fallback."""
+    import tfcli.decode_attention as decode_attention
+    if request.param == "pytorch":
+        monkeypatch.setattr(decode_attention, "kernel", lambda: None)
+    elif decode_attention.kernel() is None:
+        pytest.skip("the C kernel cannot be built here")
+    return request.param
+
+
 def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, len(VOCAB), (B, T), generator=torch.Generator().manual_seed(seed))
 
@@ -110,7 +121,7 @@ def test_last_hidden_state_gives_the_forward_logits():
 
 @torch.no_grad()
 @pytest.mark.parametrize("prompt_len", [1, 5, 16])
-def test_kv_cache_prefill_and_decode_match_the_uncached_forward(prompt_len):
+def test_kv_cache_prefill_and_decode_match_the_uncached_forward(prompt_len, decode_path):
     model = make_model(VOCAB, block_size=16)
     ids = random_ids(3, 16)
     full, _ = model(ids)
@@ -122,7 +133,7 @@ def test_kv_cache_prefill_and_decode_match_the_uncached_forward(prompt_len):
 
 
 @torch.no_grad()
-def test_one_layer_decode_past_the_context_sees_exactly_the_last_block_size_characters():
+def test_one_layer_decode_past_the_context_sees_exactly_the_last_block_size_characters(decode_path):
     # With one layer, keys and values depend only on the character and (relatively) its position,
     # so the ring buffer holds exactly what a fresh forward over the last block_size characters computes.
     model = make_model(VOCAB, n_layer=1, block_size=8)
@@ -136,7 +147,7 @@ def test_one_layer_decode_past_the_context_sees_exactly_the_last_block_size_char
 
 
 @torch.no_grad()
-def test_multi_layer_decode_past_the_context_is_sliding_window_attention():
+def test_multi_layer_decode_past_the_context_is_sliding_window_attention(decode_path):
     # With two or more layers it is NOT the same as re-running the last block_size characters: a deeper
     # layer's cached keys were computed when their own windows reached further back. What the ring buffer
     # computes is sliding-window attention in every layer, with no seam at the context boundary.
@@ -154,7 +165,7 @@ def test_multi_layer_decode_past_the_context_is_sliding_window_attention():
 
 
 @torch.no_grad()
-def test_sequences_in_a_batch_do_not_affect_each_other():
+def test_sequences_in_a_batch_do_not_affect_each_other(decode_path):
     model = make_model(VOCAB)
     ids = random_ids(2, 10)
     alone, both = model.new_cache(1), model.new_cache(2)

@@ -232,7 +232,7 @@ def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypat
     import tfcli.sampling as sampling
     monkeypatch.setattr(tfcli.model, "can_pack", lambda dtype: True)
     packs = []
-    monkeypatch.setattr(type(model), "new_cache", lambda self, batch, dtype, pack: packs.append(pack))
+    monkeypatch.setattr(type(model), "new_cache", lambda self, batch, dtype, pack, kv_dtype: packs.append(pack))
     sampling.new_cache(model, 4, SampleConfig())  # a test model is tiny
     monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
     sampling.new_cache(model, 4, SampleConfig())
@@ -241,6 +241,22 @@ def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypat
     monkeypatch.setattr(tfcli.model, "can_pack", lambda dtype: False)
     sampling.new_cache(model, 4, SampleConfig())
     assert packs == [False, True, False, True, False]
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_keys_and_values_are_half_only_with_half_weights_and_the_c_kernel_to_read_them(model, monkeypatch, built):
+    import tfcli.sampling as sampling
+    monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: object() if built else None)
+    kinds = []
+    monkeypatch.setattr(type(model), "new_cache", lambda self, batch, dtype, pack, kv_dtype: kinds.append(kv_dtype))
+    sampling.new_cache(model, 1, SampleConfig())  # tiny: float32 weights
+    monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
+    sampling.new_cache(model, 1, SampleConfig())  # float16 weights
+    sampling.new_cache(model, 1, SampleConfig(compile=True))  # the compiled step keeps PyTorch's path
+    sampling.new_cache(model, 16, SampleConfig(dtype="bfloat16"))
+    sampling.new_cache(model, 16, SampleConfig(dtype="float32"))
+    half = torch.float16 if built else torch.float32
+    assert kinds == [torch.float32, half, torch.float32, half, torch.float32]
 
 
 def test_compile_applies_to_single_samples_only(model, monkeypatch):

@@ -116,6 +116,13 @@ def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compil
     return {"chars_per_s": statistics.median(rates), "dtype": dtype}
 
 
+def decode_kernel(device) -> bool:
+    """Whether sampling here attends through the C kernel of `tfcli.decode_attention` (CPUs with a C
+    compiler); without it the same steps take PyTorch's path, 1.5-1.8x slower on this project's CPU."""
+    from .decode_attention import kernel
+    return device.type == "cpu" and kernel() is not None
+
+
 def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | None = None,
         shapes: list[str] | None = None, seconds: float = 6.0) -> dict:
     device = pick_device(device_name)
@@ -123,7 +130,7 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
     compile = should_compile(device, compile, seconds=DEFAULT_TRAIN_SECONDS)
     peak = peak_gflops(device, dtype)
     result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "compile": compile,
-              "peak_gflops": peak, "train": {}, "sample": {}}
+              "peak_gflops": peak, "train": {}, "sample": {}, "decode_kernel": decode_kernel(device)}
     for name in shapes or list(SHAPES):
         r = train_speed(SHAPES[name], device, dtype, compile, seconds)
         r["peak_fraction"] = r["gflops"] / peak

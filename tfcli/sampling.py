@@ -107,12 +107,16 @@ def new_cache(model, batch: int, cfg: SampleConfig):
     """The cache `cfg` samples with: weights in `decode_dtype`, and for CPU models of 8 MB and
     more, when that dtype can be (`tfcli.model.can_pack`: float32 and bfloat16, so batches, not
     the float16 of one or two samples) and the step is not compiled (`compiles`), in oneDNN's layout
-    (`tfcli.model.packed`: 1.5-2x faster matmuls there, slower below)."""
+    (`tfcli.model.packed`: 1.5-2x faster matmuls there, slower below). Keys and values are float16
+    when the weights are half too and the C kernel of `tfcli.decode_attention` will read them."""
+    from .decode_attention import kernel
     from .model import can_pack
 
     dtype = decode_dtype(model, batch, cfg.dtype)
-    pack = not compiles(cfg, batch) and _big_cpu_model(model) and can_pack(dtype)
-    return model.new_cache(batch, dtype, pack)
+    eager_cpu = not compiles(cfg, batch) and model.head.weight.device.type == "cpu"
+    pack = eager_cpu and _big_cpu_model(model) and can_pack(dtype)
+    half_kv = eager_cpu and dtype in (torch.float16, torch.bfloat16) and kernel() is not None
+    return model.new_cache(batch, dtype, pack, torch.float16 if half_kv else torch.float32)
 
 
 def compiles(cfg: SampleConfig, batch: int) -> bool:

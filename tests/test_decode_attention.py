@@ -1,0 +1,114 @@
+import os
+
+import pytest
+import torch
+from conftest import make_model
+
+import tfcli.decode_attention as decode_attention
+from tfcli.corpus import Vocab
+from tfcli.model import attention, rotary_tables
+
+VOCAB = Vocab.from_text("abcdefghij")
+
+
+@pytest.fixture
+def kernel():
+    built = decode_attention.kernel()
+    if built is None:
+        pytest.skip("the C kernel cannot be built here (no C compiler?)")
+    return built
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """kernel() as on a machine that never built it: its own cache directory, no cached result."""
+    monkeypatch.setenv("TFCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TFCLI_NO_KERNEL", raising=False)
+    decode_attention.kernel.cache_clear()
+    yield tmp_path / "cache"
+    decode_attention.kernel.cache_clear()
+
+
+def pytorch_step(qkv, cos, sin, ring, slot):
+    """What the kernel replaces: PyTorch's path of the cached step, on a copy of the ring."""
+    _, B, H, n, D = ring.shape
+    ring = ring.clone()
+    y = attention(qkv.view(B, 1, 3, H, D).permute(2, 0, 3, 1, 4), cos, sin, torch.tensor([slot]), None, ring)
+    return y.transpose(1, 2).reshape(B, H * D), ring
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("B, H, D, T, n, slot", [(1, 1, 8, 4, 1, 0), (3, 2, 24, 8, 5, 4), (16, 6, 64, 32, 32, 17),
+                                                 (2, 4, 40, 16, 16, 0)])
+def test_a_step_is_pytorchs_path_in_float32(kernel, B, H, D, T, n, slot):
+    torch.manual_seed(B * D + n)
+    qkv = torch.randn(B, 3 * H * D)
+    cos, sin = (t[n + 3:n + 4] for t in rotary_tables(64, D, "cpu"))
+    whole = torch.randn(2, B, H, T, D)
+    expected, expected_ring = pytorch_step(qkv, cos, sin, whole[..., :n, :], slot)
+    got = kernel(qkv, cos, sin, whole[..., :n, :], torch.tensor([slot]), D ** 0.5)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(whole[..., :n, :], expected_ring, atol=1e-6, rtol=0)  # the new key and value stored
+
+
+@torch.no_grad()
+def test_a_float16_ring_stores_rounded_keys_and_attends_close_to_float32(kernel):
+    torch.manual_seed(0)
+    B, H, D, T = 4, 2, 32, 16
+    qkv, ring = torch.randn(B, 3 * H * D), torch.randn(2, B, H, T, D)
+    cos, sin = (t[20:21] for t in rotary_tables(64, D, "cpu"))
+    half = ring.half()
+    expected, expected_ring = pytorch_step(qkv, cos, sin, half.float(), 9)
+    got = kernel(qkv, cos, sin, half, torch.tensor([9]), D ** 0.5)
+    assert torch.equal(half, expected_ring.half())
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+    assert not torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_half_keys_and_values_decode_close_to_float32(kernel):
+    model = make_model(VOCAB, std=0.3)
+    ids = torch.randint(0, len(VOCAB), (2, 40), generator=torch.Generator().manual_seed(3))
+    exact, half = model.new_cache(2), model.new_cache(2, kv_dtype=torch.float16)
+    assert half.kv.dtype == torch.float16
+    pairs = [(model.prefill(ids[:, :4], exact), model.prefill(ids[:, :4], half))]
+    for pos in range(4, 40):  # past the context, through the ring
+        pairs.append((model.decode(ids[:, pos], pos, exact), model.decode(ids[:, pos], pos, half)))
+    a = torch.stack([p[0] for p in pairs]).log_softmax(-1)
+    b = torch.stack([p[1] for p in pairs]).log_softmax(-1)
+    assert a.std() > 0.5  # far from uniform: rounding would show
+    torch.testing.assert_close(b, a, atol=0.01, rtol=0)
+    assert not torch.equal(a, b)
+
+
+def test_the_build_is_cached_by_source_compiler_and_cpu(fresh_build):
+    built = decode_attention.kernel()
+    if built is None:
+        pytest.skip("no C compiler here")
+    (library,) = fresh_build.glob("decode_attention-*.so")
+    stamp = library.stat().st_mtime_ns
+    decode_attention.kernel.cache_clear()
+    assert decode_attention.kernel().path == built.path  # found, not rebuilt
+    assert library.stat().st_mtime_ns == stamp and list(fresh_build.iterdir()) == [library]
+
+
+def test_without_a_working_compiler_there_is_no_kernel_and_no_litter(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert decode_attention.kernel() is None
+    assert list(fresh_build.glob("*")) == []
+
+
+def test_tfcli_no_kernel_turns_it_off(fresh_build, monkeypatch):
+    monkeypatch.setenv("TFCLI_NO_KERNEL", "1")
+    assert decode_attention.kernel() is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_cache_directory_builds_in_a_temporary_one(fresh_build):
+    fresh_build.mkdir()
+    fresh_build.chmod(0o500)
+    try:
+        where = decode_attention.cache_dir()
+        assert where != fresh_build and os.access(where, os.W_OK)
+    finally:
+        fresh_build.chmod(0o700)

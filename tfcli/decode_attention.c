@@ -1,0 +1,129 @@
+/* The attention of tfcli's cached decode step: one new position per sequence, over a KV ring.
+ *
+ * Why C: a 16-sample step of the 10.7M model streams 75 MB of float32 keys and values from
+ * memory, and PyTorch's CPU kernels either do not read 16-bit keys any faster (bmm) or are
+ * built for many queries (scaled_dot_product_attention). This reads float16 keys and values
+ * (half the bytes) and accumulates in float32. It also does the step's small per-head work
+ * (QK-norm, rotary positions, storing the new key and value), which in PyTorch is a dozen
+ * kernel launches a layer: most of a small model's step. Compiled on first use by
+ * tfcli/decode_attention.py; PyTorch's path remains the fallback wherever it cannot be built.
+ *
+ * Layout, in elements: qkv is the (B, 3, H, D) float32 output of the layer's qkv projection;
+ * cos and sin are the position's rows of the rotary tables (D each). The ring holds sequence
+ * b's head h's keys at ring + b*rb + h*rh + t*D and its values rkv further on. The new key and
+ * value go to slot *slot, then slots [0, n) are attended to. out is (B, H, D) float32,
+ * contiguous. Threads: OpenMP's, which is PyTorch's own pool where PyTorch uses GNU OpenMP.
+ */
+#include <math.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef _Float16 half;
+
+static inline float load_f32(const float *p) { return *p; }
+static inline float load_f16(const half *p) { return (float)*p; }
+
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vec;
+static inline vec vload_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vload_f16(const half *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vset(float x) { return _mm512_set1_ps(x); }
+static inline void vstore(float *p, vec x) { _mm512_storeu_ps(p, x); }
+static inline float vsum(vec x) { return _mm512_reduce_add_ps(x); }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vec;
+static inline vec vload_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vload_f16(const half *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vset(float x) { return _mm256_set1_ps(x); }
+static inline void vstore(float *p, vec x) { _mm256_storeu_ps(p, x); }
+static inline float vsum(vec x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+/* dot(q, k) and acc += p * v over D elements, for a ring of element type T. */
+#ifdef LANES
+#define ROW_OPS(T)                                                                              \
+    static inline float dot_##T(const float *q, const T *k, long D) {                           \
+        vec a = vzero();                                                                        \
+        long d = 0;                                                                             \
+        for (; d + LANES <= D; d += LANES) a = vfma(vload_f32(q + d), vload_##T(k + d), a);     \
+        float s = vsum(a);                                                                      \
+        for (; d < D; d++) s += q[d] * load_##T(k + d);                                         \
+        return s;                                                                               \
+    }                                                                                           \
+    static inline void axpy_##T(float *acc, float p, const T *v, long D) {                      \
+        vec pp = vset(p);                                                                       \
+        long d = 0;                                                                             \
+        for (; d + LANES <= D; d += LANES) vstore(acc + d, vfma(pp, vload_##T(v + d), vload_f32(acc + d))); \
+        for (; d < D; d++) acc[d] += p * load_##T(v + d);                                       \
+    }
+#else
+#define ROW_OPS(T)                                                                              \
+    static inline float dot_##T(const float *q, const T *k, long D) {                           \
+        float s = 0.f;                                                                          \
+        for (long d = 0; d < D; d++) s += q[d] * load_##T(k + d);                               \
+        return s;                                                                               \
+    }                                                                                           \
+    static inline void axpy_##T(float *acc, float p, const T *v, long D) {                      \
+        for (long d = 0; d < D; d++) acc[d] += p * load_##T(v + d);                             \
+    }
+#endif
+
+typedef float f32;
+typedef half f16;
+ROW_OPS(f32)
+ROW_OPS(f16)
+
+/* q or k of one head, RMS-normalised to unit length and rotated to its position: the cached
+ * step's `rotate(unit(x), cos, sin)`, whose tables are cos|cos and -sin|sin. */
+static inline void unit_rotate(const float *x, const float *cos, const float *sin, float *out, long D) {
+    float ss = 0.f;
+    for (long d = 0; d < D; d++) ss += x[d] * x[d];
+    float norm = sqrtf(ss), inv = 1.f / (norm > 1e-30f ? norm : 1e-30f);
+    for (long d = 0; d < D; d++) out[d] = (x[d] * cos[d] + x[(d + D / 2) % D] * sin[d]) * inv;
+}
+
+#define STEP(T)                                                                                 \
+    void step_##T(const float *qkv, const float *cos, const float *sin, T *ring, long rkv,      \
+                  long rb, long rh, const long *slot, long n, long B, long H, long D,           \
+                  float scale, float *out, int threads) {                                       \
+        (void)threads; /* read by the pragma only when compiled with OpenMP */                  \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                       \
+        for (long i = 0; i < B * H; i++) {                                                      \
+            long b = i / H, h = i % H, C = H * D;                                               \
+            const float *x = qkv + b * 3 * C + h * D;                                           \
+            T *keys = ring + b * rb + h * rh, *values = keys + rkv;                             \
+            float q[D], k[D], score[n], acc[D], top = -INFINITY, sum = 0.f;                     \
+            unit_rotate(x, cos, sin, q, D);                                                     \
+            unit_rotate(x + C, cos, sin, k, D);                                                 \
+            for (long d = 0; d < D; d++) {                                                      \
+                keys[*slot * D + d] = (T)k[d];                                                  \
+                values[*slot * D + d] = (T)x[2 * C + d];                                        \
+                q[d] *= scale;                                                                  \
+            }                                                                                   \
+            for (long t = 0; t < n; t++) {                                                      \
+                score[t] = dot_##T(q, keys + t * D, D);                                         \
+                top = score[t] > top ? score[t] : top;                                          \
+            }                                                                                   \
+            for (long d = 0; d < D; d++) acc[d] = 0.f;                                          \
+            for (long t = 0; t < n; t++) {                                                      \
+                float p = expf(score[t] - top);                                                 \
+                sum += p;                                                                       \
+                axpy_##T(acc, p, values + t * D, D);                                            \
+            }                                                                                   \
+            for (long d = 0; d < D; d++) out[i * D + d] = acc[d] / sum;                         \
+        }                                                                                       \
+    }
+
+STEP(f32)
+STEP(f16)
