@@ -92,10 +92,16 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(fresh_build):
     assert library.stat().st_mtime_ns == stamp and list(fresh_build.iterdir()) == [library]
 
 
-def test_without_a_working_compiler_there_is_no_kernel_and_no_litter(fresh_build, monkeypatch):
+def test_without_a_working_compiler_there_is_no_kernel_and_it_is_tried_once(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    runs = []
+    real_run = decode_attention.subprocess.run
+    monkeypatch.setattr(decode_attention.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
     assert decode_attention.kernel() is None
-    assert list(fresh_build.glob("*")) == []
+    assert len(runs) == len(decode_attention.FLAG_SETS)
+    assert {p.suffix for p in fresh_build.iterdir()} == {".failed"}  # no half-built libraries left
+    decode_attention.kernel.cache_clear()  # the next process
+    assert decode_attention.kernel() is None and len(runs) == len(decode_attention.FLAG_SETS)
 
 
 def test_tfcli_no_kernel_turns_it_off(fresh_build, monkeypatch):

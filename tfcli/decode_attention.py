@@ -57,28 +57,32 @@ class Kernel:
 
 @functools.cache
 def kernel() -> Kernel | None:
-    """The kernel for this machine, built once per source, compiler and CPU into tfcli's cache directory."""
+    """The kernel for this machine, built once per source, compiler and CPU into tfcli's cache
+    directory. A build that fails leaves a marker, so that a machine without a working compiler
+    tries once, not on every `tfcli sample`."""
     if os.environ.get("TFCLI_NO_KERNEL", "") not in ("", "0"):
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+    if cc is None or shutil.which(cc) is None:
         return None
     where = cache_dir()
     for flags in FLAG_SETS:
         path = where / f"decode_attention-{build_key(cc, flags)}.so"
-        if path.exists() or build(cc, flags, path):
-            try:
-                return Kernel(ctypes.CDLL(str(path)))
-            except (OSError, AttributeError):
-                continue
+        failed = path.with_suffix(".failed")
+        if not path.exists() and (failed.exists() or not build(cc, flags, path)):
+            failed.touch()
+            continue
+        try:
+            return Kernel(ctypes.CDLL(str(path)))
+        except (OSError, AttributeError):
+            continue
     return None
 
 
 def build(cc: str, flags: list[str], path: Path) -> bool:
     """Compile into a temporary file beside `path`, then rename it: concurrent first uses never load
-    half a library."""
+    half a library, and an interrupted build leaves nothing behind."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
     except OSError:
@@ -91,32 +95,35 @@ def build(cc: str, flags: list[str], path: Path) -> bool:
             return True
     except (OSError, subprocess.SubprocessError):
         pass
-    Path(tmp).unlink(missing_ok=True)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return False
 
 
 def cache_dir() -> Path:
     """$TFCLI_CACHE, else $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli; a private temporary directory when
     that cannot be written (a read-only home), so a build still happens, once per process."""
-    root = os.environ.get("TFCLI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfcli"
-    path = Path(root)
     try:
+        root = os.environ.get("TFCLI_CACHE") or \
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfcli"
+        path = Path(root)
         path.mkdir(parents=True, exist_ok=True)
         if os.access(path, os.W_OK):
             return path
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to be found
         pass
     return Path(tempfile.mkdtemp(prefix="tfcli-"))
 
 
 def build_key(cc: str, flags: list[str]) -> str:
-    """Source, compiler, flags and CPU: -march=native code is only valid on the CPU it was built for."""
+    """Source, compiler (its file: an upgrade is a new key), flags and CPU: -march=native code is
+    only valid on the CPU it was built for."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (cc, " ".join(flags), platform.machine(), cpu_flags()):
+    compiler = os.stat(shutil.which(cc) or cc)
+    for part in (cc, str(compiler.st_mtime_ns), str(compiler.st_size), " ".join(flags), platform.machine(),
+                 cpu_flags()):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
-
-
 def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
