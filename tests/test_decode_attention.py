@@ -1,3 +1,4 @@
+import ctypes
 import os
 
 import pytest
@@ -63,6 +64,26 @@ def test_a_float16_ring_stores_rounded_keys_and_attends_close_to_float32(kernel)
     assert torch.equal(half, expected_ring.half())
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
     assert not torch.equal(got, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("flags", [["-O3", "-march=native"], ["-O3"]], ids=["f16c-or-avx512", "portable-c"])
+def test_builds_without_the_compilers_float16_type_store_and_attend_the_same(kernel, tmp_path, flags):
+    # compilers older than GCC 12 / clang 15 have no _Float16: F16C's conversions, or bit-exact software ones
+    other_path = tmp_path / "other.so"
+    assert decode_attention.build(decode_attention.compiler(), [*flags, "-DTFCLI_NO_FLOAT16"], other_path)
+    other = decode_attention.Kernel(ctypes.CDLL(str(other_path)))
+    torch.manual_seed(1)
+    B, H, D, T = 3, 2, 24, 8
+    qkv = torch.randn(B, 3 * H * D) * torch.logspace(-6, 5, B * 3 * H * D).view(B, -1)  # tiny to past float16's range
+    cos, sin = (t[5:6] for t in rotary_tables(64, D, "cpu"))
+    ring = torch.randn(2, B, H, T, D).half()
+    ours, theirs = ring.clone(), ring.clone()
+    a = kernel(qkv, cos, sin, ours, torch.tensor([3]), D ** 0.5)
+    b = other(qkv, cos, sin, theirs, torch.tensor([3]), D ** 0.5)
+    assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    assert not torch.equal(ours.view(torch.int16), ring.view(torch.int16))
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 @torch.no_grad()

@@ -15,14 +15,57 @@
  * contiguous. Threads: OpenMP's, which is PyTorch's own pool where PyTorch uses GNU OpenMP.
  */
 #include <math.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
+/* float16 storage: the compiler's _Float16 (GCC 12+, clang 15+), else F16C's conversions (older
+ * compilers on x86), else a bit-exact conversion in software (slow, but correct). */
+#if defined(__FLT16_MAX__) && !defined(TFCLI_NO_FLOAT16)
 typedef _Float16 half;
+static inline float half_to_float(half h) { return (float)h; }
+static inline half float_to_half(float f) { return (half)f; }
+#elif defined(__F16C__)
+typedef unsigned short half;
+static inline float half_to_float(half h) { return _cvtsh_ss(h); }
+static inline half float_to_half(float f) { return _cvtss_sh(f, 0); }
+#else
+#include <string.h>
+typedef unsigned short half;
+static inline float half_to_float(half h) {
+    unsigned sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);          /* inf, nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);      /* normal */
+    else if (!man) bits = sign;                                         /* zero */
+    else {                                                              /* subnormal */
+        float f = (float)man * 5.9604644775390625e-8f;                  /* man * 2^-24 */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline half float_to_half(float f) {
+    unsigned bits;
+    memcpy(&bits, &f, 4);
+    unsigned sign = (bits >> 16) & 0x8000u, a = bits & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (half)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0));
+    if (a >= 0x477ff000u) return (half)(sign | 0x7c00u);                /* rounds past 65504: inf */
+    if (a < 0x38800000u) {                                              /* subnormal or zero */
+        float m;
+        memcpy(&m, &a, 4);
+        return (half)(sign | (unsigned)lrintf(m * 16777216.f));         /* m / 2^-24, to nearest even */
+    }
+    a += 0xfffu + ((a >> 13) & 1u) - (112u << 23);                      /* round to nearest even */
+    return (half)(sign | (a >> 13));
+}
+#endif
 
 static inline float load_f32(const float *p) { return *p; }
-static inline float load_f16(const half *p) { return (float)*p; }
+static inline float load_f16(const half *p) { return half_to_float(*p); }
+static inline float store_f32(float x) { return x; }
+static inline half store_f16(float x) { return float_to_half(x); }
 
 #if defined(__AVX512F__)
 #define LANES 16
@@ -107,8 +150,8 @@ static inline void unit_rotate(const float *x, const float *cos, const float *si
             unit_rotate(x, cos, sin, q, D);                                                     \
             unit_rotate(x + C, cos, sin, k, D);                                                 \
             for (long d = 0; d < D; d++) {                                                      \
-                keys[*slot * D + d] = (T)k[d];                                                  \
-                values[*slot * D + d] = (T)x[2 * C + d];                                        \
+                keys[*slot * D + d] = store_##T(k[d]);                                          \
+                values[*slot * D + d] = store_##T(x[2 * C + d]);                                \
                 q[d] *= scale;                                                                  \
             }                                                                                   \
             for (long t = 0; t < n; t++) {                                                      \

@@ -62,8 +62,8 @@ def kernel() -> Kernel | None:
     tries once, not on every `tfcli sample`."""
     if os.environ.get("TFCLI_NO_KERNEL", "") not in ("", "0"):
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None or shutil.which(cc) is None:
+    cc = compiler()
+    if cc is None:
         return None
     where = cache_dir()
     for flags in FLAG_SETS:
@@ -77,6 +77,12 @@ def kernel() -> Kernel | None:
         except (OSError, AttributeError):
             continue
     return None
+
+
+def compiler() -> str | None:
+    """$CC, else the system's cc, gcc or clang."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return cc if cc and shutil.which(cc) else None
 
 
 def build(cc: str, flags: list[str], path: Path) -> bool:
