@@ -205,7 +205,8 @@ def test_repeat_last_n_zero_turns_the_penalties_off():
 
 
 @pytest.mark.slow  # compiling the decode step takes seconds
-def test_compiled_decode_samples_the_same_text_as_eager_past_the_context(model):
+def test_compiled_decode_samples_the_same_text_as_eager_past_the_context(model, monkeypatch):
+    monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: None)  # where the C kernel runs, nothing compiles
     n = 3 * model.config.block_size  # through the ring's wrap, where the mask switches to "all slots"
     for cfg in (SampleConfig(max_new_tokens=n, temperature=0.0, seed=1),
                 SampleConfig(max_new_tokens=n, temperature=1.0, top_k=5, seed=3)):
@@ -230,6 +231,7 @@ def test_decode_dtype_halves_weights_only_for_models_that_outgrow_the_cache(mode
 def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypatch):
     import tfcli.model
     import tfcli.sampling as sampling
+    monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: None)  # so that --compile compiles
     monkeypatch.setattr(tfcli.model, "can_pack", lambda dtype: True)
     packs = []
     monkeypatch.setattr(type(model), "new_cache", lambda self, batch, dtype, pack, kv_dtype: packs.append(pack))
@@ -252,20 +254,32 @@ def test_keys_and_values_are_half_only_with_half_weights_and_the_c_kernel_to_rea
     sampling.new_cache(model, 1, SampleConfig())  # tiny: float32 weights
     monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
     sampling.new_cache(model, 1, SampleConfig())  # float16 weights
-    sampling.new_cache(model, 1, SampleConfig(compile=True))  # the compiled step keeps PyTorch's path
+    sampling.new_cache(model, 1, SampleConfig(compile=True))  # compiled (PyTorch's path) only without the kernel
     sampling.new_cache(model, 16, SampleConfig(dtype="bfloat16"))
     sampling.new_cache(model, 16, SampleConfig(dtype="float32"))
     half = torch.float16 if built else torch.float32
-    assert kinds == [torch.float32, half, torch.float32, half, torch.float32]
+    assert kinds == [torch.float32, half, half, half, torch.float32]
 
 
 def test_compile_applies_to_single_samples_only(model, monkeypatch):
+    monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: None)
     compiled = []
     monkeypatch.setattr(type(model), "compiled_decoder", lambda self, cache: compiled.append(cache) or self.decode)
     batch = text_of(model, "he", SampleConfig(max_new_tokens=5, seed=1, num_samples=3, compile=True))
     assert compiled == [] and batch == text_of(model, "he", SampleConfig(max_new_tokens=5, seed=1, num_samples=3))
     text_of(model, "he", SampleConfig(max_new_tokens=5, seed=1, compile=True))
     assert len(compiled) == 1
+
+
+def test_compile_is_not_used_where_the_c_kernel_decodes(model, monkeypatch):
+    import tfcli.decode_attention
+    if tfcli.decode_attention.kernel() is None:
+        pytest.skip("the C kernel cannot be built here")
+    compiled = []
+    monkeypatch.setattr(type(model), "compiled_decoder", lambda self, cache: compiled.append(cache) or self.decode)
+    cfg = SampleConfig(max_new_tokens=5, seed=1)
+    assert text_of(model, "he", SampleConfig(**{**cfg.__dict__, "compile": True})) == text_of(model, "he", cfg)
+    assert compiled == []
 
 
 def test_packed_weights_sample_the_same_batch_as_plain_ones(model, monkeypatch):

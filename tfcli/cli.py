@@ -329,8 +329,8 @@ def sample(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
-    compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first, then up to 1.4x "
-                                  "faster for small models): for long generations."),
+    compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first): for long "
+                                  "generations on a GPU, or a CPU without a C compiler for tfcli's kernel."),
     dtype: str = typer.Option("auto", help="Weights while sampling: auto (float16 for CPU models over 8 MB, "
                               "bfloat16 for their batches), float32, float16 or bfloat16."),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
@@ -343,7 +343,7 @@ def sample(
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
     from .render.sample import prob_legend, styled
-    from .sampling import collect, generate_pieces, new_seed
+    from .sampling import collect, generate_pieces, kernel_decodes, new_seed
 
     if unknown not in ("error", "skip", "replace"):
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
@@ -363,6 +363,9 @@ def sample(
     if compile_ and num_samples > 1:
         stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
                      style="dim", highlight=False)
+    elif compile_ and kernel_decodes(model):
+        stderr.print("note: --compile is not used on a CPU where tfcli's C decode kernel runs: it is faster "
+                     "uncompiled", style="dim", highlight=False)
     if interactive:
         run_interactive(model, cfg, text, unknown, color_by_prob)
         return

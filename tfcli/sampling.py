@@ -113,17 +113,26 @@ def new_cache(model, batch: int, cfg: SampleConfig):
     from .model import can_pack
 
     dtype = decode_dtype(model, batch, cfg.dtype)
-    eager_cpu = not compiles(cfg, batch) and model.head.weight.device.type == "cpu"
+    eager_cpu = not compiles(cfg, batch, model) and model.head.weight.device.type == "cpu"
     pack = eager_cpu and _big_cpu_model(model) and can_pack(dtype)
     half_kv = eager_cpu and dtype in (torch.float16, torch.bfloat16) and kernel() is not None
     return model.new_cache(batch, dtype, pack, torch.float16 if half_kv else torch.float32)
 
 
-def compiles(cfg: SampleConfig, batch: int) -> bool:
-    """Whether the decode step is compiled: with `--compile`, for one sample. A compiled batch
-    step was slower than the eager one at both sizes measured (16 samples of 500 characters:
-    2.1 vs 0.63 s at 0.8M parameters, 18 vs 1.5 s at 3.2M), so batches stay eager."""
-    return cfg.compile and batch == 1
+def compiles(cfg: SampleConfig, batch: int, model) -> bool:
+    """Whether the decode step is compiled: with `--compile`, for one sample, where the C kernel of
+    `tfcli.decode_attention` does not run. A compiled batch step was slower than the eager one at
+    both sizes measured (16 samples of 500 characters: 2.1 vs 0.63 s at 0.8M parameters, 18 vs 1.5 s
+    at 3.2M); and on a CPU the eager step through that kernel outran the compiled one (2,000
+    characters of the 0.8M shape: 2,317 / 3,049 vs 1,172 / 2,379 chars/s; at context 128: 2,468 /
+    2,960 vs 2,268 / 2,082)."""
+    return cfg.compile and batch == 1 and not kernel_decodes(model)
+
+
+def kernel_decodes(model) -> bool:
+    """Whether decode steps of `model` go through the C kernel (a CPU model, the kernel built)."""
+    from .decode_attention import kernel
+    return model.head.weight.device.type == "cpu" and kernel() is not None
 
 
 def new_seed() -> int:
@@ -187,7 +196,7 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprob
     pos, keep = ids.size(1), max(cfg.repeat_last_n, 1)
     history = ids[:, -keep:] if _has_penalties(cfg) else None
     matchers = [StopMatcher(cfg.stop) for _ in range(B)]
-    decode = model.compiled_decoder(cache) if compiles(cfg, B) else model.decode
+    decode = model.compiled_decoder(cache) if compiles(cfg, B, model) else model.decode
     for _ in range(cfg.max_new_tokens):
         nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, gen)
         lps = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].tolist() if logprobs else None
