@@ -39,12 +39,14 @@ def pytorch_step(qkv, cos, sin, ring, slot):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("B, H, D, T, n, slot", [(1, 1, 8, 4, 1, 0), (3, 2, 24, 8, 5, 4), (16, 6, 64, 32, 32, 17),
-                                                 (2, 4, 40, 16, 16, 0)])
+@pytest.mark.parametrize("B, H, D, T, n, slot", [
+    (1, 1, 8, 4, 1, 0), (3, 2, 24, 8, 5, 4), (16, 6, 64, 32, 32, 17), (2, 4, 40, 16, 16, 0),
+    (2, 3, 2, 4, 3, 2), (1, 2, 6, 8, 8, 7), (2, 1, 12, 8, 6, 5),  # head sizes below and between vector widths
+    (2, 1, 6, 600, 600, 599), (1, 2, 16, 300, 257, 100)])  # past one block of 256 scores: the online softmax
 def test_a_step_is_pytorchs_path_in_float32(kernel, B, H, D, T, n, slot):
     torch.manual_seed(B * D + n)
     qkv = torch.randn(B, 3 * H * D)
-    cos, sin = (t[n + 3:n + 4] for t in rotary_tables(64, D, "cpu"))
+    cos, sin = (t[n + 3:n + 4] for t in rotary_tables(n + 8, D, "cpu"))
     whole = torch.randn(2, B, H, T, D)
     expected, expected_ring = pytorch_step(qkv, cos, sin, whole[..., :n, :], slot)
     got = kernel(qkv, cos, sin, whole[..., :n, :], torch.tensor([slot]), D ** 0.5)
@@ -87,6 +89,18 @@ def test_builds_without_the_compilers_float16_type_store_and_attend_the_same(ker
 
 
 @torch.no_grad()
+def test_pytorchs_path_reads_a_float16_ring_too(monkeypatch):
+    model = make_model(VOCAB, std=0.3)
+    ids = torch.randint(0, len(VOCAB), (2, 20), generator=torch.Generator().manual_seed(4))
+    exact, half = model.new_cache(2), model.new_cache(2, kv_dtype=torch.float16)
+    monkeypatch.setattr(decode_attention, "kernel", lambda: None)
+    model.prefill(ids[:, :3], exact), model.prefill(ids[:, :3], half)
+    for pos in range(3, 20):
+        torch.testing.assert_close(model.decode(ids[:, pos], pos, half), model.decode(ids[:, pos], pos, exact),
+                                   atol=0.02, rtol=0)
+
+
+@torch.no_grad()
 def test_half_keys_and_values_decode_close_to_float32(kernel):
     model = make_model(VOCAB, std=0.3)
     ids = torch.randint(0, len(VOCAB), (2, 40), generator=torch.Generator().manual_seed(3))
@@ -119,10 +133,25 @@ def test_without_a_working_compiler_there_is_no_kernel_and_it_is_tried_once(fres
     real_run = decode_attention.subprocess.run
     monkeypatch.setattr(decode_attention.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
     assert decode_attention.kernel() is None
-    assert len(runs) == len(decode_attention.FLAG_SETS)
+    assert len(runs) == len(decode_attention.flag_sets())
     assert {p.suffix for p in fresh_build.iterdir()} == {".failed"}  # no half-built libraries left
     decode_attention.kernel.cache_clear()  # the next process
-    assert decode_attention.kernel() is None and len(runs) == len(decode_attention.FLAG_SETS)
+    assert decode_attention.kernel() is None and len(runs) == len(decode_attention.flag_sets())
+
+
+def test_a_build_that_could_not_finish_is_tried_again_next_time(fresh_build, monkeypatch):
+    if decode_attention.compiler() is None:
+        pytest.skip("no C compiler here")
+
+    def timed_out(*args, **kwargs):
+        raise decode_attention.subprocess.TimeoutExpired(args[0], 120)
+    monkeypatch.setattr(decode_attention.subprocess, "run", timed_out)
+    assert decode_attention.kernel() is None
+    assert list(fresh_build.iterdir()) == []  # no marker, no temporary file
+    monkeypatch.undo()
+    decode_attention.kernel.cache_clear()
+    monkeypatch.setenv("TFCLI_CACHE", str(fresh_build))
+    assert decode_attention.kernel() is not None
 
 
 def test_tfcli_no_kernel_turns_it_off(fresh_build, monkeypatch):

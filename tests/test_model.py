@@ -18,9 +18,17 @@ def decode_path(request, monkeypatch):
     import tfcli.decode_attention as decode_attention
     if request.param == "pytorch":
         monkeypatch.setattr(decode_attention, "kernel", lambda: None)
-    elif decode_attention.kernel() is None:
+        yield request.param
+        return
+    built = decode_attention.kernel()
+    if built is None:
         pytest.skip("the C kernel cannot be built here")
-    return request.param
+    steps, calls = [], []  # every layer of every decode step must have gone through the kernel
+    decode = GPT.decode
+    monkeypatch.setattr(GPT, "decode", lambda self, *a: steps.append(self.config.n_layer) or decode(self, *a))
+    monkeypatch.setattr(decode_attention, "kernel", lambda: lambda *args: calls.append(1) or built(*args))
+    yield request.param
+    assert len(calls) == sum(steps), "decode steps did not go through the C kernel"
 
 
 def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:

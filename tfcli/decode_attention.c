@@ -12,9 +12,11 @@
  * cos and sin are the position's rows of the rotary tables (D each). The ring holds sequence
  * b's head h's keys at ring + b*rb + h*rh + t*D and its values rkv further on. The new key and
  * value go to slot *slot, then slots [0, n) are attended to. out is (B, H, D) float32,
- * contiguous. Threads: OpenMP's, which is PyTorch's own pool where PyTorch uses GNU OpenMP.
+ * contiguous. Integers are int64, as PyTorch's are. Threads: OpenMP's where tfcli/decode_attention.py
+ * builds with it (only where that is PyTorch's own pool), else one.
  */
 #include <math.h>
+#include <stdint.h>
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -96,29 +98,29 @@ static inline float vsum(vec x) {
 /* dot(q, k) and acc += p * v over D elements, for a ring of element type T. */
 #ifdef LANES
 #define ROW_OPS(T)                                                                              \
-    static inline float dot_##T(const float *q, const T *k, long D) {                           \
+    static inline float dot_##T(const float *q, const T *k, int64_t D) {                           \
         vec a = vzero();                                                                        \
-        long d = 0;                                                                             \
+        int64_t d = 0;                                                                             \
         for (; d + LANES <= D; d += LANES) a = vfma(vload_f32(q + d), vload_##T(k + d), a);     \
         float s = vsum(a);                                                                      \
         for (; d < D; d++) s += q[d] * load_##T(k + d);                                         \
         return s;                                                                               \
     }                                                                                           \
-    static inline void axpy_##T(float *acc, float p, const T *v, long D) {                      \
+    static inline void axpy_##T(float *acc, float p, const T *v, int64_t D) {                      \
         vec pp = vset(p);                                                                       \
-        long d = 0;                                                                             \
+        int64_t d = 0;                                                                             \
         for (; d + LANES <= D; d += LANES) vstore(acc + d, vfma(pp, vload_##T(v + d), vload_f32(acc + d))); \
         for (; d < D; d++) acc[d] += p * load_##T(v + d);                                       \
     }
 #else
 #define ROW_OPS(T)                                                                              \
-    static inline float dot_##T(const float *q, const T *k, long D) {                           \
+    static inline float dot_##T(const float *q, const T *k, int64_t D) {                           \
         float s = 0.f;                                                                          \
-        for (long d = 0; d < D; d++) s += q[d] * load_##T(k + d);                               \
+        for (int64_t d = 0; d < D; d++) s += q[d] * load_##T(k + d);                               \
         return s;                                                                               \
     }                                                                                           \
-    static inline void axpy_##T(float *acc, float p, const T *v, long D) {                      \
-        for (long d = 0; d < D; d++) acc[d] += p * load_##T(v + d);                             \
+    static inline void axpy_##T(float *acc, float p, const T *v, int64_t D) {                      \
+        for (int64_t d = 0; d < D; d++) acc[d] += p * load_##T(v + d);                             \
     }
 #endif
 
@@ -129,42 +131,54 @@ ROW_OPS(f16)
 
 /* q or k of one head, RMS-normalised to unit length and rotated to its position: the cached
  * step's `rotate(unit(x), cos, sin)`, whose tables are cos|cos and -sin|sin. */
-static inline void unit_rotate(const float *x, const float *cos, const float *sin, float *out, long D) {
+static inline void unit_rotate(const float *x, const float *cos, const float *sin, float *out, int64_t D) {
     float ss = 0.f;
-    for (long d = 0; d < D; d++) ss += x[d] * x[d];
+    for (int64_t d = 0; d < D; d++) ss += x[d] * x[d];
     float norm = sqrtf(ss), inv = 1.f / (norm > 1e-30f ? norm : 1e-30f);
-    for (long d = 0; d < D; d++) out[d] = (x[d] * cos[d] + x[(d + D / 2) % D] * sin[d]) * inv;
+    for (int64_t d = 0; d < D; d++) out[d] = (x[d] * cos[d] + x[(d + D / 2) % D] * sin[d]) * inv;
 }
 
+#define BLOCK 256 /* slots scored at a time: the scores live on the stack, whatever the context */
+
 #define STEP(T)                                                                                 \
-    void step_##T(const float *qkv, const float *cos, const float *sin, T *ring, long rkv,      \
-                  long rb, long rh, const long *slot, long n, long B, long H, long D,           \
-                  float scale, float *out, int threads) {                                       \
+    void step_##T(const float *qkv, const float *cos, const float *sin, T *ring, int64_t rkv,   \
+                  int64_t rb, int64_t rh, const int64_t *slot, int64_t n, int64_t B, int64_t H, \
+                  int64_t D, float scale, float *out, int threads) {                            \
         (void)threads; /* read by the pragma only when compiled with OpenMP */                  \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                       \
-        for (long i = 0; i < B * H; i++) {                                                      \
-            long b = i / H, h = i % H, C = H * D;                                               \
+        for (int64_t i = 0; i < B * H; i++) {                                                   \
+            int64_t b = i / H, h = i % H, C = H * D;                                            \
             const float *x = qkv + b * 3 * C + h * D;                                           \
             T *keys = ring + b * rb + h * rh, *values = keys + rkv;                             \
-            float q[D], k[D], score[n], acc[D], top = -INFINITY, sum = 0.f;                     \
+            float q[D], k[D], acc[D], score[BLOCK], top = -INFINITY, sum = 0.f;                 \
             unit_rotate(x, cos, sin, q, D);                                                     \
             unit_rotate(x + C, cos, sin, k, D);                                                 \
-            for (long d = 0; d < D; d++) {                                                      \
+            for (int64_t d = 0; d < D; d++) {                                                   \
                 keys[*slot * D + d] = store_##T(k[d]);                                          \
                 values[*slot * D + d] = store_##T(x[2 * C + d]);                                \
                 q[d] *= scale;                                                                  \
+                acc[d] = 0.f;                                                                   \
             }                                                                                   \
-            for (long t = 0; t < n; t++) {                                                      \
-                score[t] = dot_##T(q, keys + t * D, D);                                         \
-                top = score[t] > top ? score[t] : top;                                          \
+            for (int64_t t0 = 0; t0 < n; t0 += BLOCK) { /* softmax online, a block at a time */ \
+                int64_t m = n - t0 < BLOCK ? n - t0 : BLOCK;                                    \
+                float block_top = -INFINITY;                                                    \
+                for (int64_t t = 0; t < m; t++) {                                               \
+                    score[t] = dot_##T(q, keys + (t0 + t) * D, D);                              \
+                    block_top = score[t] > block_top ? score[t] : block_top;                    \
+                }                                                                               \
+                if (block_top > top) { /* rescale what the earlier blocks added up */           \
+                    float r = expf(top - block_top);                                            \
+                    for (int64_t d = 0; d < D; d++) acc[d] *= r;                                \
+                    sum *= r;                                                                   \
+                    top = block_top;                                                            \
+                }                                                                               \
+                for (int64_t t = 0; t < m; t++) {                                               \
+                    float p = expf(score[t] - top);                                             \
+                    sum += p;                                                                   \
+                    axpy_##T(acc, p, values + (t0 + t) * D, D);                                 \
+                }                                                                               \
             }                                                                                   \
-            for (long d = 0; d < D; d++) acc[d] = 0.f;                                          \
-            for (long t = 0; t < n; t++) {                                                      \
-                float p = expf(score[t] - top);                                                 \
-                sum += p;                                                                       \
-                axpy_##T(acc, p, values + t * D, D);                                            \
-            }                                                                                   \
-            for (long d = 0; d < D; d++) out[i * D + d] = acc[d] / sum;                         \
+            for (int64_t d = 0; d < D; d++) out[i * D + d] = acc[d] / sum;                      \
         }                                                                                       \
     }
 

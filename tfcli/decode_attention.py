@@ -9,6 +9,8 @@ compiler is all it takes (the one torch.compile uses); where there is none, or t
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -22,11 +24,18 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
-# OpenMP where the compiler has it (not Apple's clang), else one thread
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 # qkv, cos, sin, ring, its three strides, slot, n, B, H, D, scale, out, threads
-ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_void_p] + [ctypes.c_long] * 4 + \
+ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 4 + \
     [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+
+
+def flag_sets() -> list[list[str]]:
+    """Compiler flags to try, best first. OpenMP only where its runtime is the one PyTorch already
+    loaded (Linux wheels carry GNU OpenMP as libgomp.so.1, which a -fopenmp build then shares):
+    a second runtime would keep two pools of threads spinning on the same cores (or, with two
+    copies of LLVM's, abort the process)."""
+    shared = (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists()
+    return ([["-O3", "-march=native", "-fopenmp"]] if shared else []) + [["-O3", "-march=native"], ["-O3"]]
 
 
 class Kernel:
@@ -45,10 +54,10 @@ class Kernel:
         and value stored in ring slot `slot` (a one-element int64 tensor), attention to the ring's
         slots [0, n) (`ring`: one layer's (2, B, H, n, D), the whole ring or its filled part)."""
         _, B, H, n, D = ring.shape
-        ok = ring.stride(-1) == 1 and ring.stride(-2) == D and qkv.is_contiguous() and qkv.dtype == torch.float32
-        if not (ok and cos.is_contiguous() and sin.is_contiguous() and slot.dtype == torch.int64):
-            raise ValueError("decode_attention: unexpected layout")
-        out = torch.empty((B, H * D))
+        if ring.stride(-1) != 1 or ring.stride(-2) != D or slot.dtype != torch.int64:
+            raise ValueError("decode_attention: a ring of (2, B, H, n, D) slots and an int64 slot number")
+        qkv, cos, sin = (t.float().contiguous() for t in (qkv, cos, sin))  # (no copies when they are already)
+        out = torch.empty((B, H * D), dtype=torch.float32, device="cpu")
         self.fns[ring.dtype](qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), ring.data_ptr(), ring.stride(0),
                              ring.stride(1), ring.stride(2), slot.data_ptr(), n, B, H, D, scale, out.data_ptr(),
                              torch.get_num_threads())
@@ -66,12 +75,20 @@ def kernel() -> Kernel | None:
     if cc is None:
         return None
     where = cache_dir()
-    for flags in FLAG_SETS:
+    if where is None:
+        return None
+    for flags in flag_sets():
         path = where / f"decode_attention-{build_key(cc, flags)}.so"
         failed = path.with_suffix(".failed")
-        if not path.exists() and (failed.exists() or not build(cc, flags, path)):
-            failed.touch()
-            continue
+        if not path.exists():
+            if failed.exists():
+                continue
+            built = build(cc, flags, path)
+            if built is not True:
+                if built is False:  # the compiler said no: remember; a timeout or a kill may pass next time
+                    with contextlib.suppress(OSError):
+                        failed.touch()
+                continue
         try:
             return Kernel(ctypes.CDLL(str(path)))
         except (OSError, AttributeError):
@@ -85,30 +102,32 @@ def compiler() -> str | None:
     return cc if cc and shutil.which(cc) else None
 
 
-def build(cc: str, flags: list[str], path: Path) -> bool:
+def build(cc: str, flags: list[str], path: Path) -> bool | None:
     """Compile into a temporary file beside `path`, then rename it: concurrent first uses never load
-    half a library, and an interrupted build leaves nothing behind."""
+    half a library, and an interrupted build leaves nothing behind. True when built, False when the
+    compiler rejected it, None when it could not run to the end (killed, timed out, no space)."""
     try:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
     except OSError:
-        return False
+        return None
     try:
         done = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
                               capture_output=True, timeout=120)
         if done.returncode == 0:
             os.replace(tmp, path)
             return True
+        return False if done.returncode > 0 else None
     except (OSError, subprocess.SubprocessError):
-        pass
+        return None
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return False
 
 
-def cache_dir() -> Path:
-    """$TFCLI_CACHE, else $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli; a private temporary directory when
-    that cannot be written (a read-only home), so a build still happens, once per process."""
+def cache_dir() -> Path | None:
+    """$TFCLI_CACHE, else $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli; a private temporary directory,
+    removed at exit, when that cannot be written (a read-only home), so a build still happens, once
+    per process; None when not even that can be made."""
     try:
         root = os.environ.get("TFCLI_CACHE") or \
             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfcli"
@@ -118,7 +137,12 @@ def cache_dir() -> Path:
             return path
     except (OSError, RuntimeError):  # RuntimeError: no home directory to be found
         pass
-    return Path(tempfile.mkdtemp(prefix="tfcli-"))
+    try:
+        path = Path(tempfile.mkdtemp(prefix="tfcli-"))
+    except OSError:
+        return None
+    atexit.register(shutil.rmtree, path, True)  # a loaded library may go: the process keeps its mapping
+    return path
 
 
 def build_key(cc: str, flags: list[str]) -> str:
