@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelConfig, SampleConfig
 from .corpus import Vocab
-from .device import autocast, pick_device, pick_dtype, should_compile
+from .device import autocast, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import decode_dtype, generate
@@ -128,9 +128,11 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
     device = pick_device(device_name)
     dtype = pick_dtype(device, dtype_name)
     compile = should_compile(device, compile, seconds=DEFAULT_TRAIN_SECONDS)
+    kept = keep_freed_memory()  # as `train` does
     peak = peak_gflops(device, dtype)
     result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "compile": compile,
-              "peak_gflops": peak, "train": {}, "sample": {}, "decode_kernel": decode_kernel(device)}
+              "peak_gflops": peak, "train": {}, "sample": {}, "decode_kernel": decode_kernel(device),
+              "freed_memory_kept": kept}
     for name in shapes or list(SHAPES):
         r = train_speed(SHAPES[name], device, dtype, compile, seconds)
         r["peak_fraction"] = r["gflops"] / peak

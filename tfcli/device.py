@@ -8,6 +8,7 @@ Weights, optimizer state and the loss always stay fp32.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import platform
 import shutil
@@ -82,3 +83,30 @@ def should_compile(device: torch.device, asked: bool | None, seconds: float | No
 def can_compile() -> bool:
     """torch.compile on CPU needs a C++ compiler for its generated kernels."""
     return shutil.which("g++") is not None or shutil.which("c++") is not None or shutil.which("clang++") is not None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters (malloc.h)
+MMAP_FROM = 32 << 20  # glibc's largest allowed threshold on 64-bit machines
+TRIM_FROM = 2**31 - 1
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory a step frees, for the next step to reuse.
+
+    PyTorch's CPU tensors come straight from malloc. By default glibc returns big freed blocks
+    to the kernel (unmapping them, or trimming the heap), so every training step maps its
+    activations and gradients afresh and page-faults through them: 1.5M minor faults in 12
+    steps of the 4.8M bench shape. Kept (blocks up to 32 MB from the heap, the heap never
+    trimmed below 2 GB of free space), the same steps took 270K faults and ran 16-25% faster
+    (4.8M: 6.8-7.5K -> 8.3-8.7K tokens/s; 10.7M: 4-8%). The cost: the process holds on to its
+    peak memory until it exits. Process-wide and once; glibc (Linux) only. True when applied.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_FROM)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_FROM))

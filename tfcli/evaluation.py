@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import autocast
+from .device import autocast, keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class EvalResult:
 def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype: torch.dtype = torch.float32,
              on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored."""
+    keep_freed_memory()
     T = model.config.block_size
     device = next(model.parameters()).device
     data = torch.as_tensor(np.asarray(ids, dtype=np.int64) if isinstance(ids, np.ndarray) else ids).long()

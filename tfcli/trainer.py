@@ -26,7 +26,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
-from .device import autocast, pick_device, pick_dtype, should_compile
+from .device import autocast, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .distributed import World, agree, mean, process_group, wrap
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
@@ -243,6 +243,7 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
         raise UsageError("give a budget: --time, --max-steps and/or --epochs")
     world = World.from_env() if world is None else world
     world.share(cfg.batch_size)  # refuse an uneven split before joining the other processes
+    keep_freed_memory()  # (16-25% faster CPU steps: see there)
     device = world.device(pick_device(cfg.device))
     with process_group(world, device):
         return _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
