@@ -108,9 +108,10 @@ PRESETS: dict[str, dict] = {
 PRESET_NAMES = ("auto", *PRESETS)
 DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this budget
 
-# Training tokens/s of each preset where it was measured (2-core Zen 4 CPU: compiled, bf16; an H200:
+# Training tokens/s of each preset where it was measured (2-core Zen 4 CPU: compiled, bf16, averaged over
+# 60 s (small) and 300 s (medium) runs, start-up and validation included; an H200:
 # large with dropout, eager). Only used to guess how many times a run will pass over its text.
-NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 22e3, "medium": 8.4e3, "large": 3e3}, "gpu": 1e6}
+NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 24e3, "medium": 8.6e3, "large": 3e3}, "gpu": 1e6}
 MANY_PASSES = 4.0  # beyond this many passes over the text, a model without dropout memorises it
 SMALL_DATA = dict(dropout=0.2, epochs=10.0)  # see README, "Small texts"
 MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5 steps, too few to learn anything
