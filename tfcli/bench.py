@@ -19,7 +19,7 @@ from .corpus import Vocab
 from .device import autocast, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .model import GPT
 from .optim import make_optimizer
-from .sampling import decode_dtype, generate
+from .sampling import decode_dtype, generate, kernel_decodes
 from .trainer import train_step
 
 
@@ -116,13 +116,6 @@ def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compil
     return {"chars_per_s": statistics.median(rates), "dtype": dtype}
 
 
-def decode_kernel(device) -> bool:
-    """Whether sampling here attends through the C kernel of `tfcli.decode_attention` (CPUs with a C
-    compiler); without it the same steps take PyTorch's path, 1.5-1.8x slower on this project's CPU."""
-    from .decode_attention import kernel
-    return device.type == "cpu" and kernel() is not None
-
-
 def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | None = None,
         shapes: list[str] | None = None, seconds: float = 6.0) -> dict:
     device = pick_device(device_name)
@@ -131,7 +124,7 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
     kept = keep_freed_memory()  # as `train` does
     peak = peak_gflops(device, dtype)
     result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "compile": compile,
-              "peak_gflops": peak, "train": {}, "sample": {}, "decode_kernel": decode_kernel(device),
+              "peak_gflops": peak, "train": {}, "sample": {}, "decode_kernel": kernel_decodes(device),
               "freed_memory_kept": kept}
     for name in shapes or list(SHAPES):
         r = train_speed(SHAPES[name], device, dtype, compile, seconds)

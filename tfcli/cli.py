@@ -363,7 +363,7 @@ def sample(
     if compile_ and num_samples > 1:
         stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
                      style="dim", highlight=False)
-    elif compile_ and kernel_decodes(model):
+    elif compile_ and kernel_decodes(next(model.parameters()).device):
         stderr.print("note: --compile is not used on a CPU where tfcli's C decode kernel runs: it is faster "
                      "uncompiled", style="dim", highlight=False)
     if interactive:

@@ -109,13 +109,11 @@ def new_cache(model, batch: int, cfg: SampleConfig):
     the float16 of one or two samples) and the step is not compiled (`compiles`), in oneDNN's layout
     (`tfcli.model.packed`: 1.5-2x faster matmuls there, slower below). Keys and values are float16
     when the weights are half too and the C kernel of `tfcli.decode_attention` will read them."""
-    from .decode_attention import kernel
     from .model import can_pack
 
     dtype = decode_dtype(model, batch, cfg.dtype)
-    eager_cpu = not compiles(cfg, batch, model) and model.head.weight.device.type == "cpu"
-    pack = eager_cpu and _big_cpu_model(model) and can_pack(dtype)
-    half_kv = eager_cpu and dtype in (torch.float16, torch.bfloat16) and kernel() is not None
+    pack = not compiles(cfg, batch, model) and _big_cpu_model(model) and can_pack(dtype)
+    half_kv = kernel_decodes(model.head.weight.device) and dtype in (torch.float16, torch.bfloat16)
     return model.new_cache(batch, dtype, pack, torch.float16 if half_kv else torch.float32)
 
 
@@ -126,13 +124,14 @@ def compiles(cfg: SampleConfig, batch: int, model) -> bool:
     at 3.2M); and on a CPU the eager step through that kernel outran the compiled one (2,000
     characters of the 0.8M shape: 2,317 / 3,049 vs 1,172 / 2,379 chars/s; at context 128: 2,468 /
     2,960 vs 2,268 / 2,082)."""
-    return cfg.compile and batch == 1 and not kernel_decodes(model)
+    return cfg.compile and batch == 1 and not kernel_decodes(model.head.weight.device)
 
 
-def kernel_decodes(model) -> bool:
-    """Whether decode steps of `model` go through the C kernel (a CPU model, the kernel built)."""
+def kernel_decodes(device: torch.device) -> bool:
+    """Whether decode steps on `device` go through the C kernel of `tfcli.decode_attention` (on a
+    CPU, where it could be built); elsewhere they take PyTorch's path."""
     from .decode_attention import kernel
-    return model.head.weight.device.type == "cpu" and kernel() is not None
+    return device.type == "cpu" and kernel() is not None
 
 
 def new_seed() -> int:
