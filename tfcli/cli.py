@@ -763,7 +763,8 @@ def bench(
         t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
                   f"{r['peak_fraction']:.0%}", rate, compiled, batch)
     if result["sample"]:
-        t.caption = ("sampling attends through tfcli's C kernel (float16 keys and values)" if result["decode_kernel"]
+        t.caption = ("sampling attends through tfcli's C kernel (float16 keys and values with half weights)"
+                     if result["decode_kernel"]
                      else "sampling attends through PyTorch (tfcli's C kernel is off or could not be built)")
     stdout.print(t)
 
