@@ -42,7 +42,8 @@ def pytorch_step(qkv, cos, sin, ring, slot):
 @pytest.mark.parametrize("B, H, D, T, n, slot", [
     (1, 1, 8, 4, 1, 0), (3, 2, 24, 8, 5, 4), (16, 6, 64, 32, 32, 17), (2, 4, 40, 16, 16, 0),
     (2, 3, 2, 4, 3, 2), (1, 2, 6, 8, 8, 7), (2, 1, 12, 8, 6, 5),  # head sizes below and between vector widths
-    (2, 1, 6, 600, 600, 599), (1, 2, 16, 300, 257, 100)])  # past one block of 256 scores: the online softmax
+    (2, 1, 6, 600, 600, 599), (1, 2, 16, 300, 257, 100),  # past one block of 256 scores: the online softmax
+    (2, 2, 128, 300, 300, 299), (1, 3, 48, 40, 40, 10)])  # whole vectors of a head in registers: 8, 3 (AVX-512)
 def test_a_step_is_pytorchs_path_in_float32(kernel, B, H, D, T, n, slot):
     torch.manual_seed(B * D + n)
     qkv = torch.randn(B, 3 * H * D)
@@ -50,7 +51,7 @@ def test_a_step_is_pytorchs_path_in_float32(kernel, B, H, D, T, n, slot):
     whole = torch.randn(2, B, H, T, D)
     expected, expected_ring = pytorch_step(qkv, cos, sin, whole[..., :n, :], slot)
     got = kernel(qkv, cos, sin, whole[..., :n, :], torch.tensor([slot]), D ** 0.5)
-    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, expected, atol=5e-6, rtol=1e-5)
     torch.testing.assert_close(whole[..., :n, :], expected_ring, atol=1e-6, rtol=0)  # the new key and value stored
 
 
@@ -70,13 +71,14 @@ def test_a_float16_ring_stores_rounded_keys_and_attends_close_to_float32(kernel)
 
 @torch.no_grad()
 @pytest.mark.parametrize("flags", [["-O3", "-march=native"], ["-O3"]], ids=["f16c-or-avx512", "portable-c"])
-def test_builds_without_the_compilers_float16_type_store_and_attend_the_same(kernel, tmp_path, flags):
+@pytest.mark.parametrize("D, T", [(24, 8), (64, 40)])
+def test_builds_without_the_compilers_float16_type_store_and_attend_the_same(kernel, tmp_path, flags, D, T):
     # compilers older than GCC 12 / clang 15 have no _Float16: F16C's conversions, or bit-exact software ones
     other_path = tmp_path / "other.so"
     assert decode_attention.build(decode_attention.compiler(), [*flags, "-DTFCLI_NO_FLOAT16"], other_path)
     other = decode_attention.Kernel(ctypes.CDLL(str(other_path)))
     torch.manual_seed(1)
-    B, H, D, T = 3, 2, 24, 8
+    B, H = 3, 2
     qkv = torch.randn(B, 3 * H * D) * torch.logspace(-6, 5, B * 3 * H * D).view(B, -1)  # tiny to past float16's range
     cos, sin = (t[5:6] for t in rotary_tables(64, D, "cpu"))
     ring = torch.randn(2, B, H, T, D).half()
