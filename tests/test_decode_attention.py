@@ -1,11 +1,11 @@
 import ctypes
-import os
 
 import pytest
 import torch
 from conftest import make_model
 
 import tfcli.decode_attention as decode_attention
+from tfcli import native
 from tfcli.corpus import Vocab
 from tfcli.model import attention, rotary_tables
 
@@ -18,16 +18,6 @@ def kernel():
     if built is None:
         pytest.skip("the C kernel cannot be built here (no C compiler?)")
     return built
-
-
-@pytest.fixture
-def fresh_build(tmp_path, monkeypatch):
-    """kernel() as on a machine that never built it: its own cache directory, no cached result."""
-    monkeypatch.setenv("TFCLI_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TFCLI_NO_KERNEL", raising=False)
-    decode_attention.kernel.cache_clear()
-    yield tmp_path / "cache"
-    decode_attention.kernel.cache_clear()
 
 
 def pytorch_step(qkv, cos, sin, ring, slot):
@@ -75,7 +65,7 @@ def test_a_float16_ring_stores_rounded_keys_and_attends_close_to_float32(kernel)
 def test_builds_without_the_compilers_float16_type_store_and_attend_the_same(kernel, tmp_path, flags, D, T):
     # compilers older than GCC 12 / clang 15 have no _Float16: F16C's conversions, or bit-exact software ones
     other_path = tmp_path / "other.so"
-    assert decode_attention.build(decode_attention.compiler(), [*flags, "-DTFCLI_NO_FLOAT16"], other_path)
+    assert native.build(native.compiler(), [*flags, "-DTFCLI_NO_FLOAT16"], decode_attention.SOURCE, other_path)
     other = decode_attention.Kernel(ctypes.CDLL(str(other_path)))
     torch.manual_seed(1)
     B, H = 3, 2
@@ -116,57 +106,3 @@ def test_half_keys_and_values_decode_close_to_float32(kernel):
     assert a.std() > 0.5  # far from uniform: rounding would show
     torch.testing.assert_close(b, a, atol=0.01, rtol=0)
     assert not torch.equal(a, b)
-
-
-def test_the_build_is_cached_by_source_compiler_and_cpu(fresh_build):
-    built = decode_attention.kernel()
-    if built is None:
-        pytest.skip("no C compiler here")
-    (library,) = fresh_build.glob("decode_attention-*.so")
-    stamp = library.stat().st_mtime_ns
-    decode_attention.kernel.cache_clear()
-    assert decode_attention.kernel().path == built.path  # found, not rebuilt
-    assert library.stat().st_mtime_ns == stamp and list(fresh_build.iterdir()) == [library]
-
-
-def test_without_a_working_compiler_there_is_no_kernel_and_it_is_tried_once(fresh_build, monkeypatch):
-    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    runs = []
-    real_run = decode_attention.subprocess.run
-    monkeypatch.setattr(decode_attention.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
-    assert decode_attention.kernel() is None
-    assert len(runs) == len(decode_attention.flag_sets())
-    assert {p.suffix for p in fresh_build.iterdir()} == {".failed"}  # no half-built libraries left
-    decode_attention.kernel.cache_clear()  # the next process
-    assert decode_attention.kernel() is None and len(runs) == len(decode_attention.flag_sets())
-
-
-def test_a_build_that_could_not_finish_is_tried_again_next_time(fresh_build, monkeypatch):
-    if decode_attention.compiler() is None:
-        pytest.skip("no C compiler here")
-
-    def timed_out(*args, **kwargs):
-        raise decode_attention.subprocess.TimeoutExpired(args[0], 120)
-    monkeypatch.setattr(decode_attention.subprocess, "run", timed_out)
-    assert decode_attention.kernel() is None
-    assert list(fresh_build.iterdir()) == []  # no marker, no temporary file
-    monkeypatch.undo()
-    decode_attention.kernel.cache_clear()
-    monkeypatch.setenv("TFCLI_CACHE", str(fresh_build))
-    assert decode_attention.kernel() is not None
-
-
-def test_tfcli_no_kernel_turns_it_off(fresh_build, monkeypatch):
-    monkeypatch.setenv("TFCLI_NO_KERNEL", "1")
-    assert decode_attention.kernel() is None
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_an_unwritable_cache_directory_builds_in_a_temporary_one(fresh_build):
-    fresh_build.mkdir()
-    fresh_build.chmod(0o500)
-    try:
-        where = decode_attention.cache_dir()
-        assert where != fresh_build and os.access(where, os.W_OK)
-    finally:
-        fresh_build.chmod(0o700)

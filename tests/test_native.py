@@ -1,0 +1,72 @@
+import os
+
+import pytest
+
+import tfcli.decode_attention as decode_attention
+from tfcli import native
+
+SOURCE = decode_attention.SOURCE
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """native.load() as on a machine that never built anything: its own cache directory, nothing cached."""
+    monkeypatch.setenv("TFCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TFCLI_NO_KERNEL", raising=False)
+    native.load.cache_clear()
+    yield tmp_path / "cache"
+    native.load.cache_clear()
+
+
+def test_the_build_is_cached_by_source_compiler_and_cpu(fresh_build):
+    built = native.load(SOURCE)
+    if built is None:
+        pytest.skip("no C compiler here")
+    (library,) = fresh_build.glob("decode_attention-*.so")
+    stamp = library.stat().st_mtime_ns
+    native.load.cache_clear()
+    assert native.load(SOURCE)._name == built._name  # found, not rebuilt
+    assert library.stat().st_mtime_ns == stamp and list(fresh_build.iterdir()) == [library]
+
+
+def test_without_a_working_compiler_there_is_nothing_and_it_is_tried_once(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    runs = []
+    real_run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
+    assert native.load(SOURCE) is None
+    assert len(runs) == len(native.flag_sets())
+    assert {p.suffix for p in fresh_build.iterdir()} == {".failed"}  # no half-built libraries left
+    native.load.cache_clear()  # the next process
+    assert native.load(SOURCE) is None and len(runs) == len(native.flag_sets())
+
+
+def test_a_build_that_could_not_finish_is_tried_again_next_time(fresh_build, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+
+    def timed_out(*args, **kwargs):
+        raise native.subprocess.TimeoutExpired(args[0], 120)
+    monkeypatch.setattr(native.subprocess, "run", timed_out)
+    assert native.load(SOURCE) is None
+    assert list(fresh_build.iterdir()) == []  # no marker, no temporary file
+    monkeypatch.undo()
+    native.load.cache_clear()
+    monkeypatch.setenv("TFCLI_CACHE", str(fresh_build))
+    assert native.load(SOURCE) is not None
+
+
+def test_tfcli_no_kernel_turns_it_off(fresh_build, monkeypatch):
+    monkeypatch.setenv("TFCLI_NO_KERNEL", "1")
+    assert native.load(SOURCE) is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_cache_directory_builds_in_a_temporary_one(fresh_build):
+    fresh_build.mkdir()
+    fresh_build.chmod(0o500)
+    try:
+        where = native.cache_dir()
+        assert where != fresh_build and os.access(where, os.W_OK)
+    finally:
+        fresh_build.chmod(0o700)

@@ -1,0 +1,132 @@
+"""tfcli's C code (the decode step's kernels), compiled on first use with the system's compiler.
+
+A C compiler is all it takes (the one torch.compile uses), and `pip install` needs none: each
+source is built once per machine, source and compiler into tfcli's cache directory, and loaded
+with ctypes. Where there is no compiler, or a build fails, `load` returns None and callers take
+PyTorch's path. TFCLI_NO_KERNEL=1 turns all of it off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def flag_sets() -> list[list[str]]:
+    """Compiler flags to try, best first. OpenMP only where its runtime is the one PyTorch already
+    loaded (Linux wheels carry GNU OpenMP as libgomp.so.1, which a -fopenmp build then shares):
+    a second runtime would keep two pools of threads spinning on the same cores (or, with two
+    copies of LLVM's, abort the process)."""
+    shared = (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists()
+    return ([["-O3", "-march=native", "-fopenmp"]] if shared else []) + [["-O3", "-march=native"], ["-O3"]]
+
+
+@functools.cache
+def load(source: Path) -> ctypes.CDLL | None:
+    """`source` built for this machine, once per source, compiler and CPU. A build that fails
+    leaves a marker, so that a machine without a working compiler tries once, not on every
+    `tfcli sample`."""
+    if os.environ.get("TFCLI_NO_KERNEL", "") not in ("", "0"):
+        return None
+    cc = compiler()
+    if cc is None:
+        return None
+    where = cache_dir()
+    if where is None:
+        return None
+    for flags in flag_sets():
+        path = where / f"{source.stem}-{build_key(cc, flags, source)}.so"
+        failed = path.with_suffix(".failed")
+        if not path.exists():
+            if failed.exists():
+                continue
+            built = build(cc, flags, source, path)
+            if built is not True:
+                if built is False:  # the compiler said no: remember; a timeout or a kill may pass next time
+                    with contextlib.suppress(OSError):
+                        failed.touch()
+                continue
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:
+            continue
+    return None
+
+
+def compiler() -> str | None:
+    """$CC, else the system's cc, gcc or clang."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return cc if cc and shutil.which(cc) else None
+
+
+def build(cc: str, flags: list[str], source: Path, path: Path) -> bool | None:
+    """Compile into a temporary file beside `path`, then rename it: concurrent first uses never load
+    half a library, and an interrupted build leaves nothing behind. True when built, False when the
+    compiler rejected it, None when it could not run to the end (killed, timed out, no space)."""
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+    except OSError:
+        return None
+    try:
+        done = subprocess.run([cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"],
+                              capture_output=True, timeout=120)
+        if done.returncode == 0:
+            os.replace(tmp, path)
+            return True
+        return False if done.returncode > 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def cache_dir() -> Path | None:
+    """$TFCLI_CACHE, else $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli; a private temporary directory,
+    removed at exit, when that cannot be written (a read-only home), so a build still happens, once
+    per process; None when not even that can be made."""
+    try:
+        root = os.environ.get("TFCLI_CACHE") or \
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfcli"
+        path = Path(root)
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to be found
+        pass
+    try:
+        path = Path(tempfile.mkdtemp(prefix="tfcli-"))
+    except OSError:
+        return None
+    atexit.register(shutil.rmtree, path, True)  # a loaded library may go: the process keeps its mapping
+    return path
+
+
+def build_key(cc: str, flags: list[str], source: Path) -> str:
+    """Source, compiler (its file: an upgrade is a new key), flags and CPU: -march=native code is
+    only valid on the CPU it was built for."""
+    h = hashlib.sha256(source.read_bytes())
+    compiler = os.stat(shutil.which(cc) or cc)
+    for part in (cc, str(compiler.st_mtime_ns), str(compiler.st_size), " ".join(flags), platform.machine(),
+                 cpu_flags()):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
