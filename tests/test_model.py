@@ -260,14 +260,22 @@ def test_batched_attention_over_part_of_the_ring_is_scaled_dot_product_attention
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
-def test_packed_weights_decode_like_plain_ones(dtype, atol):
+@pytest.mark.parametrize("layout", ["c-kernel", "onednn"])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15), (torch.float16, 0.02)])
+def test_packed_weights_decode_like_plain_ones(dtype, atol, layout, monkeypatch):
+    from tfcli import decode_matmul
+    if layout == "onednn":
+        monkeypatch.setattr(decode_matmul, "dtypes", lambda: ())
+    elif dtype not in decode_matmul.dtypes():
+        pytest.skip(f"decode_matmul takes no {dtype} weights here")
     if not model_module.can_pack(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
     model = make_model(VOCAB, std=0.3)
     ids = random_ids(3, 40)
-    plain, packed = model.new_cache(3, dtype), model.new_cache(3, dtype, pack=True)
-    assert packed.weights[1][0][0].is_mkldnn and not plain.weights[1][0][0].is_mkldnn
+    plain, packed = model.new_cache(3), model.new_cache(3, dtype, pack=True)  # plain: float32, the reference
+    kind = decode_matmul.Packed if layout == "c-kernel" else torch.Tensor
+    assert all(isinstance(w, kind) for w in (*packed.weights[1][0], packed.weights[2]))
+    assert layout == "c-kernel" or packed.weights[1][0][0].is_mkldnn
     pairs = [(model.prefill(ids[:, :4], plain), model.prefill(ids[:, :4], packed))]
     for pos in range(4, 40):  # past the context, through the ring
         pairs.append((model.decode(ids[:, pos], pos, plain), model.decode(ids[:, pos], pos, packed)))

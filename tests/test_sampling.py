@@ -282,17 +282,21 @@ def test_compile_is_not_used_where_the_c_kernel_decodes(model, monkeypatch):
     assert compiled == []
 
 
-def test_packed_weights_sample_the_same_batch_as_plain_ones(model, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_packed_weights_sample_the_same_batch_as_plain_ones(model, monkeypatch, dtype):
     import tfcli.model
     import tfcli.sampling as sampling
-    assert not tfcli.model.can_pack(torch.float16)  # so one or two float16 samples keep plain weights
-    if not tfcli.model.can_pack(torch.float32):
-        pytest.skip("no oneDNN")
+    from tfcli import decode_matmul
+    if not tfcli.model.can_pack(getattr(torch, dtype)):
+        pytest.skip(f"neither decode_matmul nor oneDNN takes {dtype} weights here")
     cfg = SampleConfig(max_new_tokens=2 * model.config.block_size, temperature=0.0, seed=1, num_samples=3,
                        dtype="float32")
     plain = [text_of(model, "he", cfg, i) for i in range(3)]
     monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
-    assert sampling.new_cache(model, 3, cfg).weights[2].is_mkldnn
+    cfg = SampleConfig(**{**cfg.__dict__, "dtype": dtype})
+    head = sampling.new_cache(model, 3, cfg).weights[2]
+    in_c = getattr(torch, dtype) in decode_matmul.dtypes()  # else in oneDNN's layout
+    assert isinstance(head, decode_matmul.Packed) if in_c else head.is_mkldnn
     assert [text_of(model, "he", cfg, i) for i in range(3)] == plain
 
 

@@ -19,7 +19,7 @@ from .corpus import Vocab
 from .device import autocast, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .model import GPT
 from .optim import make_optimizer
-from .sampling import decode_dtype, generate, kernel_decodes
+from .sampling import decode_dtype, generate, kernel_decodes, matmul_dtypes
 from .trainer import train_step
 
 
@@ -125,7 +125,7 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
     peak = peak_gflops(device, dtype)
     result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "compile": compile,
               "peak_gflops": peak, "train": {}, "sample": {}, "decode_kernel": kernel_decodes(device),
-              "freed_memory_kept": kept}
+              "decode_matmul": matmul_dtypes(device), "freed_memory_kept": kept}
     for name in shapes or list(SHAPES):
         r = train_speed(SHAPES[name], device, dtype, compile, seconds)
         r["peak_fraction"] = r["gflops"] / peak

@@ -766,6 +766,8 @@ def bench(
         t.caption = ("sampling attends through tfcli's C kernel (float16 keys and values with half weights)"
                      if result["decode_kernel"]
                      else "sampling attends through PyTorch (tfcli's C kernel is off or could not be built)")
+        if result.get("decode_matmul"):
+            t.caption += f"; half weights multiply in C ({', '.join(result['decode_matmul'])})"
     stdout.print(t)
 
 

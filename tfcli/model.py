@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import decode_attention
+from . import decode_attention, decode_matmul
 from .config import ModelConfig
 
 ROPE_BASE = 10_000.0
@@ -96,32 +96,45 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-30)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w) -> torch.Tensor:
     """Activations stay float32; only weights may be half (their bytes are what a step reads)."""
+    if isinstance(w, decode_matmul.Packed):
+        return w(x)
     if w.is_mkldnn:  # laid out by `packed`; oneDNN takes inputs of the weight's dtype
         return torch.ops.mkldnn._linear_pointwise(x.to(w.dtype).contiguous(), w, None, "none", [], "").float()
     return F.linear(x, w) if x.dtype == w.dtype else F.linear(x.to(w.dtype), w).float()
 
 
-def add_linear(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x + y @ w.T, in one kernel (addmm) when nothing needs casting."""
+def add_linear(x: torch.Tensor, y: torch.Tensor, w) -> torch.Tensor:
+    """x + y @ w.T, in one kernel (addmm, or decode_matmul's) when nothing needs casting."""
+    if isinstance(w, decode_matmul.Packed):
+        return w(y, x)
     return torch.addmm(x, y, w.t()) if x.dtype == w.dtype and not w.is_mkldnn else x + linear(y, w)
 
 
 def packed(weights: tuple, rows: int) -> tuple:
-    """`inference_weights`' matrices in oneDNN's blocked layout, for steps of about `rows` rows.
-    A 16-row step of the 10.7M shape ran its matmuls 1.5x faster this way in bfloat16 (2.0 vs
-    2.9 ms) and 2x in float32; below ~8 MB of weights the extra per-call cost outweighs it."""
+    """`inference_weights`' matrices laid out for steps of about `rows` rows: for the C kernels of
+    `decode_matmul` where they take the dtype (float16, bfloat16 on CPUs with AVX512_BF16), else
+    in oneDNN's blocked layout. On this Zen 4, a step's matmuls of the 3.2M shape took 0.09 ms
+    (float16, one row) and 0.32-0.54 ms (bfloat16, 16 rows) in C against 0.32 ms through PyTorch's
+    float16 kernel and 0.74-0.90 ms through oneDNN; 10.7M: 0.28 vs 0.88 and 1.24-1.52 vs 1.81-1.98.
+    oneDNN's layout itself made 16-row bfloat16 matmuls of the 10.7M shape 1.5x faster than plain
+    ones (2.0 vs 2.9 ms) and 2x in float32; below ~8 MB of weights its per-call cost outweighs it."""
     wte, layers, head = weights
 
-    def pack(w: torch.Tensor) -> torch.Tensor:
+    def pack(w: torch.Tensor):
+        if w.dtype in decode_matmul.dtypes():
+            return decode_matmul.Packed(w)
         return torch.ops.mkldnn._reorder_linear_weight(w, rows)
     return wte, tuple(tuple(pack(w) for w in layer) for layer in layers), pack(head)
 
 
 def can_pack(dtype: torch.dtype) -> bool:
-    """Whether `packed` weights of `dtype` work here: float32, and bfloat16 where the CPU computes it
-    natively (oneDNN lays float16 out only on CPUs with AVX512-FP16, which tfcli has not measured)."""
+    """Whether `packed` weights of `dtype` work here: what `decode_matmul` takes, else float32, and
+    bfloat16 where the CPU computes it natively (oneDNN lays float16 out only on CPUs with
+    AVX512-FP16, which tfcli has not measured)."""
+    if dtype in decode_matmul.dtypes():
+        return True
     if not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -82,9 +82,9 @@ def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
 
     A one-character step reads every weight once, so a big model's step is bound by memory
     bandwidth: the 10.7M shape (43 MB of float32) decodes about 3x faster from half as many
-    bytes here. float16 for one or two sequences (PyTorch's CPU kernel for those row counts
-    was the fastest, ahead of bfloat16's), bfloat16 for batches where the CPU computes it
-    natively (float16's kernel for 16 rows was 6x slower than bfloat16's), float32 otherwise.
+    bytes here. float16 for one or two sequences (three more bits than bfloat16, in as many
+    bytes: what a step of so few rows waits for), bfloat16 for batches where the CPU computes it
+    natively (its dot-product instructions run 16 rows at twice float32's rate), float32 otherwise.
     """
     from .device import cpu_has_native_bf16
 
@@ -105,10 +105,10 @@ def _big_cpu_model(model) -> bool:
 
 def new_cache(model, batch: int, cfg: SampleConfig):
     """The cache `cfg` samples with: weights in `decode_dtype`, and for CPU models of 8 MB and
-    more, when that dtype can be (`tfcli.model.can_pack`: float32 and bfloat16, so batches, not
-    the float16 of one or two samples) and the step is not compiled (`compiles`), in oneDNN's layout
-    (`tfcli.model.packed`: 1.5-2x faster matmuls there, slower below). Keys and values are float16
-    when the weights are half too and the C kernel of `tfcli.decode_attention` will read them."""
+    more, when that dtype can be and the step is not compiled (`compiles`), laid out for fast
+    few-row matmuls (`tfcli.model.packed`: tfcli's C kernels for half weights where the CPU has
+    AVX-512, else oneDNN's layout for float32 and bfloat16). Keys and values are float16 when the
+    weights are half too and the C kernel of `tfcli.decode_attention` will read them."""
     from .model import can_pack
 
     dtype = decode_dtype(model, batch, cfg.dtype)
@@ -132,6 +132,13 @@ def kernel_decodes(device: torch.device) -> bool:
     CPU, where it could be built); elsewhere they take PyTorch's path."""
     from .decode_attention import kernel
     return device.type == "cpu" and kernel() is not None
+
+
+def matmul_dtypes(device: torch.device) -> list[str]:
+    """Half-precision weight dtypes whose cached-step matmuls run in tfcli's C kernels on `device`
+    (`tfcli.decode_matmul`; CPUs with AVX-512 only), for bench's report."""
+    from .decode_matmul import dtypes
+    return [str(d).replace("torch.", "") for d in dtypes()] if device.type == "cpu" else []
 
 
 def new_seed() -> int:

@@ -1,0 +1,176 @@
+/* The matmuls of tfcli's cached steps on a CPU: y = x W^T (+ add), x float32 (M, K), W half.
+ *
+ * Why C: a decode step multiplies one row (or 16, for a batch of samples) by each weight
+ * matrix. PyTorch's CPU kernels for so few rows read float16 weights at a third of the speed
+ * the cache delivers them (one row of the 3.2M model: 0.32 ms for its 17 matrices, against 0.09
+ * here) and, through oneDNN, ran 16 bfloat16 rows at 40% of this CPU's bfloat16 peak. Two
+ * kernels, each on a layout made once per cache by tfcli/decode_matmul.py:
+ *
+ *   matmul_f16:  float16 weights (Nb, K, 16), 16 output columns per block, converted to float32
+ *                and multiplied by float32 x: for one or two rows (single samples), where the
+ *                weights' bytes set the speed, and float16 keeps three more bits than bfloat16.
+ *   matmul_bf16: bfloat16 weights (Nb, K/2, 16, 2), pairs of k per column as AVX512_BF16's dot
+ *                product reads them; x is rounded to bfloat16 (as oneDNN's bfloat16 matmul does)
+ *                and products are summed in float32: for batches, where the arithmetic sets it.
+ *
+ * Both need AVX-512 (and the second AVX512_BF16); `features()` says which were compiled in, and
+ * tfcli/decode_matmul.py uses only those. Columns past N in the last block are zero weights and
+ * are not stored. Threads: OpenMP over blocks of columns, where tfcli/native.py builds with it.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+int features(void) {
+    int f = 0;
+#if defined(__AVX512F__)
+    f |= 1;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    f |= 2;
+#endif
+    return f;
+}
+
+#if defined(__AVX512F__)
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* The first `cols` of 16 lanes (the last block of a matrix whose N is not a multiple of 16). */
+ALWAYS_INLINE __mmask16 lanes(int64_t cols) { return cols >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cols) - 1); }
+
+ALWAYS_INLINE void finish(__m512 a, const float *add, float *y, __mmask16 m) {
+    if (add) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(m, add));
+    _mm512_mask_storeu_ps(y, m, a);
+}
+
+/* MR rows (a constant once inlined) by one block of 16 columns; S independent sums per row over
+ * alternating k, so that at least four chains of multiply-adds are in flight. */
+ALWAYS_INLINE void tile_f16(const float *x, const uint16_t *w, const float *add, float *y, int64_t N,
+                            int64_t K, __mmask16 m, const int MR, const int S) {
+    __m512 acc[4][4];
+    for (int r = 0; r < MR; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + S <= K; k += S)
+        for (int s = 0; s < S; s++) {
+            __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + (k + s) * 16)));
+            for (int r = 0; r < MR; r++) acc[r][s] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + s]), wv, acc[r][s]);
+        }
+    for (; k < K; k++) {
+        __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + k * 16)));
+        for (int r = 0; r < MR; r++) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), wv, acc[r][0]);
+    }
+    for (int r = 0; r < MR; r++) {
+        __m512 a = acc[r][0];
+        for (int s = 1; s < S; s++) a = _mm512_add_ps(a, acc[r][s]);
+        finish(a, add ? add + r * N : 0, y + r * N, m);
+    }
+}
+
+void matmul_f16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
+                int threads) {
+    int64_t blocks = (N + 15) / 16;
+    (void)threads; /* read by the pragma only when compiled with OpenMP */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < blocks; j++) {
+        const uint16_t *wj = w + j * K * 16;
+        __mmask16 m = lanes(N - j * 16);
+        for (int64_t r = 0; r < M; r += 4) {
+            const float *xr = x + r * K, *ar = add ? add + r * N + j * 16 : 0;
+            float *yr = y + r * N + j * 16;
+            switch (M - r < 4 ? M - r : 4) {
+                case 1: tile_f16(xr, wj, ar, yr, N, K, m, 1, 4); break;
+                case 2: tile_f16(xr, wj, ar, yr, N, K, m, 2, 2); break;
+                case 3: tile_f16(xr, wj, ar, yr, N, K, m, 3, 1); break;
+                default: tile_f16(xr, wj, ar, yr, N, K, m, 4, 1); break;
+            }
+        }
+    }
+}
+#else
+void matmul_f16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
+                int threads) {
+    (void)x, (void)w, (void)add, (void)y, (void)M, (void)N, (void)K, (void)threads; /* features() says 0 */
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define ROWS 16 /* rows of x a pass: 16 sums in registers, each column block's weights read once */
+
+ALWAYS_INLINE void tile_bf16(const uint32_t *xb, const __m512bh *w, const float *add, float *y, int64_t N,
+                             int64_t K2, __mmask16 m, const int MR, const int S) {
+    __m512 acc[ROWS][4];
+    for (int r = 0; r < MR; r++)
+        for (int s = 0; s < S; s++) acc[r][s] = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + S <= K2; p += S)
+        for (int s = 0; s < S; s++) {
+            __m512bh wv = w[p + s];
+            for (int r = 0; r < MR; r++)
+                acc[r][s] = _mm512_dpbf16_ps(acc[r][s], (__m512bh)_mm512_set1_epi32((int)xb[r * K2 + p + s]), wv);
+        }
+    for (; p < K2; p++)
+        for (int r = 0; r < MR; r++)
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_set1_epi32((int)xb[r * K2 + p]), w[p]);
+    for (int r = 0; r < MR; r++) {
+        __m512 a = acc[r][0];
+        for (int s = 1; s < S; s++) a = _mm512_add_ps(a, acc[r][s]);
+        finish(a, add ? add + r * N : 0, y + r * N, m);
+    }
+}
+
+/* Rows of x as bfloat16 pairs (k, k+1) in one 32-bit word each, rounded to nearest even. */
+static void to_bf16_pairs(const float *x, int64_t rows, int64_t K, uint32_t *xb) {
+    int64_t K2 = K / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * K;
+        uint32_t *out = xb + r * K2;
+        int64_t p = 0;
+        for (; p + 16 <= K2; p += 16) {  /* 32 floats: the low 16 go to the low half */
+            __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + 2 * p + 16), _mm512_loadu_ps(xr + 2 * p));
+            _mm512_storeu_si512((void *)(out + p), (__m512i)h);
+        }
+        for (; p < K2; p++) {
+            __m512bh h = _mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(3, xr + 2 * p));
+            out[p] = (uint32_t)_mm_cvtsi128_si32(_mm512_castsi512_si128((__m512i)h));
+        }
+    }
+}
+
+/* 0, or -1 when the buffer for x in bfloat16 could not be allocated (y is then not written). */
+int matmul_bf16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
+                int threads) {
+    int64_t K2 = K / 2, blocks = (N + 15) / 16;
+    uint32_t *xb = malloc(sizeof(uint32_t) * (size_t)(ROWS * K2 > 0 ? ROWS * K2 : 1));
+    if (!xb) return -1;
+    (void)threads;
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+        int64_t mr = M - r0 < ROWS ? M - r0 : ROWS;
+        to_bf16_pairs(x + r0 * K, mr, K, xb);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t j = 0; j < blocks; j++) {
+            const __m512bh *wj = (const __m512bh *)(w + j * K2 * 32);
+            const float *a = add ? add + r0 * N + j * 16 : 0;
+            float *yj = y + r0 * N + j * 16;
+            __mmask16 m = lanes(N - j * 16);
+            switch (mr) {
+#define TILE(MR, S) case MR: tile_bf16(xb, wj, a, yj, N, K2, m, MR, S); break;
+                TILE(1, 4) TILE(2, 2) TILE(3, 2) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(7, 1) TILE(8, 1)
+                TILE(9, 1) TILE(10, 1) TILE(11, 1) TILE(12, 1) TILE(13, 1) TILE(14, 1) TILE(15, 1)
+                default: tile_bf16(xb, wj, a, yj, N, K2, m, ROWS, 1); break;
+#undef TILE
+            }
+        }
+    }
+    free(xb);
+    return 0;
+}
+#else
+int matmul_bf16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
+                int threads) {
+    (void)x, (void)w, (void)add, (void)y, (void)M, (void)N, (void)K, (void)threads; /* features() says 0 */
+    return -1;
+}
+#endif

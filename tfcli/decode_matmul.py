@@ -1,0 +1,80 @@
+"""The cached steps' matmuls in C (decode_matmul.c), on weights laid out once per cache.
+
+A decode step multiplies a row or a few by every weight matrix, which PyTorch's CPU kernels do at
+a fraction of the speed the cache delivers the weights. `Packed(w)` lays a float16 or bfloat16
+matrix out for decode_matmul.c and is then called like a linear layer. `dtypes()` says which
+weight dtypes this machine's build can multiply (none without AVX-512, a C compiler, or with
+TFCLI_NO_KERNEL=1), and callers keep PyTorch's path for the rest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+SOURCE = Path(__file__).with_name("decode_matmul.c")
+# x, w, add, y, M, N, K, threads
+ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    lib = native.load(SOURCE)
+    if lib is None:
+        return None
+    try:
+        for fn in (lib.matmul_f16, lib.matmul_bf16):
+            fn.argtypes = ARGS
+        lib.matmul_f16.restype, lib.matmul_bf16.restype, lib.features.restype = None, ctypes.c_int, ctypes.c_int
+    except AttributeError:  # a library without the functions: not ours
+        return None
+    return lib
+
+
+def dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes `Packed` takes here: float16 where the build has AVX-512, bfloat16 where it
+    also has AVX512_BF16."""
+    lib = library()
+    features = lib.features() if lib is not None else 0
+    return tuple(d for bit, d in ((1, torch.float16), (2, torch.bfloat16)) if features & bit)
+
+
+class Packed:
+    """A weight matrix (N, K) laid out for decode_matmul.c, applied as `packed(x, add)` = add + x W^T
+    in float32. float16: blocks of 16 columns, k-major (Nb, K, 16); bfloat16: the same with k in
+    pairs (Nb, K/2, 16, 2), as AVX512_BF16's dot product reads them. N is padded to a block with
+    zero weights."""
+
+    def __init__(self, w: torch.Tensor):
+        if w.dtype not in dtypes() or w.dim() != 2 or w.device.type != "cpu":
+            raise ValueError(f"decode_matmul cannot take a {w.dtype} {tuple(w.shape)} matrix on {w.device} here")
+        self.n, self.k = w.shape
+        self.dtype = w.dtype
+        blocks = -(-self.n // 16)
+        w = F.pad(w.detach(), (0, 0, 0, blocks * 16 - self.n))
+        if w.dtype == torch.float16:
+            self.data = w.view(blocks, 16, self.k).transpose(1, 2).contiguous()
+            self.fn = library().matmul_f16
+        else:
+            if self.k % 2:
+                raise ValueError("decode_matmul's bfloat16 layout takes an even number of columns")
+            self.data = w.view(blocks, 16, self.k // 2, 2).transpose(1, 2).contiguous()
+            self.fn = library().matmul_bf16
+
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.float().contiguous()
+        rows = x.numel() // self.k
+        y = torch.empty((rows, self.n), dtype=torch.float32)
+        if add is not None:
+            add = add.float().contiguous()
+        failed = self.fn(x.data_ptr(), self.data.data_ptr(), add.data_ptr() if add is not None else None,
+                         y.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
+        if failed:
+            raise MemoryError("decode_matmul: no memory for a bfloat16 copy of the activations")
+        return y.view(*x.shape[:-1], self.n)
