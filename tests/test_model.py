@@ -260,8 +260,8 @@ def test_batched_attention_over_part_of_the_ring_is_scaled_dot_product_attention
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("layout", ["c-kernel", "onednn"])
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.15), (torch.float16, 0.02)])
+@pytest.mark.parametrize("dtype, atol, layout", [(torch.float32, 1e-4, "onednn"), (torch.bfloat16, 0.15, "onednn"),
+                                                 (torch.bfloat16, 0.15, "c-kernel"), (torch.float16, 0.02, "c-kernel")])
 def test_packed_weights_decode_like_plain_ones(dtype, atol, layout, monkeypatch):
     from tfcli import decode_matmul
     if layout == "onednn":
