@@ -1,7 +1,11 @@
+import ctypes
+
 import pytest
 import torch
 
 import tfcli.decode_matmul as decode_matmul
+from tfcli import native
+from tfcli.model import unit
 
 
 def needs(dtype):
@@ -56,6 +60,42 @@ def test_float16_odd_widths_and_the_kernels_own_rounding():
         y = decode_matmul.Packed(bf)(x).double()
         assert (y - x.double() @ bf.double().t()).abs().max() > 1e-6
         torch.testing.assert_close(y, reference(x, bf), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 16, 20])
+def test_unit_rows_are_the_models_rmsnorm_without_its_sqrt(dtype, M):
+    needs(dtype)
+    torch.manual_seed(M)
+    w, x = torch.randn(70, 96).to(dtype), torch.randn(M, 96) * torch.logspace(-3, 3, M)[:, None]
+    x[0] = 0.0  # a zero row stays zero, as unit() leaves it
+    expected = reference(x, w) / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-30)  # x rounded as it is
+    torch.testing.assert_close(decode_matmul.Packed(w)(x, unit=True).double(), expected, atol=1e-5, rtol=1e-4)
+    if dtype == torch.float16:
+        torch.testing.assert_close(decode_matmul.Packed(w)(x, unit=True).double(), reference(unit(x), w),
+                                   atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
+    # laptops without AVX-512: 8-wide vectors, two per block of 16 columns
+    needs(torch.float16)
+    flags = native.cpu_flags().split()
+    if not {"avx2", "f16c", "fma"} <= set(flags):
+        pytest.skip("this CPU has no AVX2, F16C and FMA")
+    path = tmp_path / "avx2.so"
+    assert native.build(native.compiler(), ["-O3", "-mavx2", "-mf16c", "-mfma"], decode_matmul.SOURCE, path)
+    lib = ctypes.CDLL(str(path))
+    lib.features.restype, lib.matmul_f16.argtypes = ctypes.c_int, decode_matmul.ARGS
+    assert lib.features() == 1  # float16 only: bfloat16's kernel needs AVX512_BF16
+    torch.manual_seed(0)
+    for M, N, K in [(1, 65, 256), (2, 48, 38), (5, 16, 7), (17, 35, 64)]:
+        w, x, add = torch.randn(N, K).half(), torch.randn(M, K), torch.randn(M, N)
+        packed = decode_matmul.Packed(w)
+        y = torch.empty(M, N)
+        assert lib.matmul_f16(x.data_ptr(), packed.data.data_ptr(), add.data_ptr(), y.data_ptr(), M, N, K, 1, 1) == 0
+        torch.testing.assert_close(y.double(), reference(unit(x), w, add), atol=1e-5, rtol=1e-4)
 
 
 def test_float32_is_not_taken():

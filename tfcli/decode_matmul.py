@@ -3,8 +3,8 @@
 A decode step multiplies a row or a few by every weight matrix, which PyTorch's CPU kernels do at
 a fraction of the speed the cache delivers the weights. `Packed(w)` lays a float16 or bfloat16
 matrix out for decode_matmul.c and is then called like a linear layer. `dtypes()` says which
-weight dtypes this machine's build can multiply (none without AVX-512, a C compiler, or with
-TFCLI_NO_KERNEL=1), and callers keep PyTorch's path for the rest.
+weight dtypes this machine's build can multiply (none without AVX2 or AVX-512, a C compiler, or
+with TFCLI_NO_KERNEL=1), and callers keep PyTorch's path for the rest.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from . import native
 
 SOURCE = Path(__file__).with_name("decode_matmul.c")
-# x, w, add, y, M, N, K, threads
-ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+# x, w, add, y, M, N, K, unit, threads
+ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
 
 
 @functools.cache
@@ -31,15 +31,16 @@ def library() -> ctypes.CDLL | None:
     try:
         for fn in (lib.matmul_f16, lib.matmul_bf16):
             fn.argtypes = ARGS
-        lib.matmul_f16.restype, lib.matmul_bf16.restype, lib.features.restype = None, ctypes.c_int, ctypes.c_int
+            fn.restype = ctypes.c_int
+        lib.features.restype = ctypes.c_int
     except AttributeError:  # a library without the functions: not ours
         return None
     return lib
 
 
 def dtypes() -> tuple[torch.dtype, ...]:
-    """Weight dtypes `Packed` takes here: float16 where the build has AVX-512, bfloat16 where it
-    also has AVX512_BF16."""
+    """Weight dtypes `Packed` takes here: float16 where the build has AVX-512 (or AVX2 with F16C
+    and FMA), bfloat16 where it has AVX-512 and AVX512_BF16."""
     lib = library()
     features = lib.features() if lib is not None else 0
     return tuple(d for bit, d in ((1, torch.float16), (2, torch.bfloat16)) if features & bit)
@@ -67,14 +68,15 @@ class Packed:
             self.data = w.view(blocks, 16, self.k // 2, 2).transpose(1, 2).contiguous()
             self.fn = library().matmul_bf16
 
-    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
+        """add + x W^T, with x's rows first scaled to unit length where `unit` (`tfcli.model.unit`)."""
         x = x.float().contiguous()
         rows = x.numel() // self.k
         y = torch.empty((rows, self.n), dtype=torch.float32)
         if add is not None:
             add = add.float().contiguous()
         failed = self.fn(x.data_ptr(), self.data.data_ptr(), add.data_ptr() if add is not None else None,
-                         y.data_ptr(), rows, self.n, self.k, torch.get_num_threads())
+                         y.data_ptr(), rows, self.n, self.k, int(unit), torch.get_num_threads())
         if failed:
-            raise MemoryError("decode_matmul: no memory for a bfloat16 copy of the activations")
+            raise MemoryError("decode_matmul: no memory for its working buffers")
         return y.view(*x.shape[:-1], self.n)

@@ -105,6 +105,11 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     return F.linear(x, w) if x.dtype == w.dtype else F.linear(x.to(w.dtype), w).float()
 
 
+def unit_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """linear(unit(x), w); decode_matmul's kernels take the norm in the same call."""
+    return w(x, unit=True) if isinstance(w, decode_matmul.Packed) else linear(unit(x), w)
+
+
 def add_linear(x: torch.Tensor, y: torch.Tensor, w) -> torch.Tensor:
     """x + y @ w.T, in one kernel (addmm, or decode_matmul's) when nothing needs casting."""
     if isinstance(w, decode_matmul.Packed):
@@ -382,12 +387,12 @@ def cached_step(idx, cos, sin, slot, mask, kv, weights, n_head: int) -> torch.Te
     x = x.view(B * T, C)  # two dimensions: what addmm takes
     kernel = fused_kernel(slot, mask, kv)
     for (w_qkv, w_proj, w_fc, w_out), kv_i in zip(layers, kv):  # unbinding: one op, not one per index
-        qkv = linear(unit(x), w_qkv)
+        qkv = unit_linear(x, w_qkv)
         if kernel is not None:
             y = kernel(qkv, cos, sin, kv_i, slot, D ** 0.5)
         else:
             y = attention(qkv.view(B, T, 3, n_head, D).permute(2, 0, 3, 1, 4), cos, sin, slot, mask, kv_i)
             y = y.transpose(1, 2).reshape(B * T, C)
         x = add_linear(x, y, w_proj)
-        x = add_linear(x, torch.relu_(linear(unit(x), w_fc)).square_(), w_out)
-    return linear(unit(x.view(B, T, C)[:, -1]), head)
+        x = add_linear(x, torch.relu_(unit_linear(x, w_fc)).square_(), w_out)
+    return unit_linear(x.view(B, T, C)[:, -1], head)
