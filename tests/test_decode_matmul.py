@@ -78,6 +78,21 @@ def test_unit_rows_are_the_models_rmsnorm_without_its_sqrt(dtype, M):
 
 
 @torch.no_grad()
+def test_a_batchs_prompt_of_many_bfloat16_rows_goes_through_onednn(monkeypatch):
+    needs(torch.bfloat16)
+    calls, linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(decode_matmul.F, "linear", lambda *a: calls.append(1) or linear(*a))
+    torch.manual_seed(0)
+    w, add = torch.randn(48, 64).bfloat16(), torch.randn(decode_matmul.MANY_ROWS + 1, 48)
+    packed = decode_matmul.Packed(w)
+    for rows in (decode_matmul.MANY_ROWS, decode_matmul.MANY_ROWS + 1):
+        x = torch.randn(rows, 64)
+        expected = reference(x, w) / x.double().norm(dim=-1, keepdim=True) + add[:rows].double()
+        torch.testing.assert_close(packed(x, add[:rows], unit=True).double(), expected, atol=0.02, rtol=0.01)
+    assert calls == [1]  # only past MANY_ROWS
+
+
+@torch.no_grad()
 def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
     # laptops without AVX-512: 8-wide vectors, two per block of 16 columns
     needs(torch.float16)
