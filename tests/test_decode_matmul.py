@@ -78,6 +78,18 @@ def test_unit_rows_are_the_models_rmsnorm_without_its_sqrt(dtype, M):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 16, decode_matmul.MANY_ROWS + 2])
+def test_relu2_is_the_mlps_activation_of_the_product(dtype, rows):
+    needs(dtype)
+    torch.manual_seed(rows)
+    w, x = torch.randn(80, 64).to(dtype), torch.randn(rows, 64)
+    plain, fused = decode_matmul.Packed(w)(x, unit=True), decode_matmul.Packed(w)(x, unit=True, relu2=True)
+    assert (plain < 0).any() and (fused >= 0).all()
+    torch.testing.assert_close(fused, torch.relu(plain).square(), atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
 def test_a_batchs_prompt_of_many_bfloat16_rows_goes_through_onednn(monkeypatch):
     needs(torch.bfloat16)
     calls, linear = [], torch.nn.functional.linear

@@ -20,7 +20,8 @@ from . import native
 
 SOURCE = Path(__file__).with_name("decode_matmul.c")
 MANY_ROWS = 128  # above this, bfloat16 products go to oneDNN: see Packed.__call__
-# x, w, add, y, M, N, K, unit, threads
+UNIT, RELU2 = 1, 2  # decode_matmul.c's flags
+# x, w, add, y, M, N, K, flags, threads
 ARGS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
 
 
@@ -69,21 +70,24 @@ class Packed:
             self.data = w.view(blocks, 16, self.k // 2, 2).transpose(1, 2).contiguous()
             self.fn = library().matmul_bf16
 
-    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
-        """add + x W^T, with x's rows first scaled to unit length where `unit` (`tfcli.model.unit`).
-        Past MANY_ROWS rows (a batch's prompt) bfloat16 goes through PyTorch (oneDNN), whose
-        blocked GEMM won there: 4,096 rows by (1024, 256) in 6.3 vs 9.0 ms; at 16 rows 0.12 vs 0.05."""
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None, unit: bool = False,
+                 relu2: bool = False) -> torch.Tensor:
+        """add + f(x W^T), with x's rows first scaled to unit length where `unit` (`tfcli.model.unit`)
+        and f = relu(.)^2 where `relu2` (the MLP's activation). Past MANY_ROWS rows (a batch's
+        prompt) bfloat16 goes through PyTorch (oneDNN), whose blocked GEMM won there: 4,096 rows
+        by (1024, 256) in 6.3 vs 9.0 ms; at 16 rows 0.12 vs 0.05."""
         rows = x.numel() // self.k
         if self.dtype == torch.bfloat16 and rows > MANY_ROWS:
             y = F.linear((x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30) if unit else x).to(self.dtype),
                          self.weight).float()
+            y = torch.relu_(y).square_() if relu2 else y
             return y if add is None else add + y.view(add.shape)
         x = x.float().contiguous()
         y = torch.empty((rows, self.n), dtype=torch.float32)
         if add is not None:
             add = add.float().contiguous()
         failed = self.fn(x.data_ptr(), self.data.data_ptr(), add.data_ptr() if add is not None else None,
-                         y.data_ptr(), rows, self.n, self.k, int(unit), torch.get_num_threads())
+                         y.data_ptr(), rows, self.n, self.k, UNIT * unit + RELU2 * relu2, torch.get_num_threads())
         if failed:
             raise MemoryError("decode_matmul: no memory for its working buffers")
         return y.view(*x.shape[:-1], self.n)

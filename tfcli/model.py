@@ -110,6 +110,13 @@ def unit_linear(x: torch.Tensor, w) -> torch.Tensor:
     return w(x, unit=True) if isinstance(w, decode_matmul.Packed) else linear(unit(x), w)
 
 
+def mlp_in(x: torch.Tensor, w) -> torch.Tensor:
+    """relu(linear(unit(x), w))^2, the MLP's first half; in one call of decode_matmul's kernels."""
+    if isinstance(w, decode_matmul.Packed):
+        return w(x, unit=True, relu2=True)
+    return torch.relu_(linear(unit(x), w)).square_()
+
+
 def add_linear(x: torch.Tensor, y: torch.Tensor, w) -> torch.Tensor:
     """x + y @ w.T, in one kernel (addmm, or decode_matmul's) when nothing needs casting."""
     if isinstance(w, decode_matmul.Packed):
@@ -394,5 +401,5 @@ def cached_step(idx, cos, sin, slot, mask, kv, weights, n_head: int) -> torch.Te
             y = attention(qkv.view(B, T, 3, n_head, D).permute(2, 0, 3, 1, 4), cos, sin, slot, mask, kv_i)
             y = y.transpose(1, 2).reshape(B * T, C)
         x = add_linear(x, y, w_proj)
-        x = add_linear(x, torch.relu_(unit_linear(x, w_fc)).square_(), w_out)
+        x = add_linear(x, mlp_in(x, w_fc), w_out)
     return unit_linear(x.view(B, T, C)[:, -1], head)
