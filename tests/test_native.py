@@ -1,4 +1,6 @@
 import os
+import threading
+import time
 
 import pytest
 
@@ -70,3 +72,30 @@ def test_an_unwritable_cache_directory_builds_in_a_temporary_one(fresh_build):
         assert where != fresh_build and os.access(where, os.W_OK)
     finally:
         fresh_build.chmod(0o700)
+
+
+def test_threads_asking_at_once_build_once_and_prepare_starts_it(fresh_build, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+    runs = []
+    real_run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
+    native.prepare(SOURCE.name)  # as `tfcli sample` does before importing torch
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(native.load(SOURCE))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(runs) == 1 and len({lib._name for lib in got}) == 1 and got[0] is not None
+
+
+def test_temporary_files_of_builds_that_died_are_removed(fresh_build):
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+    fresh_build.mkdir()
+    stale, fresh = fresh_build / "tmpdead.so", fresh_build / "tmpbuilding.so"
+    stale.write_bytes(b""), fresh.write_bytes(b"")
+    os.utime(stale, (time.time() - native.STALE_S - 1,) * 2)
+    native.load(SOURCE)
+    assert not stale.exists() and fresh.exists()  # another process may be building that one right now

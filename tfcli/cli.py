@@ -342,6 +342,9 @@ def sample(
 
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
+    if device == "cpu":  # a first run builds tfcli's C kernels while torch imports (below)
+        from . import native
+        native.prepare("decode_attention.c", "decode_matmul.c")
     from .render.sample import prob_legend, styled
     from .sampling import collect, generate_pieces, kernel_decodes, new_seed
 
