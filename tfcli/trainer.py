@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import native
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
 from .device import autocast, keep_freed_memory, pick_device, pick_dtype, should_compile
@@ -245,6 +246,8 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     world.share(cfg.batch_size)  # refuse an uneven split before joining the other processes
     keep_freed_memory()  # (16-25% faster CPU steps: see there)
     device = world.device(pick_device(cfg.device))
+    if device.type == "cpu" and world.is_main:  # the samples at each validation decode through them
+        native.prepare("decode_attention.c", "decode_matmul.c")
     with process_group(world, device):
         return _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
                       started_at, world, device)
