@@ -117,12 +117,28 @@ def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
     lib.features.restype, lib.matmul_f16.argtypes = ctypes.c_int, decode_matmul.ARGS
     assert lib.features() == 1  # float16 only: bfloat16's kernel needs AVX512_BF16
     torch.manual_seed(0)
-    for M, N, K in [(1, 65, 256), (2, 48, 38), (5, 16, 7), (17, 35, 64)]:
+    for (M, N, K), relu2, threads in zip([(1, 65, 256), (2, 48, 38), (5, 16, 7), (17, 35, 64)], [0, 1, 0, 1],
+                                         [1, 2, 2, 1]):
         w, x, add = torch.randn(N, K).half(), torch.randn(M, K), torch.randn(M, N)
         packed = decode_matmul.Packed(w)
         y = torch.empty(M, N)
-        assert lib.matmul_f16(x.data_ptr(), packed.data.data_ptr(), add.data_ptr(), y.data_ptr(), M, N, K, 1, 1) == 0
-        torch.testing.assert_close(y.double(), reference(unit(x), w, add), atol=1e-5, rtol=1e-4)
+        flags = decode_matmul.UNIT | decode_matmul.RELU2 * relu2
+        assert lib.matmul_f16(x.data_ptr(), packed.data.data_ptr(), add.data_ptr(), y.data_ptr(), M, N, K, flags,
+                              threads) == 0
+        product = reference(unit(x), w)
+        expected = add.double() + (product.relu().square() if relu2 else product)
+        torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_and_additions_must_fit_the_matrix():
+    dtype = next(iter(decode_matmul.dtypes()), None)
+    if dtype is None:
+        pytest.skip("no decode_matmul kernel here")
+    packed = decode_matmul.Packed(torch.randn(8, 6).to(dtype))
+    with pytest.raises(ValueError, match="do not fit"):
+        packed(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        packed(torch.randn(3, 6), add=torch.randn(8))  # would have been read past its end
 
 
 def test_float32_is_not_taken():

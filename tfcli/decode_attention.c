@@ -114,7 +114,7 @@ static inline vec vpow2(vec n) {
  * Taylor series to r^7 / 7! (the next term is below float's precision there), times 2^n. Below
  * -87, where e^x leaves float's normal range, it returns e^-87: nothing next to the max's 1. */
 static inline vec vexp(vec x) {
-    x = vmax(x, vset(-87.f));
+    x = vmax(vset(-87.f), x); /* (max returns its second operand for NaN: a NaN score stays NaN) */
     vec n = vround(vmul(x, vset(1.44269504088896341f)));
     vec r = vfma(n, vset(-0.693145751953125f), x);       /* ln2 in two parts: the first is exact in float, */
     r = vfma(n, vset(-1.42860682030941723e-6f), r);       /* so n ln2 is subtracted to float's precision */

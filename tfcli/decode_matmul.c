@@ -181,13 +181,14 @@ ALWAYS_INLINE void tile_bf16(const uint32_t *xb, const __m512bh *w, const float 
     int64_t p = 0;
     for (; p + S <= K2; p += S)
         for (int s = 0; s < S; s++) {
-            __m512bh wv = w[p + s];
+            __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + p + s)); /* (no alignment assumed) */
             for (int r = 0; r < MR; r++)
                 acc[r][s] = _mm512_dpbf16_ps(acc[r][s], (__m512bh)_mm512_set1_epi32((int)xb[r * K2 + p + s]), wv);
         }
     for (; p < K2; p++)
         for (int r = 0; r < MR; r++)
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_set1_epi32((int)xb[r * K2 + p]), w[p]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_set1_epi32((int)xb[r * K2 + p]),
+                                         (__m512bh)_mm512_loadu_si512((const void *)(w + p)));
     for (int r = 0; r < MR; r++) {
         for (int s = 1; s < S; s++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][s]);
         finish(&acc[r][0], scale[r], flags, add ? add + r * N : 0, y + r * N, cols);

@@ -77,6 +77,9 @@ class Packed:
         prompt) bfloat16 goes through PyTorch (oneDNN), whose blocked GEMM won there: 4,096 rows
         by (1024, 256) in 6.3 vs 9.0 ms; at 16 rows 0.12 vs 0.05."""
         rows = x.numel() // self.k
+        if x.shape[-1] != self.k or (add is not None and add.numel() != rows * self.n):
+            added = "" if add is None else f" plus {tuple(add.shape)}"
+            raise ValueError(f"decode_matmul: rows {tuple(x.shape)}{added} do not fit a ({self.n}, {self.k}) matrix")
         if self.dtype == torch.bfloat16 and rows > MANY_ROWS:
             y = F.linear((x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30) if unit else x).to(self.dtype),
                          self.weight).float()

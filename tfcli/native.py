@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 STALE_S = 600  # a temporary build file older than this was left by a process that died mid-build
@@ -43,36 +44,20 @@ _locks_lock = threading.Lock()
 def load(source: Path) -> ctypes.CDLL | None:
     """`source` built for this machine, once per source, compiler and CPU. A build that fails
     leaves a marker, so that a machine without a working compiler tries once, not on every
-    `tfcli sample`. Safe from several threads: one builds, the others wait for it."""
-    with _locks_lock:
-        lock = _locks.setdefault(source, threading.Lock())
-    with lock:
+    `tfcli sample`. Safe from several threads: one builds, the others wait for it. Callers load
+    after importing torch, so that an OpenMP build binds to PyTorch's libgomp (see flag_sets)."""
+    with _lock(source):
         return _load(source)
+
+
+def _lock(source: Path) -> threading.Lock:
+    with _locks_lock:
+        return _locks.setdefault(source, threading.Lock())
 
 
 @functools.cache
 def _load(source: Path) -> ctypes.CDLL | None:
-    if os.environ.get("TFCLI_NO_KERNEL", "") not in ("", "0"):
-        return None
-    cc = compiler()
-    if cc is None:
-        return None
-    where = cache_dir()
-    if where is None:
-        return None
-    remove_stale(where)
-    for flags in flag_sets():
-        path = where / f"{source.stem}-{build_key(cc, flags, source)}.so"
-        failed = path.with_suffix(".failed")
-        if not path.exists():
-            if failed.exists():
-                continue
-            built = build(cc, flags, source, path)
-            if built is not True:
-                if built is False:  # the compiler said no: remember; a timeout or a kill may pass next time
-                    with contextlib.suppress(OSError):
-                        failed.touch()
-                continue
+    for path in built(source):
         try:
             return ctypes.CDLL(str(path))
         except OSError:
@@ -80,15 +65,48 @@ def _load(source: Path) -> ctypes.CDLL | None:
     return None
 
 
+def built(source: Path) -> Iterator[Path]:
+    """`source`'s libraries for this machine, best flags first, each built when first asked for."""
+    if os.environ.get("TFCLI_NO_KERNEL", "") not in ("", "0"):
+        return
+    cc = compiler()
+    where = cache_dir() if cc is not None else None
+    if where is None:
+        return
+    remove_stale(where)
+    for flags in flag_sets():
+        path = where / f"{source.stem}-{build_key(cc, flags, source)}.so"
+        failed = path.with_suffix(".failed")
+        if not path.exists():
+            if failed.exists():
+                continue
+            done = build(cc, flags, source, path)
+            if done is not True:
+                if done is False:  # the compiler said no: remember; a timeout or a kill may pass next time
+                    with contextlib.suppress(OSError):
+                        failed.touch()
+                continue
+        yield path
+
+
 load.cache_clear = _load.cache_clear  # (tests: as on a machine that has not looked yet)
 
 
-def prepare(*names: str) -> None:
-    """Start finding or building these sources (file names in tfcli's package) in background
-    threads, so that a first build runs while PyTorch imports rather than after it: a first-ever
-    `tfcli sample` showed its first character after 3.2 s with the two builds in turn."""
-    for name in names:
-        threading.Thread(target=load, args=(Path(__file__).with_name(name),), daemon=True).start()
+def prepare(*names: str) -> list[threading.Thread]:
+    """Start building these sources (file names in tfcli's package) in background threads, so
+    that a first build runs while PyTorch imports rather than after it: a first-ever `tfcli sample`
+    showed its first character after 3.2 s with the two builds in turn. Only builds: loading
+    waits for `load`, after torch."""
+    threads = [threading.Thread(target=_prepare, args=(Path(__file__).with_name(name),), daemon=True)
+               for name in names]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _prepare(source: Path) -> None:
+    with _lock(source):
+        next(built(source), None)
 
 
 def remove_stale(where: Path) -> None:

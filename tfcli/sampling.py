@@ -106,8 +106,8 @@ def _big_cpu_model(model) -> bool:
 def new_cache(model, batch: int, cfg: SampleConfig):
     """The cache `cfg` samples with: weights in `decode_dtype`, and for CPU models of 8 MB and
     more, when that dtype can be and the step is not compiled (`compiles`), laid out for fast
-    few-row matmuls (`tfcli.model.packed`: tfcli's C kernels for half weights where the CPU has
-    AVX-512, else oneDNN's layout for float32 and bfloat16). Keys and values are float16 when the
+    few-row matmuls (`tfcli.model.packed`: tfcli's C kernels for float16 with AVX2 or AVX-512 and
+    bfloat16 with AVX512_BF16, else oneDNN's layout for float32 and bfloat16). Keys and values are float16 when the
     weights are half too and the C kernel of `tfcli.decode_attention` will read them."""
     from .model import can_pack
 
@@ -136,7 +136,7 @@ def kernel_decodes(device: torch.device) -> bool:
 
 def matmul_dtypes(device: torch.device) -> list[str]:
     """Half-precision weight dtypes whose cached-step matmuls run in tfcli's C kernels on `device`
-    (`tfcli.decode_matmul`; CPUs with AVX-512 only), for bench's report."""
+    (`tfcli.decode_matmul`: float16 with AVX2 or AVX-512, bfloat16 with AVX512_BF16), for bench's report."""
     from .decode_matmul import dtypes
     return [str(d).replace("torch.", "") for d in dtypes()] if device.type == "cpu" else []
 
