@@ -48,6 +48,13 @@ def dtypes() -> tuple[torch.dtype, ...]:
     return tuple(d for bit, d in ((1, torch.float16), (2, torch.bfloat16)) if features & bit)
 
 
+def takes(w: torch.Tensor) -> bool:
+    """Whether `Packed(w)` works here: a CPU matrix of a dtype in `dtypes()` (bfloat16: with an even
+    number of columns, which pairs of k need)."""
+    return (w.dim() == 2 and w.device.type == "cpu" and w.dtype in dtypes()
+            and (w.dtype != torch.bfloat16 or w.shape[1] % 2 == 0))
+
+
 class Packed:
     """A weight matrix (N, K) laid out for decode_matmul.c, applied as `packed(x, add)` = add + x W^T
     in float32. float16: blocks of 16 columns, k-major (Nb, K, 16); bfloat16: the same with k in
@@ -55,7 +62,7 @@ class Packed:
     zero weights."""
 
     def __init__(self, w: torch.Tensor):
-        if w.dtype not in dtypes() or w.dim() != 2 or w.device.type != "cpu":
+        if not takes(w):
             raise ValueError(f"decode_matmul cannot take a {w.dtype} {tuple(w.shape)} matrix on {w.device} here")
         self.n, self.k = w.shape
         self.dtype, self.weight = w.dtype, w
@@ -65,8 +72,6 @@ class Packed:
             self.data = w.view(blocks, 16, self.k).transpose(1, 2).contiguous()
             self.fn = library().matmul_f16
         else:
-            if self.k % 2:
-                raise ValueError("decode_matmul's bfloat16 layout takes an even number of columns")
             self.data = w.view(blocks, 16, self.k // 2, 2).transpose(1, 2).contiguous()
             self.fn = library().matmul_bf16
 

@@ -135,7 +135,7 @@ def packed(weights: tuple, rows: int) -> tuple:
     wte, layers, head = weights
 
     def pack(w: torch.Tensor):
-        if w.dtype in decode_matmul.dtypes():
+        if decode_matmul.takes(w):
             return decode_matmul.Packed(w)
         return torch.ops.mkldnn._reorder_linear_weight(w, rows)
     return wte, tuple(tuple(pack(w) for w in layer) for layer in layers), pack(head)
