@@ -3,6 +3,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from conftest import make_model
+
+from tfcli import causal_attention
+from tfcli.corpus import Vocab
+from tfcli.device import can_compile, compile_model
 
 PLACEMENT = """
 import ctypes, sys, torch
@@ -44,3 +50,19 @@ def test_training_and_evaluation_keep_freed_memory(monkeypatch, tmp_path):
                   TrainConfig(max_steps=2, batch_size=4, device="cpu", dtype="float32", sample_chars=0),
                   tmp_path / "run")
     assert calls[0] == "train" and "evaluate" in calls  # before the first step; the final evaluation too
+
+
+@pytest.mark.slow  # compiling takes seconds
+@pytest.mark.skipif(not can_compile(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_step_gives_eager_loss_and_gradients(monkeypatch):
+    monkeypatch.setattr(causal_attention, "CHUNK", 16)  # a context of 40: three blocks of queries
+    model = make_model(Vocab("abcdefgh"), block_size=40).train()
+    ids, targets = torch.randint(8, (3, 40)), torch.randint(8, (3, 40))
+    results = []
+    for net in (model, compile_model(model)):
+        model.zero_grad()
+        _, loss = net(ids, targets)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for compiled, eager in zip(*results[::-1]):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)

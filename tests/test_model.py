@@ -5,6 +5,7 @@ import torch
 from conftest import make_model
 
 import tfcli.model as model_module
+from tfcli import causal_attention
 from tfcli.config import ModelConfig
 from tfcli.corpus import Vocab
 from tfcli.model import GPT, rms_norm, rope_angles
@@ -82,7 +83,7 @@ def test_changing_a_future_character_leaves_earlier_logits_unchanged():
 def test_explicit_attention_path_matches_the_fused_one(monkeypatch):
     model = make_model(VOCAB, n_head=4)
     ids = random_ids(2, 16)
-    monkeypatch.setattr(model_module, "EXPLICIT_MAX_T", 0)  # the fused kernel, as on GPUs and long contexts
+    monkeypatch.setattr(causal_attention, "MAX_T", 0)  # the fused kernel, as on GPUs and long contexts
     fused, _ = model(ids)
     explicit, weights = model.attention(ids)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=0)
@@ -95,8 +96,8 @@ def test_cpu_training_path_gives_the_fused_paths_loss_and_gradients(monkeypatch)
         torch.nn.init.normal_(p, std=0.3)
     ids, targets = random_ids(3, 16), random_ids(3, 16, seed=2)
     results = []
-    for limit in (0, 256):
-        monkeypatch.setattr(model_module, "EXPLICIT_MAX_T", limit)
+    for limit in (0, 256):  # 0: the fused kernel, as on GPUs and long contexts
+        monkeypatch.setattr(causal_attention, "MAX_T", limit)
         model.zero_grad()
         _, loss = model(ids, targets)
         loss.backward()

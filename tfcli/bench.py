@@ -16,7 +16,7 @@ import torch
 
 from .config import ModelConfig, SampleConfig
 from .corpus import Vocab
-from .device import autocast, keep_freed_memory, pick_device, pick_dtype, should_compile
+from .device import autocast, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import decode_dtype, generate, kernel_decodes, matmul_dtypes
@@ -72,7 +72,7 @@ def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0
     model = _model(shape, device)
     from .config import TrainConfig
     opt = make_optimizer(model, TrainConfig(), device)
-    step_fn = torch.compile(model) if compile else model
+    step_fn = compile_model(model) if compile else model
     x = torch.randint(VOCAB, (shape.batch_size, shape.block_size), device=device)
     y = torch.randint(VOCAB, (shape.batch_size, shape.block_size), device=device)
 

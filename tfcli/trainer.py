@@ -282,7 +282,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         on_event(Notice("no validation text (too short); training without validation"))
     net = wrap(model, world, device)
     compiled = should_compile(device, cfg.compile, cfg.time_budget, cfg.max_steps)
-    step_fn = torch.compile(net) if compiled else net
+    step_fn = compile_model(net) if compiled else net
     on_event(Start(run_dir, model.num_params(), model_cfg, cfg, str(device), str(dtype).replace("torch.", ""),
                    len(corpus.train), len(corpus.val), len(corpus.vocab), run.step, compiled, world.size))
 
