@@ -407,3 +407,19 @@ def test_fast_runs_validate_every_eval_steps_and_remember_where_the_best_was(tmp
     best = [e.step for e in evals if e.best][-1]
     assert done.best_step == best == ckpt.load_checkpoint(tmp_path / "run" / ckpt.BEST_FILE).summary["step"]
     assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["best_step"] == best
+
+
+def test_compile_on_trains_through_the_compiled_model(tmp_path, monkeypatch):
+    compiled = []
+
+    def spy(model, **kwargs):  # records what would be compiled; compiling itself is test_device's (slow) test
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: True)
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    events = []
+    train(corpus, MODEL, replace(TRAIN, max_steps=2, compile=True), tmp_path / "run", events.append)
+    start = next(e for e in events if isinstance(e, Start))
+    assert start.compiled and len(compiled) == 1

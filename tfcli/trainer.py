@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import native
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
-from .device import autocast, keep_freed_memory, pick_device, pick_dtype, should_compile
+from .device import autocast, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .distributed import World, agree, mean, process_group, wrap
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
