@@ -56,7 +56,8 @@ def test_non_positive_lr_is_refused(lr):
 
 @pytest.mark.parametrize("changes, flag", [
     ({"batch_size": 0}, "--batch-size"), ({"max_steps": 0}, "--max-steps"), ({"time_budget": 0.0}, "--time"),
-    ({"dtype": "float8"}, "--dtype"),
+    ({"time_budget": float("nan")}, "--time"), ({"eval_interval": 0.0}, "--eval-interval"),
+    ({"eval_interval": float("nan")}, "--eval-interval"), ({"dtype": "float8"}, "--dtype"),
 ])
 def test_bad_train_settings_name_their_flag(changes, flag):
     with pytest.raises(UsageError, match=flag):

@@ -83,8 +83,10 @@ class TrainConfig:
             raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise UsageError(f"--epochs must be positive, got {self.epochs}")
-        if self.time_budget is not None and self.time_budget <= 0:
+        if self.time_budget is not None and not self.time_budget > 0:  # (nan is not > 0 either)
             raise UsageError("--time must be positive")
+        if not self.eval_interval > 0:
+            raise UsageError(f"--eval-interval must be positive (seconds), got {self.eval_interval}")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise UsageError(f"--eval-steps must be positive, got {self.eval_steps}")
         if self.optimizer not in ("adamw", "muon"):
