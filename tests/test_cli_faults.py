@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def test_signal_during_training_saves_and_says_how_to_resume(corpus, tmp_path, s
             proc.wait()
     stderr = (tmp_path / "stderr").read_text()
     assert "--resume" in stderr and "Traceback" not in stderr
+    left = re.search(r"--resume --time (\d+)s", stderr)  # the rest of its 60 s, not a fresh default budget
+    assert left and 0 < int(left.group(1)) < 60
     ck = load_checkpoint(out / "model.safetensors")
     assert ck.summary["step"] > 0 and ck.summary["ended"] == "interrupted"
     assert "\x1b[" not in (tmp_path / "stdout").read_text()

@@ -1,8 +1,10 @@
-"""The training log's closing line."""
+"""The training log: its closing line and its estimate of the time left."""
 
 from dataclasses import replace
 
-from tfcli.render.progress import describe_done
+import pytest
+
+from tfcli.render.progress import Eta, describe_done
 from tfcli.trainer import Done
 
 
@@ -19,3 +21,12 @@ def test_done_line_stays_one_line_when_the_last_model_is_about_the_best(tmp_path
                 best_step=480)
     assert len(describe_done(done).splitlines()) == 1
     assert len(describe_done(replace(done, val_loss=None, best_val_loss=None)).splitlines()) == 1
+
+
+def test_eta_follows_the_pace_since_the_first_step_shown():
+    eta = Eta()
+    assert eta(0.5, 100.0) is None  # a resumed run's first step: half done, but no pace yet
+    assert eta(0.6, 110.0) == pytest.approx(40.0)  # 0.1 in 10 s: 0.4 left takes 40 s
+    fresh = Eta()
+    fresh(0.001, 20.0)  # a first step after 20 s of start-up and compilation
+    assert fresh(0.101, 30.0) == pytest.approx(89.9)

@@ -423,3 +423,17 @@ def test_compile_on_trains_through_the_compiled_model(tmp_path, monkeypatch):
     train(corpus, MODEL, replace(TRAIN, max_steps=2, compile=True), tmp_path / "run", events.append)
     start = next(e for e in events if isinstance(e, Start))
     assert start.compiled and len(compiled) == 1
+
+
+def test_a_resumed_timed_run_takes_the_schedule_on_from_where_it_stopped(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    timed = replace(TRAIN, max_steps=None, time_budget=3.0, warmup_steps=1)
+    first = train(corpus, MODEL, timed, tmp_path / "run")
+    stopped_at = ckpt.load_state(tmp_path / "run" / ckpt.STATE_FILE)[1]["progress"]
+    assert first.reason == "time" and stopped_at > 0.8  # (the final validation's reserve is the rest)
+    events = []
+    train(corpus, MODEL, replace(timed, time_budget=2.0), tmp_path / "run", events.append, resume=True)
+    steps = [e for e in events if isinstance(e, Step)]
+    assert steps[0].progress >= stopped_at
+    assert all(e.lr <= lr_at(stopped_at, e.step, timed) for e in steps)  # on in the cooldown, never back to the peak
+    assert steps[0].lr < 0.5 * TRAIN.lr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -242,8 +243,18 @@ def train(
             launcher = "torchrun ... -m tfcli train" if world.is_distributed else "tfcli train"
             args = " ".join(str(p) for p in corpus)
             stderr.print(f"checkpoint saved at step {done.step}; continue with:\n"
-                         f"  {launcher} {args} --out {run_dir} --resume", highlight=False, markup=False)
+                         f"  {launcher} {args} --out {run_dir} --resume{resume_limits(done, train_cfg)}",
+                         highlight=False, markup=False)
         raise typer.Exit(128 + (stop.signum or signal.SIGINT))
+
+
+def resume_limits(done, cfg) -> str:
+    """The flags that finish an interrupted run as it was set to run: the time it had left (a
+    resumed run's schedule goes on from where it stopped), and its step and epoch limits, which
+    count from the run's start (`auto` may have set the epochs for a small text)."""
+    flags = f" --time {max(1, math.ceil(cfg.time_budget - done.elapsed))}s" if cfg.time_budget else ""
+    flags += f" --max-steps {cfg.max_steps}" if cfg.max_steps else ""
+    return flags + (f" --epochs {cfg.epochs:g}" if cfg.epochs else "")
 
 
 def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) -> None:

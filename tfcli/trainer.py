@@ -224,6 +224,7 @@ class _Run:
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0  # summed over resumed sessions
+    progress: float = 0.0  # through the lr schedule: a resumed session goes on from here
     best_val: float | None = None
     best_step: int | None = None
     last_val: float | None = None
@@ -289,7 +290,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
 
     def save(reason: str) -> None:
         summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),
-                   "val_loss": run.last_val, "best_val_loss": run.best_val, "best_step": run.best_step,
+                   "progress": run.progress, "val_loss": run.last_val, "best_val_loss": run.best_val,
+                   "best_step": run.best_step,
                    "params": model.num_params(), "ended": reason, "config_hash": chash, "train": cfg.to_dict()}
         # state first: a run directory that holds a model always holds the state to --resume it
         ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
@@ -316,7 +318,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
 
     reserve = _final_reserve(model, val_ids)
     session_start = time.monotonic()
-    prior_seconds = run.train_seconds
+    prior_seconds, prior_progress = run.train_seconds, run.progress
     budget = (cfg.time_budget - (session_start - started_at) - reserve) if cfg.time_budget else None
     last_eval, last_eval_step = session_start, run.step
     window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
@@ -329,7 +331,9 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if stop:
             reason = "interrupted"
             break
-        progress = max(run.step / max_steps if max_steps else 0.0, elapsed / budget if budget else 0.0)
+        # a time budget is this session's: it takes the schedule from where the last session left it to the end
+        timed = prior_progress + (1 - prior_progress) * elapsed / budget if budget else 0.0
+        progress = run.progress = min(1.0, max(run.step / max_steps if max_steps else 0.0, timed))
         if max_steps and run.step >= max_steps:
             break
         if budget is not None and elapsed >= budget:
@@ -417,5 +421,6 @@ def _load_resume(run_dir: Path, chash: str, model, opt, gen, eval_tokens: int) -
     # characters) is no yardstick: the first validation after resuming sets a new one
     same_slice = state.get("train", {}).get("eval_tokens") == eval_tokens
     return _Run(step=state["step"], tokens=state["tokens"], train_seconds=state["seconds"],
+                progress=state.get("progress", 0.0),  # (runs saved before it was recorded: from the start)
                 best_val=state.get("best_val_loss") if same_slice else None,
                 best_step=state.get("best_step") if same_slice else None, last_val=state.get("val_loss"))

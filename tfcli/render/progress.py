@@ -52,8 +52,18 @@ def describe_start(e: Start) -> str:
             f"{budget}{resumed}; writing {e.run_dir}")
 
 
-def eta(progress: float, elapsed: float) -> float | None:
-    return elapsed * (1 - progress) / progress if progress > 0.01 else None
+class Eta:
+    """Time left at the pace since the first step shown: a resumed run starts part of the way
+    through its schedule, and a first step carries start-up and compilation."""
+
+    def __init__(self):
+        self.start: tuple[float, float] | None = None
+
+    def __call__(self, progress: float, elapsed: float) -> float | None:
+        if self.start is None:
+            self.start = (progress, elapsed)
+        p0, t0 = self.start
+        return (elapsed - t0) * (1 - progress) / (progress - p0) if progress - p0 > 0.01 else None
 
 
 class NullProgress:
@@ -74,6 +84,7 @@ class PlainProgress:
 
     def __init__(self, console: Console, every: float = 10.0):
         self.console, self.every, self.last = console, every, -math.inf
+        self.eta = Eta()
 
     def __enter__(self):
         return self
@@ -87,7 +98,7 @@ class PlainProgress:
             out(describe_start(e), highlight=False)
         elif isinstance(e, Step) and (time.monotonic() - self.last >= self.every or e.step == 1):
             self.last = time.monotonic()
-            left = eta(e.progress, e.elapsed)
+            left = self.eta(e.progress, e.elapsed)
             out(f"step {e.step:>6}  loss {e.loss:.4f}  {fmt_count(e.tokens_per_s)} tok/s  lr {e.lr:.2e}  "
                 f"{fmt_time(e.elapsed)}" + (f"  eta {fmt_time(left)}" if left is not None else ""), highlight=False)
         elif isinstance(e, Eval) and e.val_loss is not None:
@@ -133,6 +144,7 @@ class LiveProgress:
         self.step: Step | None = None
         self.eval: Eval | None = None
         self.sample = ""
+        self.eta = Eta()
         self.live = Live(console=console, refresh_per_second=4, transient=False, get_renderable=self.render)
 
     def __enter__(self):
@@ -165,7 +177,7 @@ class LiveProgress:
         s = self.step
         if s is None:
             return Text("starting…", style="dim")
-        left = eta(s.progress, s.elapsed)
+        left = self.eta(s.progress, s.elapsed)
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=1.0, completed=min(s.progress, 1.0), width=30),
                     f"{s.progress:4.0%}", f"{fmt_time(s.elapsed)} elapsed",
