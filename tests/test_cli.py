@@ -617,3 +617,12 @@ def test_sample_compile_says_when_the_c_kernel_makes_it_pointless(model, monkeyp
     monkeypatch.setattr("tfcli.model.GPT.compiled_decoder", lambda self, cache: self.decode)  # no seconds compiling
     assert "--compile is not used" not in ok("sample", "-m", model, "-p", "kara", "-n", "5", "--seed", "1",
                                              "--compile").stderr
+
+
+@pytest.mark.parametrize("flag", [("--dropout", "1.0"), ("--lr", "-1"), ("--eval-interval", "nan")])
+def test_a_bad_training_flag_is_refused_before_the_corpus_is_read(tmp_path, flag):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("abcabd" * 100)
+    result = invoke("train", corpus, *flag, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and flag[0] in result.stderr
+    assert "corpus:" not in result.stdout and not (tmp_path / "run").exists()

@@ -209,6 +209,11 @@ def train(
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
 
+    # flags that are wrong whatever the text: said before a large corpus is read, not after
+    with_overrides(ModelConfig(), dropout=dropout).validate()
+    with_overrides(TrainConfig(), batch_size=batch_size, lr=lr, eval_interval=eval_interval, eval_steps=eval_steps,
+                   grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, time_budget=budget, dtype=dtype,
+                   optimizer=optimizer).validate()
     from .distributed import World
 
     world = World.from_env()  # under torchrun: only rank 0 speaks
