@@ -69,10 +69,10 @@ def test_dropout_gradients_follow_the_probabilities_it_kept():
 
     def dropped_reference(q, k, v):
         torch.manual_seed(5)  # one block (T < CHUNK): the same draws, in the same order
-        keep = torch.rand(2, 2, 6, 6) >= 0.3
+        keep = causal_attention._keep((2, 2, 6, 6), 0.3, q.device)
         hidden = torch.ones(6, 6, dtype=torch.bool).triu(1)
         p = ((q @ k.mT) * 0.5).masked_fill(hidden, float("-inf")).softmax(-1)
-        return (p * keep / 0.7) @ v
+        return (p * keep / (1 - 77 / 256)) @ v  # 0.3 rounds to 77/256
 
     want = grads(dropped_reference, tensors, d_out)
     for g, w in zip(got, want):
@@ -101,3 +101,15 @@ def test_without_gradients_the_output_is_the_same(monkeypatch):
         without = causal_attention.attend(*tensors, 0.5)
     assert not without.requires_grad
     torch.testing.assert_close(without, with_graph.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.2, 0.5])
+def test_dropout_keeps_the_share_it_should_and_scales_to_the_same_expectation(dropout):
+    torch.manual_seed(0)
+    keep = causal_attention._keep((8, 4, 100, 203), dropout, torch.device("cpu"))  # keys not a multiple of 8
+    assert keep.shape == (8, 4, 100, 203)
+    share = keep.float().mean().item()
+    assert abs(share - (1 - dropout)) < 0.006  # rounded to 1/256, and sampling noise ~0.001
+    assert abs(keep[..., -3:].float().mean().item() - share) < 0.02  # the last, partial word draws alike
+    ones = torch.ones(keep.shape)
+    assert causal_attention._drop(ones, keep, dropout).mean().item() == pytest.approx(1.0, abs=0.006)
