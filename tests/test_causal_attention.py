@@ -113,3 +113,14 @@ def test_dropout_keeps_the_share_it_should_and_scales_to_the_same_expectation(dr
     assert abs(keep[..., -3:].float().mean().item() - share) < 0.02  # the last, partial word draws alike
     ones = torch.ones(keep.shape)
     assert causal_attention._drop(ones, keep, dropout).mean().item() == pytest.approx(1.0, abs=0.006)
+
+
+def test_residual_dropout_passes_gradients_only_where_it_kept():
+    x = torch.ones(4, 32, 64, requires_grad=True)
+    torch.manual_seed(1)
+    y = causal_attention.dropout(x, 0.25)
+    y.sum().backward()
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.02
+    torch.testing.assert_close(x.grad, kept.float() / (1 - 64 / 256))  # 0.25 is 64/256 exactly
+    assert causal_attention.dropout(x, 0.0) is x

@@ -8,6 +8,7 @@ quarter of the work at 256), with the softmax in float32 and the probabilities k
 matmuls' dtype for the backward: 15-19 ms. The backward's products are rounded to that dtype
 too, as autograd's would be. The memory is the probabilities' (1/2 to 3/4 of T x T a head, plus
 a byte each for a dropout mask), so `model.py` uses it up to MAX_T and the fused kernel beyond.
+Dropout masks, here and on the model's residual branches (`dropout`), come from random bytes.
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 def _dropped_bytes(dropout: float) -> int:
     """Dropout is drawn from random bytes: it is rounded to 1/256 (0.2 drops 51/256)."""
     return min(255, round(dropout * 256))
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout for the residual branches of CPU training, with `_keep`'s cheaper masks (elsewhere,
+    and when p is 0, PyTorch's)."""
+    if not p:
+        return x
+    if x.device.type != "cpu":
+        return torch.nn.functional.dropout(x, p)
+    return _drop(x, _keep(x.shape, p, x.device), p)
 
 
 def _keep(shape: torch.Size, dropout: float, device: torch.device) -> torch.Tensor:

@@ -247,12 +247,13 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(cfg)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, need_weights: bool = False):
         a, weights = self.attn(rms_norm(x), cos, sin, need_weights)
-        x = x + self.drop(a)
-        return x + self.drop(self.mlp(rms_norm(x))), weights
+        p = self.dropout if self.training else 0.0
+        x = x + causal_attention.dropout(a, p)
+        return x + causal_attention.dropout(self.mlp(rms_norm(x)), p), weights
 
 
 class GPT(nn.Module):
