@@ -166,6 +166,32 @@ def test_model_file_is_not_mistaken_for_resume_state(saved):
         ckpt.load_state(path)
 
 
+def test_resume_state_named_as_a_model_says_what_it_is(tmp_path):
+    ckpt.save_state(tmp_path / ckpt.STATE_FILE, {"model.w": torch.randn(2)}, {"step": 5})
+    with pytest.raises(UsageError, match=r"optimizer state .* not a model; give its run directory"):
+        ckpt.load_checkpoint(tmp_path / ckpt.STATE_FILE)
+
+
+def test_weights_damaged_into_nan_on_disk_are_refused(saved):
+    from safetensors import safe_open
+    _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["head.weight"].view(-1)[:5] = float("nan")  # as bytes overwritten with 0xff read
+    path.write_bytes(st_save(tensors, metadata=meta))
+    with pytest.raises(TfcliError, match=r"damaged tfcli checkpoint \(non-finite weights in head\.weight\)"):
+        ckpt.load_checkpoint(path)
+
+
+def test_fresh_run_moves_an_unsaved_run_s_metrics_aside_and_a_resumed_one_keeps_them(tmp_path):
+    ckpt.append_metrics(tmp_path, {"step": 54})  # a run killed before its first save
+    ckpt.make_run_dir(tmp_path, fresh=False)
+    assert (tmp_path / ckpt.METRICS_FILE).exists()
+    ckpt.make_run_dir(tmp_path, fresh=True)
+    assert not (tmp_path / ckpt.METRICS_FILE).exists()
+    assert json.loads((tmp_path / (ckpt.METRICS_FILE + ".prev")).read_text()) == {"step": 54}
+
+
 def test_metrics_are_appended_as_json_lines(tmp_path):
     ckpt.append_metrics(tmp_path, {"step": 1, "loss": 2.5})
     ckpt.append_metrics(tmp_path, {"step": 2, "val_loss": None})

@@ -181,6 +181,25 @@ def test_out_onto_a_file_is_refused_and_the_file_kept(trained, tmp_path):
     assert target.read_text() == "keep me"
 
 
+def test_directory_corpus_resumes_without_out_where_its_fresh_run_went(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.texts").mkdir()
+    write_names(tmp_path / "my.texts" / "a.txt")
+    ok("train", "my.texts", "--preset", "tiny", "--max-steps", "2")
+    assert (tmp_path / "runs" / "my.texts" / "model.safetensors").is_file()
+    resumed = ok("train", "my.texts", "--preset", "tiny", "--max-steps", "4", "--resume")
+    assert "does not apply to a resumed run" in resumed.stderr  # --preset: the run keeps its model
+    assert json.loads(ok("info", "-m", "runs/my.texts", "--json").stdout)["summary"]["step"] == 4
+
+
+def test_training_on_a_directory_twice_does_not_read_its_own_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_names(tmp_path / "a.txt")
+    first = ok("train", ".", "--preset", "tiny", "--max-steps", "2").stdout
+    second = ok("train", ".", "--preset", "tiny", "--max-steps", "2").stdout
+    assert first.splitlines()[0].split(":")[-1] == second.splitlines()[0].split(":")[-1]  # same chars and vocab
+
+
 def test_resume_with_nothing_to_resume_says_so(trained, tmp_path):
     message = refused(2, "train", trained / "names.txt", *TINY, "--out", tmp_path / "nothing", "--resume")
     assert "nothing" in message and "resume" in message
@@ -243,12 +262,14 @@ def test_one_item_per_line_corpus_trains(tmp_path):
     (["--grad-accum", "0"], ["--grad-accum", "positive"]),
     (["--lr", "0"], ["--lr", "positive"]),
     (["--time", "soon"], ["soon", "duration"]),
-    (["--time", "0"], ["duration"]),
+    (["--time", "0"], ["--time", "positive"]),
     (["--preset", "huge"], ["huge", "preset", "tiny"]),
     (["--dropout", "1.5"], ["--dropout"]),
     (["--val-fraction", "1"], ["--val-fraction"]),
     (["--dtype", "int8"], ["--dtype"]),
     (["--device", "tpu"], ["tpu"]),
+    (["--seed", str(10**20)], ["--seed", "64 bits"]),
+    (["--val", "names.txt", "--val-fraction", "0.5"], ["--val-fraction", "--val"]),
 ])
 def test_bad_train_setting_is_named(trained, tmp_path, flags, words):
     args = ["train", trained / "names.txt", "--preset", "tiny", "--max-steps", "2", *flags, "--out", tmp_path / "r"]
@@ -301,11 +322,23 @@ def test_json_logprobs_align_with_the_text_even_after_a_stop(model):
     assert all(lp <= 0 for lp in record["logprobs"])
 
 
-def test_color_by_prob_prints_a_legend_and_the_same_text(model):
+def test_color_by_prob_in_a_pipe_prints_the_same_text_and_no_legend_for_absent_colours(model):
     plain = ok("sample", "-m", model, "-p", "anna", "-n", "40", "--seed", "5").stdout
     coloured = ok("sample", "-m", model, "-p", "anna", "-n", "40", "--seed", "5", "--color-by-prob")
     assert coloured.stdout == plain
-    assert "probability" in coloured.stderr
+    assert "probability" not in coloured.stderr
+
+
+def test_color_by_prob_on_a_colour_terminal_explains_its_colours(model, monkeypatch):
+    import io
+
+    from tfcli import cli
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, color_system="truecolor"))
+    result = ok("sample", "-m", model, "-p", "anna", "-n", "40", "--seed", "5", "--color-by-prob", "--no-stream")
+    assert "probability" in result.stderr
+    assert "\x1b[" in screen.getvalue()  # and the text is coloured
 
 
 def test_stop_string_cuts_the_sample_and_is_not_printed(model):
@@ -393,6 +426,28 @@ def test_damaged_checkpoint_is_refused_in_one_line(model, tmp_path, content):
 def test_checkpoint_file_can_be_named_directly(model):
     out = ok("info", "-m", model / "best.safetensors").stdout
     assert "best.safetensors" in out
+    assert "trained " in out and " tokens" not in out  # best.safetensors stores its step and loss, not a count
+
+
+@pytest.mark.parametrize("command, word", [
+    (["sample", "-n", "3", "--seed", str(10**20)], "--seed"),
+    (["sample", "-n", "3", "--logprobs"], "--json"),
+    (["eval", "--batch-size", "0"], "--batch-size"),
+])
+def test_bad_sample_and_eval_settings_are_usage_errors(model, command, word):
+    extra = [model.parent.parent / "names.txt"] if command[0] == "eval" else []
+    assert word in refused(2, *command, *extra, "-m", model)
+
+
+def test_typer_s_own_usage_errors_are_one_line_too():
+    for args in (["train"], ["sample", "--bogus"]):
+        message = refused(2, *args)
+        assert "--help" in message
+
+
+def test_on_off_flags_show_no_value_placeholder_in_help():
+    for command in ("train", "sample", "eval", "info", "bench", "inspect-attention"):
+        assert "<bool>" not in ok(command, "--help").stdout
 
 
 # -- inspect-attention ------------------------------------------------------------------------
@@ -457,6 +512,13 @@ def test_attention_range_shows_only_those_positions(model):
     out = ok("inspect-attention", "-m", model, "--prompt", "anna bob", "--view", "head", "--range", "2:5").stdout
     labels = [line.split()[0] for line in out.splitlines()[2:5]]
     assert labels == ["2", "3", "4"] and " 5 " not in out
+
+
+def test_attention_range_past_the_prompt_is_clamped_like_a_slice(model):
+    for spec in ("5:30", "-100:"):
+        out = ok("inspect-attention", "-m", model, "--prompt", "anna bob", "--view", "head", "--range", spec).stdout
+        first = 5 if spec == "5:30" else 0
+        assert [line.split()[0] for line in out.splitlines()[2:2 + 8 - first]] == [str(i) for i in range(first, 8)]
 
 
 def test_attention_range_counts_positions_in_the_whole_prompt(model):

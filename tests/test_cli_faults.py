@@ -2,7 +2,8 @@
 
 Ctrl-C (SIGINT) or SIGTERM during training must save a loadable checkpoint, say how
 to resume, and exit 130 or 143; a second signal quits at once, leaving the last checkpoint
-whole; a reader closing the pipe (`| head`) ends sampling quietly.
+whole; a reader closing the pipe (`| head`) ends sampling quietly, and stops training as
+Ctrl-C does (saved, with the command that resumes it).
 """
 
 from __future__ import annotations
@@ -106,6 +107,22 @@ def test_second_signal_quits_at_once_and_keeps_the_last_checkpoint(corpus, tmp_p
     assert "checkpoint saved at step" not in stderr  # it quit without finishing the step and saving again
     assert load_checkpoint(out / "model.safetensors").summary["step"] >= 1  # what was on disk is whole
     assert load_state(out / "state.safetensors")[1]["step"] >= 1  # and resumable
+
+
+def test_training_into_a_closed_pipe_stops_saves_and_says_how_to_resume(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(tfcli("train", corpus, "--preset", "tiny", "--time", "60", "--no-compile", "--out", out),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=tmp_path)
+    try:
+        proc.stdout.readline()
+        proc.stdout.close()  # what `tfcli train ... | head -1` does: the run's next line has no reader
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 128 + signal.SIGPIPE, stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert load_checkpoint(out / "model.safetensors").summary["ended"] == "interrupted"  # the work is kept
 
 
 def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):

@@ -11,12 +11,18 @@ def test_duration_reads_seconds_and_units(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "5x", "-3", "0", "0s", "m", "5q3"])
+@pytest.mark.parametrize("text", ["", "abc", "5x", "-3", "m", "5q3"])
 def test_unreadable_duration_is_a_usage_error(text):
     with pytest.raises(UsageError) as e:
         parse_duration(text)
     assert e.value.exit_code == USAGE == 2
     assert "duration" in e.value.message
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "0m0s"])
+def test_zero_duration_is_read_but_refused_as_not_positive(text):
+    with pytest.raises(UsageError, match="must be positive"):
+        parse_duration(text)
 
 
 def test_defaults_are_valid():

@@ -101,6 +101,17 @@ def test_directory_is_read_as_its_text_files_sorted(tmp_path):
     assert read_text([d]) == "ABC"
 
 
+def test_directory_skips_tfcli_run_directories_below_it(tmp_path):
+    d = tmp_path / "notes"
+    (d / "runs" / "notes").mkdir(parents=True)
+    (d / "a.txt").write_text("A")
+    (d / "runs" / "notes" / "metrics.jsonl").write_text('{"step": 1}\n')  # what `tfcli train notes` writes there
+    (d / "runs" / "notes" / "sample.txt").write_text("S")
+    (d / "logs").mkdir()
+    (d / "logs" / "metrics.txt").write_text("M")  # another file of that kind of name is text like any
+    assert read_text([d]) == "AM"
+
+
 def test_directory_without_text_files_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="holds no text files"):

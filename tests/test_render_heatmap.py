@@ -26,9 +26,9 @@ def stack(layers: int, heads: int, t: int) -> np.ndarray:
     return np.stack([np.stack([causal(t, 10 * li + h) for h in range(heads)]) for li in range(layers)])
 
 
-def render(renderable, *, color: bool = False) -> str:
+def render(renderable, *, color: bool = False, width: int = 80) -> str:
     console = Console(
-        width=80,
+        width=width,
         file=io.StringIO(),
         color_system="truecolor" if color else None,
         force_terminal=color,
@@ -100,9 +100,9 @@ def test_long_prompt_is_windowed_to_the_last_positions_with_a_note():
     text = "".join(chr(ord("a") + i % 26) for i in range(t))
     out = render(head_view(causal(t), text, max_width=80))
     assert all(cell_len(line) <= 80 for line in out.splitlines())
-    note = re.search(r"showing positions (\d+)–(\d+) of 120", out)
+    note = re.search(r"showing positions (\d+):(\d+) of 120", out)  # as --range takes them: end excluded
     assert note, out
-    first, last = int(note[1]), int(note[2])
+    first, last = int(note[1]), int(note[2]) - 1
     assert last == t - 1 and first > 0
     assert f"{last} {text[-1]}" in out and f"{first - 1} " not in out
 
@@ -110,7 +110,7 @@ def test_long_prompt_is_windowed_to_the_last_positions_with_a_note():
 def test_offset_shifts_position_labels_and_note():
     t = 100
     out = render(head_view(causal(t), "x" * t, offset=50))
-    assert "of 50–149" in out
+    assert "of 50:150" in out
     assert "149 x" in out
 
 
@@ -149,11 +149,17 @@ def test_grid_view_shows_every_layer_and_head_label():
     assert all(cell_len(line) <= 80 for line in out.splitlines())
 
 
+def test_notes_wrap_at_spaces_on_a_narrow_terminal_instead_of_being_cut():
+    out = render(head_view(causal(120), "y" * 120, max_width=40), width=40)
+    assert all(cell_len(line) <= 40 for line in out.splitlines())
+    assert "(--range A:B picks others)" in out and "masked (future)" in out
+
+
 def test_grid_view_windows_long_prompts_to_fit():
     t = 90
     out = render(grid_view(stack(1, 4, t), "z" * t, color=False))
     assert all(cell_len(line) <= 80 for line in out.splitlines())
-    assert re.search(r"showing positions \d+–89 of 90", out)
+    assert re.search(r"showing positions \d+:90 of 90", out)
 
 
 def test_grid_view_rejects_wrong_number_of_layer_labels():
@@ -182,7 +188,7 @@ def test_focus_view_ignores_future_positions_and_labels_each_head():
 
 def test_grid_and_focus_views_number_positions_from_the_offset():
     grid = render(grid_view(stack(1, 1, 90), "z" * 90, color=False, offset=100))
-    assert re.search(r"showing positions \d+–189 of 100–189", grid)
+    assert re.search(r"showing positions \d+:190 of 100:190", grid)
     focus = render(focus_view(stack(1, 1, 4), "abcd", 3, top=1, offset=100))
     assert "attention from position 103 d" in focus
     assert re.search(r"^  [abcd]  10[0-3] ", focus, re.M), focus

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from tfcli.render.progress import Eta, describe_done
-from tfcli.trainer import Done
+from tfcli.render.progress import Eta, LiveProgress, describe_done
+from tfcli.trainer import Done, Step
 
 
 def test_done_line_points_to_the_best_model_when_validation_rose_well_after_it(tmp_path):
@@ -30,3 +30,19 @@ def test_eta_follows_the_pace_since_the_first_step_shown():
     fresh = Eta()
     fresh(0.001, 20.0)  # a first step after 20 s of start-up and compilation
     assert fresh(0.101, 30.0) == pytest.approx(89.9)
+
+
+@pytest.mark.parametrize("reason, shown", [("interrupted", "29%"), ("time", "100%")])
+def test_dashboard_s_last_frame_shows_where_the_run_ended(tmp_path, reason, shown):
+    import io
+
+    from rich.console import Console
+    screen = io.StringIO()
+    with LiveProgress(Console(file=screen, force_terminal=True, width=100)) as view:
+        view(Step(step=62, loss=2.0, lr=1e-3, tokens_per_s=1e4, elapsed=14.0, progress=0.29))
+        view(Done(step=62, val_loss=None, best_val_loss=None, elapsed=14.2, run_dir=tmp_path, reason=reason))
+        last = view.render()
+    frame = Console(file=io.StringIO(), width=100, record=True)
+    frame.print(last)
+    text = frame.export_text()
+    assert shown in text and "eta" not in text  # stopped by Ctrl-C at 29%: not "100%, eta 0:00"

@@ -87,8 +87,7 @@ def _open(path: Path):
         if _looks_pickled(path):
             raise TfcliError(f"{path}: a pickle (what torch.save writes to .pt files), not safetensors; "
                              "tfcli never loads pickled files, since unpickling can run code") from None
-        raise TfcliError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]}); "
-                         "tfcli never loads pickled .pt files") from None
+        raise TfcliError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]})") from None
 
 
 def _looks_pickled(path: Path) -> bool:
@@ -133,6 +132,9 @@ def save_model(path: Path, model: torch.nn.Module, vocab: Vocab, summary: dict) 
 def load_checkpoint(path: Path) -> Checkpoint:
     with _open(path) as f:
         meta = _check_meta(path, f.metadata())
+        if "state" in meta and "config" not in meta:
+            raise UsageError(f"{path}: the optimizer state `train --resume` reads, not a model; "
+                             f"give its run directory or {MODEL_FILE}")
         try:
             config = ModelConfig.from_dict(json.loads(meta["config"]))
             vocab = Vocab(json.loads(meta["vocab"]))
@@ -142,6 +144,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise TfcliError(f"{path}: damaged tfcli checkpoint ({e})") from None
     if config.vocab_size != len(vocab):
         raise TfcliError(f"{path}: damaged tfcli checkpoint (vocabulary does not match config)")
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # training never saves such weights: the bytes were damaged since
+        raise TfcliError(f"{path}: damaged tfcli checkpoint (non-finite weights in {bad})")
     return Checkpoint(config, vocab, tensors, summary, path)
 
 
@@ -158,14 +163,23 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise TfcliError(f"{path}: damaged resume state ({e})") from None
 
 
-def make_run_dir(run_dir: Path) -> None:
-    """Create the run directory, or say in one line why it cannot hold a run (before any training)."""
+def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
+    """Create the run directory, or say in one line why it cannot hold a run (before any training).
+
+    A fresh run in a directory whose earlier run never saved (stopped before its first
+    checkpoint) moves that run's metrics aside to metrics.jsonl.prev, so one log holds one run."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TfcliError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise TfcliError(f"cannot write to run directory {run_dir}: permission denied")
+    metrics = run_dir / METRICS_FILE
+    if fresh and metrics.exists():
+        try:
+            metrics.replace(metrics.with_name(METRICS_FILE + ".prev"))
+        except OSError as e:
+            raise TfcliError(f"cannot move aside the old {metrics}: {e.strerror or e}") from None
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -198,10 +212,15 @@ def resolve_model_path(path: Path | None) -> Path:
     return path
 
 
+def run_name(corpus_paths: list[Path]) -> str:
+    """The corpus's name for its run directory: a file's stem, a directory's own name."""
+    first = corpus_paths[0]
+    return (first.stem if first.is_file() else first.resolve().name) or "corpus"
+
+
 def default_run_dir(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
     """runs/<corpus name>, or runs/<name>-2, -3... so an earlier run is never overwritten."""
-    stem = corpus_paths[0].stem if corpus_paths[0].is_file() else corpus_paths[0].resolve().name
-    stem = stem or "corpus"
+    stem = run_name(corpus_paths)
     candidate, n = root / stem, 1
     while (candidate / MODEL_FILE).exists() or (candidate / STATE_FILE).exists():
         n += 1

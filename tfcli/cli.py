@@ -25,6 +25,29 @@ from rich.text import Text
 from .config import DEFAULT_CPU_TIME, PRESET_NAMES, SampleConfig, TrainConfig, parse_duration, with_overrides
 from .errors import INTERRUPTED, TfcliError, UsageError
 
+
+def _fit_typer() -> None:
+    """Two fixes to Typer 0.29's rich output, where tfcli's conventions differ: its help gave an
+    on/off flag a value placeholder (`--json <bool>`), as if it took one; and a usage error (an
+    unknown option, a missing argument) was a four-line box, where every other error is one line."""
+    from typer import rich_utils
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is not None:
+        TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+    def one_line(e) -> None:
+        if type(e).__name__ == "NoArgsIsHelpError":  # (the help has been printed)
+            return
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
+
+    rich_utils.rich_format_error = one_line
+
+
+_fit_typer()
 app = typer.Typer(name="tfcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
                   help="Train a character-level transformer on any text, sample from it, and look inside it.")
@@ -131,6 +154,21 @@ class StopFlag:
         if not self.quiet:
             stderr.print("\nstopping after this step (press Ctrl-C again to quit at once)…", highlight=False)
 
+    def reader_gone(self) -> None:
+        """stdout's reader went away (`tfcli train ... | head`): stop and save as after Ctrl-C,
+        rather than lose the run to the broken pipe; the exit code is a closed pipe's."""
+        stop_writing_stdout()
+        self.signum = self.signum or signal.SIGPIPE
+
+    def watching(self, view):
+        """`view` as an event sink whose broken pipe stops the run instead of ending the process."""
+        def on_event(event) -> None:
+            try:
+                view(event)
+            except BrokenPipeError:
+                self.reader_gone()
+        return on_event
+
     def __enter__(self) -> StopFlag:
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
@@ -150,8 +188,10 @@ def train(
     corpus: list[Path] = typer.Argument(..., help="Text files, or directories of text files, to train on.",
                                         metavar="CORPUS", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory \\[default: runs/<corpus name>]."),
-    val: Optional[list[Path]] = typer.Option(None, "--val", help="Validate on this file instead of the last 10%."),
-    val_fraction: float = typer.Option(0.1, help="Share of the text held out for validation."),
+    val: Optional[list[Path]] = typer.Option(None, "--val", metavar="FILE",
+                                             help="Validate on this file instead of the last 10%."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of the text held out for validation "
+                                                 "\\[default: 0.1; none with --val]."),
     time_: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget: 300, 90s, 5m, 1h30m "
                                         "\\[default: 5m, unless --max-steps or --epochs is given]."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
@@ -187,6 +227,8 @@ def train(
         budget = DEFAULT_CPU_TIME
     if errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
+    if val and val_fraction is not None:
+        raise UsageError("--val-fraction splits the corpus, and with --val all of it trains; give one of them")
     from . import checkpoint as ckpt
     from .config import ModelConfig, resolve_preset
     from .corpus import load_corpus
@@ -194,12 +236,15 @@ def train(
 
     run_dir, vocab, base_model, base_train = out, None, None, None
     if resume:
-        run_dir = run_dir or ckpt.RUNS_DIR / (corpus[0].stem or "corpus")
+        run_dir = run_dir or ckpt.RUNS_DIR / ckpt.run_name(corpus)
         stored = ckpt.load_checkpoint(ckpt.resolve_model_path(run_dir)) if (run_dir / ckpt.MODEL_FILE).exists() \
             else None
         if stored is None:
             raise UsageError(f"{run_dir}: no run to resume there; drop --resume to start one")
         vocab, base_model = stored.vocab, stored.config
+        if preset != "auto":
+            stderr.print(f"warning: --preset {preset} does not apply to a resumed run, which keeps its model",
+                         highlight=False, markup=False)
         base_train = TrainConfig(**{k: v for k, v in stored.summary.get("train", {}).items()
                                     if k in TrainConfig.__dataclass_fields__})
     elif run_dir is None:
@@ -213,11 +258,11 @@ def train(
     with_overrides(ModelConfig(), dropout=dropout).validate()
     with_overrides(TrainConfig(), batch_size=batch_size, lr=lr, eval_interval=eval_interval, eval_steps=eval_steps,
                    grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, time_budget=budget, dtype=dtype,
-                   optimizer=optimizer).validate()
+                   optimizer=optimizer, seed=seed).validate()
     from .distributed import World
 
     world = World.from_env()  # under torchrun: only rank 0 speaks
-    data = load_corpus(corpus, val, val_fraction, encoding, errors, vocab=vocab)
+    data = load_corpus(corpus, val, 0.1 if val_fraction is None else val_fraction, encoding, errors, vocab=vocab)
     if world.is_main:
         print_corpus_report(corpus, data, val)
     if base_model is None:
@@ -241,7 +286,7 @@ def train(
     view = (NullProgress() if not world.is_main else
             LiveProgress(stdout) if stdout.is_terminal else PlainProgress(stdout))
     with StopFlag(quiet=not world.is_main) as stop, view:
-        done = run_training(data, model_cfg, train_cfg, run_dir, view, resume=resume, should_stop=stop,
+        done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume, should_stop=stop,
                             started_at=started_at, world=world)
     if done.reason == "interrupted":
         if world.is_main:
@@ -338,7 +383,7 @@ def sample(
     frequency_penalty: float = typer.Option(0.0, help="Subtract per recent occurrence."),
     seed: Optional[int] = typer.Option(None, help="Random seed \\[default: random, printed]."),
     num_samples: int = typer.Option(1, help="Samples to generate, as one batch."),
-    stop: Optional[list[str]] = typer.Option(None, "--stop",
+    stop: Optional[list[str]] = typer.Option(None, "--stop", metavar="STR",
                                              help="Stop at this string (repeatable; not printed; with -i: kept)."),
     unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip or replace."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print characters as they come."),
@@ -368,6 +413,8 @@ def sample(
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
     if interactive:
         check_interactive(num_samples, as_json, stream, prompt, prompt_file)
+    if logprobs and not as_json:
+        raise UsageError("--logprobs goes with --json (use --color-by-prob to see probabilities as colours)")
     cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, seed, num_samples, tuple(stop or ()),
                        compile_, dtype).validate()
@@ -377,8 +424,8 @@ def sample(
     if cfg.seed is None:
         cfg = with_overrides(cfg, seed=new_seed())
         stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
-    if color_by_prob and not as_json:
-        stderr.print(prob_legend(), highlight=False)
+    if color_by_prob and not as_json and stdout.color_system is not None and not stdout.no_color:
+        stderr.print(prob_legend(), highlight=False)  # (in a pipe or under NO_COLOR there are no colours to explain)
     if compile_ and num_samples > 1:
         stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
                      style="dim", highlight=False)
@@ -527,8 +574,9 @@ def _parse_range(spec: str, offset: int, total: int) -> tuple[int, int]:
         raise UsageError(f"--range must look like A:B (e.g. 10:40, :20, -30:), got {spec!r}")
     end = offset + total
     a, b = (None if g is None else int(g) + end * (int(g) < 0) for g in match.groups())
-    a, b = offset if a is None else a, end if b is None else b
-    if not offset <= a < b <= end:
+    # clamped to what the model saw, as a Python slice is to its sequence
+    a, b = max(offset, offset if a is None else a), min(end, end if b is None else b)
+    if not a < b:
         seen = f"{offset} to {end - 1}" + (" (earlier ones are past the context)" if offset else "")
         raise UsageError(f"--range {spec} selects no positions the model saw: it saw positions {seen}")
     return a - offset, b - offset
@@ -688,7 +736,7 @@ def inspect_attention(
 @app.command("eval")
 @handle_errors
 def eval_(
-    file: list[Path] = typer.Argument(..., help="Held-out text files.", show_default=False),
+    file: list[Path] = typer.Argument(..., help="Held-out text files.", metavar="FILE", show_default=False),
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     batch_size: int = typer.Option(32, help="Windows scored at once."),
     as_json: bool = typer.Option(False, "--json", help='Print {"chars", "loss", "bpc", "perplexity"}.'),
@@ -701,6 +749,8 @@ def eval_(
     from .corpus import read_text, show_char
     from .evaluation import evaluate
 
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
     text = read_text(file, encoding)
     model = load(model_path, device)
     missing = model.vocab.unknown(text)
@@ -733,6 +783,7 @@ def info(
     if as_json:
         print(json.dumps(record))
         return
+    from .render import plural
     from .render.heatmap import visible
     c, s = model.config, model.summary
     stdout.print(Text(str(model.path), style="bold"))
@@ -743,8 +794,10 @@ def info(
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
         if s.get("best_step") not in (None, s["step"]) and s.get("best_val_loss") is not None:
             val += f"; best {s['best_val_loss']:.4f} at step {s['best_step']} (best.safetensors)"
-        stdout.print(f"  trained {s['step']} steps, {s.get('tokens', 0):,} tokens, {s.get('seconds', 0)} s{val}",
-                     markup=False)
+        done = [plural(s["step"], "step")]  # best.safetensors keeps only its step and loss
+        done += [f"{s['tokens']:,} tokens"] if "tokens" in s else []
+        done += [f"{s['seconds']} s"] if "seconds" in s else []
+        stdout.print(f"  trained {', '.join(done)}{val}", markup=False)
 
 
 @app.command()
@@ -755,12 +808,15 @@ def bench(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                             help="torch.compile the training step \\[default: as train does]."),
-    shape: Optional[list[str]] = typer.Option(None, "--shape", help="Only these shapes: 0.8M, 4.8M, 10.7M."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="SHAPE",
+                                              help="Only these shapes: 0.8M, 4.8M, 10.7M."),
     seconds: float = typer.Option(6.0, help="Timed seconds per training shape (after warm-up)."),
 ) -> None:
     """Training tokens/s and sampling chars/s at nanoGPT's three model shapes."""
     from . import bench as b
 
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--seconds must be positive, got {seconds}")
     unknown = [s for s in shape or [] if s not in b.SHAPES]
     if unknown:
         raise UsageError(f"unknown --shape {unknown[0]!r}; choose from {', '.join(b.SHAPES)}")

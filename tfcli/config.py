@@ -48,6 +48,12 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def check_seed(seed: int) -> None:
+    """PyTorch's generators take 64-bit seeds; a larger one was a ValueError deep in a run."""
+    if not -2**63 <= seed < 2**64:
+        raise UsageError(f"--seed must fit in 64 bits (0 to {2**64 - 1}), got {seed}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 32
@@ -93,6 +99,7 @@ class TrainConfig:
             raise UsageError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check_seed(self.seed)
         return self
 
     def to_dict(self) -> dict:
@@ -179,8 +186,10 @@ def parse_duration(text: str) -> float:
             break
         total += float(m.group(1)) * _UNIT[unit]
         pos, parts, last = m.end(), parts + 1, unit
-    if not s or pos != len(s) or parts == 0 or total <= 0:
+    if not s or pos != len(s) or parts == 0:
         raise UsageError(f"cannot read {text!r} as a duration; use seconds or e.g. 90s, 5m, 1h30m")
+    if not total > 0:
+        raise UsageError(f"--time must be positive, got {text!r}")
     return total
 
 
@@ -227,4 +236,6 @@ class SampleConfig:
             raise UsageError("--stop strings must not be empty")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise UsageError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
         return self

@@ -32,15 +32,18 @@ CHUNK_BYTES = 4 << 20  # read, decode and encode this much at a time: memory sta
 
 
 def list_files(paths: list[Path]) -> list[Path]:
-    """Files named, plus the files under named directories (sorted, hidden ones skipped)."""
+    """Files named, plus the files under named directories (sorted; hidden ones skipped, and tfcli's
+    run directories below them, so `tfcli train .` twice reads the same text, not the first run's log)."""
+    from .checkpoint import METRICS_FILE  # (checkpoint imports this module)
+
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                and f.suffix.lower() not in TEXT_SUFFIXES_SKIPPED
-            )
+            under = [f for f in p.rglob("*")
+                     if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            runs = {f.parent for f in under if f.name == METRICS_FILE and f.parent != p}  # every run writes one
+            found = sorted(f for f in under if f.suffix.lower() not in TEXT_SUFFIXES_SKIPPED
+                           and not runs.intersection(f.parents))
             if not found:
                 raise UsageError(f"{p}: directory holds no text files")
             files.extend(found)

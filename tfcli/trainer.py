@@ -274,7 +274,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     if resume:
         run = _load_resume(run_dir, chash, model, opt, gen, cfg.eval_tokens)
     if world.is_main:
-        ckpt.make_run_dir(run_dir)
+        ckpt.make_run_dir(run_dir, fresh=not resume)
     rows = world.share(cfg.batch_size)
     if (rows.stop - rows.start) % cfg.grad_accum:
         raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's {rows.stop - rows.start} "

@@ -72,6 +72,13 @@ def _line(*parts: Text | str) -> Text:
     return text
 
 
+def _prose(*parts: Text | str) -> Text:
+    """A line of words (a note, a key): wrapped at spaces on a narrow terminal, never cut mid-word."""
+    text = _line(*parts)
+    text.no_wrap, text.overflow = False, "fold"
+    return text
+
+
 def _fit(s: str, width: int) -> str:
     """Crop ``s`` to ``width`` cells, marking the cut with an ellipsis."""
     if cell_len(s) <= width:
@@ -86,10 +93,9 @@ def _vmax(values: np.ndarray) -> float:
 
 
 def _window_note(start: int, stop: int, offset: int, total: int) -> Text:
-    """Tell the user which positions are shown; positions are 0-based and inclusive."""
-    shown = f"{offset + start}–{offset + stop - 1}"
-    given = f"{total}" if offset == 0 else f"{offset}–{offset + total - 1}"
-    return _line(f"showing positions {shown} of {given} (use --range A:B)")
+    """Which positions are shown, written as --range takes them (0-based, end excluded)."""
+    given = f"{total}" if offset == 0 else f"{offset}:{offset + total}"
+    return _prose(f"showing positions {offset + start}:{offset + stop} of {given} (--range A:B picks others)")
 
 
 def _future_mask(n: int) -> np.ndarray:
@@ -109,7 +115,7 @@ def legend(vmax: float, *, color: bool = True) -> RenderableType:
     ramp = Text()
     for t in np.linspace(0.0, 1.0, 8 if color else len(_SHADES)):
         ramp.append(_cell(float(t), 1, color))
-    return _line("0 ", ramp, f" {vmax:.2f} (scaled to max shown)   ", _masked(1, color), " masked (future)")
+    return _prose("0 ", ramp, f" {vmax:.2f} (scaled to max shown)   ", _masked(1, color), " masked (future)")
 
 
 def _header_glyph(c: str) -> str:

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from ..checkpoint import BEST_FILE
 from ..trainer import Done, Eval, Notice, Sample, Start, Step
+from . import plural
 
 LN2 = math.log(2)
 
@@ -116,7 +117,7 @@ def describe_done(e: Done) -> str:
     val = f", val loss {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char)" if e.val_loss is not None else ""
     why = {"steps": "reached --max-steps", "epochs": "reached --epochs", "time": "time budget spent",
            "interrupted": "interrupted"}[e.reason]
-    line = f"done: {e.step} steps in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
+    line = f"done: {plural(e.step, 'step')} in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
     return line + overfit_note(e)
 
 
@@ -145,6 +146,7 @@ class LiveProgress:
         self.eval: Eval | None = None
         self.sample = ""
         self.eta = Eta()
+        self.finished = False
         self.live = Live(console=console, refresh_per_second=4, transient=False, get_renderable=self.render)
 
     def __enter__(self):
@@ -167,8 +169,10 @@ class LiveProgress:
         elif isinstance(e, Notice):
             self.console.print(f"[yellow]warning:[/] {e.message}", highlight=False)
         elif isinstance(e, Done):
-            if self.step is not None:
-                self.step = replace(self.step, step=e.step, progress=1.0)
+            if self.step is not None:  # an interrupted run's bar stays where it stopped
+                self.step = replace(self.step, step=e.step,
+                                    progress=self.step.progress if e.reason == "interrupted" else 1.0)
+            self.finished = True  # no ETA: nothing is left to wait for
             self.live.update(self.render(), refresh=True)
             self.live.stop()  # the summary line goes under the final panel, not above it
             self.console.print(describe_done(e), highlight=False)
@@ -177,7 +181,7 @@ class LiveProgress:
         s = self.step
         if s is None:
             return Text("starting…", style="dim")
-        left = self.eta(s.progress, s.elapsed)
+        left = None if self.finished else self.eta(s.progress, s.elapsed)
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=1.0, completed=min(s.progress, 1.0), width=30),
                     f"{s.progress:4.0%}", f"{fmt_time(s.elapsed)} elapsed",
