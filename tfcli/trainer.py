@@ -110,9 +110,10 @@ def fit_context(cfg: ModelConfig, corpus: Corpus, on_event: Callable[[Event], No
     if limit >= cfg.block_size:
         return cfg
     if limit < MIN_CONTEXT:
-        n = len(corpus.train)
-        raise UsageError(f"the training text has {n} character{'s' if n != 1 else ''}: too short to train on "
-                         f"(need at least {MIN_CONTEXT + 2})")
+        n, held = len(corpus.train), len(corpus.val)
+        after = f" once {held:,} are held out for validation" if held else ""
+        raise UsageError(f"the training text has {n} character{'s' if n != 1 else ''}{after}: too short to train "
+                         f"on (need at least {MIN_CONTEXT + 2})")
     on_event(Notice(f"the training text is shorter than the context; context shrunk to {limit}"))
     return replace(cfg, block_size=limit)
 

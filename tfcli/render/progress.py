@@ -42,7 +42,8 @@ def fmt_count(n: float) -> str:
 def describe_start(e: Start) -> str:
     m = e.model
     budget = ", ".join(filter(None, [f"{e.train.max_steps} steps" if e.train.max_steps else "",
-                                     f"{e.train.epochs:.3g} epochs" if e.train.epochs else "",
+                                     f"{e.train.epochs:{',.0f' if e.train.epochs >= 100 else '.3g'}} epochs"
+                                     if e.train.epochs else "",
                                      f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
     dropout = f", dropout {m.dropout:g}" if m.dropout else ""
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
