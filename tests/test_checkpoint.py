@@ -189,7 +189,10 @@ def test_fresh_run_moves_an_unsaved_run_s_metrics_aside_and_a_resumed_one_keeps_
     assert (tmp_path / ckpt.METRICS_FILE).exists()
     ckpt.make_run_dir(tmp_path, fresh=True)
     assert not (tmp_path / ckpt.METRICS_FILE).exists()
-    assert json.loads((tmp_path / (ckpt.METRICS_FILE + ".prev")).read_text()) == {"step": 54}
+    ckpt.append_metrics(tmp_path, {"step": 3})  # and a second such run: neither log is lost
+    ckpt.make_run_dir(tmp_path, fresh=True)
+    assert json.loads((tmp_path / (ckpt.METRICS_FILE + ".prev1")).read_text()) == {"step": 54}
+    assert json.loads((tmp_path / (ckpt.METRICS_FILE + ".prev2")).read_text()) == {"step": 3}
 
 
 def test_metrics_are_appended_as_json_lines(tmp_path):

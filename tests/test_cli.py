@@ -440,9 +440,11 @@ def test_bad_sample_and_eval_settings_are_usage_errors(model, command, word):
 
 
 def test_typer_s_own_usage_errors_are_one_line_too():
-    for args in (["train"], ["sample", "--bogus"]):
-        message = refused(2, *args)
-        assert "--help" in message
+    for args in (["train"], ["sample", "--bogus"], ["sample", "-n", "many"]):
+        done = subprocess.run([sys.executable, "-m", "tfcli", *args], capture_output=True, text=True)
+        assert done.returncode == 2
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert "--help" in done.stderr and done.stdout == ""
 
 
 def test_on_off_flags_show_no_value_placeholder_in_help():

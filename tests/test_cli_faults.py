@@ -125,6 +125,18 @@ def test_training_into_a_closed_pipe_stops_saves_and_says_how_to_resume(corpus, 
     assert load_checkpoint(out / "model.safetensors").summary["ended"] == "interrupted"  # the work is kept
 
 
+def test_ctrl_c_after_the_reader_left_is_still_a_first_ctrl_c():
+    from tfcli.cli import StopFlag
+    stop = StopFlag(quiet=True)
+    assert not stop() and stop.exit_code == 130
+    stop.reader_left = True  # (what reader_gone records, without pointing this process's stdout at /dev/null)
+    assert stop() and stop.exit_code == 128 + signal.SIGPIPE
+    stop.handle(signal.SIGINT, None)  # finishes the step and saves, rather than quitting at once
+    assert stop.exit_code == 130
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGINT, None)
+
+
 def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):
     trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
                                        "--out", str(tmp_path / "run")])

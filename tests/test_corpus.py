@@ -101,14 +101,16 @@ def test_directory_is_read_as_its_text_files_sorted(tmp_path):
     assert read_text([d]) == "ABC"
 
 
-def test_directory_skips_tfcli_run_directories_below_it(tmp_path):
+def test_directory_skips_the_training_logs_tfcli_writes_into_run_directories(tmp_path):
+    from tfcli.checkpoint import METRICS_FILE
     d = tmp_path / "notes"
     (d / "runs" / "notes").mkdir(parents=True)
     (d / "a.txt").write_text("A")
-    (d / "runs" / "notes" / "metrics.jsonl").write_text('{"step": 1}\n')  # what `tfcli train notes` writes there
-    (d / "runs" / "notes" / "sample.txt").write_text("S")
+    for name in (METRICS_FILE, METRICS_FILE + ".prev", METRICS_FILE + ".prev2"):  # what `tfcli train notes` writes
+        (d / "runs" / "notes" / name).write_text('{"step": 1}\n')
+    (d / "runs" / "notes" / "model.safetensors").write_bytes(b"\x00")
     (d / "logs").mkdir()
-    (d / "logs" / "metrics.txt").write_text("M")  # another file of that kind of name is text like any
+    (d / "logs" / "metrics.txt").write_text("M")  # a text of a similar name is text like any
     assert read_text([d]) == "AM"
 
 

@@ -170,7 +170,7 @@ def test_unknown_characters_are_refused_in_one_line_and_the_session_goes_on(mode
 
 
 @pytest.mark.parametrize("line", ["/temp abc", "/temp -1", "/top-k 0", "/top-p 2", "/n -3", "/top 0", "/top x",
-                                  "/frobnicate", "/", "/undo now", "/n 1 2", "/seed x"])
+                                  "/frobnicate", "/", "/undo now", "/n 1 2", "/seed x", f"/seed {10**20}"])
 def test_bad_command_gives_one_line_error_and_the_session_goes_on(model, line):
     s, out = session(model, [line, "he"], cfg=SampleConfig(max_new_tokens=4, temperature=0.0))
     [error] = out.of("error")

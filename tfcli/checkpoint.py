@@ -14,6 +14,7 @@ renamed over the old one, so a crash mid-save leaves the previous file intact.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -167,7 +168,7 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
     """Create the run directory, or say in one line why it cannot hold a run (before any training).
 
     A fresh run in a directory whose earlier run never saved (stopped before its first
-    checkpoint) moves that run's metrics aside to metrics.jsonl.prev, so one log holds one run."""
+    checkpoint) moves that run's metrics aside (metrics.jsonl.prev1, 2...), so one log holds one run."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -176,8 +177,9 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
         raise TfcliError(f"cannot write to run directory {run_dir}: permission denied")
     metrics = run_dir / METRICS_FILE
     if fresh and metrics.exists():
+        aside = next(p for n in itertools.count(1) if not (p := metrics.with_name(f"{METRICS_FILE}.prev{n}")).exists())
         try:
-            metrics.replace(metrics.with_name(METRICS_FILE + ".prev"))
+            metrics.rename(aside)
         except OSError as e:
             raise TfcliError(f"cannot move aside the old {metrics}: {e.strerror or e}") from None
 

@@ -26,28 +26,16 @@ from .config import DEFAULT_CPU_TIME, PRESET_NAMES, SampleConfig, TrainConfig, p
 from .errors import INTERRUPTED, TfcliError, UsageError
 
 
-def _fit_typer() -> None:
-    """Two fixes to Typer 0.29's rich output, where tfcli's conventions differ: its help gave an
-    on/off flag a value placeholder (`--json <bool>`), as if it took one; and a usage error (an
-    unknown option, a missing argument) was a four-line box, where every other error is one line."""
-    from typer import rich_utils
+def _no_value_shown_for_flags() -> None:
+    """Typer 0.29's help gave an on/off flag a value placeholder (`--json <bool>`), as if it took one."""
     from typer.core import TyperOption
 
     shown = getattr(TyperOption, "display_type_rich", None)
     if shown is not None:
         TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
 
-    def one_line(e) -> None:
-        if type(e).__name__ == "NoArgsIsHelpError":  # (the help has been printed)
-            return
-        ctx = getattr(e, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
 
-    rich_utils.rich_format_error = one_line
-
-
-_fit_typer()
+_no_value_shown_for_flags()
 app = typer.Typer(name="tfcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
                   help="Train a character-level transformer on any text, sample from it, and look inside it.")
@@ -62,7 +50,14 @@ class QuietConsole(Console):
 
 
 stdout = QuietConsole(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+class DiagnosticsConsole(Console):
+    """stderr: where no reader (`2>&1 | head`) means there is no one to tell, not a new failure."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+
+
+stderr = DiagnosticsConsole(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 
 MODEL_HELP = "Run directory or .safetensors file (default: the latest run under ./runs)."
@@ -142,10 +137,15 @@ class StopFlag:
 
     def __init__(self, quiet: bool = False):
         self.signum: int | None = None
+        self.reader_left = False
         self.quiet = quiet  # torchrun's other ranks: rank 0 speaks for them
 
     def __call__(self) -> bool:
-        return self.signum is not None
+        return self.signum is not None or self.reader_left
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or (getattr(signal, "SIGPIPE", 13) if self.reader_left else signal.SIGINT))
 
     def handle(self, signum, frame) -> None:
         if self.signum is not None:  # the exit code names the second signal, as a shell would
@@ -158,7 +158,9 @@ class StopFlag:
         """stdout's reader went away (`tfcli train ... | head`): stop and save as after Ctrl-C,
         rather than lose the run to the broken pipe; the exit code is a closed pipe's."""
         stop_writing_stdout()
-        self.signum = self.signum or signal.SIGPIPE
+        if not self.reader_left and not self.quiet:
+            stderr.print("output closed: stopping after this step…", highlight=False)
+        self.reader_left = True
 
     def watching(self, view):
         """`view` as an event sink whose broken pipe stops the run instead of ending the process."""
@@ -295,7 +297,7 @@ def train(
             stderr.print(f"checkpoint saved at step {done.step}; continue with:\n"
                          f"  {launcher} {args} --out {run_dir} --resume{resume_limits(done, train_cfg)}",
                          highlight=False, markup=False)
-        raise typer.Exit(128 + (stop.signum or signal.SIGINT))
+        raise typer.Exit(stop.exit_code)
 
 
 def resume_limits(done, cfg) -> str:
@@ -574,8 +576,10 @@ def _parse_range(spec: str, offset: int, total: int) -> tuple[int, int]:
         raise UsageError(f"--range must look like A:B (e.g. 10:40, :20, -30:), got {spec!r}")
     end = offset + total
     a, b = (None if g is None else int(g) + end * (int(g) < 0) for g in match.groups())
-    # clamped to what the model saw, as a Python slice is to its sequence
-    a, b = max(offset, offset if a is None else a), min(end, end if b is None else b)
+    if a is not None and b is not None and not a < b:
+        raise UsageError(f"--range {spec} is empty: A must come before B")
+    a, b = 0 if a is None else a, end if b is None else b
+    a, b = max(offset, a), min(end, b)  # clamped to what the model saw, as a slice is to its sequence
     if not a < b:
         seen = f"{offset} to {end - 1}" + (" (earlier ones are past the context)" if offset else "")
         raise UsageError(f"--range {spec} selects no positions the model saw: it saw positions {seen}")
@@ -847,4 +851,20 @@ def bench(
 
 
 def run() -> None:
-    app()
+    """The `tfcli` command. Typer's own usage errors (an unknown option, a missing argument) come
+    out as one line, like tfcli's, rather than in its four-line box."""
+    import typer.core
+
+    click = getattr(typer.core, "_click", None) or typer.core.click  # typer 0.29 vendors click; older ones import it
+
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
+        code = e.exit_code
+    except click.exceptions.Abort:  # (what typer makes of an EOFError outside a command)
+        stderr.print(Text.assemble(("error:", "bold red"), " aborted"))
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

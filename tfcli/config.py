@@ -51,7 +51,7 @@ class ModelConfig:
 def check_seed(seed: int) -> None:
     """PyTorch's generators take 64-bit seeds; a larger one was a ValueError deep in a run."""
     if not -2**63 <= seed < 2**64:
-        raise UsageError(f"--seed must fit in 64 bits (0 to {2**64 - 1}), got {seed}")
+        raise UsageError(f"--seed must fit in 64 bits ({-2**63} to {2**64 - 1}), got {seed}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import functools
 import hashlib
+import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,22 +29,21 @@ from .tokens import FORMAT, Encoded, MemoryStore, Sink, TokenCache, ids_dtype, s
 
 MAX_VOCAB = 20_000  # more distinct characters than any natural-language text needs: likely not text
 TEXT_SUFFIXES_SKIPPED = {".safetensors", ".pt", ".bin", ".zip", ".gz", ".png", ".jpg", ".pdf", ".npy"}
+RUN_LOG = re.compile(r"metrics\.jsonl(\.prev\d*)?")  # checkpoint.METRICS_FILE and the logs moved aside
 CHUNK_BYTES = 4 << 20  # read, decode and encode this much at a time: memory stays flat for any corpus size
 
 
 def list_files(paths: list[Path]) -> list[Path]:
-    """Files named, plus the files under named directories (sorted; hidden ones skipped, and tfcli's
-    run directories below them, so `tfcli train .` twice reads the same text, not the first run's log)."""
-    from .checkpoint import METRICS_FILE  # (checkpoint imports this module)
-
+    """Files named, plus the files under named directories (sorted; hidden ones skipped, and the
+    training logs tfcli writes into run directories, so `tfcli train .` twice reads the same text)."""
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            under = [f for f in p.rglob("*")
-                     if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-            runs = {f.parent for f in under if f.name == METRICS_FILE and f.parent != p}  # every run writes one
-            found = sorted(f for f in under if f.suffix.lower() not in TEXT_SUFFIXES_SKIPPED
-                           and not runs.intersection(f.parents))
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                and f.suffix.lower() not in TEXT_SUFFIXES_SKIPPED and not RUN_LOG.fullmatch(f.name)
+            )
             if not found:
                 raise UsageError(f"{p}: directory holds no text files")
             files.extend(found)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
-from .config import SampleConfig
+from .config import SampleConfig, check_seed
 from .corpus import show_char
 from .errors import TfcliError, UsageError
 
@@ -160,7 +160,9 @@ class Session:
 
     def cmd_seed(self, value: str | None = None) -> None:
         if value is not None:
-            self.reseed(_number("seed", value, int))
+            seed = _number("seed", value, int)
+            check_seed(seed)
+            self.reseed(seed)
         self.write("info", f"seed {self.seed}", None)
 
     def cmd_top(self, k: str = "10") -> None:

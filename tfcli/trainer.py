@@ -274,12 +274,12 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     chash = config_hash(model_cfg, corpus)
     if resume:
         run = _load_resume(run_dir, chash, model, opt, gen, cfg.eval_tokens)
-    if world.is_main:
-        ckpt.make_run_dir(run_dir, fresh=not resume)
     rows = world.share(cfg.batch_size)
     if (rows.stop - rows.start) % cfg.grad_accum:
         raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's {rows.stop - rows.start} "
                          f"sequences evenly; pick a divisor of it")
+    if world.is_main:
+        ckpt.make_run_dir(run_dir, fresh=not resume)
     val_ids = val_sample(corpus.val, cfg.eval_tokens)
     if not val_ids:
         on_event(Notice("no validation text (too short); training without validation"))
