@@ -26,15 +26,16 @@ lint: install
 	$(BIN)/ruff check tfcli tests
 
 # Train on text every Python installation carries (the standard library's own docs and
-# code), then sample and look at attention: works offline, ships no borrowed text.
+# code), then sample and look at attention: works offline, ships no borrowed text. Each demo
+# writes a new run directory (runs/demo-<time>): an earlier one is never deleted.
 DEMO_TIME ?= 90s
 demo: install
 	$(BIN)/python data/make_demo_corpus.py data/demo.txt data/demo-val.txt
-	rm -rf runs/demo
-	$(BIN)/tfcli train data/demo.txt --val data/demo-val.txt --time $(DEMO_TIME) --out runs/demo
-	$(BIN)/tfcli sample -m runs/demo --prompt "def " -n 300 --seed 1
-	$(BIN)/tfcli inspect-attention -m runs/demo --prompt "for i in range(10):"
-	$(BIN)/tfcli eval data/demo-val.txt -m runs/demo
+	run=runs/demo-$$(date +%Y%m%d-%H%M%S) && \
+	$(BIN)/tfcli train data/demo.txt --val data/demo-val.txt --time $(DEMO_TIME) --out $$run && \
+	$(BIN)/tfcli sample -m $$run --prompt "def " -n 300 --seed 1 && \
+	$(BIN)/tfcli inspect-attention -m $$run --prompt "for i in range(10):" && \
+	$(BIN)/tfcli eval data/demo-val.txt -m $$run
 
 bench: install
 	$(BIN)/tfcli bench

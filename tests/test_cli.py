@@ -439,6 +439,32 @@ def test_bad_sample_and_eval_settings_are_usage_errors(model, command, word):
     assert word in refused(2, *command, *extra, "-m", model)
 
 
+def test_seed_minus_one_means_random_and_prints_the_seed_drawn(model):
+    seeds = [ok("sample", "-m", model, "-n", "3", "--seed", "-1").stderr for _ in range(2)]
+    assert all(s.startswith("seed ") for s in seeds) and seeds[0] != seeds[1]
+
+
+def test_eval_reads_undecodable_bytes_with_errors_replace_as_train_does(model, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"anna bob\n\xff\xfecarla\n")
+    assert "--errors replace" in refused(2, "eval", bad, "-m", model)
+    # read now: refused only for the U+FFFD it put in, a character the model never saw
+    assert "never saw" in refused(2, "eval", bad, "-m", model, "--errors", "replace")
+
+
+def test_prompt_file_saved_with_a_byte_order_mark_reads_without_it(model, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes("\ufeffanna".encode())
+    plain = ok("sample", "-m", model, "-p", "anna", "-n", "20", "--seed", "3", "--json").stdout
+    assert ok("sample", "-m", model, "--prompt-file", prompt, "-n", "20", "--seed", "3", "--json").stdout == plain
+
+
+def test_prompt_on_stdin_that_is_not_utf8_is_said_to_be_so(model):
+    done = subprocess.run([sys.executable, "-m", "tfcli", "sample", "-m", str(model), "-p", "-", "-n", "3"],
+                          input=b"\xff\xfeab", capture_output=True)
+    assert done.returncode == 2 and b"not valid UTF-8" in done.stderr, done.stderr
+
+
 def test_typer_s_own_usage_errors_are_one_line_too():
     for args in (["train"], ["sample", "--bogus"], ["sample", "-n", "many"]):
         done = subprocess.run([sys.executable, "-m", "tfcli", *args], capture_output=True, text=True)
@@ -567,6 +593,7 @@ def test_attention_on_wide_characters_keeps_columns_aligned(tmp_path):
     (["--range", "3:2"], "--range"),
     (["--range", "9:"], "--range"),
     (["--aggregate", "sum"], "--aggregate"),
+    (["--view", "head", "--aggregate", "max", "--head", "1"], "--head"),
     (["--generate", "0"], "--generate"),
     (["--export", "out.pdf"], "suffix"),
     (["--export", "/no/such/dir/out.svg"], "no such directory"),

@@ -90,6 +90,18 @@ def test_val_files_leave_all_text_for_training(tmp_path):
     assert corpus.vocab.chars == "abcx"
 
 
+def test_utf8_byte_order_marks_are_not_text(tmp_path):
+    (tmp_path / "a.txt").write_bytes("\ufeffabc".encode())
+    (tmp_path / "b.txt").write_bytes("\ufeffdef\ufeff".encode())  # (one that is not at the start is text)
+    assert read_text([tmp_path / "a.txt", tmp_path / "b.txt"]) == "abcdef\ufeff"
+
+
+def test_utf16_without_its_byte_order_mark_is_a_usage_error(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"plain bytes")
+    with pytest.raises(UsageError, match="not valid utf-16"):
+        read_text([tmp_path / "a.txt"], encoding="utf-16")
+
+
 def test_directory_is_read_as_its_text_files_sorted(tmp_path):
     d = tmp_path / "books"
     (d / "sub").mkdir(parents=True)

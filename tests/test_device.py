@@ -66,3 +66,16 @@ def test_compiled_training_step_gives_eager_loss_and_gradients(monkeypatch):
         results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
     for compiled, eager in zip(*results[::-1]):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seconds, steps, compiles", [
+    (300, None, True), (60, None, False),          # a 5-minute run repays a compile; a minute does not
+    (None, 5000, True), (None, 200, False),
+    (5400, 2, False), (5400, 5000, True),         # the run ends at whichever limit comes first
+    (None, None, False),                           # (epochs only: its length is not known here)
+])
+def test_compile_is_the_default_only_when_every_limit_given_is_long_enough(monkeypatch, seconds, steps, compiles):
+    from tfcli import device
+    monkeypatch.setattr(device, "can_compile", lambda: True)
+    assert device.should_compile(torch.device("cpu"), None, seconds, steps) is compiles
+    assert device.should_compile(torch.device("cpu"), True, seconds, steps) is True  # asked: always

@@ -191,6 +191,7 @@ def test_help_names_every_command(model):
     _, out = session(model, ["/help"], cfg=SampleConfig(max_new_tokens=0))
     for name in [*SETTINGS, *COMMANDS, "quit"]:
         assert f"/{name}" in out.of("listing")[0]
+    assert "top-k off" in out.of("listing")[0] and "None" not in out.of("listing")[0]
 
 
 def test_quit_ends_the_session_and_end_of_input_does_too(model):

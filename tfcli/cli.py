@@ -214,7 +214,8 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16 (autocast precision)."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                            help="torch.compile the model \\[default: where a compiler is found]."),
+                                            help="torch.compile the model \\[default: for runs of 3 minutes or "
+                                                 "2,000 steps and more, where a compiler is found]."),
     eval_interval: Optional[float] = typer.Option(None, help="Seconds between validations \\[default: 30]."),
     eval_steps: Optional[int] = typer.Option(None, help="...or steps between them, if sooner \\[default: 250]."),
     optimizer: Optional[str] = typer.Option(None, help="muon (Muon for hidden matrices + AdamW) or adamw."),
@@ -329,14 +330,26 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise UsageError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
         if str(prompt_file) == "-":
-            return sys.stdin.read()
+            return read_stdin()
         try:
-            return prompt_file.read_text(encoding="utf-8")
+            return prompt_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"{prompt_file}: cannot read prompt ({getattr(e, 'strerror', None) or e})") from None
     if prompt == "-":
-        return sys.stdin.read()
+        return read_stdin()
     return prompt or ""
+
+
+def read_stdin() -> str:
+    """The prompt piped in; bytes that are not UTF-8 are said to be so (Python hands them on as
+    lone surrogates, which read as characters the model never saw)."""
+    try:
+        text = sys.stdin.read().removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise UsageError("the prompt on stdin is not valid UTF-8") from None
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        raise UsageError("the prompt on stdin is not valid UTF-8")
+    return text
 
 
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
@@ -383,7 +396,8 @@ def sample(
     repeat_last_n: int = typer.Option(64, help="How far back the penalties look (0: penalties off)."),
     presence_penalty: float = typer.Option(0.0, help="Subtract once from every recently seen character."),
     frequency_penalty: float = typer.Option(0.0, help="Subtract per recent occurrence."),
-    seed: Optional[int] = typer.Option(None, help="Random seed \\[default: random, printed]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed; -1 as in llama.cpp: random \\[default: random, "
+                                       "printed]."),
     num_samples: int = typer.Option(1, help="Samples to generate, as one batch."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", metavar="STR",
                                              help="Stop at this string (repeatable; not printed; with -i: kept)."),
@@ -418,8 +432,8 @@ def sample(
     if logprobs and not as_json:
         raise UsageError("--logprobs goes with --json (use --color-by-prob to see probabilities as colours)")
     cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                       presence_penalty, frequency_penalty, seed, num_samples, tuple(stop or ()),
-                       compile_, dtype).validate()
+                       presence_penalty, frequency_penalty, None if seed == -1 else seed, num_samples,
+                       tuple(stop or ()), compile_, dtype).validate()
     text = read_prompt(prompt, prompt_file)
     model = load(model_path, device)
     text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
@@ -639,7 +653,7 @@ def _generated_view(model, text: str, n: int, seed: int | None, layer: int | Non
 
     if n < 1:
         raise UsageError(f"--generate must be at least 1, got {n}")
-    if seed is None:
+    if seed is None or seed == -1:
         seed = new_seed()
         stderr.print(f"seed {seed}", style="dim", highlight=False)
     gen = generation_attention(model, text, n, seed)
@@ -668,7 +682,8 @@ def inspect_attention(
     at: Optional[int] = typer.Option(None, help="Position of the query for focus and lens \\[default: last]."),
     generate_: Optional[int] = typer.Option(None, "--generate", help=f"Characters to sample for --view generated "
                                             f"[default: {DEFAULT_GENERATE}]."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for --generate \\[default: random, printed]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for --generate; -1: random \\[default: random, "
+                                       "printed]."),
     aggregate_: Optional[str] = typer.Option(None, "--aggregate", help="Combine a layer's heads: mean or max."),
     range_: Optional[str] = typer.Option(None, "--range", help="Prompt positions A:B to show (B excluded)."),
     export: Optional[Path] = typer.Option(None, help="Also write the view to FILE: .svg, .html, or .json "
@@ -687,6 +702,8 @@ def inspect_attention(
     explicit, view = view, _pick_view(view, given)
     if aggregate_ is not None and aggregate_ not in ("mean", "max"):
         raise UsageError(f"--aggregate must be mean or max, got {aggregate_!r}")
+    if aggregate_ is not None and head is not None:
+        raise UsageError("--aggregate combines all of a layer's heads; give it or --head, not both")
     _check_export(export)
     text = read_prompt(prompt, prompt_file)
     model = load(model_path)
@@ -746,6 +763,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help='Print {"chars", "loss", "bpc", "perplexity"}.'),
     device: str = typer.Option("cpu", help="cpu, cuda or mps."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the files."),
+    errors: str = typer.Option("strict", help="On undecodable bytes: strict (refuse) or replace."),
 ) -> None:
     """Loss on held-out text: every character scored once, in windows of the model's context."""
     from tqdm import tqdm
@@ -755,7 +773,9 @@ def eval_(
 
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    text = read_text(file, encoding)
+    if errors not in ("strict", "replace"):
+        raise UsageError(f"--errors must be strict or replace, got {errors!r}")
+    text = read_text(file, encoding, errors)
     model = load(model_path, device)
     missing = model.vocab.unknown(text)
     if missing:

@@ -89,8 +89,11 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
 
 
 def _decoder(encoding: str, errors: str) -> codecs.IncrementalDecoder:
+    """UTF-8 drops a file's leading byte-order mark (Windows editors write one): it is not text, and
+    as a character it would be learnt, sampled mid-text and refused in prompts."""
     try:
-        return codecs.getincrementaldecoder(encoding)(errors)
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+        return codecs.getincrementaldecoder("utf-8-sig" if utf8 else encoding)(errors)
     except LookupError:
         raise UsageError(f"unknown encoding {encoding!r}") from None
 
@@ -103,6 +106,8 @@ def _decode(decoder: codecs.IncrementalDecoder, raw: bytes, f: Path, offset: int
     except UnicodeDecodeError as e:
         raise UsageError(f"{f}: not valid {encoding} at byte {offset - pending + e.start}; "
                          "pass --encoding NAME, or --errors replace to substitute bad bytes") from None
+    except UnicodeError as e:  # a codec's complaint about the whole stream (UTF-16 without its BOM)
+        raise UsageError(f"{f}: not valid {encoding} ({e}); pass the file's --encoding") from None
 
 
 def _names(paths: list[Path]) -> str:

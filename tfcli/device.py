@@ -75,9 +75,10 @@ def should_compile(device: torch.device, asked: bool | None, seconds: float | No
     works = device.type == "cuda" or (device.type == "cpu" and can_compile())
     if asked is not None:
         return asked and works
-    long_enough = (seconds is not None and seconds >= COMPILE_WORTH_S) or \
-        (seconds is None and steps is not None and steps >= COMPILE_WORTH_STEPS)
-    return works and long_enough
+    # the run ends at whichever limit comes first, so each given must be long enough
+    given = [limit >= worth for limit, worth in ((seconds, COMPILE_WORTH_S), (steps, COMPILE_WORTH_STEPS))
+             if limit is not None]
+    return works and bool(given) and all(given)
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:

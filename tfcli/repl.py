@@ -190,7 +190,8 @@ class Session:
         self.write("listing", self.text + ("" if self.text.endswith("\n") else "\n"), None)
 
     def cmd_help(self) -> None:
-        settings = ", ".join(f"{name} {getattr(self.cfg, field)}" for name, (field, _) in SETTINGS.items())
+        settings = ", ".join(f"{name} {'off' if getattr(self.cfg, field) is None else getattr(self.cfg, field)}"
+                             for name, (field, _) in SETTINGS.items())
         self.write("listing", f"{HELP}\nnow: {settings}, seed {self.seed}\n", None)
 
 

@@ -41,7 +41,7 @@ def fmt_count(n: float) -> str:
 
 def describe_start(e: Start) -> str:
     m = e.model
-    budget = ", ".join(filter(None, [f"{e.train.max_steps} steps" if e.train.max_steps else "",
+    budget = ", ".join(filter(None, [plural(e.train.max_steps, "step") if e.train.max_steps else "",
                                      f"{e.train.epochs:{',.0f' if e.train.epochs >= 100 else '.3g'}} epochs"
                                      if e.train.epochs else "",
                                      f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
