@@ -465,6 +465,11 @@ def test_prompt_on_stdin_that_is_not_utf8_is_said_to_be_so(model):
     assert done.returncode == 2 and b"not valid UTF-8" in done.stderr, done.stderr
 
 
+def test_no_command_prints_the_help_and_no_empty_error():
+    done = subprocess.run([sys.executable, "-m", "tfcli"], capture_output=True, text=True)
+    assert "Usage" in done.stdout and "train" in done.stdout and "error" not in done.stderr
+
+
 def test_typer_s_own_usage_errors_are_one_line_too():
     for args in (["train"], ["sample", "--bogus"], ["sample", "-n", "many"]):
         done = subprocess.run([sys.executable, "-m", "tfcli", *args], capture_output=True, text=True)

@@ -880,9 +880,10 @@ def run() -> None:
     try:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as e:
-        ctx = getattr(e, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
+        if type(e).__name__ != "NoArgsIsHelpError":  # (that one has printed the help, its whole message)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
         code = e.exit_code
     except click.exceptions.Abort:  # (what typer makes of an EOFError outside a command)
         stderr.print(Text.assemble(("error:", "bold red"), " aborted"))
