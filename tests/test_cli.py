@@ -381,7 +381,7 @@ def test_unknown_skip_drops_and_replace_maps(model):
 @pytest.mark.parametrize("flags, word", [
     (["--unknown", "guess"], "--unknown"),
     (["--temperature", "-1"], "--temperature"),
-    (["--top-k", "0"], "--top-k"),
+    (["--top-k", "-1"], "--top-k"),
     (["--top-p", "1.5"], "--top-p"),
     (["--num-samples", "0"], "--num-samples"),
     (["-n", "-1"], "--max-new-tokens"),
@@ -437,6 +437,12 @@ def test_checkpoint_file_can_be_named_directly(model):
 def test_bad_sample_and_eval_settings_are_usage_errors(model, command, word):
     extra = [model.parent.parent / "names.txt"] if command[0] == "eval" else []
     assert word in refused(2, *command, *extra, "-m", model)
+
+
+def test_top_k_zero_is_off_as_in_llama_cpp(model):
+    args = ("sample", "-m", model, "-p", "anna", "-n", "30", "--seed", "4", "--json")
+    assert json.loads(ok(*args, "--top-k", "0").stdout)["text"] == json.loads(ok(*args).stdout)["text"]
+    assert json.loads(ok(*args, "--top-k", "1").stdout)["text"] != json.loads(ok(*args).stdout)["text"]
 
 
 def test_seed_minus_one_means_random_and_prints_the_seed_drawn(model):

@@ -169,7 +169,7 @@ def test_unknown_characters_are_refused_in_one_line_and_the_session_goes_on(mode
     assert "Z" in error and "\n" not in error
 
 
-@pytest.mark.parametrize("line", ["/temp abc", "/temp -1", "/top-k 0", "/top-p 2", "/n -3", "/top 0", "/top x",
+@pytest.mark.parametrize("line", ["/temp abc", "/temp -1", "/top-k -1", "/top-p 2", "/n -3", "/top 0", "/top x",
                                   "/frobnicate", "/", "/undo now", "/n 1 2", "/seed x", f"/seed {10**20}"])
 def test_bad_command_gives_one_line_error_and_the_session_goes_on(model, line):
     s, out = session(model, [line, "he"], cfg=SampleConfig(max_new_tokens=4, temperature=0.0))
@@ -185,6 +185,11 @@ def test_settings_change_show_and_switch_off(model):
     assert (s.cfg.top_k, s.cfg.top_p, s.cfg.min_p, s.cfg.max_new_tokens, s.cfg.repeat_penalty) == \
         (None, 0.9, 0.05, 7, 1.1)
     assert out.of("info")[-1] == f"temp {s.cfg.temperature}"
+
+
+def test_top_k_zero_switches_it_off_as_in_llama_cpp(model):
+    s, out = session(model, ["/top-k 3", "/top-k 0"], cfg=SampleConfig(max_new_tokens=0))
+    assert s.cfg.top_k is None and out.of("info")[-1] == "top-k off"
 
 
 def test_help_names_every_command(model):

@@ -389,7 +389,7 @@ def sample(
     prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from a file ('-': stdin)."),
     max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", help="Characters to generate."),
     temperature: float = typer.Option(0.8, "--temperature", "--temp", help="0 = greedy (argmax)."),
-    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely characters."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely characters (0: off, as in llama.cpp)."),
     top_p: Optional[float] = typer.Option(None, help="Keep the smallest set with this much probability."),
     min_p: Optional[float] = typer.Option(None, help="Drop characters below min-p times the top probability."),
     repeat_penalty: float = typer.Option(1.0, help="Penalise characters seen in the last --repeat-last-n."),
@@ -431,7 +431,7 @@ def sample(
         check_interactive(num_samples, as_json, stream, prompt, prompt_file)
     if logprobs and not as_json:
         raise UsageError("--logprobs goes with --json (use --color-by-prob to see probabilities as colours)")
-    cfg = SampleConfig(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+    cfg = SampleConfig(max_new_tokens, temperature, top_k or None, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, None if seed == -1 else seed, num_samples,
                        tuple(stop or ()), compile_, dtype).validate()
     text = read_prompt(prompt, prompt_file)

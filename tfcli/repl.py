@@ -155,6 +155,7 @@ class Session:
         if len(args) > 1:
             raise UsageError(f"/{name} takes one value, got {' '.join(args)!r}")
         value = None if args[0] == "off" and field in OPTIONAL else _number(name, args[0], kind)
+        value = None if field == "top_k" and value == 0 else value  # (0: off, as in llama.cpp)
         self.cfg = replace(self.cfg, **{field: value}).validate()
         self.write("info", f"{name} {value if value is not None else 'off'}", None)
 
