@@ -484,6 +484,38 @@ def test_typer_s_own_usage_errors_are_one_line_too():
         assert "--help" in done.stderr and done.stdout == ""
 
 
+def fake_app(error: BaseException):
+    import typer
+    fake = typer.Typer()
+
+    @fake.command()
+    def go():
+        raise error
+
+    @fake.command()
+    def other():
+        pass
+    return fake
+
+
+def test_eof_in_a_command_is_a_one_line_error(monkeypatch, capsys):
+    from tfcli import cli
+    monkeypatch.setattr(cli, "app", fake_app(EOFError()))
+    monkeypatch.setattr(sys, "argv", ["tfcli", "go"])
+    with pytest.raises(SystemExit) as done:
+        cli.run()
+    assert done.value.code == 1 and capsys.readouterr().err.strip() == "error: aborted"
+
+
+def test_an_unexpected_error_in_a_command_reaches_the_caller_as_itself(monkeypatch):
+    # run()'s handlers must not fail while matching it (a name missing from the installed typer did)
+    from tfcli import cli
+    monkeypatch.setattr(cli, "app", fake_app(LookupError("boom")))
+    monkeypatch.setattr(sys, "argv", ["tfcli", "go"])
+    with pytest.raises(LookupError, match="boom"):
+        cli.run()
+
+
 def test_on_off_flags_show_no_value_placeholder_in_help():
     for command in ("train", "sample", "eval", "info", "bench", "inspect-attention"):
         assert "<bool>" not in ok(command, "--help").stdout

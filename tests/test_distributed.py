@@ -42,6 +42,12 @@ def test_bad_torchrun_environment_is_a_usage_error(env):
         World.from_env(env)
 
 
+def test_more_processes_on_a_machine_than_it_has_gpus_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="--nproc-per-node 1"):
+        World(rank=1, local_rank=1, size=2).device(torch.device("cuda"))
+
+
 def test_shares_of_a_batch_are_disjoint_and_cover_it():
     rows = [World(r, r, 4).share(12) for r in range(4)]
     assert [list(range(12))[s] for s in rows] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]

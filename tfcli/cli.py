@@ -885,7 +885,7 @@ def run() -> None:
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
         code = e.exit_code
-    except click.exceptions.Abort:  # (what typer makes of an EOFError outside a command)
+    except typer.Abort:  # (what typer makes of an EOFError outside a command; click's Abort in older typers)
         stderr.print(Text.assemble(("error:", "bold red"), " aborted"))
         code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -51,6 +51,10 @@ class World:
     def device(self, device: torch.device) -> torch.device:
         """On CUDA each process drives the GPU of its local rank."""
         if self.is_distributed and device.type == "cuda":
+            gpus = torch.cuda.device_count()
+            if self.local_rank >= gpus:  # else CUDA's "invalid device ordinal", as a traceback per process
+                raise UsageError(f"torchrun started more processes on this machine than it has CUDA GPUs "
+                                 f"({gpus}); use --nproc-per-node {gpus}, or --device cpu")
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         return device
