@@ -178,7 +178,19 @@ def test_out_onto_a_file_is_refused_and_the_file_kept(trained, tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
     assert "is a file" in refused(2, "train", trained / "names.txt", *TINY, "--out", target)
+    assert "is a file" in refused(2, "train", trained / "names.txt", *TINY, "--out", target, "--resume")
     assert target.read_text() == "keep me"
+
+
+def test_a_model_without_resume_state_is_not_sent_back_and_forth_between_flags(trained, model, tmp_path):
+    # without its state.safetensors a run cannot be resumed; neither message may send the user to the other
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    for flags in ([], ["--resume"]):
+        message = refused(2, "train", trained / "names.txt", *TINY, "--out", copy, *flags)
+        assert "state.safetensors" in message and ("another --out" in message or "new --out" in message), message
+        assert "add --resume" not in message and "drop --resume" not in message
 
 
 def test_directory_corpus_resumes_without_out_where_its_fresh_run_went(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -74,6 +75,32 @@ def test_signal_during_training_saves_and_says_how_to_resume(corpus, tmp_path, s
                              capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(out / "model.safetensors").summary["step"] == ck.summary["step"] + 2
+
+
+def test_the_printed_resume_command_resumes_the_run_when_pasted(corpus, tmp_path):
+    # paths that need quoting, and a split that only --val-fraction gives: without it the resumed
+    # run would see another corpus and be refused
+    folder = tmp_path / "my texts"
+    folder.mkdir()
+    text = corpus.rename(folder / "names ü.txt")
+    out = tmp_path / "out sp"
+    args = ("train", text, "--preset", "tiny", "--time", "60", "--no-compile", "--val-fraction", "0.2", "--out", out)
+    proc = subprocess.Popen(tfcli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=tmp_path)
+    try:
+        wait_for_steps(proc, out / "metrics.jsonl")
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    command = shlex.split(stderr.strip().splitlines()[-1])
+    assert command[:2] == ["tfcli", "train"] and "--val-fraction" in command
+    step = load_checkpoint(out / "model.safetensors").summary["step"]
+    resumed = subprocess.run(tfcli(*command[1:], "--max-steps", step + 2), capture_output=True, text=True, env=ENV,
+                             cwd=tmp_path, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(out / "model.safetensors").summary["step"] == step + 2
 
 
 def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 60.0) -> None:

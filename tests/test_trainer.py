@@ -6,6 +6,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tfcli import checkpoint as ckpt
 from tfcli.config import ModelConfig, SampleConfig, TrainConfig
@@ -162,6 +164,36 @@ def test_resume_keeps_the_best_score_only_when_scored_on_the_same_slice(tmp_path
     train(corpus, MODEL, replace(TRAIN, max_steps=4, eval_tokens=eval_tokens), tmp_path / "run", resume=True)
     best = ckpt.load_checkpoint(tmp_path / "run" / ckpt.BEST_FILE).summary
     assert (best["step"] == 4) == rewritten
+
+
+def test_resume_with_another_optimizer_is_refused_and_leaves_the_run_resumable(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run")
+    with pytest.raises(UsageError, match="--optimizer muon"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=5, optimizer="adamw"), tmp_path / "run", resume=True)
+    assert train(corpus, MODEL, replace(TRAIN, max_steps=7), tmp_path / "run", resume=True).step == 7
+
+
+def test_resume_from_a_state_with_damaged_moments_says_so(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run")
+    path = tmp_path / "run" / ckpt.STATE_FILE
+    with safe_open(path, "pt") as f:  # damaged bytes: written past tfcli's own save, which refuses NaN
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    moment = next(k for k in tensors if k.startswith("opt."))
+    tensors[moment] = torch.full_like(tensors[moment], float("nan"))
+    save_file(tensors, path, metadata)
+    with pytest.raises(TfcliError, match=f"damaged resume state .*{moment}"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=7), tmp_path / "run", resume=True)
+
+
+def test_a_run_directory_in_use_by_another_training_is_refused(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    with ckpt.run_lock(tmp_path / "run"):  # what a training in another process holds
+        with pytest.raises(TfcliError, match="in use by another tfcli train"):
+            train(corpus, MODEL, replace(TRAIN, max_steps=3), tmp_path / "run")
+        assert not (tmp_path / "run" / ckpt.MODEL_FILE).exists()
+    assert train(corpus, MODEL, replace(TRAIN, max_steps=3), tmp_path / "run").step == 3  # released
 
 
 def test_resume_with_a_changed_corpus_is_refused(tmp_path):

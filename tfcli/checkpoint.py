@@ -14,10 +14,12 @@ renamed over the old one, so a crash mid-save leaves the previous file intact.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,10 +147,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise TfcliError(f"{path}: damaged tfcli checkpoint ({e})") from None
     if config.vocab_size != len(vocab):
         raise TfcliError(f"{path}: damaged tfcli checkpoint (vocabulary does not match config)")
-    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = non_finite(tensors)
     if bad is not None:  # training never saves such weights: the bytes were damaged since
         raise TfcliError(f"{path}: damaged tfcli checkpoint (non-finite weights in {bad})")
     return Checkpoint(config, vocab, tensors, summary, path)
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, if any."""
+    return next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -159,9 +166,14 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with _open(path) as f:
         meta = _check_meta(path, f.metadata())
         try:
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["state"])
+            tensors, state = {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["state"])
         except (KeyError, ValueError, SafetensorError) as e:
             raise TfcliError(f"{path}: damaged resume state ({e})") from None
+    bad = non_finite(tensors)
+    if bad is not None:  # (a damaged optimizer moment would show as a diverged loss, with wrong advice)
+        raise TfcliError(f"{path}: damaged resume state (non-finite values in {bad}); its run's model is "
+                         "intact, but cannot be resumed: train into a new --out")
+    return tensors, state
 
 
 def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
@@ -169,12 +181,7 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
 
     A fresh run in a directory whose earlier run never saved (stopped before its first
     checkpoint) moves that run's metrics aside (metrics.jsonl.prev1, 2...), so one log holds one run."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TfcliError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise TfcliError(f"cannot write to run directory {run_dir}: permission denied")
+    _create(run_dir)
     metrics = run_dir / METRICS_FILE
     if fresh and metrics.exists():
         aside = next(p for n in itertools.count(1) if not (p := metrics.with_name(f"{METRICS_FILE}.prev{n}")).exists())
@@ -182,6 +189,42 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
             metrics.rename(aside)
         except OSError as e:
             raise TfcliError(f"cannot move aside the old {metrics}: {e.strerror or e}") from None
+
+
+def _create(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TfcliError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise TfcliError(f"cannot write to run directory {run_dir}: permission denied")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One training at a time in a run directory. Two would both write its checkpoints, the last
+    save winning, and interleave their steps in one metrics log. An advisory lock on the
+    directory itself (flock), so no lock file joins the run's files, and the kernel drops it
+    when the process ends, however it ends. Where there are no such locks (Windows, some network
+    filesystems) the run goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    _create(run_dir)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TfcliError(f"{run_dir} is in use by another tfcli train; wait for it to end, or pick another "
+                             "--out") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

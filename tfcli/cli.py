@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -110,7 +111,7 @@ def handle_errors(fn):
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
             if _debug:
                 raise
-            fail(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
+            fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)
     return wrapper
 
 
@@ -152,7 +153,8 @@ class StopFlag:
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signum = signum
         if not self.quiet:
-            stderr.print("\nstopping after this step (press Ctrl-C again to quit at once)…", highlight=False)
+            again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+            stderr.print(f"\nstopping after this step ({again} again quits at once)…", highlight=False)
 
     def reader_gone(self) -> None:
         """stdout's reader went away (`tfcli train ... | head`): stop and save as after Ctrl-C,
@@ -238,6 +240,8 @@ def train(
     from .device import pick_device
 
     run_dir, vocab, base_model, base_train = out, None, None, None
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
     if resume:
         run_dir = run_dir or ckpt.RUNS_DIR / ckpt.run_name(corpus)
         stored = ckpt.load_checkpoint(ckpt.resolve_model_path(run_dir)) if (run_dir / ckpt.MODEL_FILE).exists() \
@@ -253,7 +257,9 @@ def train(
     elif run_dir is None:
         run_dir = ckpt.default_run_dir(corpus)
     elif (run_dir / ckpt.MODEL_FILE).exists():
-        raise UsageError(f"{run_dir} already holds a run; add --resume to continue it, or pick another --out")
+        hint = ("add --resume to continue it, or pick another --out" if (run_dir / ckpt.STATE_FILE).exists()
+                else f"it has no {ckpt.STATE_FILE} to resume from, so pick another --out")
+        raise UsageError(f"{run_dir} already holds a run; {hint}")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
 
@@ -294,11 +300,27 @@ def train(
     if done.reason == "interrupted":
         if world.is_main:
             launcher = "torchrun ... -m tfcli train" if world.is_distributed else "tfcli train"
-            args = " ".join(str(p) for p in corpus)
+            text = dict(val=val, val_fraction=val_fraction, encoding=encoding, errors=errors)
             stderr.print(f"checkpoint saved at step {done.step}; continue with:\n"
-                         f"  {launcher} {args} --out {run_dir} --resume{resume_limits(done, train_cfg)}",
+                         f"  {launcher} {resume_args(corpus, run_dir, text)}{resume_limits(done, train_cfg)}",
                          highlight=False, markup=False)
         raise typer.Exit(stop.exit_code)
+
+
+def resume_args(corpus: list[Path], run_dir: Path, text: dict) -> str:
+    """The corpus, run directory and text flags of a resume command: the corpus must be read as
+    it was (the same split and decoding), or the resumed run is refused as another corpus.
+    Shell-quoted, so the line can be pasted whatever the paths hold."""
+    args = [*map(str, corpus), "--out", str(run_dir), "--resume"]
+    for path in text["val"] or []:
+        args += ["--val", str(path)]
+    if text["val_fraction"] is not None:
+        args += ["--val-fraction", f"{text['val_fraction']:g}"]
+    if text["encoding"] != "utf-8":
+        args += ["--encoding", text["encoding"]]
+    if text["errors"] != "strict":
+        args += ["--errors", text["errors"]]
+    return shlex.join(args)
 
 
 def resume_limits(done, cfg) -> str:

@@ -11,6 +11,7 @@ and only rank 0 reports events and writes the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -251,7 +252,8 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     device = world.device(pick_device(cfg.device))
     if device.type == "cpu" and world.is_main:  # the samples at each validation decode through them
         native.prepare("decode_attention.c", "decode_matmul.c")
-    with process_group(world, device):
+    lock = ckpt.run_lock(run_dir) if world.is_main else contextlib.nullcontext()
+    with process_group(world, device), lock:
         return _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
                       started_at, world, device)
 
@@ -273,7 +275,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     run = _Run()
     chash = config_hash(model_cfg, corpus)
     if resume:
-        run = _load_resume(run_dir, chash, model, opt, gen, cfg.eval_tokens)
+        run = _load_resume(run_dir, chash, model, opt, gen, cfg)
     rows = world.share(cfg.batch_size)
     if (rows.stop - rows.start) % cfg.grad_accum:
         raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's {rows.stop - rows.start} "
@@ -409,18 +411,24 @@ def _final_reserve(model: GPT, val_ids: list[np.ndarray]) -> float:
     return 0.5 + 3e-11 * model.num_params() * sum(len(piece) for piece in val_ids)
 
 
-def _load_resume(run_dir: Path, chash: str, model, opt, gen, eval_tokens: int) -> _Run:
+def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -> _Run:
     state_path = run_dir / ckpt.STATE_FILE
     if not state_path.is_file():
+        if (run_dir / ckpt.MODEL_FILE).is_file():
+            raise UsageError(f"{run_dir}: its model has no {ckpt.STATE_FILE} to resume from; train into a new --out")
         raise UsageError(f"{run_dir}: nothing to resume (no {ckpt.STATE_FILE}); drop --resume to start a new run")
     tensors, state = ckpt.load_state(state_path)
     if state.get("config_hash") != chash:
         raise UsageError(f"{run_dir}: the corpus or model settings differ from the run being resumed; "
                          "resume with the same corpus and sizes, or train into a new --out")
+    saved = state.get("train", {}).get("optimizer", "adamw")  # (runs from before Muon had no choice)
+    if saved != cfg.optimizer:  # its saved moments are that optimizer's, and only its
+        raise UsageError(f"{run_dir}: this run trains with --optimizer {saved}, and a resumed run keeps it "
+                         f"(asked: {cfg.optimizer})")
     _restore(tensors, model, opt, gen)
     # a best scored on another validation slice (runs from before eval_tokens was 16K scored 32K
     # characters) is no yardstick: the first validation after resuming sets a new one
-    same_slice = state.get("train", {}).get("eval_tokens") == eval_tokens
+    same_slice = state.get("train", {}).get("eval_tokens") == cfg.eval_tokens
     return _Run(step=state["step"], tokens=state["tokens"], train_seconds=state["seconds"],
                 progress=state.get("progress", 0.0),  # (runs saved before it was recorded: from the start)
                 best_val=state.get("best_val_loss") if same_slice else None,
