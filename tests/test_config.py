@@ -11,7 +11,7 @@ def test_duration_reads_seconds_and_units(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "5x", "-3", "m", "5q3"])
+@pytest.mark.parametrize("text", ["", "abc", "5x", "-3", "m", "5q3", "1h1h", "5s2m", "30s5"])
 def test_unreadable_duration_is_a_usage_error(text):
     with pytest.raises(UsageError) as e:
         parse_duration(text)

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tfcli.config import SampleConfig
+from tfcli.errors import UsageError
 from tfcli.sampling import StopMatcher, apply_penalties, filter_logits, generate, pick
 
 PROBS = [0.15, 0.5, 0.05, 0.3]  # deliberately not sorted, so the filters' sort and scatter are exercised
@@ -202,6 +204,30 @@ def test_repeat_last_n_zero_turns_the_penalties_off():
     cfg = SampleConfig(repeat_penalty=2.0, presence_penalty=1.0, repeat_last_n=0)
     assert torch.equal(filter_logits(logits, cfg, history), logits)
     assert not torch.equal(filter_logits(logits, SampleConfig(repeat_penalty=2.0), history), logits)
+
+
+def test_repeat_last_n_minus_one_penalises_the_whole_context(model):
+    cfg = SampleConfig(max_new_tokens=3 * model.config.block_size, temperature=0.0, repeat_penalty=3.0, seed=1)
+    whole = text_of(model, "hel", replace(cfg, repeat_last_n=-1))
+    assert whole == text_of(model, "hel", replace(cfg, repeat_last_n=model.config.block_size))
+    assert whole != text_of(model, "hel", replace(cfg, repeat_penalty=1.0))  # the penalty did act
+    history = torch.tensor([[0, 3, 3]])
+    out = filter_logits(torch.tensor([[2.0, 2.0, 2.0, 2.0]]), SampleConfig(repeat_penalty=2.0, repeat_last_n=-1),
+                        history)
+    assert out.tolist() == [[1.0, 2.0, 2.0, 1.0]]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(presence_penalty=float("nan")), "--presence-penalty must be a finite"),
+    (dict(frequency_penalty=float("inf")), "--frequency-penalty must be a finite"),
+    (dict(presence_penalty=float("-inf")), "--presence-penalty must be a finite"),
+    (dict(repeat_last_n=-2), "--repeat-last-n must be >= -1"),
+    (dict(temperature=float("inf")), "--temperature must be a finite"),
+    (dict(top_k=-1), r"--top-k must be >= 0 \(0: off\)"),
+])
+def test_sampling_settings_that_would_lose_every_logit_are_refused(changes, message):
+    with pytest.raises(UsageError, match=message):
+        SampleConfig(**changes).validate()
 
 
 @pytest.mark.slow  # compiling the decode step takes seconds

@@ -96,6 +96,7 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            import_torch_whole()
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
@@ -113,6 +114,20 @@ def handle_errors(fn):
                 raise
             fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)
     return wrapper
+
+
+def import_torch_whole() -> None:
+    """Import torch (and numpy with it) before a command runs, with Ctrl-C and SIGTERM held until
+    it is done. A signal in the middle of those imports left modules half made, and the command
+    failed later with a baffling `AttributeError: module 'numpy' has no attribute ...`. A signal
+    that arrived meanwhile is delivered once the import ends: 'interrupted', exit 130."""
+    if "torch" in sys.modules or not hasattr(signal, "pthread_sigmask"):
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def print_version(asked: bool) -> None:
@@ -415,7 +430,8 @@ def sample(
     top_p: Optional[float] = typer.Option(None, help="Keep the smallest set with this much probability."),
     min_p: Optional[float] = typer.Option(None, help="Drop characters below min-p times the top probability."),
     repeat_penalty: float = typer.Option(1.0, help="Penalise characters seen in the last --repeat-last-n."),
-    repeat_last_n: int = typer.Option(64, help="How far back the penalties look (0: penalties off)."),
+    repeat_last_n: int = typer.Option(64, help="How far back the penalties look (-1: the whole context; "
+                                      "0: penalties off)."),
     presence_penalty: float = typer.Option(0.0, help="Subtract once from every recently seen character."),
     frequency_penalty: float = typer.Option(0.0, help="Subtract per recent occurrence."),
     seed: Optional[int] = typer.Option(None, help="Random seed; -1 as in llama.cpp: random \\[default: random, "

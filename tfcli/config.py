@@ -184,6 +184,8 @@ def parse_duration(text: str) -> float:
         unit = m.group(2).lower() if m.group(2) else _NEXT_UNIT.get(last) if last else None
         if m.group(2) is None and m.end() != len(s):
             break
+        if last is not None and (unit is None or list(_UNIT).index(unit) <= list(_UNIT).index(last)):  # 1h1h, 5s2m
+            break
         total += float(m.group(1)) * _UNIT[unit]
         pos, parts, last = m.end(), parts + 1, unit
     if not s or pos != len(s) or parts == 0:
@@ -221,15 +223,21 @@ class SampleConfig:
         if self.max_new_tokens < 0:
             raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k <= 0:
-            raise UsageError(f"--top-k must be positive, got {self.top_k}")
+            raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         for name in ("top_p", "min_p"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
         if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
             raise UsageError(f"--repeat-penalty must be positive, got {self.repeat_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):  # (inf x a count of 0 is NaN: every logit lost)
+            if not math.isfinite(getattr(self, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.repeat_last_n < -1:
+            raise UsageError(f"--repeat-last-n must be >= -1 (-1: the whole context; 0: penalties off), "
+                             f"got {self.repeat_last_n}")
         if self.num_samples <= 0:
             raise UsageError(f"--num-samples must be positive, got {self.num_samples}")
         if any(not s for s in self.stop):

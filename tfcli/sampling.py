@@ -21,8 +21,8 @@ from .corpus import Vocab
 def filter_logits(logits: torch.Tensor, cfg: SampleConfig, history: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, V) after penalties and truncation; removed tokens get -inf. Temperature not applied."""
     logits = logits.float()  # every filter below is out of place: the caller's logits stay intact
-    if history is not None and history.numel() and cfg.repeat_last_n > 0 and _has_penalties(cfg):
-        logits = apply_penalties(logits, history[:, -cfg.repeat_last_n:], cfg)
+    if history is not None and history.numel() and cfg.repeat_last_n != 0 and _has_penalties(cfg):
+        logits = apply_penalties(logits, history if cfg.repeat_last_n < 0 else history[:, -cfg.repeat_last_n:], cfg)
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -32,6 +32,12 @@ def filter_logits(logits: torch.Tensor, cfg: SampleConfig, history: torch.Tensor
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
+
+
+def penalty_window(cfg: SampleConfig, block_size: int) -> int:
+    """How many recent characters the penalties look at: --repeat-last-n, where -1 is the model's
+    whole context (llama.cpp's -1 is its context size)."""
+    return block_size if cfg.repeat_last_n < 0 else cfg.repeat_last_n
 
 
 def _has_penalties(cfg: SampleConfig) -> bool:
@@ -199,7 +205,7 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprob
     ids = context_ids(vocab, prompt, T, device).repeat(B, 1)
     cache = new_cache(model, B, cfg)
     logits = model.prefill(ids, cache)
-    pos, keep = ids.size(1), max(cfg.repeat_last_n, 1)
+    pos, keep = ids.size(1), max(penalty_window(cfg, T), 1)
     history = ids[:, -keep:] if _has_penalties(cfg) else None
     matchers = [StopMatcher(cfg.stop) for _ in range(B)]
     decode = model.compiled_decoder(cache) if compiles(cfg, B, model) else model.decode
@@ -227,7 +233,7 @@ def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[
     model.eval()
     ids = context_ids(vocab, text, model.config.block_size, next(model.parameters()).device)
     logits = model.prefill(ids, new_cache(model, 1, cfg))
-    filtered = filter_logits(logits, cfg, ids[:, -max(cfg.repeat_last_n, 1):])
+    filtered = filter_logits(logits, cfg, ids[:, -max(penalty_window(cfg, model.config.block_size), 1):])
     if cfg.temperature < 1e-5:
         sampled = torch.nn.functional.one_hot(filtered.argmax(-1), filtered.size(-1)).float()
     else:
