@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,30 @@ def test_directory_skips_the_training_logs_tfcli_writes_into_run_directories(tmp
     (d / "logs").mkdir()
     (d / "logs" / "metrics.txt").write_text("M")  # a text of a similar name is text like any
     assert read_text([d]) == "AM"
+
+
+def test_binary_files_in_a_directory_are_left_out_and_listed(tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "a.txt").write_text("hello world\n" * 50)
+    (d / "tool").write_bytes(b"\x7fELF\x02\x01\x00\x00" + bytes(range(256)))  # a program: no telling suffix
+    corpus = load_corpus([d])
+    assert corpus.skipped == (d / "tool",)
+    assert corpus.vocab.chars == "".join(sorted(set("hello world\n")))
+    with pytest.raises(UsageError, match="NUL bytes"):  # named outright, it is refused, not skipped
+        load_corpus([d / "tool"])
+
+
+def test_utf16_files_in_a_directory_are_text_when_the_encoding_says_so(tmp_path):
+    d = tmp_path / "wide"
+    d.mkdir()
+    (d / "a.txt").write_bytes("hello world\n".encode("utf-16"))
+    assert read_text([d], encoding="utf-16") == "hello world\n"
+
+
+def test_stdin_as_a_corpus_is_refused_with_a_way_out():
+    with pytest.raises(UsageError, match="cannot come from stdin"):
+        read_text([Path("-")])
 
 
 def test_directory_without_text_files_is_refused(tmp_path):

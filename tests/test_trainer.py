@@ -231,7 +231,7 @@ def test_no_validation_text_trains_without_validation(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 10)], val_fraction=0.0)
     events = []
     done = train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run", events.append)
-    assert Notice("no validation text (too short); training without validation") in events
+    assert Notice("no validation text (none held out); training without validation") in events
     assert done.val_loss is None and done.best_val_loss is None
     assert not (tmp_path / "run" / ckpt.BEST_FILE).exists()
 

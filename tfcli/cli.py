@@ -358,6 +358,11 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) 
         line = (f"corpus: {listed(paths)}: {data.n_chars:,} chars, vocab {len(data.vocab)}; "
                 f"train {len(data.train):,} / val {len(data.val):,}")
     stdout.print(line, highlight=False, markup=False)
+    if data.skipped:
+        from .render import plural
+        more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
+        stderr.print(f"note: skipped {plural(len(data.skipped), 'binary file')} found in the directories given: "
+                     f"{', '.join(str(p) for p in data.skipped[:3])}{more}", highlight=False, markup=False)
 
 
 # -- sample --------------------------------------------------------------------------------

@@ -33,17 +33,26 @@ RUN_LOG = re.compile(r"metrics\.jsonl(\.prev\d*)?")  # checkpoint.METRICS_FILE a
 CHUNK_BYTES = 4 << 20  # read, decode and encode this much at a time: memory stays flat for any corpus size
 
 
-def list_files(paths: list[Path]) -> list[Path]:
-    """Files named, plus the files under named directories (sorted; hidden ones skipped, and the
-    training logs tfcli writes into run directories, so `tfcli train .` twice reads the same text)."""
+def list_files(paths: list[Path], skipped: list[Path] | None = None, utf8: bool = True) -> list[Path]:
+    """Files named, plus the text files under named directories (sorted; hidden ones skipped, and
+    the training logs tfcli writes into run directories, so `tfcli train .` twice reads the same
+    text). A file under a directory whose first bytes hold a NUL is not text (a program, an image
+    without a telling suffix): it joins `skipped` rather than stop the run; a file named outright
+    is read, and refused if it is binary."""
     files: list[Path] = []
     for p in paths:
+        if str(p) == "-":
+            raise UsageError("a corpus cannot come from stdin ('-'); save it to a file and name that")
         if p.is_dir():
             found = sorted(
                 f for f in p.rglob("*")
                 if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
                 and f.suffix.lower() not in TEXT_SUFFIXES_SKIPPED and not RUN_LOG.fullmatch(f.name)
             )
+            binary = [f for f in found if utf8 and _looks_binary(f)]  # (UTF-16 text holds NULs)
+            if skipped is not None:
+                skipped.extend(binary)
+            found = [f for f in found if f not in binary]
             if not found:
                 raise UsageError(f"{p}: directory holds no text files")
             files.extend(found)
@@ -56,9 +65,18 @@ def list_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _looks_binary(f: Path, n: int = 8192) -> bool:
+    """A NUL in the first `n` bytes: git's test for binary files (UTF-8 text never holds one)."""
+    try:
+        with f.open("rb") as fh:
+            return b"\x00" in fh.read(n)
+    except OSError:
+        return False  # unreadable: reading it later says why
+
+
 def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict") -> str:
     """All files joined in order; refuses binary data with a hint instead of training on it."""
-    text = "".join(piece for _, piece in iter_text(list_files(paths), encoding, errors))
+    text = "".join(piece for _, piece in iter_text(list_files(paths, utf8=_is_utf8(encoding)), encoding, errors))
     if not text:
         raise UsageError(f"{_names(paths)}: empty corpus, no text to read")
     return text
@@ -78,7 +96,7 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
         try:
             with f.open("rb") as fh:
                 while raw := fh.read(chunk_bytes):
-                    if b"\x00" in raw and encoding.lower().replace("-", "") == "utf8":
+                    if b"\x00" in raw and _is_utf8(encoding):
                         raise UsageError(f"{f}: contains NUL bytes, so it is probably not a text file "
                                          "(use --encoding if it is UTF-16/32 text)")
                     yield len(raw), _decode(decoder, raw, f, offset, encoding)
@@ -86,6 +104,10 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
         except OSError as e:
             raise UsageError(f"{f}: cannot read ({e.strerror or e})") from None
         yield 0, _decode(decoder, b"", f, offset, encoding, final=True)
+
+
+def _is_utf8(encoding: str) -> bool:
+    return encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
 
 
 def _decoder(encoding: str, errors: str) -> codecs.IncrementalDecoder:
@@ -182,6 +204,7 @@ class Corpus:
     val: np.ndarray
     digest: str  # sha256 of the training text (UTF-8), checked on --resume
     n_chars: int
+    skipped: tuple[Path, ...] = ()  # binary files found under the directories given, and left out
 
 
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
@@ -195,7 +218,10 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    groups = [(paths, list_files(paths))] + ([(val_paths, list_files(val_paths))] if val_paths else [])
+    skipped: list[Path] = []
+    utf8 = _is_utf8(encoding)
+    groups = [(paths, list_files(paths, skipped, utf8))] + \
+        ([(val_paths, list_files(val_paths, skipped, utf8))] if val_paths else [])
     source = _Source(groups, encoding, errors)
     store = store if store is not None else store_for(source.n_bytes)
     key = source.key(split="val files" if val_paths else f"val fraction {val_fraction!r}")
@@ -209,7 +235,8 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
     if vocab is not None and vocab.chars != encoded.vocab:
         encoded = _with_vocab(encoded, vocab, store, key)
     ids = encoded.ids
-    return Corpus(Vocab(encoded.vocab), ids[:encoded.cut], ids[encoded.cut:], encoded.digest, len(ids))
+    return Corpus(Vocab(encoded.vocab), ids[:encoded.cut], ids[encoded.cut:], encoded.digest, len(ids),
+                  tuple(skipped))
 
 
 @dataclass(frozen=True)

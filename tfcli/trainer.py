@@ -284,7 +284,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         ckpt.make_run_dir(run_dir, fresh=not resume)
     val_ids = val_sample(corpus.val, cfg.eval_tokens)
     if not val_ids:
-        on_event(Notice("no validation text (too short); training without validation"))
+        why = "none held out" if len(corpus.val) == 0 else "too short"
+        on_event(Notice(f"no validation text ({why}); training without validation"))
     net = wrap(model, world, device)
     compiled = should_compile(device, cfg.compile, cfg.time_budget, cfg.max_steps)
     step_fn = compile_model(net) if compiled else net
