@@ -8,6 +8,7 @@ Ctrl-C does (saved, with the command that resumes it).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -192,3 +193,22 @@ def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):
         stderr = proc.stderr.read().decode()
         assert proc.wait(timeout=60) == 0, stderr
         assert len(head) == 20 and "Traceback" not in stderr and "error" not in stderr.lower(), stderr
+
+
+def test_ctrl_c_during_a_batch_shows_what_was_made_then_exits_130(corpus, tmp_path):
+    trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    for extra in (["--no-stream"], ["--num-samples", "2"], ["--num-samples", "2", "--json"]):
+        proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-p", "anna", "--seed", "1", "-n", "10000000",
+                                      *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        time.sleep(5)  # started (about 1.5 s) and generating: it would take minutes to finish
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+        if "--json" in extra:
+            records = [json.loads(line) for line in out.splitlines()]
+            assert len(records) == 2 and all(r["interrupted"] and len(r["text"]) > 10 for r in records)
+        else:
+            assert out.startswith("anna") or "sample 1/2" in out
+            assert len(out) > 20

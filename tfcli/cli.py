@@ -498,18 +498,21 @@ def sample(
     if cfg.num_samples == 1 and stream and not as_json:
         stream_one(text, pieces, color_by_prob)
         return
-    outs = collect(pieces, cfg.num_samples)
+    outs, interrupted = collect(pieces, cfg.num_samples)  # a Ctrl-C shows what was made, then exits 130
     if as_json:
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
         for out, lps in outs:
             record = {"prompt": text, "text": out, "seed": cfg.seed, "settings": settings}
-            print(json.dumps(record | ({"logprobs": lps} if logprobs else {})))
-        return
-    for i, (out, lps) in enumerate(outs):
-        if cfg.num_samples > 1:
-            stdout.rule(f"sample {i + 1}/{cfg.num_samples}", style="dim")
-        stdout.print(text, style="bold", end="", markup=False)
-        stdout.print(styled(out, lps) if color_by_prob else out, markup=False)
+            print(json.dumps(record | ({"logprobs": lps} if logprobs else {})
+                             | ({"interrupted": True} if interrupted else {})))
+    else:
+        for i, (out, lps) in enumerate(outs):
+            if cfg.num_samples > 1:
+                stdout.rule(f"sample {i + 1}/{cfg.num_samples}", style="dim")
+            stdout.print(text, style="bold", end="", markup=False)
+            stdout.print(styled(out, lps) if color_by_prob else out, markup=False)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:

@@ -267,9 +267,14 @@ class Aligned:
         return lps
 
 
-def collect(pieces, n: int) -> list[tuple[str, list[float]]]:
+def collect(pieces, n: int) -> tuple[list[tuple[str, list[float]]], bool]:
+    """Each sample's (text, log-probs), and whether a Ctrl-C cut them short: then they are what
+    was made until then, for the caller to show rather than lose."""
     rows = [Aligned() for _ in range(n)]
-    for piece in pieces:
-        for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs or [None] * n):
-            row.add(shown, char, lp)
-    return [(r.text, r.logprobs) for r in rows]
+    try:
+        for piece in pieces:
+            for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs or [None] * n):
+                row.add(shown, char, lp)
+    except KeyboardInterrupt:
+        return [(r.text, r.logprobs) for r in rows], True
+    return [(r.text, r.logprobs) for r in rows], False
