@@ -363,6 +363,12 @@ def test_stop_string_cuts_the_sample_and_is_not_printed(model):
     assert streamed == "anna" + cut + "\n"
 
 
+def test_a_stop_string_the_model_cannot_write_is_warned_about(model):
+    result = ok("sample", "-m", model, "-p", "anna", "-n", "5", "--seed", "5", "--stop", "X!", "--stop", "\n")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'X!'" in warnings[0] and "X, !" in warnings[0], result.stderr
+
+
 def test_several_samples_are_each_shown_after_the_prompt(model):
     out = ok("sample", "-m", model, "-p", "kara", "-n", "10", "--seed", "1", "--num-samples", "2").stdout
     assert "sample 1/2" in out and "sample 2/2" in out and out.count("kara") >= 2

@@ -48,7 +48,8 @@ def test_unknown_lists_missing_characters():
     assert Vocab.from_text("abc").unknown("xaxyb") == ["x", "y"]
 
 
-@pytest.mark.parametrize("char, closest", [("A", "a"), ("é", "e"), ("\t", " "), ("B", "b"), ("z", None)])
+@pytest.mark.parametrize("char, closest", [("A", "a"), ("é", "e"), ("É", "e"), ("À", "a"), ("\t", " "), ("B", "b"),
+                                           ("z", None)])
 def test_closest_known_character(char, closest):
     assert Vocab.from_text("a be").closest(char) == closest
 

@@ -177,6 +177,15 @@ def test_bad_command_gives_one_line_error_and_the_session_goes_on(model, line):
     assert error and "\n" not in error
     assert s.cfg.temperature == 0.0 and s.cfg.top_k is None and s.cfg.max_new_tokens == 4
     assert "he\n" in s.text and len(out.of("generated")) == 8
+    assert "--" not in error  # a REPL error names its command, not the command line's flag
+
+
+@pytest.mark.parametrize("line, named", [("/temp -1", "/temp"), ("/top-k -1", "/top-k"), ("/n -3", "/n"),
+                                         ("/repeat-penalty 0", "/repeat-penalty")])
+def test_setting_errors_name_the_command_typed(model, line, named):
+    _, out = session(model, [line], cfg=SampleConfig(max_new_tokens=0))
+    [error] = out.of("error")
+    assert error.startswith(named + " must"), error
 
 
 def test_settings_change_show_and_switch_off(model):

@@ -480,6 +480,7 @@ def sample(
     text = read_prompt(prompt, prompt_file)
     model = load(model_path, device)
     text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
+    warn_unmatchable_stops(cfg.stop, model.vocab)
     if cfg.seed is None:
         cfg = with_overrides(cfg, seed=new_seed())
         stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
@@ -513,6 +514,16 @@ def sample(
             stdout.print(styled(out, lps) if color_by_prob else out, markup=False)
     if interrupted:
         raise KeyboardInterrupt
+
+
+def warn_unmatchable_stops(stops: tuple[str, ...], vocab) -> None:
+    """A stop string holding a character the model cannot write never matches: say so, not run to -n."""
+    from .corpus import show_char
+    for stop in stops:
+        unknown = [c for c in dict.fromkeys(stop) if c not in vocab.chars]
+        if unknown:
+            stderr.print(f"warning: --stop {stop!r} can never match: the model never writes "
+                         f"{', '.join(show_char(c) for c in unknown)}", highlight=False, markup=False)
 
 
 def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:

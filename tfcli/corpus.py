@@ -191,7 +191,8 @@ class Vocab:
 
     def closest(self, c: str) -> str | None:
         """The known character most like `c` (case-folded, accent-stripped), or None."""
-        for cand in (c.lower(), c.upper(), unicodedata.normalize("NFKD", c)[:1], " " if c.isspace() else ""):
+        base = unicodedata.normalize("NFKD", c)[:1]  # É: E, then e
+        for cand in (c.lower(), c.upper(), base, base.lower(), base.upper(), " " if c.isspace() else ""):
             if cand and cand in self.chars:
                 return cand
         return None

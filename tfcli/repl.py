@@ -156,13 +156,21 @@ class Session:
             raise UsageError(f"/{name} takes one value, got {' '.join(args)!r}")
         value = None if args[0] == "off" and field in OPTIONAL else _number(name, args[0], kind)
         value = None if field == "top_k" and value == 0 else value  # (0: off, as in llama.cpp)
-        self.cfg = replace(self.cfg, **{field: value}).validate()
+        try:
+            self.cfg = replace(self.cfg, **{field: value}).validate()
+        except UsageError as e:  # the message names the command line's flag; here it is typed as /name
+            flag = {"temperature": "--temperature", "max_new_tokens": "-n/--max-new-tokens"}.get(
+                field, "--" + field.replace("_", "-"))
+            raise UsageError(e.message.replace(flag, f"/{name}")) from None
         self.write("info", f"{name} {value if value is not None else 'off'}", None)
 
     def cmd_seed(self, value: str | None = None) -> None:
         if value is not None:
             seed = _number("seed", value, int)
-            check_seed(seed)
+            try:
+                check_seed(seed)
+            except UsageError as e:
+                raise UsageError(e.message.replace("--seed", "/seed")) from None
             self.reseed(seed)
         self.write("info", f"seed {self.seed}", None)
 
