@@ -95,6 +95,13 @@ def test_random_bytes_are_refused(tmp_path):
         ckpt.load_checkpoint(path)
 
 
+def test_a_file_that_is_no_checkpoint_at_all_is_a_usage_error(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello world\n")
+    with pytest.raises(UsageError, match="not a checkpoint; -m takes a run directory or a .safetensors file"):
+        ckpt.load_model(path)
+
+
 def test_foreign_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(st_save({"weight": torch.zeros(3)}, metadata={"format": "pt"}))
@@ -117,8 +124,10 @@ def test_checkpoint_from_a_newer_version_asks_for_an_upgrade(saved):
     ({"config": None}, "damaged tfcli checkpoint"),
     ({"vocab": json.dumps("ab")}, "vocabulary does not match config"),
     ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 3, "n_head": 2, "n_embd": 32, "block_size": 8})},
-     "weights do not match its config"),
-], ids=["bad-version", "no-config", "short-vocab", "wrong-weights"])
+     r"weights do not match its config: blocks\.2\..* is missing"),
+    ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 8})},
+     r"weights do not match its config: wte\.weight is \(\d+, 32\), the config makes \(\d+, 64\)"),
+], ids=["bad-version", "no-config", "short-vocab", "wrong-weights", "wrong-width"])
 def test_damaged_metadata_is_refused(saved, meta, message):
     _, path = saved
     ck = ckpt.load_checkpoint(path)

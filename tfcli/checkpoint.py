@@ -254,7 +254,21 @@ def resolve_model_path(path: Path | None) -> Path:
         raise UsageError(f"{path}: holds no {MODEL_FILE}; is it a run directory?")
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint")
+    if path.suffix != ".safetensors" and not _looks_pickled(path):  # a corpus, a log: the wrong file named
+        raise UsageError(f"{path}: not a checkpoint; -m takes a run directory or a .safetensors file")
     return path
+
+
+def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """The first way `found` differs from the weights the config makes, in words (PyTorch's own
+    error starts with a line that names no weight)."""
+    for name, t in expected.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name].shape != t.shape:
+            return f"{name} is {tuple(found[name].shape)}, the config makes {tuple(t.shape)}"
+    extra = next((name for name in found if name not in expected), None)
+    return f"{extra} is not one of its weights" if extra else None
 
 
 def run_name(corpus_paths: list[Path]) -> str:
@@ -284,10 +298,9 @@ def load_model(path: Path | str | None = None, device: str = "cpu"):
     target = pick_device(device)  # an unavailable device is a one-line error, not a crash mid-load
     ck = load_checkpoint(resolve_model_path(Path(path) if path is not None else None))
     model = GPT(ck.config)
-    try:
-        model.load_state_dict(ck.state_dict)
-    except RuntimeError as e:
-        raise TfcliError(f"{ck.path}: damaged tfcli checkpoint (weights do not match its config: "
-                         f"{str(e).splitlines()[0][:80]})") from None
+    mismatch = _mismatch(model.state_dict(), ck.state_dict)
+    if mismatch:
+        raise TfcliError(f"{ck.path}: damaged tfcli checkpoint (weights do not match its config: {mismatch})")
+    model.load_state_dict(ck.state_dict)
     model.vocab, model.summary, model.path = ck.vocab, ck.summary, ck.path
     return model.to(target).eval()
