@@ -182,6 +182,11 @@ def test_out_onto_a_file_is_refused_and_the_file_kept(trained, tmp_path):
     assert target.read_text() == "keep me"
 
 
+def test_validation_on_training_text_is_warned_about(trained, tmp_path):
+    result = ok("train", trained / "names.txt", *TINY, "--val", trained / "names.txt", "--out", tmp_path / "r")
+    assert "warning: --val" in result.stderr and "also training text" in result.stderr
+
+
 def test_a_model_without_resume_state_is_not_sent_back_and_forth_between_flags(trained, model, tmp_path):
     # without its state.safetensors a run cannot be resumed; neither message may send the user to the other
     copy = tmp_path / "run"

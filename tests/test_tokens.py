@@ -113,12 +113,14 @@ def test_interrupted_encoding_leaves_no_entry(tmp_path, cache, monkeypatch):
     assert corpus.vocab.decode(corpus.train) + corpus.vocab.decode(corpus.val) == TEXT
 
 
-def test_a_damaged_entry_is_encoded_again(tmp_path, cache):
+@pytest.mark.parametrize("damage", [lambda b: b[:-5], lambda b: b[:7] + b"\xff" + b[8:]],
+                         ids=["truncated", "an-id-past-the-vocabulary"])
+def test_a_damaged_entry_is_encoded_again(tmp_path, cache, damage):
     f = write(tmp_path, TEXT)
     good = load_corpus([f], store=cache)
     train, val = np.array(good.train), np.array(good.val)  # copies: the damage below rewrites the mapped file
     (ids_file,) = cache.root.glob("*.tokens")
-    ids_file.write_bytes(ids_file.read_bytes()[:-5])
+    ids_file.write_bytes(damage(ids_file.read_bytes()))
     again = load_corpus([f], store=cache)
     assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
 

@@ -286,6 +286,8 @@ def train(
     from .distributed import World
 
     world = World.from_env()  # under torchrun: only rank 0 speaks
+    if world.is_main:
+        warn_val_in_corpus(val, corpus)
     data = load_corpus(corpus, val, 0.1 if val_fraction is None else val_fraction, encoding, errors, vocab=vocab)
     if world.is_main:
         print_corpus_report(corpus, data, val)
@@ -320,6 +322,19 @@ def train(
                          f"  {launcher} {resume_args(corpus, run_dir, text)}{resume_limits(done, train_cfg)}",
                          highlight=False, markup=False)
         raise typer.Exit(stop.exit_code)
+
+
+def warn_val_in_corpus(val: list[Path] | None, corpus: list[Path]) -> None:
+    """--val naming a training file scores text the model learns: validation would only go down."""
+    def same(a: Path, b: Path) -> bool:
+        try:
+            return a.is_file() and (os.path.samefile(a, b) if b.is_file() else b.resolve() in a.resolve().parents)
+        except OSError:
+            return False
+    for v in val or []:
+        if any(same(v, c) for c in corpus):
+            stderr.print(f"warning: --val {v} is also training text, so its loss measures memory, not "
+                         "generalisation", highlight=False, markup=False)
 
 
 def resume_args(corpus: list[Path], run_dir: Path, text: dict) -> str:

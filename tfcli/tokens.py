@@ -140,6 +140,8 @@ def _mapped(ids_path: Path, meta: dict) -> Encoded:
     if ids_path.stat().st_size != meta["n"] * dtype.itemsize:
         raise ValueError(f"{ids_path}: size does not match its metadata")
     ids = np.memmap(ids_path, dtype=dtype, mode="r", shape=(meta["n"],))
+    if meta["n"] and int(ids.max()) >= len(meta["vocab"]):  # bytes damaged since: an id past the vocabulary
+        raise ValueError(f"{ids_path}: holds ids its vocabulary lacks")  # (one pass; hashing the corpus took one)
     return Encoded(ids, meta["vocab"], meta["cut"], meta["digest"])
 
 
