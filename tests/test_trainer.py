@@ -14,6 +14,7 @@ from tfcli.config import ModelConfig, SampleConfig, TrainConfig
 from tfcli.corpus import load_corpus
 from tfcli.errors import TfcliError, UsageError
 from tfcli.evaluation import evaluate
+from tfcli.model import GPT
 from tfcli.sampling import generate
 from tfcli.tokens import TokenCache
 from tfcli.trainer import (
@@ -29,6 +30,7 @@ from tfcli.trainer import (
     train,
     val_sample,
     validation_due,
+    warn_slow_steps,
 )
 
 PATTERN = "abcabd"  # after "ab", only the character before it tells c from d: a model must use its context
@@ -439,6 +441,14 @@ def test_fast_runs_validate_every_eval_steps_and_remember_where_the_best_was(tmp
     best = [e.step for e in evals if e.best][-1]
     assert done.best_step == best == ckpt.load_checkpoint(tmp_path / "run" / ckpt.BEST_FILE).summary["step"]
     assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["best_step"] == best
+
+
+def test_a_step_of_minutes_is_announced_and_a_step_of_moments_is_not():
+    events = []
+    for block_size in (16, 100_000):  # attention costs the context's square: ~4e14 FLOPs a step at 100K
+        warn_slow_steps(GPT(replace(MODEL, vocab_size=4, block_size=block_size)), 16, events.append)
+    [notice] = events
+    assert "min of CPU work" in notice.message and "context 100,000" in notice.message
 
 
 def test_compile_on_trains_through_the_compiled_model(tmp_path, monkeypatch):

@@ -41,11 +41,6 @@ VOCAB = 65
 DEFAULT_TRAIN_SECONDS = 300.0  # bench measures what a default `tfcli train` (5 minutes) runs
 
 
-def flops_per_token(model: GPT) -> float:
-    c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
-
-
 def peak_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 12) -> float:
     """Best large-square-matmul rate: the ceiling the training figures are a share of.
 
@@ -91,7 +86,7 @@ def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0
             step()
         rates.append(shape.batch_size * shape.block_size * per_window / (time.perf_counter() - t))
     tps = statistics.median(rates)
-    return {"tokens_per_s": tps, "gflops": tps * flops_per_token(model) / 1e9, "params": model.num_params()}
+    return {"tokens_per_s": tps, "gflops": tps * model.flops_per_token() / 1e9, "params": model.num_params()}
 
 
 def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compile: bool = False,

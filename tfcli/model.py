@@ -280,6 +280,12 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token at full context: 6N for the weights, 12 L d T for attention
+        (PaLM's count, nanoGPT's MFU), whose share grows with the context."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits (B, T, V); with targets, also the mean cross-entropy in nats (computed in fp32)."""
         T = idx.size(1)

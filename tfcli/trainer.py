@@ -258,6 +258,20 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
                       started_at, world, device)
 
 
+CPU_FLOPS = 100e9  # a laptop CPU's training rate, roughly (2 Zen 4 cores: ~250 GFLOP/s in bf16)
+SLOW_STEP_S = 60.0
+
+
+def warn_slow_steps(model: GPT, batch_size: int, on_event: Callable[[Event], None]) -> None:
+    """Say so when one step would take minutes: Ctrl-C and --time act between steps, so a context
+    of 100K characters (attention costs its square) looked like a hang that ignored them."""
+    seconds = batch_size * model.config.block_size * model.flops_per_token() / CPU_FLOPS
+    if seconds > SLOW_STEP_S:
+        on_event(Notice(f"one step of this model is about {seconds / 60:,.0f} min of CPU work "
+                        f"(context {model.config.block_size:,}, batch {batch_size}); Ctrl-C and --time "
+                        "act between steps"))
+
+
 def _ignore(event: Event) -> None:
     pass
 
@@ -282,6 +296,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
                          f"sequences evenly; pick a divisor of it")
     if world.is_main:
         ckpt.make_run_dir(run_dir, fresh=not resume)
+    if device.type == "cpu":
+        warn_slow_steps(model, cfg.batch_size, on_event)
     val_ids = val_sample(corpus.val, cfg.eval_tokens)
     if not val_ids:
         why = "none held out" if len(corpus.val) == 0 else "too short"
