@@ -368,6 +368,16 @@ def test_stop_string_cuts_the_sample_and_is_not_printed(model):
     assert streamed == "anna" + cut + "\n"
 
 
+def test_text_that_ends_its_line_at_a_stop_gets_no_empty_line_after_it(model):
+    full = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json").stdout)["text"]
+    cut = full.index("\n") + 1
+    stop = full[cut:cut + 3]
+    assert len(stop) == 3 and full.index(stop) == cut  # (what this seed writes)
+    for flags in ([], ["--no-stream"]):
+        out = ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--stop", stop, *flags).stdout
+        assert out == "anna" + full[:cut], flags
+
+
 def test_a_stop_string_the_model_cannot_write_is_warned_about(model):
     result = ok("sample", "-m", model, "-p", "anna", "-n", "5", "--seed", "5", "--stop", "X!", "--stop", "\n")
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]

@@ -167,6 +167,22 @@ def test_training_into_a_closed_pipe_stops_saves_and_says_how_to_resume(corpus, 
     assert load_checkpoint(out / "model.safetensors").summary["ended"] == "interrupted"  # the work is kept
 
 
+def test_a_reader_leaving_after_the_last_step_still_gets_the_closed_pipe_code(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(tfcli("train", corpus, "--preset", "tiny", "--max-steps", "20", "--out", out),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    try:
+        while not re.match(r"step +20 +val ", proc.stdout.readline()):  # the final validation; sample, summary follow
+            assert proc.poll() is None
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=60) == 128 + signal.SIGPIPE, stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    assert load_checkpoint(out / "model.safetensors").summary["ended"] == "steps"
+
+
 def test_ctrl_c_after_the_reader_left_is_still_a_first_ctrl_c():
     from tfcli.cli import StopFlag
     stop = StopFlag(quiet=True)

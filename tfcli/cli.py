@@ -322,6 +322,8 @@ def train(
                          f"  {launcher} {resume_args(corpus, run_dir, text)}{resume_limits(done, train_cfg)}",
                          highlight=False, markup=False)
         raise typer.Exit(stop.exit_code)
+    if stop.reader_left:  # the run had ended when the reader left, but what it printed was cut: say so
+        raise typer.Exit(stop.exit_code)
 
 
 def warn_val_in_corpus(val: list[Path] | None, corpus: list[Path]) -> None:
@@ -526,7 +528,8 @@ def sample(
             if cfg.num_samples > 1:
                 stdout.rule(f"sample {i + 1}/{cfg.num_samples}", style="dim")
             stdout.print(text, style="bold", end="", markup=False)
-            stdout.print(styled(out, lps) if color_by_prob else out, markup=False)
+            stdout.print(styled(out, lps) if color_by_prob else out, markup=False,
+                         end="" if (text + out).endswith("\n") else "\n")
     if interrupted:
         raise KeyboardInterrupt
 
@@ -550,10 +553,12 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
     stdout.print(prompt, style="bold", end="", markup=False)
     stdout.file.flush()
     row, out, last = Aligned(), stdout.file, 0.0  # the first character is flushed at once
+    ends_line = prompt.endswith("\n")
     for piece in pieces:
         lps = row.add(piece.texts[0], piece.chars[0], piece.logprobs[0] if piece.logprobs else None)
         if not piece.texts[0]:
             continue
+        ends_line = piece.texts[0].endswith("\n")
         if color_by_prob:
             stdout.print(styled(piece.texts[0], lps), end="", markup=False)
         else:
@@ -561,7 +566,8 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
         if time.monotonic() - last > 0.02:
             out.flush()
             last = time.monotonic()
-    stdout.print()
+    stdout.print("" if ends_line else "\n", end="")  # text that ends its line gets no empty one after it
+    out.flush()
 
 
 def check_interactive(num_samples: int, as_json: bool, stream: bool, prompt: str | None,

@@ -236,4 +236,7 @@ def read_lines(prompt: str = "", before: Callable[[], None] = lambda: None) -> I
         try:
             yield input(prompt)
         except (EOFError, KeyboardInterrupt):
+            if prompt:  # the cursor is after the prompt: the shell's own prompt starts a line of its own
+                sys.stdout.write("\n")
+                sys.stdout.flush()
             return
