@@ -142,6 +142,17 @@ def test_should_stop_saves_and_reports_interrupted(tmp_path):
     assert (tmp_path / "run" / ckpt.STATE_FILE).is_file()
 
 
+def test_a_stop_right_after_a_validation_saves_without_validating_the_same_step_again(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    events = []
+    done = train(corpus, MODEL, replace(TRAIN, eval_steps=1), tmp_path / "run", events.append,
+                 should_stop=StopAfter(3))
+    evals = [e for e in events if isinstance(e, Eval)]
+    assert [e.step for e in evals] == [1, 2, 3]
+    assert (done.step, done.reason, done.val_loss) == (3, "interrupted", evals[-1].val_loss)
+    assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["ended"] == "interrupted"
+
+
 def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     cfg = replace(TRAIN, max_steps=30)

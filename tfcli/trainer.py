@@ -341,6 +341,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     prior_seconds, prior_progress = run.train_seconds, run.progress
     budget = (cfg.time_budget - (session_start - started_at) - reserve) if cfg.time_budget else None
     last_eval, last_eval_step = session_start, run.step
+    start_step = run.step
     window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
     train_loss = float("nan")
     max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
@@ -390,7 +391,9 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             validate(window_loss / window_n if window_n else train_loss)
             last_eval, last_eval_step = time.monotonic(), run.step
         stop = should_stop()
-    if world.is_main:
+    if world.is_main and last_eval_step == run.step > start_step:
+        save(reason)  # stopped just after a validation (Ctrl-C during it): the same model needs no second one
+    elif world.is_main:
         validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
     done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason, run.best_step)
     on_event(done)
