@@ -102,6 +102,13 @@ def test_a_file_that_is_no_checkpoint_at_all_is_a_usage_error(tmp_path):
         ckpt.load_model(path)
 
 
+def test_a_checkpoint_is_known_by_its_content_not_its_name(saved):
+    _, path = saved
+    copy = path.with_name("model.bak")
+    copy.write_bytes(path.read_bytes())
+    assert ckpt.load_model(copy).num_params() == ckpt.load_model(path).num_params()
+
+
 def test_foreign_safetensors_file_is_refused(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(st_save({"weight": torch.zeros(3)}, metadata={"format": "pt"}))

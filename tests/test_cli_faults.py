@@ -216,9 +216,11 @@ def test_ctrl_c_during_a_batch_shows_what_was_made_then_exits_130(corpus, tmp_pa
                                        "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
     for extra in (["--no-stream"], ["--num-samples", "2"], ["--num-samples", "2", "--json"]):
-        proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-p", "anna", "--seed", "1", "-n", "10000000",
-                                      *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        time.sleep(5)  # started (about 1.5 s) and generating: it would take minutes to finish
+        proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-p", "anna", "-n", "10000000", *extra),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        seed = proc.stderr.readline()  # printed once the model is loaded, as generation starts
+        assert seed.startswith("seed "), seed
+        time.sleep(1)  # generating: it would take minutes to finish
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err

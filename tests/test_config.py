@@ -71,7 +71,7 @@ def test_bad_train_settings_name_their_flag(changes, flag):
 
 
 @pytest.mark.parametrize("changes, flag", [
-    ({"temperature": -0.1}, "--temperature"), ({"top_k": 0}, "--top-k"), ({"top_p": 1.5}, "--top-p"),
+    ({"temperature": -0.1}, "--temperature"), ({"top_k": -1}, "--top-k"), ({"top_p": 1.5}, "--top-p"),
     ({"min_p": -0.1}, "--min-p"), ({"repeat_penalty": 0.0}, "--repeat-penalty"),
     ({"num_samples": 0}, "--num-samples"), ({"stop": ("",)}, "--stop"), ({"max_new_tokens": -1}, "--max-new-tokens"),
 ])

@@ -45,6 +45,10 @@ def test_greedy_ignores_the_seed(model):
     assert a == b
 
 
+def test_top_k_zero_is_off_in_the_library_too():
+    assert torch.equal(filter_logits(LOGITS, SampleConfig(top_k=0).validate()), LOGITS)
+
+
 def test_top_k_one_is_greedy(model):
     greedy = text_of(model, "wo", SampleConfig(max_new_tokens=40, temperature=0.0, seed=1))
     top1 = text_of(model, "wo", SampleConfig(max_new_tokens=40, temperature=1.5, top_k=1, seed=7))

@@ -209,6 +209,13 @@ def test_a_run_directory_in_use_by_another_training_is_refused(tmp_path):
     assert train(corpus, MODEL, replace(TRAIN, max_steps=3), tmp_path / "run").step == 3  # released
 
 
+def test_a_run_refused_before_it_writes_leaves_no_empty_directory(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    with pytest.raises(UsageError, match="--grad-accum 3"):
+        train(corpus, MODEL, replace(TRAIN, grad_accum=3), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_with_a_changed_corpus_is_refused(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")

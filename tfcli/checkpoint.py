@@ -212,6 +212,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     except ImportError:
         yield
         return
+    created = not run_dir.exists()
     _create(run_dir)
     fd = os.open(run_dir, os.O_RDONLY)
     try:
@@ -225,6 +226,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+        if created:  # a run refused before writing anything leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -254,9 +258,21 @@ def resolve_model_path(path: Path | None) -> Path:
         raise UsageError(f"{path}: holds no {MODEL_FILE}; is it a run directory?")
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint")
-    if path.suffix != ".safetensors" and not _looks_pickled(path):  # a corpus, a log: the wrong file named
+    named = path.suffix.lower() == ".safetensors"  # (then damage is reported as damage)
+    if not (named or _looks_safetensors(path) or _looks_pickled(path)):  # a corpus, a log: the wrong file
         raise UsageError(f"{path}: not a checkpoint; -m takes a run directory or a .safetensors file")
     return path
+
+
+def _looks_safetensors(path: Path) -> bool:
+    """safetensors files open with their header's length (8 bytes, little-endian), then its JSON;
+    by content, so a copy named model.bak still loads (and damage past this is reported as such)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return True  # (opening it says why)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
 
 
 def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:

@@ -91,12 +91,16 @@ class Terminated(KeyboardInterrupt):
     """A second SIGTERM: stop at once, like a second Ctrl-C, but exit 143 as a shell expects."""
 
 
-def handle_errors(fn):
-    """One line and an exit code for every failure a user can cause; a traceback only with --debug."""
+def handle_errors(fn=None, *, builds: tuple[str, ...] = ()):
+    """One line and an exit code for every failure a user can cause; a traceback only with --debug.
+    `builds`: tfcli's C sources the command uses, built while torch imports (see import_torch_whole)."""
+    if fn is None:
+        return functools.partial(handle_errors, builds=builds)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            import_torch_whole()
+            import_torch_whole(builds)
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
@@ -116,15 +120,22 @@ def handle_errors(fn):
     return wrapper
 
 
-def import_torch_whole() -> None:
+def import_torch_whole(builds: tuple[str, ...] = ()) -> None:
     """Import torch (and numpy with it) before a command runs, with Ctrl-C and SIGTERM held until
     it is done. A signal in the middle of those imports left modules half made, and the command
     failed later with a baffling `AttributeError: module 'numpy' has no attribute ...`. A signal
-    that arrived meanwhile is delivered once the import ends: 'interrupted', exit 130."""
+    that arrived meanwhile is delivered once the import ends: 'interrupted', exit 130.
+
+    `builds` start first, in threads that inherit the held signals (so none lands in them): a
+    first-ever `tfcli sample` compiles its C kernels while torch imports, not after."""
+    from . import native
+
     if "torch" in sys.modules or not hasattr(signal, "pthread_sigmask"):
+        native.prepare(*builds)
         return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
+        native.prepare(*builds)
         import torch  # noqa: F401
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -267,8 +278,8 @@ def train(
         if preset != "auto":
             stderr.print(f"warning: --preset {preset} does not apply to a resumed run, which keeps its model",
                          highlight=False, markup=False)
-        base_train = TrainConfig(**{k: v for k, v in stored.summary.get("train", {}).items()
-                                    if k in TrainConfig.__dataclass_fields__})
+        saved = {"optimizer": "adamw", **stored.summary.get("train", {})}  # (runs from before Muon: AdamW)
+        base_train = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     elif run_dir is None:
         run_dir = ckpt.default_run_dir(corpus)
     elif (run_dir / ckpt.MODEL_FILE).exists():
@@ -317,9 +328,9 @@ def train(
     if done.reason == "interrupted":
         if world.is_main:
             launcher = "torchrun ... -m tfcli train" if world.is_distributed else "tfcli train"
-            text = dict(val=val, val_fraction=val_fraction, encoding=encoding, errors=errors)
+            args = resume_args(corpus, run_dir, val=val, val_fraction=val_fraction, encoding=encoding, errors=errors)
             stderr.print(f"checkpoint saved at step {done.step}; continue with:\n"
-                         f"  {launcher} {resume_args(corpus, run_dir, text)}{resume_limits(done, train_cfg)}",
+                         f"  {launcher} {args}{resume_limits(done, train_cfg)}",
                          highlight=False, markup=False)
         raise typer.Exit(stop.exit_code)
     if stop.reader_left:  # the run had ended when the reader left, but what it printed was cut: say so
@@ -339,19 +350,20 @@ def warn_val_in_corpus(val: list[Path] | None, corpus: list[Path]) -> None:
                          "generalisation", highlight=False, markup=False)
 
 
-def resume_args(corpus: list[Path], run_dir: Path, text: dict) -> str:
+def resume_args(corpus: list[Path], run_dir: Path, *, val: list[Path] | None, val_fraction: float | None,
+                encoding: str, errors: str) -> str:
     """The corpus, run directory and text flags of a resume command: the corpus must be read as
     it was (the same split and decoding), or the resumed run is refused as another corpus.
     Shell-quoted, so the line can be pasted whatever the paths hold."""
     args = [*map(str, corpus), "--out", str(run_dir), "--resume"]
-    for path in text["val"] or []:
+    for path in val or []:
         args += ["--val", str(path)]
-    if text["val_fraction"] is not None:
-        args += ["--val-fraction", f"{text['val_fraction']:g}"]
-    if text["encoding"] != "utf-8":
-        args += ["--encoding", text["encoding"]]
-    if text["errors"] != "strict":
-        args += ["--errors", text["errors"]]
+    if val_fraction is not None:
+        args += ["--val-fraction", repr(val_fraction)]  # all its digits: another split is another corpus
+    if encoding != "utf-8":
+        args += ["--encoding", encoding]
+    if errors != "strict":
+        args += ["--errors", errors]
     return shlex.join(args)
 
 
@@ -441,7 +453,7 @@ def load(model_path: Path | None, device: str = "cpu"):
 
 
 @app.command()
-@handle_errors
+@handle_errors(builds=("decode_attention.c", "decode_matmul.c"))  # (the kernels sampling on a CPU uses)
 def sample(
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue ('-': read stdin)."),
@@ -479,9 +491,6 @@ def sample(
 
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
-    if device == "cpu":  # a first run builds tfcli's C kernels while torch imports (below)
-        from . import native
-        native.prepare("decode_attention.c", "decode_matmul.c")
     from .render.sample import prob_legend, styled
     from .sampling import collect, generate_pieces, kernel_decodes, new_seed
 
@@ -963,7 +972,11 @@ def run() -> None:
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
         code = e.exit_code
-    except typer.Abort:  # (what typer makes of an EOFError outside a command; click's Abort in older typers)
-        stderr.print(Text.assemble(("error:", "bold red"), " aborted"))
-        code = 1
+    except typer.Abort as e:  # (typer's for an EOFError or a Ctrl-C outside a command; click's in older typers)
+        if isinstance(e.__context__ or e.__cause__, KeyboardInterrupt):
+            stderr.print(Text.assemble(("error:", "bold red"), " interrupted"))
+            code = INTERRUPTED
+        else:
+            stderr.print(Text.assemble(("error:", "bold red"), " aborted"))
+            code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -224,7 +224,7 @@ class SampleConfig:
             raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k <= 0:
+        if self.top_k is not None and self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         for name in ("top_p", "min_p"):
             v = getattr(self, name)

@@ -33,7 +33,7 @@ RUN_LOG = re.compile(r"metrics\.jsonl(\.prev\d*)?")  # checkpoint.METRICS_FILE a
 CHUNK_BYTES = 4 << 20  # read, decode and encode this much at a time: memory stays flat for any corpus size
 
 
-def list_files(paths: list[Path], skipped: list[Path] | None = None, utf8: bool = True) -> list[Path]:
+def list_files(paths: list[Path], skipped: list[Path] | None = None, nul_free: bool = True) -> list[Path]:
     """Files named, plus the text files under named directories (sorted; hidden ones skipped, and
     the training logs tfcli writes into run directories, so `tfcli train .` twice reads the same
     text). A file under a directory whose first bytes hold a NUL is not text (a program, an image
@@ -49,9 +49,9 @@ def list_files(paths: list[Path], skipped: list[Path] | None = None, utf8: bool 
                 if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
                 and f.suffix.lower() not in TEXT_SUFFIXES_SKIPPED and not RUN_LOG.fullmatch(f.name)
             )
-            binary = [f for f in found if utf8 and _looks_binary(f)]  # (UTF-16 text holds NULs)
+            binary = {f for f in found if nul_free and _looks_binary(f)}  # (UTF-16 text holds NULs)
             if skipped is not None:
-                skipped.extend(binary)
+                skipped.extend(sorted(binary))
             found = [f for f in found if f not in binary]
             if not found:
                 raise UsageError(f"{p}: directory holds no text files")
@@ -76,7 +76,8 @@ def _looks_binary(f: Path, n: int = 8192) -> bool:
 
 def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict") -> str:
     """All files joined in order; refuses binary data with a hint instead of training on it."""
-    text = "".join(piece for _, piece in iter_text(list_files(paths, utf8=_is_utf8(encoding)), encoding, errors))
+    files = list_files(paths, nul_free=_nul_free(encoding))
+    text = "".join(piece for _, piece in iter_text(files, encoding, errors))
     if not text:
         raise UsageError(f"{_names(paths)}: empty corpus, no text to read")
     return text
@@ -104,6 +105,15 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
         except OSError as e:
             raise UsageError(f"{f}: cannot read ({e.strerror or e})") from None
         yield 0, _decode(decoder, b"", f, offset, encoding, final=True)
+
+
+def _nul_free(encoding: str) -> bool:
+    """Whether text in this encoding never holds a NUL byte: all but UTF-16 and UTF-32."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return True  # (reading says the encoding is unknown)
+    return not name.startswith(("utf-16", "utf-32"))
 
 
 def _is_utf8(encoding: str) -> bool:
@@ -220,9 +230,9 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     skipped: list[Path] = []
-    utf8 = _is_utf8(encoding)
-    groups = [(paths, list_files(paths, skipped, utf8))] + \
-        ([(val_paths, list_files(val_paths, skipped, utf8))] if val_paths else [])
+    nul_free = _nul_free(encoding)
+    groups = [(paths, list_files(paths, skipped, nul_free))] + \
+        ([(val_paths, list_files(val_paths, skipped, nul_free))] if val_paths else [])
     source = _Source(groups, encoding, errors)
     store = store if store is not None else store_for(source.n_bytes)
     key = source.key(split="val files" if val_paths else f"val fraction {val_fraction!r}")

@@ -23,7 +23,7 @@ def filter_logits(logits: torch.Tensor, cfg: SampleConfig, history: torch.Tensor
     logits = logits.float()  # every filter below is out of place: the caller's logits stay intact
     if history is not None and history.numel() and cfg.repeat_last_n != 0 and _has_penalties(cfg):
         logits = apply_penalties(logits, history if cfg.repeat_last_n < 0 else history[:, -cfg.repeat_last_n:], cfg)
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+    if cfg.top_k and cfg.top_k < logits.size(-1):  # (0, like None, is off)
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
