@@ -122,7 +122,7 @@ def test_resume_with_other_model_sizes_is_refused_and_keeps_the_run(trained, run
 
 def test_resume_on_a_corpus_with_new_characters_is_refused(run, tmp_path):
     (tmp_path / "other.txt").write_text("ANNA BOB\n" * 50)
-    line = refused(1, "train", tmp_path / "other.txt", "--out", run, "--resume", "--max-steps", "8")
+    line = refused(2, "train", tmp_path / "other.txt", "--out", run, "--resume", "--max-steps", "8")
     assert "characters the run's vocabulary lacks" in line and "not the corpus this run trained on" in line
 
 

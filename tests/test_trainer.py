@@ -209,6 +209,15 @@ def test_a_run_directory_in_use_by_another_training_is_refused(tmp_path):
     assert train(corpus, MODEL, replace(TRAIN, max_steps=3), tmp_path / "run").step == 3  # released
 
 
+def test_a_default_run_directory_skips_one_in_use(tmp_path):
+    text = write(tmp_path, PATTERN * 20, "notes.txt")
+    root = tmp_path / "runs"
+    assert ckpt.default_run_dir([text], root) == root / "notes"
+    with ckpt.run_lock(root / "notes"):  # a training that has not saved yet: no model to see
+        assert ckpt.default_run_dir([text], root) == root / "notes-2"
+    assert ckpt.default_run_dir([text], root) == root / "notes"
+
+
 def test_a_run_refused_before_it_writes_leaves_no_empty_directory(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     with pytest.raises(UsageError, match="--grad-accum 3"):

@@ -231,6 +231,25 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 run_dir.rmdir()
 
 
+def in_use(run_dir: Path) -> bool:
+    """Whether a training holds `run_lock` on this directory now (one that has not saved yet
+    leaves no model to see)."""
+    try:
+        import fcntl
+        fd = os.open(run_dir, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False  # (closing the descriptor below releases it)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def append_metrics(run_dir: Path, record: dict) -> None:
     path = run_dir / METRICS_FILE
     try:
@@ -297,7 +316,7 @@ def default_run_dir(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
     """runs/<corpus name>, or runs/<name>-2, -3... so an earlier run is never overwritten."""
     stem = run_name(corpus_paths)
     candidate, n = root / stem, 1
-    while (candidate / MODEL_FILE).exists() or (candidate / STATE_FILE).exists():
+    while (candidate / MODEL_FILE).exists() or (candidate / STATE_FILE).exists() or in_use(candidate):
         n += 1
         candidate = root / f"{stem}-{n}"
     return candidate

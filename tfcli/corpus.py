@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import TfcliError, UsageError
+from .errors import UsageError
 from .tokens import FORMAT, Encoded, MemoryStore, Sink, TokenCache, ids_dtype, store_for
 
 MAX_VOCAB = 20_000  # more distinct characters than any natural-language text needs: likely not text
@@ -323,7 +323,7 @@ def _with_vocab(encoded: Encoded, vocab: Vocab, store: MemoryStore | TokenCache,
     missing = [c for c in encoded.vocab if c not in set(vocab.chars)]
     if missing:
         shown = " ".join(show_char(c) for c in missing[:10])
-        raise TfcliError(f"the corpus has characters the run's vocabulary lacks ({shown}); "
+        raise UsageError(f"the corpus has characters the run's vocabulary lacks ({shown}); "
                          "it is not the corpus this run trained on")
     table = np.searchsorted(_codepoints(vocab.chars), _codepoints(encoded.vocab)).astype(ids_dtype(len(vocab)))
 
