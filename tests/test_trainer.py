@@ -230,8 +230,11 @@ def test_resume_with_a_changed_corpus_is_refused(tmp_path):
     train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")
     changed = load_corpus([write(tmp_path, "abcabc" + PATTERN * 19, "u.txt")])
     assert changed.vocab == corpus.vocab
-    with pytest.raises(UsageError, match="corpus or model settings differ"):
+    with pytest.raises(UsageError, match=r"corpus or model settings differ .*\(its model settings match: the text"):
         train(changed, MODEL, replace(TRAIN, max_steps=4), tmp_path / "run", resume=True)
+    with pytest.raises(UsageError, match=r"\(--n-layer 3, the run's 2; --dropout 0.1, the run's 0.0\)"):
+        train(corpus, replace(MODEL, n_layer=3, dropout=0.1), replace(TRAIN, max_steps=4), tmp_path / "run",
+              resume=True)
 
 
 def test_resume_without_a_run_says_so(tmp_path):

@@ -431,6 +431,18 @@ def _final_reserve(model: GPT, val_ids: list[np.ndarray]) -> float:
     return 0.5 + 3e-11 * model.num_params() * sum(len(piece) for piece in val_ids)
 
 
+def _what_differs(run_dir: Path, asked: ModelConfig) -> str:
+    """The model settings that differ from the run's, as flags (' (--n-layer 3, the run's 2)'), or
+    that they match and so the text must differ."""
+    try:
+        saved = ckpt.load_checkpoint(run_dir / ckpt.MODEL_FILE).config
+    except TfcliError:
+        return ""
+    changed = [f"--{k.replace('_', '-')} {v}, the run's {getattr(saved, k)}" for k, v in asked.to_dict().items()
+               if k != "vocab_size" and getattr(saved, k) != v]
+    return f" ({'; '.join(changed)})" if changed else " (its model settings match: the text is another)"
+
+
 def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -> _Run:
     state_path = run_dir / ckpt.STATE_FILE
     if not state_path.is_file():
@@ -439,8 +451,9 @@ def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -
         raise UsageError(f"{run_dir}: nothing to resume (no {ckpt.STATE_FILE}); drop --resume to start a new run")
     tensors, state = ckpt.load_state(state_path)
     if state.get("config_hash") != chash:
-        raise UsageError(f"{run_dir}: the corpus or model settings differ from the run being resumed; "
-                         "resume with the same corpus and sizes, or train into a new --out")
+        raise UsageError(f"{run_dir}: the corpus or model settings differ from the run being resumed"
+                         f"{_what_differs(run_dir, model.config)}; resume with the same corpus and sizes, "
+                         "or train into a new --out")
     saved = state.get("train", {}).get("optimizer", "adamw")  # (runs from before Muon had no choice)
     if saved != cfg.optimizer:  # its saved moments are that optimizer's, and only its
         raise UsageError(f"{run_dir}: this run trains with --optimizer {saved}, and a resumed run keeps it "
