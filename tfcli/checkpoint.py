@@ -216,13 +216,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     _create(run_dir)
     fd = os.open(run_dir, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TfcliError(f"{run_dir} is in use by another tfcli train; wait for it to end, or pick another "
-                             "--out") from None
-        except OSError:
-            pass
+        if not _try_lock(fcntl, fd):
+            raise TfcliError(f"{run_dir} is in use by another tfcli train; wait for it to end, or pick another --out")
         yield
     finally:
         os.close(fd)
@@ -240,14 +235,21 @@ def in_use(run_dir: Path) -> bool:
     except (ImportError, OSError):
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False  # (closing the descriptor below releases it)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+        return not _try_lock(fcntl, fd)  # (closing the descriptor releases a lock taken here)
     finally:
         os.close(fd)
+
+
+def _try_lock(fcntl, fd: int) -> bool:
+    """Take the lock of the directory open as `fd`; False when another process holds it. A
+    filesystem without locks counts as free."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
