@@ -378,6 +378,10 @@ def test_text_that_ends_its_line_at_a_stop_gets_no_empty_line_after_it(model):
         assert out == "anna" + full[:cut], flags
 
 
+def test_color_by_prob_with_json_is_refused_not_ignored(model):
+    assert "--logprobs" in refused(2, "sample", "-m", model, "-n", "3", "--json", "--color-by-prob")
+
+
 def test_a_stop_string_the_model_cannot_write_is_warned_about(model):
     result = ok("sample", "-m", model, "-p", "anna", "-n", "5", "--seed", "5", "--stop", "X!", "--stop", "\n")
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]

@@ -500,6 +500,8 @@ def sample(
         check_interactive(num_samples, as_json, stream, prompt, prompt_file)
     if logprobs and not as_json:
         raise UsageError("--logprobs goes with --json (use --color-by-prob to see probabilities as colours)")
+    if color_by_prob and as_json:  # (it was silently ignored)
+        raise UsageError("--color-by-prob colours text on a terminal; with --json, --logprobs gives the numbers")
     cfg = SampleConfig(max_new_tokens, temperature, top_k or None, top_p, min_p, repeat_penalty, repeat_last_n,
                        presence_penalty, frequency_penalty, None if seed == -1 else seed, num_samples,
                        tuple(stop or ()), compile_, dtype).validate()
