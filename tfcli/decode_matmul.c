@@ -13,8 +13,12 @@
  *   matmul_bf16: bfloat16 weights (Nb, K/2, 16, 2), pairs of k per column as AVX512_BF16's dot
  *                product reads them; x is rounded to bfloat16 (as oneDNN's bfloat16 matmul does)
  *                and products are summed in float32: for batches, where the arithmetic sets it.
+ *                On CPUs with AMX (Intel Xeon since Sapphire Rapids), on AMX's tiles, whose
+ *                layout this already is: 16 rows of the 10.7M model's six layers took 0.74 ms
+ *                there, against 2.56 through AVX512_BF16 and 1.25 through oneDNN's AMX kernels
+ *                (whose epilogues, RMSNorm and casts are further PyTorch calls).
  *
- * `features()` says which were compiled in; tfcli/decode_matmul.py uses only those. Columns past
+ * `features()` says which were compiled in (and 4: AMX, usable in this process); tfcli/decode_matmul.py uses only those. Columns past
  * N in the last block are zero weights and are not stored. `flags` fold in what surrounds a
  * matmul in the step: UNIT takes rows of x at unit length (RMSNorm: three PyTorch kernels),
  * RELU2 squares the positive part of the product (the MLP's activation: two). Threads: OpenMP over
@@ -28,6 +32,17 @@
 #include <immintrin.h>
 #define HAVE_F16 1
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#endif
+
+#if defined(HAVE_AMX)
+static int amx_usable(void);
+#else
+static int amx_usable(void) { return 0; }
+#endif
 
 int features(void) {
     int f = 0;
@@ -37,6 +52,7 @@ int features(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     f |= 2;
 #endif
+    if (amx_usable()) f |= 4;
     return f;
 }
 
@@ -213,6 +229,88 @@ static void to_bf16_pairs(const float *x, int64_t rows, int64_t K, uint32_t *xb)
     }
 }
 
+#if defined(HAVE_AMX)
+/* AMX (Intel Xeon since Sapphire Rapids): one instruction multiplies a 16-row tile of x by a
+ * 16-pair tile of the weights. The bfloat16 layout above is already AMX's: a block's 16 pairs of
+ * k from pair p on are a 16 x 64-byte tile, rows 64 bytes apart. Tiles, set per thread:
+ * 0, 1: sums of two column blocks; 2: x, 16 pairs; 3: x, the last K2 % 16 pairs; 4, 5: weights of
+ * the two blocks, 16 pairs; 6, 7: theirs, the last pairs. */
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+static int amx_usable(void) {
+    static int state = -1; /* Linux hands out AMX's register state only to a process that asks */
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return state;
+}
+
+static void configure_tiles(int64_t mr, int64_t tail) {
+    struct tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
+    c.rows[0] = c.rows[1] = c.rows[2] = c.rows[3] = (uint8_t)mr;
+    c.colsb[3] = (uint16_t)(tail ? tail * 4 : 64);
+    c.rows[6] = c.rows[7] = (uint8_t)(tail ? tail : 16);
+    _tile_loadconfig(&c);
+}
+
+/* y for mr rows of xb (bfloat16, rows K2 pairs apart) by blocks j and j + 1 of w (both when
+ * `two`): sums in tiles, then the same epilogue as the vector kernel's. */
+static void amx_blocks(const uint32_t *xb, const uint16_t *w, const float *scale, int flags, const float *add,
+                       float *y, int64_t mr, int64_t N, int64_t K2, int64_t j, int two) {
+    float sums[2][16][16] __attribute__((aligned(64)));
+    const uint16_t *w0 = w + j * K2 * 32, *w1 = w0 + K2 * 32;
+    int64_t full = K2 / 16 * 16, stride = K2 * 4;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t p = 0; p < full; p += 16) {
+        _tile_loadd(2, xb + p, stride);
+        _tile_loadd(4, w0 + p * 32, 64);
+        _tile_dpbf16ps(0, 2, 4);
+        if (two) {
+            _tile_loadd(5, w1 + p * 32, 64);
+            _tile_dpbf16ps(1, 2, 5);
+        }
+    }
+    if (full < K2) {
+        _tile_loadd(3, xb + full, stride);
+        _tile_loadd(6, w0 + full * 32, 64);
+        _tile_dpbf16ps(0, 3, 6);
+        if (two) {
+            _tile_loadd(7, w1 + full * 32, 64);
+            _tile_dpbf16ps(1, 3, 7);
+        }
+    }
+    _tile_stored(0, sums[0], 64);
+    if (two) _tile_stored(1, sums[1], 64);
+    for (int b = 0; b <= two; b++) {
+        int64_t col = (j + b) * 16;
+        for (int64_t r = 0; r < mr; r++) {
+            __m512 a = _mm512_load_ps(sums[b][r]);
+            finish(&a, scale[r], flags, add ? add + r * N + col : 0, y + r * N + col, N - col);
+        }
+    }
+}
+
+static void matmul_amx(const uint32_t *xb, const uint16_t *w, const float *scale, int flags, const float *add,
+                       float *y, int64_t mr, int64_t N, int64_t K2, int threads) {
+    int64_t blocks = (N + 15) / 16, pairs = (blocks + 1) / 2;
+    (void)threads;
+#pragma omp parallel num_threads(threads)
+    {
+        configure_tiles(mr, K2 % 16);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < pairs; i++)
+            amx_blocks(xb, w, scale, flags, add, y, mr, N, K2, 2 * i, 2 * i + 1 < blocks);
+        _tile_release();
+    }
+}
+#endif
+
 /* 0, or -1 when there was no memory for x in bfloat16 (y is then not written). K is even. */
 int matmul_bf16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
                 int flags, int threads) {
@@ -228,6 +326,12 @@ int matmul_bf16(const float *x, const uint16_t *w, const float *add, float *y, i
     for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
         int64_t mr = M - r0 < ROWS ? M - r0 : ROWS;
         to_bf16_pairs(x + r0 * K, mr, K, xb);
+#if defined(HAVE_AMX)
+        if (amx_usable()) {
+            matmul_amx(xb, w, scale + r0, flags, add ? add + r0 * N : 0, y + r0 * N, mr, N, K2, threads);
+            continue;
+        }
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t j = 0; j < blocks; j++) {
             const __m512bh *wj = (const __m512bh *)(w + j * K2 * 32);

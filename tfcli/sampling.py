@@ -142,9 +142,11 @@ def kernel_decodes(device: torch.device) -> bool:
 
 def matmul_dtypes(device: torch.device) -> list[str]:
     """Half-precision weight dtypes whose cached-step matmuls run in tfcli's C kernels on `device`
-    (`tfcli.decode_matmul`: float16 with AVX2 or AVX-512, bfloat16 with AVX512_BF16), for bench's report."""
-    from .decode_matmul import dtypes
-    return [str(d).replace("torch.", "") for d in dtypes()] if device.type == "cpu" else []
+    (`tfcli.decode_matmul`: float16 with AVX2 or AVX-512, bfloat16 with AVX512_BF16, "bfloat16 on
+    AMX" where AMX's tiles compute it), for bench's report."""
+    from .decode_matmul import amx, dtypes
+    names = [str(d).replace("torch.", "") for d in dtypes()] if device.type == "cpu" else []
+    return [f"{n} on AMX" if n == "bfloat16" and amx() else n for n in names]
 
 
 def new_seed() -> int:
