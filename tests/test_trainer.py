@@ -2,6 +2,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from tfcli.trainer import (
     get_batch,
     lr_at,
     step_limit,
+    steps_to_repay_compile,
     train,
     val_sample,
     validation_due,
@@ -438,6 +440,20 @@ def test_epochs_become_the_steps_whose_batches_read_the_text_that_many_times():
     assert step_limit(replace(cfg, max_steps=10), 1000, 25) == (10, "steps")  # whichever comes first
     assert step_limit(replace(cfg, max_steps=30), 1000, 25) == (25, "epochs")
     assert step_limit(replace(cfg, epochs=None), 1000, 25) == (None, "steps")  # only the clock ends it
+
+
+def test_on_a_gpu_a_default_compile_must_pay_for_itself_before_the_epochs_end_too():
+    corpus = SimpleNamespace(train=np.zeros(1000, dtype=np.uint8))  # only its length counts
+    model = ModelConfig(block_size=25)
+    cfg = TrainConfig(epochs=2.5, batch_size=4, time_budget=300.0)  # 25 steps of 100 characters
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert steps_to_repay_compile(cfg, corpus, model, 0, cuda) == 25
+    assert steps_to_repay_compile(cfg, corpus, model, 20, cuda) == 5  # a resumed run: what is left
+    assert steps_to_repay_compile(replace(cfg, max_steps=10), corpus, model, 0, cuda) == 10
+    assert steps_to_repay_compile(replace(cfg, epochs=None), corpus, model, 0, cuda) is None  # the clock decides
+    # a CPU step saves far more: there only --max-steps counts, and a short run of passes still compiles
+    assert steps_to_repay_compile(cfg, corpus, model, 0, cpu) is None
+    assert steps_to_repay_compile(replace(cfg, max_steps=10), corpus, model, 0, cpu) == 10
     assert step_limit(replace(cfg, epochs=0.001), 1000, 25) == (1, "epochs")
 
 

@@ -303,7 +303,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         why = "none held out" if len(corpus.val) == 0 else "too short"
         on_event(Notice(f"no validation text ({why}); training without validation"))
     net = wrap(model, world, device)
-    compiled = should_compile(device, cfg.compile, cfg.time_budget, cfg.max_steps)
+    compiled = should_compile(device, cfg.compile, cfg.time_budget, steps_to_repay_compile(cfg, corpus, model_cfg,
+                                                                                         run.step, device))
     step_fn = compile_model(net) if compiled else net
     on_event(Start(run_dir, model.num_params(), model_cfg, cfg, str(device), str(dtype).replace("torch.", ""),
                    len(corpus.train), len(corpus.val), len(corpus.vocab), run.step, compiled, world.size))
@@ -407,6 +408,19 @@ def step_limit(cfg: TrainConfig, train_chars: int, block_size: int) -> tuple[int
     if cfg.epochs:
         limits.append((max(1, math.ceil(cfg.epochs * train_chars / (cfg.batch_size * block_size))), "epochs"))
     return min(limits) if limits else (None, "steps")
+
+
+def steps_to_repay_compile(cfg: TrainConfig, corpus: Corpus, model_cfg: ModelConfig, done: int,
+                           device: torch.device) -> int | None:
+    """The steps a default compile must pay for itself in: --max-steps, and on a GPU the steps
+    left before --epochs ends the run too. A GPU step saves milliseconds: on an H100 the default
+    run of tinyshakespeare (10 passes, 613 steps) took 37 s compiled and 28 s eager, to the same
+    loss (1.4778 and 1.4755). A CPU step saves a hundred or more, so there even a short run of
+    a few passes gains (the medium preset: ~340 against ~470 ms a step)."""
+    if device.type != "cuda":
+        return cfg.max_steps
+    limit, _ = step_limit(cfg, len(corpus.train), model_cfg.block_size)
+    return None if limit is None else max(0, limit - done)
 
 
 def validation_due(since_last: float, elapsed: float, budget: float | None, interval: float,
