@@ -1,4 +1,7 @@
 import ctypes
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,6 +132,31 @@ def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
         product = reference(unit(x), w)
         expected = add.double() + (product.relu().square() if relu2 else product)
         torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+NO_AMX_CHECK = """
+import torch
+import tfcli.decode_matmul as dm
+from tfcli.sampling import matmul_dtypes
+assert not dm.amx() and "bfloat16" in matmul_dtypes(torch.device("cpu"))
+torch.manual_seed(0)
+for M, N, K in [(1, 65, 256), (3, 48, 38), (16, 35, 64), (17, 16, 6), (40, 1, 1024)]:
+    w, x, add = torch.randn(N, K).bfloat16(), torch.randn(M, K), torch.randn(M, N)
+    y = dm.Packed(w)(x, add, unit=True, relu2=True).double()
+    product = (x.bfloat16().double() @ w.double().t()) / x.double().norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(y, add.double() + product.relu().square(), atol=1e-5 * K ** 0.5, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_without_amx_the_avx512_bf16_kernel_multiplies_the_same():
+    # on an AMX machine the tests above ran the tiles; TFCLI_NO_AMX=1 runs the vector kernel instead
+    needs(torch.bfloat16)
+    if not decode_matmul.amx():
+        pytest.skip("no AMX here: the tests above ran the AVX512_BF16 kernel")
+    env = {**os.environ, "TFCLI_NO_AMX": "1"}
+    done = subprocess.run([sys.executable, "-c", NO_AMX_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_rows_and_additions_must_fit_the_matrix():

@@ -440,6 +440,7 @@ def test_epochs_become_the_steps_whose_batches_read_the_text_that_many_times():
     assert step_limit(replace(cfg, max_steps=10), 1000, 25) == (10, "steps")  # whichever comes first
     assert step_limit(replace(cfg, max_steps=30), 1000, 25) == (25, "epochs")
     assert step_limit(replace(cfg, epochs=None), 1000, 25) == (None, "steps")  # only the clock ends it
+    assert step_limit(replace(cfg, epochs=0.001), 1000, 25) == (1, "epochs")
 
 
 def test_on_a_gpu_a_default_compile_must_pay_for_itself_before_the_epochs_end_too():
@@ -454,7 +455,6 @@ def test_on_a_gpu_a_default_compile_must_pay_for_itself_before_the_epochs_end_to
     # a CPU step saves far more: there only --max-steps counts, and a short run of passes still compiles
     assert steps_to_repay_compile(cfg, corpus, model, 0, cpu) is None
     assert steps_to_repay_compile(replace(cfg, max_steps=10), corpus, model, 0, cpu) == 10
-    assert step_limit(replace(cfg, epochs=0.001), 1000, 25) == (1, "epochs")
 
 
 def test_a_run_given_epochs_ends_there_and_says_so(tmp_path):
