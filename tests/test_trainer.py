@@ -455,6 +455,7 @@ def test_on_a_gpu_a_default_compile_must_pay_for_itself_before_the_epochs_end_to
     # a CPU step saves far more: there only --max-steps counts, and a short run of passes still compiles
     assert steps_to_repay_compile(cfg, corpus, model, 0, cpu) is None
     assert steps_to_repay_compile(replace(cfg, max_steps=10), corpus, model, 0, cpu) == 10
+    assert steps_to_repay_compile(replace(cfg, max_steps=3000), corpus, model, 2500, cpu) == 500
 
 
 def test_a_run_given_epochs_ends_there_and_says_so(tmp_path):
