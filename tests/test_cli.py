@@ -330,6 +330,7 @@ def test_sample_json_has_the_documented_keys(model):
     for r in records:
         assert {"prompt", "text", "seed", "settings"} <= r.keys()
         assert r["prompt"] == "gina" and r["seed"] == 3 and len(r["text"]) == 30
+        assert r["finish_reason"] == "length"
 
 
 def test_json_logprobs_align_with_the_text_even_after_a_stop(model):
@@ -361,9 +362,10 @@ def test_color_by_prob_on_a_colour_terminal_explains_its_colours(model, monkeypa
 def test_stop_string_cuts_the_sample_and_is_not_printed(model):
     full = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json").stdout)["text"]
     assert "\n" in full
-    cut = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json",
-                        "--stop", "\n").stdout)["text"]
-    assert cut == full[:full.index("\n")]
+    record = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json",
+                           "--stop", "\n").stdout)
+    cut = record["text"]
+    assert cut == full[:full.index("\n")] and record["finish_reason"] == "stop"
     streamed = ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--stop", "\n").stdout
     assert streamed == "anna" + cut + "\n"
 

@@ -227,6 +227,7 @@ def test_ctrl_c_during_a_batch_shows_what_was_made_then_exits_130(corpus, tmp_pa
         if "--json" in extra:
             records = [json.loads(line) for line in out.splitlines()]
             assert len(records) == 2 and all(r["interrupted"] and len(r["text"]) > 10 for r in records)
+            assert all(r["finish_reason"] == "interrupted" for r in records)
         else:
             assert out.startswith("anna") or "sample 1/2" in out
             assert len(out) > 20

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tfcli.config import SampleConfig
 from tfcli.errors import UsageError
-from tfcli.sampling import StopMatcher, apply_penalties, filter_logits, generate, pick
+from tfcli.sampling import StopMatcher, apply_penalties, collect, filter_logits, generate, generate_pieces, pick
 
 PROBS = [0.15, 0.5, 0.05, 0.3]  # deliberately not sorted, so the filters' sort and scatter are exercised
 LOGITS = torch.tensor([[math.log(p) for p in PROBS]])
@@ -101,6 +101,18 @@ def test_generation_stops_before_the_stop_string(model):
     stop = free[20:22]
     cut = free[:free.index(stop)]
     assert text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, stop=(stop,))) == cut
+
+
+def test_collect_says_which_samples_a_stop_string_ended(model):
+    cfg = SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, num_samples=4)
+    free, _ = collect(generate_pieces(model, model.vocab, "h", cfg), 4)
+    stop = free[0].text[20:24]  # met by the first sample (and, with this seed, by no other)
+    rows, interrupted = collect(generate_pieces(model, model.vocab, "h", replace(cfg, stop=(stop,))), 4)
+    assert not interrupted and rows[0].stopped and rows[0].text == free[0].text[:free[0].text.index(stop)]
+    assert not all(row.stopped for row in rows)
+    for row, whole in zip(rows, (f.text for f in free)):
+        assert row.stopped == (stop in whole)  # the others ran to -n, unless they met it too
+        assert row.text == (whole[:whole.index(stop)] if row.stopped else whole)
 
 
 def test_pick_at_zero_temperature_is_the_argmax():

@@ -475,7 +475,8 @@ def sample(
                                              help="Stop at this string (repeatable; not printed; with -i: kept)."),
     unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip or replace."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print characters as they come."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per sample."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per sample: prompt, text, seed, "
+                                 "finish_reason (stop, length or interrupted), settings."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first): for long "
@@ -530,17 +531,18 @@ def sample(
     outs, interrupted = collect(pieces, cfg.num_samples)  # a Ctrl-C shows what was made, then exits 130
     if as_json:
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
-        for out, lps in outs:
-            record = {"prompt": text, "text": out, "seed": cfg.seed, "settings": settings}
-            print(json.dumps(record | ({"logprobs": lps} if logprobs else {})
+        for out in outs:
+            finish = "stop" if out.stopped else "interrupted" if interrupted else "length"  # (OpenAI's names)
+            record = {"prompt": text, "text": out.text, "seed": cfg.seed, "finish_reason": finish, "settings": settings}
+            print(json.dumps(record | ({"logprobs": out.logprobs} if logprobs else {})
                              | ({"interrupted": True} if interrupted else {})))
     else:
-        for i, (out, lps) in enumerate(outs):
+        for i, out in enumerate(outs):
             if cfg.num_samples > 1:
                 stdout.rule(f"sample {i + 1}/{cfg.num_samples}", style="dim")
             stdout.print(text, style="bold", end="", markup=False)
-            stdout.print(styled(out, lps) if color_by_prob else out, markup=False,
-                         end="" if (text + out).endswith("\n") else "\n")
+            stdout.print(styled(out.text, out.logprobs) if color_by_prob else out.text, markup=False,
+                         end="" if (text + out.text).endswith("\n") else "\n")
     if interrupted:
         raise KeyboardInterrupt
 

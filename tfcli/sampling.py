@@ -194,6 +194,7 @@ class Piece:
     chars: list[str]  # the character just sampled
     logprobs: list[float] | None  # its log-probability under the model, before penalties, filters and
     # temperature (None unless asked for: a step of a small model costs less than computing it)
+    stopped: tuple[bool, ...] = ()  # whether each sample has met a stop string (and shows no more)
 
 
 @torch.inference_mode()
@@ -217,14 +218,14 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprob
         if history is not None:
             history = torch.cat([history[:, 1 - keep:] if keep > 1 else history[:, :0], nxt[:, None]], dim=1)
         chars = [vocab.chars[i] for i in nxt.tolist()]
-        yield Piece([m.feed(c) for m, c in zip(matchers, chars)], chars, lps)
+        yield Piece([m.feed(c) for m, c in zip(matchers, chars)], chars, lps, tuple(m.done for m in matchers))
         if all(m.done for m in matchers):
             return
         logits = decode(nxt, pos, cache)
         pos += 1
     tail = [m.flush() for m in matchers]
     if any(tail):
-        yield Piece(tail, [""] * B, [0.0] * B if logprobs else None)
+        yield Piece(tail, [""] * B, [0.0] * B if logprobs else None, tuple(m.done for m in matchers))
 
 
 @torch.inference_mode()
@@ -258,7 +259,7 @@ class Aligned:
 
     def __init__(self):
         self.pending: list[float] = []
-        self.text, self.logprobs = "", []
+        self.text, self.logprobs, self.stopped = "", [], False
 
     def add(self, shown: str, char: str, logprob: float) -> list[float]:
         if char:
@@ -269,14 +270,16 @@ class Aligned:
         return lps
 
 
-def collect(pieces, n: int) -> tuple[list[tuple[str, list[float]]], bool]:
-    """Each sample's (text, log-probs), and whether a Ctrl-C cut them short: then they are what
-    was made until then, for the caller to show rather than lose."""
+def collect(pieces, n: int) -> tuple[list[Aligned], bool]:
+    """Each sample's text, log-probs and whether a stop string ended it, and whether a Ctrl-C cut
+    them short: then they are what was made until then, for the caller to show rather than lose."""
     rows = [Aligned() for _ in range(n)]
     try:
         for piece in pieces:
-            for row, shown, char, lp in zip(rows, piece.texts, piece.chars, piece.logprobs or [None] * n):
+            for row, shown, char, lp, stopped in zip(rows, piece.texts, piece.chars, piece.logprobs or [None] * n,
+                                                     piece.stopped or [False] * n):
                 row.add(shown, char, lp)
+                row.stopped = stopped
     except KeyboardInterrupt:
-        return [(r.text, r.logprobs) for r in rows], True
-    return [(r.text, r.logprobs) for r in rows], False
+        return rows, True
+    return rows, False
