@@ -103,6 +103,12 @@ def test_generation_stops_before_the_stop_string(model):
     assert text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, stop=(stop,))) == cut
 
 
+@pytest.mark.parametrize("bad", [{"max_new_tokens": -5}, {"num_samples": 0}, {"top_p": 5.0}])
+def test_a_notebooks_settings_are_checked_as_the_clis_flags_are(model, bad):
+    with pytest.raises(UsageError):
+        next(generate(model, model.vocab, "h", SampleConfig(seed=1, **bad)))
+
+
 def test_collect_says_which_samples_a_stop_string_ended(model):
     cfg = SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, num_samples=4)
     free, _ = collect(generate_pieces(model, model.vocab, "h", cfg), 4)

@@ -282,6 +282,16 @@ def test_a_budget_is_required(tmp_path):
         train(corpus, MODEL, replace(TRAIN, max_steps=None), tmp_path / "run")
 
 
+@pytest.mark.parametrize("bad, message", [({"max_steps": 0}, "--max-steps"), ({"lr": -1.0}, "--lr"),
+                                          ({"batch_size": 0}, "--batch-size")])
+def test_a_notebooks_config_is_checked_as_the_clis_flags_are(tmp_path, bad, message):
+    # max_steps=0 used to mean "no step limit": with no --time, a run that never ended
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    with pytest.raises(UsageError, match=message):
+        train(corpus, MODEL, replace(TRAIN, **bad), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_time_budget_ends_the_run(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     done = train(corpus, MODEL, replace(TRAIN, max_steps=None, time_budget=1.0), tmp_path / "run")

@@ -201,6 +201,7 @@ class Piece:
 def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:
     """Prefill the prompt's last block_size characters, then one cached decode step per character.
     `logprobs=False` leaves Piece.logprobs None (it costs a few kernels per character)."""
+    cfg.validate()  # (a notebook's settings: the CLI has checked its own)
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
