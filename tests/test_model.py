@@ -207,6 +207,19 @@ def test_rotate_is_apply_rope():
     torch.testing.assert_close(rotate(x, full_cos, full_sin), apply_rope(x, cos, sin), atol=1e-6, rtol=0)
 
 
+def test_a_long_generations_rotary_rows_are_exact_and_their_tables_stay_small():
+    from tfcli.model import rotary_tables
+    model = GPT(ModelConfig(vocab_size=5, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    cache = model.new_cache(1)
+    for pos in (0, 7, 31, 32, 1000, 10**6, 10**6 + 40, 3):  # on, past the tables, far on, and back
+        cos, sin = cache.step(pos)[:2]
+        want_cos, want_sin = rotary_tables(1, 8, "cpu", start=pos)
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+        assert cache.cos.size(0) == 32  # four contexts, wherever the generation is (they grew with it)
+    cos, sin = cache.angles(0, 8)  # a prompt after all that: positions from 0 again
+    assert torch.equal(cos, rotary_tables(8, 8, "cpu")[0]) and torch.equal(sin, rotary_tables(8, 8, "cpu")[1])
+
+
 def test_unit_times_root_d_is_rms_norm():
     from tfcli.model import unit
     x = torch.randn(3, 7, 16) * 5

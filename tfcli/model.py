@@ -63,23 +63,30 @@ class KVCache:
         self.masks = torch.ones(T, T, dtype=torch.bool, device=device).tril().view(T, 1, 1, 1, T)
         self.slots = torch.arange(T, device=device)
         self.head_dim, self.size = cfg.head_dim, T
-        self.cos, self.sin = rotary_tables(4 * T, cfg.head_dim, device)
+        self.first, self.cos, self.sin = 0, *rotary_tables(4 * T, cfg.head_dim, device)
         self.weights = model.inference_weights(dtype, batch if pack else None)
+
+    def angles(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows of positions [a, b), from tables that cover four contexts from
+        `self.first` and move on when generation runs past them: tables that grew with the
+        position took ~1 KB a character, 0.5 GB over a million of them."""
+        if a < self.first or b > self.first + self.cos.size(0):
+            self.first = a
+            self.cos, self.sin = rotary_tables(max(4 * self.size, b - a), self.head_dim, self.kv.device, start=a)
+        return self.cos[a - self.first:b - self.first], self.sin[a - self.first:b - self.first]
 
     def step(self, pos: int):
         """cos, sin and ring slot of position `pos`, and the part of the ring it attends to: until
         the ring is full, only the filled slots (the empty ones would be masked out, after
         costing as much to read as the rest)."""
-        if pos >= self.cos.size(0):  # generation ran long: extend the tables, doubling
-            self.cos, self.sin = rotary_tables(2 * pos, self.head_dim, self.kv.device)
         slot = pos % self.size
         kv = self.kv[..., :pos + 1, :] if pos < self.size else self.kv
-        return self.cos[pos:pos + 1], self.sin[pos:pos + 1], self.slots[slot:slot + 1], kv
+        return *self.angles(pos, pos + 1), self.slots[slot:slot + 1], kv
 
 
-def rotary_tables(n: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-width tables (n, head_dim) for `rotate`: cos|cos and -sin|sin."""
-    cos, sin = rope_angles(torch.arange(n, device=device), head_dim)
+def rotary_tables(n: int, head_dim: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width tables (n, head_dim) for `rotate`, of positions from `start`: cos|cos and -sin|sin."""
+    cos, sin = rope_angles(torch.arange(start, start + n, device=device), head_dim)
     return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
 
 
@@ -359,7 +366,7 @@ class GPT(nn.Module):
     def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits of the last position of a prompt (at most block_size long), filling the cache."""
         T = idx.size(1)
-        return cached_step(idx, cache.cos[:T], cache.sin[:T], None, None, cache.kv, cache.weights, self.config.n_head)
+        return cached_step(idx, *cache.angles(0, T), None, None, cache.kv, cache.weights, self.config.n_head)
 
     def decode(self, idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) for one new token per sequence at absolute position `pos`."""
