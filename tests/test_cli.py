@@ -560,6 +560,16 @@ def test_on_off_flags_show_no_value_placeholder_in_help():
         assert "<bool>" not in ok(command, "--help").stdout
 
 
+def test_help_keeps_every_default_it_states():
+    # an unescaped [default: …] is rich markup, and vanished from the help
+    assert "[default: 20]" in " ".join(ok("inspect-attention", "--help").stdout.split())
+
+
+@pytest.mark.parametrize("value", ["int8", ""])
+def test_bench_refuses_an_unknown_dtype_before_measuring(value):
+    assert "--dtype must be" in refused(2, "bench", "--dtype", value, "--shape", "0.8M")
+
+
 # -- inspect-attention ------------------------------------------------------------------------
 
 def test_attention_shows_prompt_characters_with_visible_spaces(in_trained):

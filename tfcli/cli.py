@@ -772,7 +772,7 @@ def inspect_attention(
     head: Optional[int] = typer.Option(None, help="Head to show (head, generated) \\[default: 0 / all]."),
     at: Optional[int] = typer.Option(None, help="Position of the query for focus and lens \\[default: last]."),
     generate_: Optional[int] = typer.Option(None, "--generate", help=f"Characters to sample for --view generated "
-                                            f"[default: {DEFAULT_GENERATE}]."),
+                                            f"\\[default: {DEFAULT_GENERATE}]."),
     seed: Optional[int] = typer.Option(None, help="Random seed for --generate; -1: random \\[default: random, "
                                        "printed]."),
     aggregate_: Optional[str] = typer.Option(None, "--aggregate", help="Combine a layer's heads: mean or max."),
@@ -935,6 +935,8 @@ def bench(
     unknown = [s for s in shape or [] if s not in b.SHAPES]
     if unknown:
         raise UsageError(f"unknown --shape {unknown[0]!r}; choose from {', '.join(b.SHAPES)}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     result = b.run(device, dtype, compile_, shape or None, seconds)
     if as_json:
         print(json.dumps(result))
