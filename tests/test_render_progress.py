@@ -46,3 +46,17 @@ def test_dashboard_s_last_frame_shows_where_the_run_ended(tmp_path, reason, show
     frame.print(last)
     text = frame.export_text()
     assert shown in text and "eta" not in text  # stopped by Ctrl-C at 29%: not "100%, eta 0:00"
+
+
+def test_the_start_line_counts_one_epoch_in_the_singular():
+    from pathlib import Path
+
+    from tfcli.config import ModelConfig, TrainConfig
+    from tfcli.render.progress import describe_start
+    from tfcli.trainer import Start
+
+    def line(epochs):
+        return describe_start(Start(Path("runs/x"), 1000, ModelConfig(), TrainConfig(epochs=epochs), "cpu",
+                                    "float32", 100, 10, 5, 0, False))
+    assert "; 1 epoch;" in line(1.0)
+    assert "2 epochs" in line(2.0) and "0.5 epochs" in line(0.5)

@@ -483,7 +483,7 @@ def sample(
                                   "generations on a GPU, or a CPU without a C compiler for tfcli's kernel."),
     dtype: str = typer.Option("auto", help="Weights while sampling: auto (float16 for CPU models over 8 MB, "
                               "bfloat16 for their batches), float32, float16 or bfloat16."),
-    device: str = typer.Option("cpu", help="cpu, cuda or mps."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     interactive: bool = typer.Option(False, "--interactive", "-i",
                                      help="Keep going: type text to add, the model continues after each line; "
                                      "/help lists the commands (/temp, /top, /undo...)."),
@@ -852,7 +852,7 @@ def eval_(
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     batch_size: int = typer.Option(32, help="Windows scored at once."),
     as_json: bool = typer.Option(False, "--json", help='Print {"chars", "loss", "bpc", "perplexity"}.'),
-    device: str = typer.Option("cpu", help="cpu, cuda or mps."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the files."),
     errors: str = typer.Option("strict", help="On undecodable bytes: strict (refuse) or replace."),
 ) -> None:

@@ -42,7 +42,8 @@ def fmt_count(n: float) -> str:
 def describe_start(e: Start) -> str:
     m = e.model
     budget = ", ".join(filter(None, [plural(e.train.max_steps, "step") if e.train.max_steps else "",
-                                     f"{e.train.epochs:{',.0f' if e.train.epochs >= 100 else '.3g'}} epochs"
+                                     f"{e.train.epochs:{',.0f' if e.train.epochs >= 100 else '.3g'}} "
+                                     f"epoch{'' if e.train.epochs == 1 else 's'}"
                                      if e.train.epochs else "",
                                      f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
     dropout = f", dropout {m.dropout:g}" if m.dropout else ""
