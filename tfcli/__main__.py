@@ -7,10 +7,10 @@ import sys
 def main() -> None:
     try:
         from .cli import run
+        run()  # (a Ctrl-C before a command starts, while typer builds its commands, lands here too)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
-    run()
 
 
 if __name__ == "__main__":
