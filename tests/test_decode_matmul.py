@@ -17,15 +17,15 @@ def needs(dtype):
 
 
 def reference(x, w, add=None):
-    """What the kernel computes, in float64: float16 weights times float32 x; bfloat16 weights times
-    x rounded to bfloat16."""
+    """What the kernel computes, in float64: float16 and float32 weights times float32 x; bfloat16
+    weights times x rounded to bfloat16."""
     xr = x.bfloat16() if w.dtype == torch.bfloat16 else x
     y = xr.double() @ w.double().t()
     return y if add is None else y + add.double()
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16, 17, 40])
 @pytest.mark.parametrize("N, K", [(65, 256), (16, 8), (48, 38), (1, 1024), (35, 6)])
 def test_a_product_is_the_rounded_operands_product(dtype, M, N, K):
@@ -38,7 +38,7 @@ def test_a_product_is_the_rounded_operands_product(dtype, M, N, K):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_add_is_fused_and_rows_may_come_in_any_shape(dtype):
     needs(dtype)
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def test_float16_odd_widths_and_the_kernels_own_rounding():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 16, 20])
 def test_unit_rows_are_the_models_rmsnorm_without_its_sqrt(dtype, M):
     needs(dtype)
@@ -82,7 +82,7 @@ def test_unit_rows_are_the_models_rmsnorm_without_its_sqrt(dtype, M):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 16, decode_matmul.MANY_ROWS + 2])
 def test_relu2_is_the_mlps_activation_of_the_product(dtype, rows):
     needs(dtype)
@@ -94,12 +94,13 @@ def test_relu2_is_the_mlps_activation_of_the_product(dtype, rows):
 
 
 @torch.no_grad()
-def test_a_batchs_prompt_of_many_bfloat16_rows_goes_through_onednn(monkeypatch):
-    needs(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batchs_prompt_of_many_rows_goes_through_pytorch(monkeypatch, dtype):
+    needs(dtype)
     calls, linear = [], torch.nn.functional.linear
     monkeypatch.setattr(decode_matmul.F, "linear", lambda *a: calls.append(1) or linear(*a))
     torch.manual_seed(0)
-    w, add = torch.randn(48, 64).bfloat16(), torch.randn(decode_matmul.MANY_ROWS + 1, 48)
+    w, add = torch.randn(48, 64).to(dtype), torch.randn(decode_matmul.MANY_ROWS + 1, 48)
     packed = decode_matmul.Packed(w)
     for rows in (decode_matmul.MANY_ROWS, decode_matmul.MANY_ROWS + 1):
         x = torch.randn(rows, 64)
@@ -118,17 +119,19 @@ def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
     path = tmp_path / "avx2.so"
     assert native.build(native.compiler(), ["-O3", "-mavx2", "-mf16c", "-mfma"], decode_matmul.SOURCE, path)
     lib = ctypes.CDLL(str(path))
-    lib.features.restype, lib.matmul_f16.argtypes = ctypes.c_int, decode_matmul.ARGS
-    assert lib.features() == 1  # float16 only: bfloat16's kernel needs AVX512_BF16
+    lib.features.restype = ctypes.c_int
+    lib.matmul_f16.argtypes = lib.matmul_f32.argtypes = decode_matmul.ARGS
+    assert lib.features() == 1  # float16 and float32 only: bfloat16's kernel needs AVX512_BF16
     torch.manual_seed(0)
-    for (M, N, K), relu2, threads in zip([(1, 65, 256), (2, 48, 38), (5, 16, 7), (17, 35, 64)], [0, 1, 0, 1],
-                                         [1, 2, 2, 1]):
-        w, x, add = torch.randn(N, K).half(), torch.randn(M, K), torch.randn(M, N)
+    cases = [(1, 65, 256), (2, 48, 38), (5, 16, 7), (17, 35, 64)]
+    for (M, N, K), relu2, threads, dtype in zip(cases * 2, [0, 1, 0, 1] * 2, [1, 2, 2, 1] * 2,
+                                                [torch.float16] * 4 + [torch.float32] * 4):
+        w, x, add = torch.randn(N, K).to(dtype), torch.randn(M, K), torch.randn(M, N)
         packed = decode_matmul.Packed(w)
         y = torch.empty(M, N)
         flags = decode_matmul.UNIT | decode_matmul.RELU2 * relu2
-        assert lib.matmul_f16(x.data_ptr(), packed.data.data_ptr(), add.data_ptr(), y.data_ptr(), M, N, K, flags,
-                              threads) == 0
+        fn = lib.matmul_f16 if dtype == torch.float16 else lib.matmul_f32
+        assert fn(x.data_ptr(), packed.data.data_ptr(), add.data_ptr(), y.data_ptr(), M, N, K, flags, threads) == 0
         product = reference(unit(x), w)
         expected = add.double() + (product.relu().square() if relu2 else product)
         torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-4)
@@ -170,9 +173,9 @@ def test_rows_and_additions_must_fit_the_matrix():
         packed(torch.randn(3, 6), add=torch.randn(8))  # would have been read past its end
 
 
-def test_float32_is_not_taken():
+def test_float64_is_not_taken():
     with pytest.raises(ValueError, match="cannot take"):
-        decode_matmul.Packed(torch.randn(4, 4))
+        decode_matmul.Packed(torch.randn(4, 4, dtype=torch.float64))
 
 
 def test_tfcli_no_kernel_turns_it_off(monkeypatch):
@@ -184,3 +187,69 @@ def test_tfcli_no_kernel_turns_it_off(monkeypatch):
     finally:
         monkeypatch.undo()
         native.load.cache_clear(), decode_matmul.library.cache_clear()
+
+
+def tiny_model(n_layer=2, n_head=3, n_embd=48, block_size=8):
+    from tfcli.config import ModelConfig
+    from tfcli.model import GPT
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(50, n_layer, n_head, n_embd, block_size)).eval()
+    for p in model.parameters():  # (zero-initialised projections would hide half the step)
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3, 16])
+def test_the_whole_step_in_c_is_the_layer_by_layer_step(dtype, B):
+    # decode_step does in one call what model.cached_step does kernel by kernel, on the same weights
+    from tfcli import decode_attention
+    from tfcli.model import cached_step
+    needs(dtype)
+    if decode_attention.kernel() is None:
+        pytest.skip("no attention kernel here")
+    model = tiny_model()
+    kv_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    fused, plain = (model.new_cache(B, dtype, pack=True, kv_dtype=kv_dtype) for _ in range(2))
+    assert isinstance(fused.fused, decode_matmul.Step)
+    for pos in range(2 * model.config.block_size + 3):  # past the ring's end: slots are reused
+        idx = torch.randint(50, (B,))
+        cos, sin, slot, kv = plain.step(pos)
+        expected = cached_step(idx.view(-1, 1), cos, sin, slot, None, kv, plain.weights, model.config.n_head)
+        got = model.decode(idx, pos, fused)
+        assert got.shape == (B, 50) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)  # the same kernels in the same order
+        assert torch.equal(fused.kv, plain.kv)
+
+
+@torch.no_grad()
+def test_the_c_step_is_taken_only_where_every_piece_has_its_kernel():
+    from tfcli import decode_attention
+    needs(torch.float32)
+    if decode_attention.kernel() is None:
+        pytest.skip("no attention kernel here")
+    model = tiny_model()
+    assert model.new_cache(2, torch.float32, pack=True).fused is not None
+    assert model.new_cache(2, torch.float32, pack=False).fused is None  # PyTorch's layout
+    weights = model.inference_weights(torch.float32, 2)
+    kv = model.new_cache(2, torch.float32).kv
+    assert decode_matmul.Step.for_cache(weights, kv, 3, None) is None  # no attention kernel
+    assert decode_matmul.Step.for_cache(weights, kv.double(), 3, decode_attention.kernel()) is None  # no kernel for it
+    mixed = (weights[0], weights[1], model.inference_weights(torch.float32)[2])  # a head left unpacked
+    assert decode_matmul.Step.for_cache(mixed, kv, 3, decode_attention.kernel()) is None
+
+
+@torch.no_grad()
+def test_the_c_step_refuses_token_ids_outside_the_vocabulary():
+    from tfcli import decode_attention
+    needs(torch.float32)
+    if decode_attention.kernel() is None:
+        pytest.skip("no attention kernel here")
+    model = tiny_model()
+    cache = model.new_cache(2, torch.float32, pack=True)
+    for bad in (50, -1):
+        with pytest.raises(IndexError, match="outside"):
+            model.decode(torch.tensor([0, bad]), 0, cache)
+    with pytest.raises(ValueError, match="int64"):
+        model.decode(torch.tensor([0]), 0, cache)  # one id for two sequences

@@ -293,6 +293,20 @@ def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypat
     assert packs == [False, True, False, True, False]
 
 
+def test_small_cpu_models_step_in_c_where_both_kernels_run(model, monkeypatch):
+    # a small model's PyTorch step is per-call overhead; decode_matmul.Step does it in one call
+    import tfcli.decode_matmul as decode_matmul
+    import tfcli.sampling as sampling
+    if torch.float32 not in decode_matmul.dtypes() or not sampling.kernel_decodes(torch.device("cpu")):
+        pytest.skip("no C kernels here")
+    assert sampling.new_cache(model, 1, SampleConfig()).fused is not None
+    assert sampling.new_cache(model, 4, SampleConfig()).fused is not None
+    assert sampling.new_cache(model, 1, SampleConfig(dtype="float16")).fused is not None
+    monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: None)
+    assert sampling.new_cache(model, 1, SampleConfig()).fused is None  # one C matmul at a time is no faster
+    assert not sampling.small_kernel(model, torch.float32)
+
+
 @pytest.mark.parametrize("built", [True, False])
 def test_keys_and_values_are_half_only_with_half_weights_and_the_c_kernel_to_read_them(model, monkeypatch, built):
     import tfcli.sampling as sampling

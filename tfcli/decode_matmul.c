@@ -1,4 +1,4 @@
-/* The matmuls of tfcli's cached steps on a CPU: y = add + x W^T, x float32 (M, K), W half.
+/* The matmuls of tfcli's cached steps on a CPU: y = add + x W^T, x float32 (M, K), W half or float32.
  *
  * Why C: a decode step multiplies one row (or 16, for a batch of samples) by each weight
  * matrix. PyTorch's CPU kernels for so few rows read float16 weights at a third of the speed
@@ -10,6 +10,7 @@
  *                and multiplied by float32 x: for one or two rows (single samples), where the
  *                weights' bytes set the speed, and float16 keeps three more bits than bfloat16.
  *                AVX-512, or AVX2 with F16C and FMA.
+ *   matmul_f32:  the same for float32 weights: small models, whose weights fit a cache anyway.
  *   matmul_bf16: bfloat16 weights (Nb, K/2, 16, 2), pairs of k per column as AVX512_BF16's dot
  *                product reads them; x is rounded to bfloat16 (as oneDNN's bfloat16 matmul does)
  *                and products are summed in float32: for batches, where the arithmetic sets it.
@@ -17,6 +18,8 @@
  *                layout this already is: 16 rows of the 10.7M model's six layers took 0.74 ms
  *                there, against 2.56 through AVX512_BF16 and 1.25 through oneDNN's AMX kernels
  *                (whose epilogues, RMSNorm and casts are further PyTorch calls).
+ *
+ * And decode_step: a whole decode step, these matmuls and decode_attention.c's kernel, in one call.
  *
  * `features()` says which were compiled in (and 4: AMX, usable in this process); tfcli/decode_matmul.py uses only those. Columns past
  * N in the last block are zero weights and are not stored. `flags` fold in what surrounds a
@@ -125,10 +128,15 @@ ALWAYS_INLINE void finish(const vec *a, float scale, int flags, const float *add
     for (int64_t c = 0; c < cols; c++) y[c] = add ? buf[c] + add[c] : buf[c];
 }
 
+/* One weight vector: float32 as it is, or float16 converted. */
+ALWAYS_INLINE vec vload_w(const void *w, int64_t i, const int f32) {
+    return f32 ? vload((const float *)w + i) : vload_f16((const uint16_t *)w + i);
+}
+
 /* MR rows (a constant once inlined) by one block of 16 columns; S independent sums per row over
  * alternating k, so that at least four chains of multiply-adds are in flight. */
-ALWAYS_INLINE void tile_f16(const float *x, const uint16_t *w, const float *scale, int flags, const float *add,
-                            float *y, int64_t N, int64_t K, int64_t cols, const int MR, const int S) {
+ALWAYS_INLINE void tile_f(const float *x, const void *w, const float *scale, int flags, const float *add,
+                          float *y, int64_t N, int64_t K, int64_t cols, const int MR, const int S, const int f32) {
     vec acc[4][4][VECS];
     for (int r = 0; r < MR; r++)
         for (int s = 0; s < S; s++)
@@ -137,12 +145,12 @@ ALWAYS_INLINE void tile_f16(const float *x, const uint16_t *w, const float *scal
     for (; k + S <= K; k += S)
         for (int s = 0; s < S; s++)
             for (int v = 0; v < VECS; v++) {
-                vec wv = vload_f16(w + (k + s) * 16 + v * LANES);
+                vec wv = vload_w(w, (k + s) * 16 + v * LANES, f32);
                 for (int r = 0; r < MR; r++) acc[r][s][v] = vfma(vset(x[r * K + k + s]), wv, acc[r][s][v]);
             }
     for (; k < K; k++)
         for (int v = 0; v < VECS; v++) {
-            vec wv = vload_f16(w + k * 16 + v * LANES);
+            vec wv = vload_w(w, k * 16 + v * LANES, f32);
             for (int r = 0; r < MR; r++) acc[r][0][v] = vfma(vset(x[r * K + k]), wv, acc[r][0][v]);
         }
     for (int r = 0; r < MR; r++) {
@@ -152,34 +160,57 @@ ALWAYS_INLINE void tile_f16(const float *x, const uint16_t *w, const float *scal
     }
 }
 
-/* 0, or -1 when there was no memory for the rows' scales (y is then not written). */
+/* Every row of x by block j of the weights: float16 (Nb, K, 16), or float32 where `f32`. */
+ALWAYS_INLINE void block_f(const float *x, const void *w, const float *scale, int flags, const float *add, float *y,
+                           int64_t M, int64_t N, int64_t K, int64_t j, const int f32) {
+    const void *wj = f32 ? (const void *)((const float *)w + j * K * 16) : (const void *)((const uint16_t *)w + j * K * 16);
+    int64_t cols = N - j * 16;
+    for (int64_t r = 0; r < M; r += 4) {
+        const float *xr = x + r * K, *ar = add ? add + r * N + j * 16 : 0;
+        float *yr = y + r * N + j * 16;
+        switch (M - r < 4 ? M - r : 4) {
+            case 1: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 1, 4, f32); break;
+            case 2: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 2, 2, f32); break;
+            case 3: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 3, 1, f32); break;
+            default: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 4, 1, f32); break;
+        }
+    }
+}
+
+/* The float16 and float32 kernels (the same body, each with its weights' type a constant, which
+ * OpenMP's outlined loop keeps only when written out in each): 0, or -1 when there was no memory
+ * for the rows' scales (y is then not written). */
 int matmul_f16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
                int flags, int threads) {
-    int64_t blocks = (N + 15) / 16;
     float *scale = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
     if (!scale) return -1;
     row_scales(x, M, K, flags & UNIT, scale);
     (void)threads; /* read by the pragma only when compiled with OpenMP */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < blocks; j++) {
-        const uint16_t *wj = w + j * K * 16;
-        int64_t cols = N - j * 16;
-        for (int64_t r = 0; r < M; r += 4) {
-            const float *xr = x + r * K, *ar = add ? add + r * N + j * 16 : 0;
-            float *yr = y + r * N + j * 16;
-            switch (M - r < 4 ? M - r : 4) {
-                case 1: tile_f16(xr, wj, scale + r, flags, ar, yr, N, K, cols, 1, 4); break;
-                case 2: tile_f16(xr, wj, scale + r, flags, ar, yr, N, K, cols, 2, 2); break;
-                case 3: tile_f16(xr, wj, scale + r, flags, ar, yr, N, K, cols, 3, 1); break;
-                default: tile_f16(xr, wj, scale + r, flags, ar, yr, N, K, cols, 4, 1); break;
-            }
-        }
-    }
+    for (int64_t j = 0; j < (N + 15) / 16; j++) block_f(x, w, scale, flags, add, y, M, N, K, j, 0);
+    free(scale);
+    return 0;
+}
+
+int matmul_f32(const float *x, const float *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
+               int flags, int threads) {
+    float *scale = malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    if (!scale) return -1;
+    row_scales(x, M, K, flags & UNIT, scale);
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < (N + 15) / 16; j++) block_f(x, w, scale, flags, add, y, M, N, K, j, 1);
     free(scale);
     return 0;
 }
 #else
 int matmul_f16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
+               int flags, int threads) {
+    (void)x, (void)w, (void)add, (void)y, (void)M, (void)N, (void)K, (void)flags, (void)threads; /* features(): 0 */
+    return -1;
+}
+
+int matmul_f32(const float *x, const float *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
                int flags, int threads) {
     (void)x, (void)w, (void)add, (void)y, (void)M, (void)N, (void)K, (void)flags, (void)threads; /* features(): 0 */
     return -1;
@@ -358,6 +389,71 @@ int matmul_bf16(const float *x, const uint16_t *w, const float *add, float *y, i
 int matmul_bf16(const float *x, const uint16_t *w, const float *add, float *y, int64_t M, int64_t N, int64_t K,
                 int flags, int threads) {
     (void)x, (void)w, (void)add, (void)y, (void)M, (void)N, (void)K, (void)flags, (void)threads; /* features(): 0 */
+    return -1;
+}
+#endif
+
+/* A whole decode step, one call from Python: a small model's step in PyTorch is made of call
+ * overhead (~20 kernels and ctypes calls of 5-20 us each, for a 0.8M model's 17 matmuls that take
+ * well under a microsecond each), which this removes.
+ *
+ * kind: the weights' type, 0 float16, 1 float32, 2 bfloat16 (each in its layout above; wte, the
+ * embedding, plain (vocab, C) in the same type). weights: per layer qkv, proj, fc, out, then the
+ * head. x: (B, C) float32, the residual stream; work: B * (4C + F) floats; logits: (B, V). The
+ * attention is decode_attention.c's step_f32 or step_f16 for the ring's type, passed by address;
+ * layer l's ring starts ring_layer bytes after layer l - 1's, and the rest of its arguments are
+ * that kernel's. 0; -1 when a matmul found no memory, -2 for a token id outside [0, V). */
+typedef void (*attention_step)(const float *qkv, const float *cos, const float *sin, void *ring, int64_t rkv,
+                               int64_t rb, int64_t rh, const int64_t *slot, int64_t n, int64_t B, int64_t H,
+                               int64_t D, float scale, float *out, int threads);
+
+#if defined(HAVE_F16)
+static int matmul_kind(int kind, const float *x, const void *w, const float *add, float *y, int64_t M, int64_t N,
+                       int64_t K, int flags, int threads) {
+    if (kind == 0) return matmul_f16(x, w, add, y, M, N, K, flags, threads);
+    if (kind == 1) return matmul_f32(x, w, add, y, M, N, K, flags, threads);
+    return matmul_bf16(x, w, add, y, M, N, K, flags, threads);
+}
+
+static float weight_at(int kind, const void *w, int64_t i) {
+    if (kind == 1) return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    if (kind == 2) {
+        uint32_t bits = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    return _cvtsh_ss(h);
+}
+
+int decode_step(int kind, const void *wte, const void *const *weights, const int64_t *idx, int64_t L, int64_t B,
+                int64_t C, int64_t F, int64_t V, float *x, float *work, float *logits, attention_step attend,
+                char *ring, int64_t ring_layer, int64_t rkv, int64_t rb, int64_t rh, const float *cos,
+                const float *sin, const int64_t *slot, int64_t n, int64_t H, float scale, int threads) {
+    float *qkv = work, *y = qkv + B * 3 * C, *h = y + B * C;
+    for (int64_t b = 0; b < B; b++)
+        if (idx[b] < 0 || idx[b] >= V) return -2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < C; c++) x[b * C + c] = weight_at(kind, wte, idx[b] * C + c);
+    for (int64_t l = 0; l < L; l++) {
+        const void *const *w = weights + 4 * l;
+        if (matmul_kind(kind, x, w[0], 0, qkv, B, 3 * C, C, UNIT, threads)) return -1;
+        attend(qkv, cos, sin, ring + l * ring_layer, rkv, rb, rh, slot, n, B, H, C / H, scale, y, threads);
+        if (matmul_kind(kind, y, w[1], x, x, B, C, C, 0, threads)) return -1;  /* (add and y may alias) */
+        if (matmul_kind(kind, x, w[2], 0, h, B, F, C, UNIT | RELU2, threads)) return -1;
+        if (matmul_kind(kind, h, w[3], x, x, B, C, F, 0, threads)) return -1;
+    }
+    return matmul_kind(kind, x, weights[4 * L], 0, logits, B, V, C, UNIT, threads);
+}
+#else
+int decode_step(int kind, const void *wte, const void *const *weights, const int64_t *idx, int64_t L, int64_t B,
+                int64_t C, int64_t F, int64_t V, float *x, float *work, float *logits, attention_step attend,
+                char *ring, int64_t ring_layer, int64_t rkv, int64_t rb, int64_t rh, const float *cos,
+                const float *sin, const int64_t *slot, int64_t n, int64_t H, float scale, int threads) {
+    (void)kind, (void)wte, (void)weights, (void)idx, (void)L, (void)B, (void)C, (void)F, (void)V, (void)x, (void)work;
+    (void)logits, (void)attend, (void)ring, (void)ring_layer, (void)rkv, (void)rb, (void)rh, (void)cos, (void)sin;
+    (void)slot, (void)n, (void)H, (void)scale, (void)threads; /* features(): 0, so never called */
     return -1;
 }
 #endif

@@ -110,17 +110,30 @@ def _big_cpu_model(model) -> bool:
 
 
 def new_cache(model, batch: int, cfg: SampleConfig):
-    """The cache `cfg` samples with: weights in `decode_dtype`, and for CPU models of 8 MB and
-    more, when that dtype can be and the step is not compiled (`compiles`), laid out for fast
-    few-row matmuls (`tfcli.model.packed`: tfcli's C kernels for float16 with AVX2 or AVX-512 and
-    bfloat16 with AVX512_BF16, else oneDNN's layout for float32 and bfloat16). Keys and values are float16 when the
-    weights are half too and the C kernel of `tfcli.decode_attention` will read them."""
+    """The cache `cfg` samples with: weights in `decode_dtype`, and unless the step is compiled
+    (`compiles`), laid out for fast few-row matmuls (`tfcli.model.packed`: tfcli's C kernels for
+    float16 and float32 with AVX2 or AVX-512 and bfloat16 with AVX512_BF16, else oneDNN's layout
+    for float32 and bfloat16) for CPU models of 8 MB and more, and for smaller ones where the
+    whole step then runs in C (`small_kernel`). Keys and values are float16 when the weights are
+    half too and the C kernel of `tfcli.decode_attention` will read them."""
     from .model import can_pack
 
     dtype = decode_dtype(model, batch, cfg.dtype)
-    pack = not compiles(cfg, batch, model) and _big_cpu_model(model) and can_pack(dtype)
+    pack = not compiles(cfg, batch, model) and (_big_cpu_model(model) and can_pack(dtype) or small_kernel(model, dtype))
     half_kv = kernel_decodes(model.head.weight.device) and dtype in (torch.float16, torch.bfloat16)
     return model.new_cache(batch, dtype, pack, torch.float16 if half_kv else torch.float32)
+
+
+def small_kernel(model, dtype: torch.dtype) -> bool:
+    """Whether a small CPU model's weights are laid out for decode_matmul's C kernels: where the
+    whole step then runs in C (`decode_matmul.Step`, which needs the attention kernel too). A
+    step of the 0.8M shape took 0.09 ms that way against 0.35 in PyTorch's kernels, whose per-call
+    cost is the whole of it; one C matmul at a time through ctypes was no faster than PyTorch's."""
+    from . import decode_attention, decode_matmul
+
+    device = model.head.weight.device
+    return (device.type == "cpu" and not _big_cpu_model(model) and dtype in decode_matmul.dtypes()
+            and decode_attention.kernel() is not None)
 
 
 def compiles(cfg: SampleConfig, batch: int, model) -> bool:
@@ -141,9 +154,9 @@ def kernel_decodes(device: torch.device) -> bool:
 
 
 def matmul_dtypes(device: torch.device) -> list[str]:
-    """Half-precision weight dtypes whose cached-step matmuls run in tfcli's C kernels on `device`
-    (`tfcli.decode_matmul`: float16 with AVX2 or AVX-512, bfloat16 with AVX512_BF16, "bfloat16 on
-    AMX" where AMX's tiles compute it), for bench's report."""
+    """Weight dtypes whose cached-step matmuls run in tfcli's C kernels on `device`
+    (`tfcli.decode_matmul`: float16 and float32 with AVX2 or AVX-512, bfloat16 with AVX512_BF16,
+    "bfloat16 on AMX" where AMX's tiles compute it), for bench's report."""
     from .decode_matmul import amx, dtypes
     names = [str(d).replace("torch.", "") for d in dtypes()] if device.type == "cpu" else []
     return [f"{n} on AMX" if n == "bfloat16" and amx() else n for n in names]
