@@ -268,6 +268,12 @@ def test_decode_dtype_halves_weights_only_for_models_that_outgrow_the_cache(mode
     import tfcli.sampling as sampling
     assert sampling.decode_dtype(model, 1) == torch.float32  # a test model is tiny
     assert sampling.decode_dtype(model, 1, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(tfcli.device, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(sampling, "small_kernel", lambda model, dtype: True)  # ...and its steps run in C
+    assert sampling.decode_dtype(model, 2) == torch.float32
+    assert sampling.decode_dtype(model, 3) == torch.bfloat16
+    monkeypatch.setattr(sampling, "small_kernel", lambda model, dtype: False)
+    assert sampling.decode_dtype(model, 3) == torch.float32
     monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
     assert sampling.decode_dtype(model, 1) == torch.float16
     monkeypatch.setattr(tfcli.device, "cpu_has_native_bf16", lambda: True)

@@ -90,6 +90,7 @@ ALWAYS_INLINE void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
 ALWAYS_INLINE vec vload_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 #endif
 #define LANES (16 / VECS)
+#define MAX_MR (VECS == 1 ? 8 : 4) /* rows a pass: 8 chains of multiply-adds, and registers to hold them */
 
 /* With UNIT, each row of x is divided by its length (RMSNorm without its sqrt(K), which the
  * weights carry): applied to the row's products, so x itself is read as it is. */
@@ -137,7 +138,7 @@ ALWAYS_INLINE vec vload_w(const void *w, int64_t i, const int f32) {
  * alternating k, so that at least four chains of multiply-adds are in flight. */
 ALWAYS_INLINE void tile_f(const float *x, const void *w, const float *scale, int flags, const float *add,
                           float *y, int64_t N, int64_t K, int64_t cols, const int MR, const int S, const int f32) {
-    vec acc[4][4][VECS];
+    vec acc[8][4][VECS];
     for (int r = 0; r < MR; r++)
         for (int s = 0; s < S; s++)
             for (int v = 0; v < VECS; v++) acc[r][s][v] = vzero();
@@ -165,14 +166,20 @@ ALWAYS_INLINE void block_f(const float *x, const void *w, const float *scale, in
                            int64_t M, int64_t N, int64_t K, int64_t j, const int f32) {
     const void *wj = f32 ? (const void *)((const float *)w + j * K * 16) : (const void *)((const uint16_t *)w + j * K * 16);
     int64_t cols = N - j * 16;
-    for (int64_t r = 0; r < M; r += 4) {
+    for (int64_t r = 0; r < M; r += MAX_MR) {
         const float *xr = x + r * K, *ar = add ? add + r * N + j * 16 : 0;
         float *yr = y + r * N + j * 16;
-        switch (M - r < 4 ? M - r : 4) {
+        switch (M - r < MAX_MR ? M - r : MAX_MR) {
             case 1: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 1, 4, f32); break;
             case 2: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 2, 2, f32); break;
             case 3: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 3, 1, f32); break;
-            default: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 4, 1, f32); break;
+#if MAX_MR > 4
+            case 4: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 4, 1, f32); break;
+            case 5: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 5, 1, f32); break;
+            case 6: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 6, 1, f32); break;
+            case 7: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, 7, 1, f32); break;
+#endif
+            default: tile_f(xr, wj, scale + r, flags, ar, yr, N, K, cols, MAX_MR, 1, f32); break;
         }
     }
 }

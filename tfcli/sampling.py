@@ -91,16 +91,19 @@ def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
     bytes here. float16 for one or two sequences (three more bits than bfloat16, in as many
     bytes: what a step of so few rows waits for), bfloat16 for batches where the CPU computes it
     natively (its dot-product instructions run 16 rows at twice float32's rate), float32 otherwise.
+    Small models' batches are bfloat16 too where their whole step runs in C (`small_kernel`): 16
+    rows of the 0.8M shape took 0.30 ms a step on AMX, 0.42 through AVX512_BF16, 0.49 in float32.
     """
     from .device import cpu_has_native_bf16
 
     if name != "auto":
         return getattr(torch, name)
+    batch_bf16 = batch >= 3 and cpu_has_native_bf16()
     if not _big_cpu_model(model):
-        return torch.float32
+        return torch.bfloat16 if batch_bf16 and small_kernel(model, torch.bfloat16) else torch.float32
     if batch <= 2:
         return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if batch_bf16 else torch.float32
 
 
 def _big_cpu_model(model) -> bool:
