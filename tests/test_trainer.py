@@ -202,6 +202,20 @@ def test_resume_from_a_state_with_damaged_moments_says_so(tmp_path):
         train(corpus, MODEL, replace(TRAIN, max_steps=7), tmp_path / "run", resume=True)
 
 
+def test_a_fresh_run_never_overwrites_a_saved_one(tmp_path):
+    # the library refuses as the CLI does: a notebook re-running a cell must not lose the model
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    train(corpus, MODEL, replace(TRAIN, max_steps=3), tmp_path / "run")
+    saved = (tmp_path / "run" / ckpt.MODEL_FILE).read_bytes()
+    with pytest.raises(UsageError, match="already holds a run; add --resume"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=5, seed=2), tmp_path / "run")
+    assert (tmp_path / "run" / ckpt.MODEL_FILE).read_bytes() == saved
+    (tmp_path / "run" / ckpt.STATE_FILE).unlink()
+    with pytest.raises(UsageError, match="no state.safetensors to resume from"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run")
+    assert train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run2").step == 5
+
+
 def test_a_run_directory_in_use_by_another_training_is_refused(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     with ckpt.run_lock(tmp_path / "run"):  # what a training in another process holds

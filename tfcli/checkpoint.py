@@ -180,7 +180,10 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
     """Create the run directory, or say in one line why it cannot hold a run (before any training).
 
     A fresh run in a directory whose earlier run never saved (stopped before its first
-    checkpoint) moves that run's metrics aside (metrics.jsonl.prev1, 2...), so one log holds one run."""
+    checkpoint) moves that run's metrics aside (metrics.jsonl.prev1, 2...), so one log holds one run;
+    one whose earlier run did save is refused (`refuse_finished_run`): its model is not overwritten."""
+    if fresh:
+        refuse_finished_run(run_dir)
     _create(run_dir)
     metrics = run_dir / METRICS_FILE
     if fresh and metrics.exists():
@@ -189,6 +192,14 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
             metrics.rename(aside)
         except OSError as e:
             raise TfcliError(f"cannot move aside the old {metrics}: {e.strerror or e}") from None
+
+
+def refuse_finished_run(run_dir: Path) -> None:
+    """A fresh run may not start where a run has saved a model: say so in one line, with the way out."""
+    if (run_dir / MODEL_FILE).exists():
+        hint = ("add --resume to continue it, or pick another --out" if (run_dir / STATE_FILE).exists()
+                else f"it has no {STATE_FILE} to resume from, so pick another --out")
+        raise UsageError(f"{run_dir} already holds a run; {hint}")
 
 
 def _create(run_dir: Path) -> None:

@@ -282,10 +282,8 @@ def train(
         base_train = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     elif run_dir is None:
         run_dir = ckpt.default_run_dir(corpus)
-    elif (run_dir / ckpt.MODEL_FILE).exists():
-        hint = ("add --resume to continue it, or pick another --out" if (run_dir / ckpt.STATE_FILE).exists()
-                else f"it has no {ckpt.STATE_FILE} to resume from, so pick another --out")
-        raise UsageError(f"{run_dir} already holds a run; {hint}")
+    else:
+        ckpt.refuse_finished_run(run_dir)  # (train() checks too, but only after the corpus is read)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
 
