@@ -146,3 +146,22 @@ def test_divergence_never_replaces_the_last_good_checkpoint(trained, run, tmp_pa
         assert len(errors) == 1 and "diverged" in errors[0], result.stderr
         assert checkpoints(run) == pristine
     assert 1 in outcomes  # the NaN really happened
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--n-head", "3"], "must be divisible by --n-head (3)"),  # against the preset `auto` picks here
+    (["--preset", "tiny", "--n-embd", "34", "--n-head", "2"], "must be even"),
+    (["--device", "nosuch"], "device"),
+])
+def test_flags_wrong_whatever_the_text_are_refused_before_it_is_read(tmp_path, monkeypatch, flags, message):
+    # a multi-gigabyte corpus takes a while to read: a typo in a flag should not wait for it
+    import tfcli.corpus
+
+    def read(*a, **k):
+        raise AssertionError("the corpus was read")
+    monkeypatch.setattr(tfcli.corpus, "load_corpus", read)
+    (tmp_path / "c.txt").write_text("hello world\n" * 50)
+    line = refused(2, "train", tmp_path / "c.txt", *flags, "--out", tmp_path / "r")
+    assert message in line
+    assert not (tmp_path / "r").exists()

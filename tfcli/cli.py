@@ -288,7 +288,11 @@ def train(
         raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
 
     # flags that are wrong whatever the text: said before a large corpus is read, not after
-    with_overrides(ModelConfig(), dropout=dropout).validate()
+    device_type = pick_device(device).type
+    shape = base_model or ModelConfig(**{k: v for k, v in resolve_preset(preset, device_type, budget).items()
+                                         if k in ModelConfig.__dataclass_fields__})
+    with_overrides(shape, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                   dropout=dropout).validate()
     with_overrides(TrainConfig(), batch_size=batch_size, lr=lr, eval_interval=eval_interval, eval_steps=eval_steps,
                    grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, time_budget=budget, dtype=dtype,
                    optimizer=optimizer, seed=seed).validate()
@@ -301,7 +305,7 @@ def train(
     if world.is_main:
         print_corpus_report(corpus, data, val)
     if base_model is None:
-        picked = resolve_preset(preset, pick_device(device).type, budget, len(data.train), max_steps)
+        picked = resolve_preset(preset, device_type, budget, len(data.train), max_steps)
         base_train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"),
                                  epochs=picked.pop("epochs", None))
         base_model = ModelConfig(vocab_size=len(data.vocab), **picked)
