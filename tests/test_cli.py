@@ -489,6 +489,11 @@ def test_seed_minus_one_means_random_and_prints_the_seed_drawn(model):
     assert all(s.startswith("seed ") for s in seeds) and seeds[0] != seeds[1]
 
 
+def test_greedy_sampling_prints_no_seed_as_none_changes_it(model):
+    assert "seed" not in ok("sample", "-m", model, "-n", "3", "--temp", "0").stderr
+    assert ok("sample", "-m", model, "-n", "3", "--temp", "0.5").stderr.startswith("seed ")
+
+
 def test_eval_reads_undecodable_bytes_with_errors_replace_as_train_does(model, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"anna bob\n\xff\xfecarla\n")

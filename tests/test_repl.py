@@ -83,6 +83,16 @@ def test_seed_command_restarts_the_random_numbers(model):
     assert s.text == session(model, [], cfg=cfg, seed=9)[0].text
 
 
+def test_seed_minus_one_draws_a_random_seed_and_says_which(model):
+    cfg = SampleConfig(max_new_tokens=30, temperature=1.0)
+    seeds = []
+    for _ in range(2):
+        s, out = session(model, ["/seed -1"], cfg=cfg, seed=5)
+        seeds.append(s.seed)
+        assert s.seed != -1 and f"seed {s.seed}" in out.of("info")
+    assert seeds[0] != seeds[1]
+
+
 def test_trailing_backslash_joins_without_newline_and_double_slash_types_a_slash():
     model = make_model(Vocab.from_text(TEXT + "/"))
     s, out = session(model, ["wor\\", "ld", "//he"], cfg=SampleConfig(max_new_tokens=0))

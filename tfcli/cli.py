@@ -471,7 +471,7 @@ def sample(
     presence_penalty: float = typer.Option(0.0, help="Subtract once from every recently seen character."),
     frequency_penalty: float = typer.Option(0.0, help="Subtract per recent occurrence."),
     seed: Optional[int] = typer.Option(None, help="Random seed; -1 as in llama.cpp: random \\[default: random, "
-                                       "printed]."),
+                                       "printed unless greedy]."),
     num_samples: int = typer.Option(1, help="Samples to generate, as one batch."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", metavar="STR",
                                              help="Stop at this string (repeatable; not printed; with -i: kept)."),
@@ -495,7 +495,7 @@ def sample(
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
     from .render.sample import prob_legend, styled
-    from .sampling import collect, generate_pieces, kernel_decodes, new_seed
+    from .sampling import collect, generate_pieces, is_greedy, kernel_decodes, new_seed
 
     if unknown not in ("error", "skip", "replace"):
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
@@ -514,7 +514,8 @@ def sample(
     warn_unmatchable_stops(cfg.stop, model.vocab)
     if cfg.seed is None:
         cfg = with_overrides(cfg, seed=new_seed())
-        stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
+        if not is_greedy(cfg.temperature):  # (greedy text is the same whatever the seed)
+            stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
     if color_by_prob and not as_json and stdout.color_system is not None and not stdout.no_color:
         stderr.print(prob_legend(), highlight=False)  # (in a pipe or under NO_COLOR there are no colours to explain)
     if compile_ and num_samples > 1:

@@ -37,7 +37,7 @@ End a line with \\ to add it without the newline; an empty line lets the model g
 Ctrl-C stops the model; Ctrl-C or Ctrl-D at the prompt quits.
   /temp T  /top-k K  /top-p P  /min-p P  /repeat-penalty R  /n N   change a setting (no value: show it;
                                                                      off clears top-k, top-p, min-p)
-  /seed N        restart the random numbers from N
+  /seed N        restart the random numbers from N (-1: a random N)
   /top [K]       the K likeliest next characters (default 10): the model's and sampling's probabilities
   /undo          drop the last change: a continuation, then the text typed before it
   /reset         back to the starting prompt
@@ -167,6 +167,9 @@ class Session:
     def cmd_seed(self, value: str | None = None) -> None:
         if value is not None:
             seed = _number("seed", value, int)
+            if seed == -1:  # as with `tfcli sample --seed -1`: a random one, said below
+                from .sampling import new_seed
+                seed = new_seed()
             try:
                 check_seed(seed)
             except UsageError as e:

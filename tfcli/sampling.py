@@ -64,11 +64,18 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: 0 exactly, and below float32's reach in the limit too
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
+
 def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """The argmax at temperature 0; otherwise a draw from `tempered`, by racing exponential clocks:
     the first of independent Exp(rate p_i) clocks to ring is token i with probability p_i. Exact,
     and a third of `torch.multinomial`'s cost on one row (its per-call set-up dominates here)."""
-    if temperature < 1e-5:  # 0 is greedy; below float32's reach, sampling is greedy in the limit too
+    if is_greedy(temperature):
         return logits.argmax(-1)
     probs = tempered(logits, temperature)
     clocks = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)  # 0/0 would win argmax
@@ -254,7 +261,7 @@ def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[
     ids = context_ids(vocab, text, model.config.block_size, next(model.parameters()).device)
     logits = model.prefill(ids, new_cache(model, 1, cfg))
     filtered = filter_logits(logits, cfg, ids[:, -max(penalty_window(cfg, model.config.block_size), 1):])
-    if cfg.temperature < 1e-5:
+    if is_greedy(cfg.temperature):
         sampled = torch.nn.functional.one_hot(filtered.argmax(-1), filtered.size(-1)).float()
     else:
         sampled = tempered(filtered, cfg.temperature)
