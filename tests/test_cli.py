@@ -814,3 +814,20 @@ def test_a_bad_training_flag_is_refused_before_the_corpus_is_read(tmp_path, flag
     result = invoke("train", corpus, *flag, "--out", tmp_path / "run")
     assert result.exit_code == 2 and flag[0] in result.stderr
     assert "corpus:" not in result.stdout and not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(monkeypatch, capsys):
+    import typer
+
+    from tfcli import cli
+    for rank, code, said in [("0", 2, "error: bad flag"), ("1", 2, ""), ("1", 1, "error: rank 1: disk full")]:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit) as exited:
+            cli.fail("bad flag" if code == 2 else "disk full", code)
+        assert exited.value.exit_code == code
+        assert capsys.readouterr().err.strip() == said
+    monkeypatch.delenv("WORLD_SIZE")  # (a RANK outside torchrun means nothing to tfcli)
+    with pytest.raises(typer.Exit):
+        cli.fail("bad flag", 2)
+    assert capsys.readouterr().err.strip() == "error: bad flag"

@@ -75,7 +75,13 @@ def process_age() -> float:
 
 
 def fail(message: str, code: int) -> None:
-    stderr.print(Text.assemble(("error:", "bold red"), " ", message.replace("\n", " ")), soft_wrap=True)
+    """One error line, and the exit. Under torchrun a usage error is every process's (the same flags),
+    so only rank 0 says it; other errors say which rank met them."""
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    if rank != "0" and code == 2:
+        raise typer.Exit(code)
+    where = f"rank {rank}: " if rank != "0" else ""
+    stderr.print(Text.assemble(("error:", "bold red"), " ", where + message.replace("\n", " ")), soft_wrap=True)
     raise typer.Exit(code)
 
 
