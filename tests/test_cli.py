@@ -729,6 +729,11 @@ def test_eval_text_summary(model, trained):
     assert "bits/char" in out and "perplexity" in out
 
 
+def test_eval_of_two_characters_scores_one_char(model, tmp_path):
+    (tmp_path / "two.txt").write_text("an")
+    assert ok("eval", tmp_path / "two.txt", "-m", model).stdout.startswith("1 char: loss")
+
+
 def test_eval_text_with_unseen_characters_is_named(model, tmp_path):
     (tmp_path / "other.txt").write_text("ANNA and BOB\n")
     message = refused(2, "eval", tmp_path / "other.txt", "-m", model)

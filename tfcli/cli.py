@@ -385,18 +385,19 @@ def resume_limits(done, cfg) -> str:
 
 
 def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) -> None:
+    from .render import plural
+
     def listed(ps: list[Path]) -> str:
         return ", ".join(str(p) for p in ps[:3]) + (f" and {len(ps) - 3} more" if len(ps) > 3 else "")
 
     if val:  # two texts: say which holds how much
-        line = (f"corpus: {listed(paths)}: {len(data.train):,} chars to train on; validation: {listed(val)}: "
-                f"{len(data.val):,} chars; vocab {len(data.vocab)}")
+        line = (f"corpus: {listed(paths)}: {plural(len(data.train), 'char')} to train on; validation: "
+                f"{listed(val)}: {plural(len(data.val), 'char')}; vocab {len(data.vocab)}")
     else:
-        line = (f"corpus: {listed(paths)}: {data.n_chars:,} chars, vocab {len(data.vocab)}; "
+        line = (f"corpus: {listed(paths)}: {plural(data.n_chars, 'char')}, vocab {len(data.vocab)}; "
                 f"train {len(data.train):,} / val {len(data.val):,}")
     stdout.print(line, highlight=False, markup=False)
     if data.skipped:
-        from .render import plural
         more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
         stderr.print(f"note: skipped {plural(len(data.skipped), 'binary file')} found in the directories given: "
                      f"{', '.join(str(p) for p in data.skipped[:3])}{more}", highlight=False, markup=False)
@@ -890,7 +891,8 @@ def eval_(
     if as_json:
         print(json.dumps(result.to_dict()))
     else:
-        stdout.print(f"{result.chars:,} chars: loss {result.loss:.4f} nats/char, {result.bpc:.4f} bits/char, "
+        from .render import plural
+        stdout.print(f"{plural(result.chars, 'char')}: loss {result.loss:.4f} nats/char, {result.bpc:.4f} bits/char, "
                      f"perplexity {result.perplexity:.3f}")
 
 
