@@ -774,11 +774,11 @@ def inspect_attention(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to look at ('-': read stdin)."),
     prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt from a file ('-': stdin)."),
     view: Optional[str] = typer.Option(
-        None, help="head (one head), grid (every layer x head; default: the last layer's heads), focus (where "
+        None, help="head (one head), grid (every layer x head; without --view, the last layer's heads), focus (where "
         "each head looks from one position), summary (each head's pattern), lens (logit lens), generated "
         "(attention behind sampled text)."),
-    layer: Optional[int] = typer.Option(None, help="Layer to show (negative counts from the end) \\[default: last, "
-                                        "or all for grid, focus, summary, generated]."),
+    layer: Optional[int] = typer.Option(None, help="Layer to show (negative counts from the end) \\[default: last; "
+                                        "all for --view grid, focus, summary and generated]."),
     head: Optional[int] = typer.Option(None, help="Head to show (head, generated) \\[default: 0 / all]."),
     at: Optional[int] = typer.Option(None, help="Position of the query for focus and lens \\[default: last]."),
     generate_: Optional[int] = typer.Option(None, "--generate", help=f"Characters to sample for --view generated "
