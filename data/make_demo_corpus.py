@@ -21,13 +21,14 @@ def main(out: Path, val_out: Path) -> None:
         if not text.isascii():
             continue
         for part, limit in ((train, LIMIT), (val, HELD_OUT)):
-            if sum(map(len, part)) + len(text) <= limit:
+            if sum(map(len, part)) + len(part) + len(text) <= limit:  # (len(part): the newlines joining them)
                 part.append(text)
                 break
     for path, part in ((out, train), (val_out, val)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(part), encoding="utf-8")
-        print(f"wrote {path}: {sum(map(len, part)):,} characters from {len(part)} standard-library modules")
+        text = "\n".join(part)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}: {len(text):,} characters from {len(part)} standard-library modules")
 
 
 if __name__ == "__main__":
