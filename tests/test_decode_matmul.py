@@ -26,7 +26,7 @@ def reference(x, w, add=None):
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16, 17, 40])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 16, 17, 40])
 @pytest.mark.parametrize("N, K", [(65, 256), (16, 8), (48, 38), (1, 1024), (35, 6)])
 def test_a_product_is_the_rounded_operands_product(dtype, M, N, K):
     needs(dtype)
@@ -135,6 +135,20 @@ def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
         product = reference(unit(x), w)
         expected = add.double() + (product.relu().square() if relu2 else product)
         torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-4)
+    # ...and its whole decode step (4 rows a pass, 8-wide vectors, F16C's conversion for the embedding)
+    from tfcli import decode_attention
+    if decode_attention.kernel() is None:
+        return
+    lib.decode_step.argtypes, lib.decode_step.restype = decode_matmul.STEP_ARGS, ctypes.c_int
+    model = tiny_model()
+    for dtype, B in ((torch.float16, 6), (torch.float32, 1)):
+        kv_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+        native_build, avx2 = (model.new_cache(B, dtype, pack=True, kv_dtype=kv_dtype) for _ in range(2))
+        avx2.fused.fn = lib.decode_step
+        for pos in range(model.config.block_size + 3):
+            idx = torch.randint(50, (B,))
+            torch.testing.assert_close(model.decode(idx, pos, avx2), model.decode(idx, pos, native_build),
+                                       atol=2e-4, rtol=1e-3)  # (sums in another order, through every layer)
 
 
 NO_AMX_CHECK = """
@@ -238,6 +252,10 @@ def test_the_c_step_is_taken_only_where_every_piece_has_its_kernel():
     assert decode_matmul.Step.for_cache(weights, kv.double(), 3, decode_attention.kernel()) is None  # no kernel for it
     mixed = (weights[0], weights[1], model.inference_weights(torch.float32)[2])  # a head left unpacked
     assert decode_matmul.Step.for_cache(mixed, kv, 3, decode_attention.kernel()) is None
+    many = decode_matmul.MANY_ROWS + 1  # where Packed hands float32 products to PyTorch, the step does too
+    assert model.new_cache(many, torch.float32, pack=True).fused is None
+    if torch.float16 in decode_matmul.dtypes():
+        assert model.new_cache(many, torch.float16, pack=True, kv_dtype=torch.float16).fused is not None
 
 
 @torch.no_grad()
@@ -251,5 +269,8 @@ def test_the_c_step_refuses_token_ids_outside_the_vocabulary():
     for bad in (50, -1):
         with pytest.raises(IndexError, match="outside"):
             model.decode(torch.tensor([0, bad]), 0, cache)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(ValueError, match="2 token ids"):
         model.decode(torch.tensor([0]), 0, cache)  # one id for two sequences
+    plain = model.new_cache(2, torch.float32, pack=False)
+    ids = torch.tensor([3, 7], dtype=torch.int32)  # as F.embedding takes them
+    torch.testing.assert_close(model.decode(ids, 0, cache), model.decode(ids.long(), 0, plain), atol=1e-5, rtol=1e-5)

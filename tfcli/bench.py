@@ -130,6 +130,7 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
             one = result["sample"][name] = sample_speed(SHAPES[name], device)
             sixteen = sample_speed(SHAPES[name], device, batch=16)  # as long as one sample's, median of 3 too
             one["num_samples_16_cost"] = one["chars_per_s"] / sixteen["chars_per_s"]  # x one sample's time
+            one["num_samples_16_dtype"] = sixteen["dtype"]  # (batches may decode from other weights: decode_dtype)
     # `sample --compile` pays off at this size only, and only where the C kernel does not run
     if (shapes is None or "0.8M" in shapes) and compile and not result["decode_kernel"]:
         fast = sample_speed(SHAPES["0.8M"], device, n_chars=2000, compile=True)

@@ -963,6 +963,8 @@ def bench(
         rate = f"{s['chars_per_s']:,.0f} {s['dtype']}" if s else "–"
         compiled = f"{s['compiled_chars_per_s']:,.0f}" if "compiled_chars_per_s" in s else "–"
         batch = f"{s['num_samples_16_cost']:.1f}x one's time" if "num_samples_16_cost" in s else "–"
+        if s.get("num_samples_16_dtype", s.get("dtype")) != s.get("dtype"):  # (a batch's own weights)
+            batch += f" {s['num_samples_16_dtype']}"
         t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
                   f"{r['peak_fraction']:.0%}", rate, compiled, batch)
     if result["sample"]:

@@ -21,8 +21,8 @@
  *
  * And decode_step: a whole decode step, these matmuls and decode_attention.c's kernel, in one call.
  *
- * `features()` says which were compiled in (and 4: AMX, usable in this process); tfcli/decode_matmul.py uses only those. Columns past
- * N in the last block are zero weights and are not stored. `flags` fold in what surrounds a
+ * `features()` says which were compiled in (and 4: AMX, usable in this process); tfcli/decode_matmul.py uses only those. The last
+ * block's columns past N are zero weights (stored, by the layout), whose products are not written. `flags` fold in what surrounds a
  * matmul in the step: UNIT takes rows of x at unit length (RMSNorm: three PyTorch kernels),
  * RELU2 squares the positive part of the product (the MLP's activation: two). Threads: OpenMP over
  * blocks of columns, where tfcli/native.py builds with it.
@@ -409,7 +409,8 @@ int matmul_bf16(const float *x, const uint16_t *w, const float *add, float *y, i
  * head. x: (B, C) float32, the residual stream; work: B * (4C + F) floats; logits: (B, V). The
  * attention is decode_attention.c's step_f32 or step_f16 for the ring's type, passed by address;
  * layer l's ring starts ring_layer bytes after layer l - 1's, and the rest of its arguments are
- * that kernel's. 0; -1 when a matmul found no memory, -2 for a token id outside [0, V). */
+ * that kernel's. 0; -1 when a matmul found no memory, -2 for a token id outside [0, V). (After a -1,
+ * earlier layers have stored this position's keys and values: the step is to be taken again or not at all.) */
 typedef void (*attention_step)(const float *qkv, const float *cos, const float *sin, void *ring, int64_t rkv,
                                int64_t rb, int64_t rh, const int64_t *slot, int64_t n, int64_t B, int64_t H,
                                int64_t D, float scale, float *out, int threads);
@@ -431,7 +432,11 @@ static float weight_at(int kind, const void *w, int64_t i) {
         memcpy(&f, &bits, sizeof f);
         return f;
     }
+#if defined(__AVX512F__) /* (F16C's _cvtsh_ss is not implied by a hand-picked -mavx512f) */
+    return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16((short)h)));
+#else
     return _cvtsh_ss(h);
+#endif
 }
 
 int decode_step(int kind, const void *wte, const void *const *weights, const int64_t *idx, int64_t L, int64_t B,

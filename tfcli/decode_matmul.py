@@ -130,8 +130,8 @@ class Step:
         self.C, self.F, self.V = wte.size(1), layers[0][2].n, head.n
         matrices = [w for layer in layers for w in layer] + [head]
         self.addresses = (ctypes.c_void_p * len(matrices))(*(w.data.data_ptr() for w in matrices))
-        self.x = torch.empty(self.B, self.C)
-        self.work = torch.empty(self.B * (4 * self.C + self.F))
+        self.x = torch.empty(self.B, self.C, dtype=torch.float32)  # (whatever torch's default dtype)
+        self.work = torch.empty(self.B * (4 * self.C + self.F), dtype=torch.float32)
         self.attention = ctypes.cast(attention, ctypes.c_void_p).value
         self.scale = D ** 0.5  # keys are cached unit-length (see tfcli.model.cached_step)
         self.fn = library().decode_step
@@ -144,6 +144,8 @@ class Step:
         matrices = [w for layer in layers for w in layer] + [head]
         if attention is None or kv.device.type != "cpu" or not kv.is_contiguous():
             return None
+        if kv.size(2) > MANY_ROWS and head.dtype != torch.float16:  # where `Packed` hands products to PyTorch
+            return None
         if not all(isinstance(w, Packed) and w.dtype == head.dtype for w in matrices) or wte.dtype != head.dtype:
             return None
         fn = attention.fns.get(kv.dtype)
@@ -153,10 +155,10 @@ class Step:
                  n: int) -> torch.Tensor:
         """Logits (B, V) for one new token per sequence (`idx`, B int64), its key and value stored in
         ring slot `slot` (one int64), attending to slots [0, n); cos and sin: its rotary rows (D)."""
-        idx, cos, sin = idx.reshape(-1).contiguous(), cos.contiguous(), sin.contiguous()
-        if idx.numel() != self.B or idx.dtype != torch.int64 or slot.dtype != torch.int64:
-            raise ValueError(f"decode_matmul.Step: {self.B} int64 token ids and an int64 slot number")
-        logits = torch.empty(self.B, self.V)
+        idx, cos, sin = idx.reshape(-1).to(torch.int64).contiguous(), cos.float().contiguous(), sin.float().contiguous()
+        if idx.numel() != self.B or slot.dtype != torch.int64:
+            raise ValueError(f"decode_matmul.Step: {self.B} token ids and an int64 slot number")
+        logits = torch.empty(self.B, self.V, dtype=torch.float32)
         kv = self.kv
         failed = self.fn(self.kind, self.weights[0].data_ptr(), self.addresses, idx.data_ptr(), self.L, self.B,
                          self.C, self.F, self.V, self.x.data_ptr(), self.work.data_ptr(), logits.data_ptr(),

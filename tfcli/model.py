@@ -52,7 +52,8 @@ class KVCache:
     attention depends only on relative position, so the order of slots is irrelevant.
     Everything a decode step indexes (rotary tables, slot numbers, and the masks of the
     compiled step, which always reads the whole ring) is made here once, so the step itself
-    allocates nothing but its activations.
+    allocates nothing but its activations. `fused` is the step in one C call
+    (`decode_matmul.Step`) where every piece has its kernel, else None.
     """
 
     def __init__(self, model: GPT, batch: int, dtype: torch.dtype, pack: bool = False,

@@ -91,7 +91,8 @@ HALF_WEIGHTS_FROM = 8 << 20  # bytes of float32 weights; see decode_dtype
 
 
 def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
-    """Half-precision weights for CPU models whose float32 weights outgrow a last-level cache.
+    """The weights' dtype for sampling `batch` sequences: half precision for CPU models whose
+    float32 weights outgrow a last-level cache, and for batches where the CPU computes bfloat16.
 
     A one-character step reads every weight once, so a big model's step is bound by memory
     bandwidth: the 10.7M shape (43 MB of float32) decodes about 3x faster from half as many
