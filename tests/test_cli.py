@@ -729,6 +729,14 @@ def test_eval_text_summary(model, trained):
     assert "bits/char" in out and "perplexity" in out
 
 
+def test_eval_reads_stdin_for_dash(model, trained):
+    text = (trained / "names.txt").read_text()
+    piped = json.loads(ok("eval", "-", "-m", model, "--json", input=text).stdout)
+    assert piped == json.loads(ok("eval", trained / "names.txt", "-m", model, "--json").stdout)
+    assert "goes alone" in refused(2, "eval", "-", trained / "names.txt", "-m", model, input=text)
+    assert "nul bytes" in refused(2, "eval", "-", "-m", model, input="an\x00na")
+
+
 def test_eval_of_two_characters_scores_one_char(model, tmp_path):
     (tmp_path / "two.txt").write_text("an")
     assert ok("eval", tmp_path / "two.txt", "-m", model).stdout.startswith("1 char: loss")

@@ -858,7 +858,8 @@ def inspect_attention(
 @app.command("eval")
 @handle_errors
 def eval_(
-    file: list[Path] = typer.Argument(..., help="Held-out text files.", metavar="FILE", show_default=False),
+    file: list[Path] = typer.Argument(..., help="Held-out text files ('-': stdin).", metavar="FILE",
+                                      show_default=False),
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     batch_size: int = typer.Option(32, help="Windows scored at once."),
     as_json: bool = typer.Option(False, "--json", help='Print {"chars", "loss", "bpc", "perplexity"}.'),

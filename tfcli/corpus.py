@@ -16,6 +16,7 @@ import codecs
 import functools
 import hashlib
 import re
+import sys
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,9 +76,15 @@ def _looks_binary(f: Path, n: int = 8192) -> bool:
 
 
 def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict") -> str:
-    """All files joined in order; refuses binary data with a hint instead of training on it."""
-    files = list_files(paths, nul_free=_nul_free(encoding))
-    text = "".join(piece for _, piece in iter_text(files, encoding, errors))
+    """All files joined in order, or standard input for the one path `-`; refuses binary data with
+    a hint instead of training on it."""
+    if any(str(p) == "-" for p in paths):
+        if len(paths) > 1:
+            raise UsageError("'-' reads standard input, which goes alone: give it or files")
+        text = _decode_stdin(encoding, errors)
+    else:
+        files = list_files(paths, nul_free=_nul_free(encoding))
+        text = "".join(piece for _, piece in iter_text(files, encoding, errors))
     if not text:
         raise UsageError(f"{_names(paths)}: empty corpus, no text to read")
     return text
@@ -140,6 +147,13 @@ def _decode(decoder: codecs.IncrementalDecoder, raw: bytes, f: Path, offset: int
                          "pass --encoding NAME, or --errors replace to substitute bad bytes") from None
     except UnicodeError as e:  # a codec's complaint about the whole stream (UTF-16 without its BOM)
         raise UsageError(f"{f}: not valid {encoding} ({e}); pass the file's --encoding") from None
+
+
+def _decode_stdin(encoding: str, errors: str) -> str:
+    raw = sys.stdin.buffer.read()
+    if b"\x00" in raw and _is_utf8(encoding):
+        raise UsageError("stdin: contains NUL bytes, so it is probably not text (use --encoding if it is UTF-16/32)")
+    return _decode(_decoder(encoding, errors), raw, Path("stdin"), 0, encoding, final=True)
 
 
 def _names(paths: list[Path]) -> str:
