@@ -584,6 +584,13 @@ def test_attention_shows_prompt_characters_with_visible_spaces(in_trained):
     assert "L0 H0" not in out  # with no --view: the last layer's heads
 
 
+def test_attention_takes_the_unknown_policy_of_sample(model):
+    assert "--unknown skip|replace" in refused(2, "inspect-attention", "-m", model, "--prompt", "ANNA bob")
+    skipped = ok("inspect-attention", "-m", model, "--prompt", "ANNA bob", "--unknown", "skip")
+    assert "␣bob" in skipped.stdout and "dropped unknown characters" in skipped.stderr
+    assert "anna␣bob" in ok("inspect-attention", "-m", model, "--prompt", "ANNA bob", "--unknown", "replace").stdout
+
+
 def test_attention_grid_view_shows_every_layer(model):
     out = ok("inspect-attention", "-m", model, "--prompt", "anna bob", "--view", "grid").stdout
     assert all(f"L{layer} H{h}" in out for layer in (0, 1) for h in (0, 1))

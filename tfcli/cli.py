@@ -432,6 +432,11 @@ def read_stdin() -> str:
     return text
 
 
+def check_unknown(unknown: str) -> None:
+    if unknown not in ("error", "skip", "replace"):
+        raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
+
+
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
     """Apply the --unknown policy; error (default) names the characters the model never saw."""
     missing = vocab.unknown(prompt)
@@ -504,8 +509,7 @@ def sample(
     from .render.sample import prob_legend, styled
     from .sampling import collect, generate_pieces, is_greedy, kernel_decodes, new_seed
 
-    if unknown not in ("error", "skip", "replace"):
-        raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
+    check_unknown(unknown)
     if interactive:
         check_interactive(num_samples, as_json, stream, prompt, prompt_file)
     if logprobs and not as_json:
@@ -789,6 +793,7 @@ def inspect_attention(
     range_: Optional[str] = typer.Option(None, "--range", help="Prompt positions A:B to show (B excluded)."),
     export: Optional[Path] = typer.Option(None, help="Also write the view to FILE: .svg, .html, or .json "
                                           "(the raw weights)."),
+    unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip or replace (as in sample)."),
 ) -> None:
     """Show what the attention heads look at, as heatmaps in the terminal.
 
@@ -806,9 +811,10 @@ def inspect_attention(
     if aggregate_ is not None and head is not None:
         raise UsageError("--aggregate combines all of a layer's heads; give it or --head, not both")
     _check_export(export)
+    check_unknown(unknown)
     text = read_prompt(prompt, prompt_file)
     model = load(model_path)
-    text = fit_prompt(model.vocab, text, "error")
+    text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     att = attention(model, text)
     L, H = att.weights.shape[:2]
     if att.offset and view != "generated":
