@@ -396,3 +396,16 @@ def test_pick_draws_each_token_with_its_tempered_probability(temperature):
     expected = torch.tensor(PROBS, dtype=torch.double) ** (1 / temperature)
     expected /= expected.sum()
     assert (freq - expected).abs().max() < 0.01  # 4 standard errors at n = 40,000
+
+
+def test_aligned_pairs_shown_text_with_its_logprobs_in_linear_time():
+    from tfcli.sampling import Aligned
+    row = Aligned()
+    assert row.text == "" and row.add("", "a", -1.0) == []  # held back (a possible stop string)
+    assert row.add("ab", "b", -2.0) == [-1.0, -2.0]
+    assert row.add("c", "c", -3.0) == [-3.0] and row.text == "abc" and row.logprobs == [-1.0, -2.0, -3.0]
+    for _ in range(100_000):  # (a string grown by += was quadratic: minutes for a long --json sample)
+        row.add("x", "x", 0.0)
+    assert row.text == "abc" + "x" * 100_000 and len(row.logprobs) == 100_003
+    stream = Aligned(keep=False)  # a stream shows each piece once: nothing to keep
+    assert stream.add("ab", "b", -2.0) == [-2.0] and stream.text == "" and stream.logprobs == []

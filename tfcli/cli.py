@@ -579,7 +579,7 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
 
     stdout.print(prompt, style="bold", end="", markup=False)
     stdout.file.flush()
-    row, out, last = Aligned(), stdout.file, 0.0  # the first character is flushed at once
+    row, out, last = Aligned(keep=False), stdout.file, 0.0  # the first character is flushed at once
     ends_line = prompt.endswith("\n")
     for piece in pieces:
         lps = row.add(piece.texts[0], piece.chars[0], piece.logprobs[0] if piece.logprobs else None)

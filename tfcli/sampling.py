@@ -282,16 +282,24 @@ def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[li
 class Aligned:
     """Pairs shown text with the log-probs of its characters (stop matching delays and drops text)."""
 
-    def __init__(self):
+    def __init__(self, keep: bool = True):
         self.pending: list[float] = []
-        self.text, self.logprobs, self.stopped = "", [], False
+        self.parts: list[str] = []  # (joined when read: adding to one long string is quadratic)
+        self.logprobs, self.stopped, self.keep = [], False, keep  # keep=False: only align, for a stream
+
+    @property
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
 
     def add(self, shown: str, char: str, logprob: float) -> list[float]:
         if char:
             self.pending.append(logprob)
         lps, self.pending = self.pending[:len(shown)], self.pending[len(shown):]
-        self.text += shown
-        self.logprobs += lps
+        if shown and self.keep:
+            self.parts.append(shown)
+            self.logprobs += lps
         return lps
 
 
