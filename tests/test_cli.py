@@ -395,6 +395,23 @@ def test_several_samples_are_each_shown_after_the_prompt(model):
     assert "sample 1/2" in out and "sample 2/2" in out and out.count("kara") >= 2
 
 
+def test_a_batch_on_a_terminal_shows_each_sample_growing_then_prints_them_whole(model, monkeypatch):
+    import io
+    import re
+
+    from tfcli import cli
+    args = ("sample", "-m", model, "-p", "kara", "-n", "60", "--seed", "1", "--num-samples", "3")
+    piped = ok(*args).stdout
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, width=80))
+    ok(*args)
+    raw = screen.getvalue()
+    assert all(f"{i} │ \x1b[0mkara" in raw for i in (1, 2, 3))  # a line per sample while they grow...
+    final = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.rsplit("\x1b[2K", 1)[1])  # ...erased, then the samples
+    assert [line for line in final.splitlines() if "sample" not in line] == \
+        [line for line in piped.splitlines() if "sample" not in line]
+
+
 def test_empty_prompt_is_allowed(model):
     out = ok("sample", "-m", model, "--prompt", "", "-n", "20", "--seed", "1").stdout
     assert len(out.rstrip("\n")) > 0

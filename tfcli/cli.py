@@ -542,7 +542,10 @@ def sample(
     if cfg.num_samples == 1 and stream and not as_json:
         stream_one(text, pieces, color_by_prob)
         return
-    outs, interrupted = collect(pieces, cfg.num_samples)  # a Ctrl-C shows what was made, then exits 130
+    if cfg.num_samples > 1 and stream and not as_json and stdout.is_terminal and not stdout.is_dumb_terminal:
+        outs, interrupted = collect_watched(text, pieces, cfg.num_samples)
+    else:
+        outs, interrupted = collect(pieces, cfg.num_samples)  # a Ctrl-C shows what was made, then exits 130
     if as_json:
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
         for out in outs:
@@ -559,6 +562,23 @@ def sample(
                          end="" if (text + out.text).endswith("\n") else "\n")
     if interrupted:
         raise KeyboardInterrupt
+
+
+def collect_watched(prompt: str, pieces, n: int):
+    """`collect`, with a line per sample on screen that follows it as it grows (gone at the end,
+    when the samples print whole): a batch that printed only at the end looked stuck."""
+    from rich.live import Live
+
+    from .render.sample import batch_progress
+    from .sampling import Aligned, collect
+
+    rows = [Aligned() for _ in range(n)]
+    width = stdout.size.width
+
+    def view():
+        return batch_progress(prompt, [row.tail(width) for row in rows], width)
+    with Live(console=stdout, transient=True, refresh_per_second=8, get_renderable=view):
+        return collect(pieces, n, rows)
 
 
 def warn_unmatchable_stops(stops: tuple[str, ...], vocab) -> None:

@@ -287,6 +287,10 @@ class Aligned:
         self.parts: list[str] = []  # (joined when read: adding to one long string is quadratic)
         self.logprobs, self.stopped, self.keep = [], False, keep  # keep=False: only align, for a stream
 
+    def tail(self, pieces: int) -> str:
+        """The last pieces shown, read without changing anything (safe from a thread that draws)."""
+        return "".join(self.parts[-pieces:])
+
     @property
     def text(self) -> str:
         if len(self.parts) > 1:
@@ -303,10 +307,11 @@ class Aligned:
         return lps
 
 
-def collect(pieces, n: int) -> tuple[list[Aligned], bool]:
+def collect(pieces, n: int, rows: list[Aligned] | None = None) -> tuple[list[Aligned], bool]:
     """Each sample's text, log-probs and whether a stop string ended it, and whether a Ctrl-C cut
-    them short: then they are what was made until then, for the caller to show rather than lose."""
-    rows = [Aligned() for _ in range(n)]
+    them short: then they are what was made until then, for the caller to show rather than lose.
+    `rows` (n of them) lets a caller watch them fill."""
+    rows = rows if rows is not None else [Aligned() for _ in range(n)]
     try:
         for piece in pieces:
             for row, shown, char, lp, stopped in zip(rows, piece.texts, piece.chars, piece.logprobs or [None] * n,

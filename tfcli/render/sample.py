@@ -26,3 +26,29 @@ def styled(text: str, logprobs: list[float]) -> Text:
     for ch, lp in zip(text, logprobs):
         out.append(ch, style=prob_style(lp))
     return out
+
+
+def tail_cells(text: str, cells: int) -> str:
+    """The end of `text` that fits in `cells` terminal columns, line breaks shown as ⏎."""
+    from rich.cells import cell_len
+
+    out, used = [], 0
+    for ch in reversed(text.replace("\n", "⏎")):
+        used += cell_len(ch)
+        if used > cells:
+            break
+        out.append(ch)
+    return "".join(reversed(out))
+
+
+def batch_progress(prompt: str, tails: list[str], width: int) -> Text:
+    """One line per sample while a batch generates: where each has got to (its last characters),
+    so a batch shows it is alive before the samples print whole at the end."""
+    lines = Text()
+    label = len(str(len(tails)))
+    for i, tail in enumerate(tails):
+        head = f"{i + 1:>{label}} │ "
+        lines.append(head, style="dim")
+        lines.append(tail_cells(prompt + tail, max(width - len(head) - 1, 1)))
+        lines.append("\n" if i + 1 < len(tails) else "")
+    return lines

@@ -1,0 +1,18 @@
+from rich.cells import cell_len
+
+from tfcli.render.sample import batch_progress, tail_cells
+
+
+def test_tail_cells_keeps_the_end_that_fits_and_shows_line_breaks():
+    assert tail_cells("hello\nworld", 7) == "o⏎world"
+    assert tail_cells("ab", 10) == "ab"
+    assert tail_cells("一二三四", 5) == "三四"  # two cells each: a third would not fit
+    assert cell_len(tail_cells("一二三四", 5)) <= 5
+
+
+def test_batch_progress_has_a_numbered_line_per_sample_within_the_width():
+    view = batch_progress("ROMEO:", ["\nWhat say you", "", "x" * 500], width=40)
+    lines = view.plain.split("\n")
+    assert [line.split(" │ ")[0] for line in lines] == ["1", "2", "3"]
+    assert lines[0].endswith("ROMEO:⏎What say you") and lines[1].endswith("ROMEO:")
+    assert all(cell_len(line) < 40 for line in lines) and lines[2].endswith("x")
