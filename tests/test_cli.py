@@ -577,6 +577,18 @@ def test_an_unexpected_error_in_a_command_reaches_the_caller_as_itself(monkeypat
         cli.run()
 
 
+def test_under_torchrun_an_unknown_flag_is_said_by_rank_0_only(monkeypatch, capsys):
+    from tfcli import cli
+    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(sys, "argv", ["tfcli", "train", "x.txt", "--bogus"])
+        with pytest.raises(SystemExit) as done:
+            cli.run()
+        assert done.value.code == 2 and ("no such option: --bogus" in capsys.readouterr().err.lower()) == said
+
+
 def test_on_off_flags_show_no_value_placeholder_in_help():
     for command in ("train", "sample", "eval", "info", "bench", "inspect-attention"):
         assert "<bool>" not in ok(command, "--help").stdout
@@ -757,8 +769,10 @@ def test_eval_reads_stdin_for_dash(model, trained):
     text = (trained / "names.txt").read_text()
     piped = json.loads(ok("eval", "-", "-m", model, "--json", input=text).stdout)
     assert piped == json.loads(ok("eval", trained / "names.txt", "-m", model, "--json").stdout)
-    assert "goes alone" in refused(2, "eval", "-", trained / "names.txt", "-m", model, input=text)
-    assert "nul bytes" in refused(2, "eval", "-", "-m", model, input="an\x00na")
+    assert "given once and alone" in refused(2, "eval", "-", trained / "names.txt", "-m", model, input=text)
+    assert "stdin: contains nul bytes" in refused(2, "eval", "-", "-m", model, input="an\x00na")
+    assert refused(2, "eval", "-", "-m", model, input="").startswith("error: stdin: empty")
+    assert refused(2, "eval", "-", "-m", model, input="ANNA").startswith("error: stdin: has characters")
 
 
 def test_eval_of_two_characters_scores_one_char(model, tmp_path):
@@ -857,6 +871,7 @@ def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(mo
     import typer
 
     from tfcli import cli
+    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0.0)
     for rank, code, said in [("0", 2, "error: bad flag"), ("1", 2, ""), ("1", 1, "error: rank 1: disk full")]:
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", rank)

@@ -148,9 +148,18 @@ def test_utf16_files_in_a_directory_are_text_when_the_encoding_says_so(tmp_path)
     assert read_text([d], encoding="utf-16") == "hello world\n"
 
 
-def test_stdin_as_a_corpus_is_refused_with_a_way_out():
+def test_stdin_as_a_training_corpus_is_refused_with_a_way_out():
+    # (training reads its text twice, and resuming needs it again; `eval -` reads stdin: read_text)
     with pytest.raises(UsageError, match="cannot come from stdin"):
-        read_text([Path("-")])
+        load_corpus([Path("-")])
+
+
+def test_read_text_takes_stdin_alone(monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("\ufeffhello\n".encode())))
+    assert read_text([Path("-")]) == "hello\n"  # (a byte-order mark is not text, as in files)
+    with pytest.raises(UsageError, match="once and alone"):
+        read_text([Path("-"), Path("x.txt")])
 
 
 def test_directory_without_text_files_is_refused(tmp_path):

@@ -16,3 +16,10 @@ def test_batch_progress_has_a_numbered_line_per_sample_within_the_width():
     assert [line.split(" │ ")[0] for line in lines] == ["1", "2", "3"]
     assert lines[0].endswith("ROMEO:⏎What say you") and lines[1].endswith("ROMEO:")
     assert all(cell_len(line) < 40 for line in lines) and lines[2].endswith("x")
+
+
+def test_batch_progress_fits_the_screen_and_counts_the_rest():
+    tails = ["abc"] * 12
+    lines = batch_progress("", tails, width=40, height=8).plain.split("\n")
+    assert len(lines) == 7 and lines[-1] == "… and 6 more" and lines[0].startswith(" 1 │ ")
+    assert len(batch_progress("", tails[:7], width=40, height=8).plain.split("\n")) == 7  # fits: all shown

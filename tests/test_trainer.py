@@ -207,13 +207,13 @@ def test_a_fresh_run_never_overwrites_a_saved_one(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     train(corpus, MODEL, replace(TRAIN, max_steps=3), tmp_path / "run")
     saved = (tmp_path / "run" / ckpt.MODEL_FILE).read_bytes()
-    with pytest.raises(UsageError, match="already holds a run; add --resume"):
-        train(corpus, MODEL, replace(TRAIN, max_steps=5, seed=2), tmp_path / "run")
+    with pytest.raises(UsageError, match="already holds a run; pass resume=True"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=5, seed=2), str(tmp_path / "run"))  # (a string, as in notebooks)
     assert (tmp_path / "run" / ckpt.MODEL_FILE).read_bytes() == saved
     (tmp_path / "run" / ckpt.STATE_FILE).unlink()
-    with pytest.raises(UsageError, match="no state.safetensors to resume from"):
+    with pytest.raises(UsageError, match="no state.safetensors to resume from, so train into another directory"):
         train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run")
-    assert train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run2").step == 5
+    assert train(corpus, MODEL, replace(TRAIN, max_steps=5), str(tmp_path / "run2")).step == 5
 
 
 def test_a_run_directory_in_use_by_another_training_is_refused(tmp_path):

@@ -183,7 +183,7 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
     checkpoint) moves that run's metrics aside (metrics.jsonl.prev1, 2...), so one log holds one run;
     one whose earlier run did save is refused (`refuse_finished_run`): its model is not overwritten."""
     if fresh:
-        refuse_finished_run(run_dir)
+        refuse_finished_run(run_dir, resume="pass resume=True to continue it", other="train into another directory")
     _create(run_dir)
     metrics = run_dir / METRICS_FILE
     if fresh and metrics.exists():
@@ -194,11 +194,13 @@ def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
             raise TfcliError(f"cannot move aside the old {metrics}: {e.strerror or e}") from None
 
 
-def refuse_finished_run(run_dir: Path) -> None:
-    """A fresh run may not start where a run has saved a model: say so in one line, with the way out."""
+def refuse_finished_run(run_dir: Path, resume: str = "add --resume to continue it",
+                        other: str = "pick another --out") -> None:
+    """A fresh run may not start where a run has saved a model: say so in one line, with the way out
+    (in the CLI's words by default; `make_run_dir` gives the library's)."""
     if (run_dir / MODEL_FILE).exists():
-        hint = ("add --resume to continue it, or pick another --out" if (run_dir / STATE_FILE).exists()
-                else f"it has no {STATE_FILE} to resume from, so pick another --out")
+        hint = (f"{resume}, or {other}" if (run_dir / STATE_FILE).exists()
+                else f"it has no {STATE_FILE} to resume from, so {other}")
         raise UsageError(f"{run_dir} already holds a run; {hint}")
 
 

@@ -74,11 +74,26 @@ def process_age() -> float:
         return 0.0
 
 
+def torchrun_rank() -> str:
+    """This process's rank under torchrun ("0" alone, or outside it)."""
+    return os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+
+
+def quiet_exit_delay() -> None:
+    """A rank that leaves rank 0 to say the error waits a moment first: torchrun stops every process
+    once one exits, and could cut rank 0 off before it has said it."""
+    time.sleep(QUIET_RANK_WAIT_S)
+
+
+QUIET_RANK_WAIT_S = 1.0
+
+
 def fail(message: str, code: int) -> None:
     """One error line, and the exit. Under torchrun a usage error is every process's (the same flags),
     so only rank 0 says it; other errors say which rank met them."""
-    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    rank = torchrun_rank()
     if rank != "0" and code == 2:
+        quiet_exit_delay()
         raise typer.Exit(code)
     where = f"rank {rank}: " if rank != "0" else ""
     stderr.print(Text.assemble(("error:", "bold red"), " ", where + message.replace("\n", " ")), soft_wrap=True)
@@ -573,10 +588,10 @@ def collect_watched(prompt: str, pieces, n: int):
     from .sampling import Aligned, collect
 
     rows = [Aligned() for _ in range(n)]
-    width = stdout.size.width
+    width, height = stdout.size
 
     def view():
-        return batch_progress(prompt, [row.tail(width) for row in rows], width)
+        return batch_progress(prompt, [row.tail(width) for row in rows], width, height)
     with Live(console=stdout, transient=True, refresh_per_second=8, get_renderable=view):
         return collect(pieces, n, rows)
 
@@ -896,7 +911,7 @@ def eval_(
     """Loss on held-out text: every character scored once, in windows of the model's context."""
     from tqdm import tqdm
 
-    from .corpus import read_text, show_char
+    from .corpus import read_text, show_char, source_names
     from .evaluation import evaluate
 
     if batch_size <= 0:
@@ -907,7 +922,7 @@ def eval_(
     model = load(model_path, device)
     missing = model.vocab.unknown(text)
     if missing:
-        raise UsageError(f"{', '.join(map(str, file))}: has characters the model never saw "
+        raise UsageError(f"{source_names(file)}: has characters the model never saw "
                          f"({' '.join(show_char(c) for c in missing[:10])}); evaluate on text like its corpus")
     ids = model.vocab.encode(text)
     if len(ids) < 2:
@@ -1013,10 +1028,13 @@ def run() -> None:
     try:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as e:
-        if type(e).__name__ != "NoArgsIsHelpError":  # (that one has printed the help, its whole message)
+        if type(e).__name__ != "NoArgsIsHelpError" and torchrun_rank() == "0":  # (NoArgsIsHelp has printed
+            # the help, its whole message; under torchrun rank 0 says what is wrong with the flags)
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
+        elif torchrun_rank() != "0":
+            quiet_exit_delay()
         code = e.exit_code
     except typer.Abort as e:  # (typer's for an EOFError or a Ctrl-C outside a command; click's in older typers)
         if isinstance(e.__context__ or e.__cause__, KeyboardInterrupt):

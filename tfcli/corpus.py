@@ -80,13 +80,13 @@ def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict"
     a hint instead of training on it."""
     if any(str(p) == "-" for p in paths):
         if len(paths) > 1:
-            raise UsageError("'-' reads standard input, which goes alone: give it or files")
+            raise UsageError("'-' (stdin) is given once and alone, not with files")
         text = _decode_stdin(encoding, errors)
     else:
         files = list_files(paths, nul_free=_nul_free(encoding))
         text = "".join(piece for _, piece in iter_text(files, encoding, errors))
     if not text:
-        raise UsageError(f"{_names(paths)}: empty corpus, no text to read")
+        raise UsageError(f"{source_names(paths)}: empty corpus, no text to read")
     return text
 
 
@@ -154,6 +154,11 @@ def _decode_stdin(encoding: str, errors: str) -> str:
     if b"\x00" in raw and _is_utf8(encoding):
         raise UsageError("stdin: contains NUL bytes, so it is probably not text (use --encoding if it is UTF-16/32)")
     return _decode(_decoder(encoding, errors), raw, Path("stdin"), 0, encoding, final=True)
+
+
+def source_names(paths: list[Path]) -> str:
+    """The files read, for messages; `-` is stdin."""
+    return "stdin" if [str(p) for p in paths] == ["-"] else _names(paths)
 
 
 def _names(paths: list[Path]) -> str:

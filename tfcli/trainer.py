@@ -244,6 +244,7 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     says); events reach `on_event` on rank 0 only.
     """
     started_at = time.monotonic() if started_at is None else started_at
+    run_dir = Path(run_dir)  # (a notebook passes a string)
     cfg.validate()  # (the CLI's flags are checked already; a notebook's config is checked here)
     if cfg.max_steps is None and cfg.time_budget is None and cfg.epochs is None:
         raise UsageError("give a budget: --time, --max-steps and/or --epochs")

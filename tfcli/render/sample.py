@@ -41,14 +41,18 @@ def tail_cells(text: str, cells: int) -> str:
     return "".join(reversed(out))
 
 
-def batch_progress(prompt: str, tails: list[str], width: int) -> Text:
+def batch_progress(prompt: str, tails: list[str], width: int, height: int = 1000) -> Text:
     """One line per sample while a batch generates: where each has got to (its last characters),
-    so a batch shows it is alive before the samples print whole at the end."""
+    so a batch shows it is alive before the samples print whole at the end. At most `height - 1`
+    lines: a view taller than the screen cannot be erased, and the rest are counted instead."""
     lines = Text()
     label = len(str(len(tails)))
-    for i, tail in enumerate(tails):
+    shown = tails if len(tails) < height else tails[:max(height - 2, 0)]
+    for i, tail in enumerate(shown):
         head = f"{i + 1:>{label}} │ "
         lines.append(head, style="dim")
         lines.append(tail_cells(prompt + tail, max(width - len(head) - 1, 1)))
         lines.append("\n" if i + 1 < len(tails) else "")
+    if len(shown) < len(tails):
+        lines.append(f"… and {len(tails) - len(shown)} more", style="dim")
     return lines
