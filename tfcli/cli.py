@@ -318,9 +318,9 @@ def train(
     except UsageError as e:  # name what the user did not type: "--n-head (4)" came from the preset
         implied = [f"--{k.replace('_', '-')} {getattr(shape, k)}" for k, v in given.items()
                    if v is None and f"--{k.replace('_', '-')} (" in e.message]
-        source = "the resumed model" if base_model else f"the {preset} preset"
-        raise UsageError(e.message + (f" ({', '.join(implied)} is {source}'s; give it too)" if implied else "")) \
-            from None
+        source = "the resumed model" if base_model else f"--preset {preset}"
+        raise UsageError(e.message + (f" ({', '.join(implied)} comes from {source}; give it too)" if implied
+                                      else "")) from None
     with_overrides(TrainConfig(), batch_size=batch_size, lr=lr, eval_interval=eval_interval, eval_steps=eval_steps,
                    grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, time_budget=budget, dtype=dtype,
                    optimizer=optimizer, seed=seed).validate()
