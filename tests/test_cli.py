@@ -618,6 +618,7 @@ def test_attention_takes_the_unknown_policy_of_sample(model):
     skipped = ok("inspect-attention", "-m", model, "--prompt", "ANNA bob", "--unknown", "skip")
     assert "␣bob" in skipped.stdout and "dropped unknown characters" in skipped.stderr
     assert "anna␣bob" in ok("inspect-attention", "-m", model, "--prompt", "ANNA bob", "--unknown", "replace").stdout
+    assert "nothing is left" in refused(2, "inspect-attention", "-m", model, "--prompt", "ANNA", "--unknown", "skip")
 
 
 def test_attention_grid_view_shows_every_layer(model):

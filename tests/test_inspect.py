@@ -129,6 +129,11 @@ def test_head_matching_nothing_well_is_labelled_mixed():
     assert got.label == "mixed", got.scores
 
 
+def test_a_one_character_prompt_is_too_short_to_label():
+    got = score_heads(np.ones((1, 2, 1, 1)), np.array([7]))
+    assert [h.label for h in got] == ["too short", "too short"]
+
+
 def test_scores_keep_layer_and_head_numbers_and_skip_undefined_patterns():
     w = np.concatenate([pattern(lambda q: 0), pattern(lambda q: q)], axis=1)  # (1, 2, T, T)
     got = score_heads(w, np.arange(4 * HALF)[:2 * HALF] % 100, layers=[3])

@@ -856,7 +856,9 @@ def inspect_attention(
     check_unknown(unknown)
     text = read_prompt(prompt, prompt_file)
     model = load(model_path)
-    text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
+    typed, text = text, fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
+    if typed and not text:
+        raise UsageError("nothing is left of the prompt once its unknown characters are dropped")
     att = attention(model, text)
     L, H = att.weights.shape[:2]
     if att.offset and view != "generated":

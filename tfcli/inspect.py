@@ -62,7 +62,7 @@ class HeadPattern:
     head: int
     scores: dict[str, float]  # pattern -> mean attention share on its targets (nan: never defined)
     entropy: float  # mean row entropy / log(keys available): 0 = one key, 1 = uniform
-    label: str  # a pattern name, "diffuse" or "mixed"
+    label: str  # a pattern name, "diffuse", "mixed", or "too short" (one character: nothing to choose from)
 
 
 def pattern_targets(ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -97,6 +97,8 @@ def _entropy(w: np.ndarray) -> float:
 
 
 def _label(scores: dict[str, float], entropy: float, threshold: float) -> str:
+    if not np.isfinite(entropy) and not any(np.isfinite(s) for s in scores.values()):
+        return "too short"  # one position: it attends to itself, and no pattern is defined
     specific = {n: s for n, s in scores.items() if n in SPECIFIC and np.isfinite(s)}
     best = max(specific, key=lambda n: specific[n], default=None)  # ties: earlier in SPECIFIC wins
     if best is not None and specific[best] >= threshold:
