@@ -79,13 +79,13 @@ def torchrun_rank() -> str:
     return os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
 
 
+QUIET_RANK_WAIT_S = 1.0
+
+
 def quiet_exit_delay() -> None:
     """A rank that leaves rank 0 to say the error waits a moment first: torchrun stops every process
     once one exits, and could cut rank 0 off before it has said it."""
     time.sleep(QUIET_RANK_WAIT_S)
-
-
-QUIET_RANK_WAIT_S = 1.0
 
 
 def fail(message: str, code: int) -> None:
