@@ -850,10 +850,10 @@ def test_attention_help_says_weights_are_not_an_explanation():
 
 def test_sample_compile_says_when_the_c_kernel_makes_it_pointless(model, monkeypatch):
     import tfcli.sampling
-    monkeypatch.setattr(tfcli.sampling, "kernel_decodes", lambda device: True)
+    monkeypatch.setattr(tfcli.sampling, "native_decodes", lambda model, batch, cfg: True)
     assert "--compile is not used" in ok("sample", "-m", model, "-p", "kara", "-n", "5", "--seed", "1",
                                          "--compile").stderr
-    monkeypatch.setattr(tfcli.sampling, "kernel_decodes", lambda device: False)
+    monkeypatch.setattr(tfcli.sampling, "native_decodes", lambda model, batch, cfg: False)
     monkeypatch.setattr("tfcli.model.GPT.compiled_decoder", lambda self, cache: self.decode)  # no seconds compiling
     assert "--compile is not used" not in ok("sample", "-m", model, "-p", "kara", "-n", "5", "--seed", "1",
                                              "--compile").stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tfcli.decode_matmul as decode_matmul
-from tfcli import native
+from tfcli import native, native_decoder
 from tfcli.model import unit
 
 
@@ -117,7 +117,7 @@ def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
     if not {"avx2", "f16c", "fma"} <= set(flags):
         pytest.skip("this CPU has no AVX2, F16C and FMA")
     path = tmp_path / "avx2.so"
-    assert native.build(native.compiler(), ["-O3", "-mavx2", "-mf16c", "-mfma"], decode_matmul.SOURCE, path)
+    assert native.build(native.compiler(), ["-O3", "-mavx2", "-mf16c", "-mfma"], native_decoder.MATMUL_SOURCE, path)
     lib = ctypes.CDLL(str(path))
     lib.features.restype = ctypes.c_int
     lib.matmul_f16.argtypes = lib.matmul_f32.argtypes = decode_matmul.ARGS
@@ -136,18 +136,18 @@ def test_an_avx2_build_multiplies_float16_the_same(tmp_path):
         expected = add.double() + (product.relu().square() if relu2 else product)
         torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-4)
     # ...and its whole decode step (4 rows a pass, 8-wide vectors, F16C's conversion for the embedding)
-    from tfcli import decode_attention
-    if decode_attention.kernel() is None:
+    from tfcli.sampling import native_weights
+    if native_decoder.attention_step("float16") is None:
         return
-    lib.decode_step.argtypes, lib.decode_step.restype = decode_matmul.STEP_ARGS, ctypes.c_int
+    lib.decode_step.argtypes, lib.decode_step.restype = native_decoder.STEP_ARGS, ctypes.c_int
     model = tiny_model()
-    for dtype, B in ((torch.float16, 6), (torch.float32, 1)):
-        kv_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-        native_build, avx2 = (model.new_cache(B, dtype, pack=True, kv_dtype=kv_dtype) for _ in range(2))
-        avx2.fused.fn = lib.decode_step
+    for dtype, B in (("float16", 6), ("float32", 1)):
+        native_build, avx2 = (native_decoder.Decoder(native_weights(model, dtype), B) for _ in range(2))
+        avx2.fn = lib.decode_step
         for pos in range(model.config.block_size + 3):
-            idx = torch.randint(50, (B,))
-            torch.testing.assert_close(model.decode(idx, pos, avx2), model.decode(idx, pos, native_build),
+            idx = torch.randint(50, (B,)).numpy()
+            torch.testing.assert_close(torch.from_numpy(avx2.decode(idx, pos)),
+                                       torch.from_numpy(native_build.decode(idx, pos)),
                                        atol=2e-4, rtol=1e-3)  # (sums in another order, through every layer)
 
 
@@ -193,14 +193,18 @@ def test_float64_is_not_taken():
 
 
 def test_tfcli_no_kernel_turns_it_off(monkeypatch):
-    from tfcli import native
+    from tfcli import native, native_decoder
+    caches = (native._load, native_decoder.step_library, native_decoder.attention_step, decode_matmul.library)
     monkeypatch.setenv("TFCLI_NO_KERNEL", "1")
-    native.load.cache_clear(), decode_matmul.library.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     try:
-        assert decode_matmul.dtypes() == ()
+        assert decode_matmul.dtypes() == () and native_decoder.kinds() == ()
+        assert not native_decoder.runs("float32", 1)
     finally:
         monkeypatch.undo()
-        native.load.cache_clear(), decode_matmul.library.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
 
 
 def tiny_model(n_layer=2, n_head=3, n_embd=48, block_size=8):
@@ -211,66 +215,3 @@ def tiny_model(n_layer=2, n_head=3, n_embd=48, block_size=8):
     for p in model.parameters():  # (zero-initialised projections would hide half the step)
         torch.nn.init.normal_(p, std=0.1)
     return model
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B", [1, 3, 16])
-def test_the_whole_step_in_c_is_the_layer_by_layer_step(dtype, B):
-    # decode_step does in one call what model.cached_step does kernel by kernel, on the same weights
-    from tfcli import decode_attention
-    from tfcli.model import cached_step
-    needs(dtype)
-    if decode_attention.kernel() is None:
-        pytest.skip("no attention kernel here")
-    model = tiny_model()
-    kv_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-    fused, plain = (model.new_cache(B, dtype, pack=True, kv_dtype=kv_dtype) for _ in range(2))
-    assert isinstance(fused.fused, decode_matmul.Step)
-    for pos in range(2 * model.config.block_size + 3):  # past the ring's end: slots are reused
-        idx = torch.randint(50, (B,))
-        cos, sin, slot, kv = plain.step(pos)
-        expected = cached_step(idx.view(-1, 1), cos, sin, slot, None, kv, plain.weights, model.config.n_head)
-        got = model.decode(idx, pos, fused)
-        assert got.shape == (B, 50) and got.dtype == torch.float32
-        torch.testing.assert_close(got, expected, atol=0, rtol=0)  # the same kernels in the same order
-        assert torch.equal(fused.kv, plain.kv)
-
-
-@torch.no_grad()
-def test_the_c_step_is_taken_only_where_every_piece_has_its_kernel():
-    from tfcli import decode_attention
-    needs(torch.float32)
-    if decode_attention.kernel() is None:
-        pytest.skip("no attention kernel here")
-    model = tiny_model()
-    assert model.new_cache(2, torch.float32, pack=True).fused is not None
-    assert model.new_cache(2, torch.float32, pack=False).fused is None  # PyTorch's layout
-    weights = model.inference_weights(torch.float32, 2)
-    kv = model.new_cache(2, torch.float32).kv
-    assert decode_matmul.Step.for_cache(weights, kv, 3, None) is None  # no attention kernel
-    assert decode_matmul.Step.for_cache(weights, kv.double(), 3, decode_attention.kernel()) is None  # no kernel for it
-    mixed = (weights[0], weights[1], model.inference_weights(torch.float32)[2])  # a head left unpacked
-    assert decode_matmul.Step.for_cache(mixed, kv, 3, decode_attention.kernel()) is None
-    many = decode_matmul.MANY_ROWS + 1  # where Packed hands float32 products to PyTorch, the step does too
-    assert model.new_cache(many, torch.float32, pack=True).fused is None
-    if torch.float16 in decode_matmul.dtypes():
-        assert model.new_cache(many, torch.float16, pack=True, kv_dtype=torch.float16).fused is not None
-
-
-@torch.no_grad()
-def test_the_c_step_refuses_token_ids_outside_the_vocabulary():
-    from tfcli import decode_attention
-    needs(torch.float32)
-    if decode_attention.kernel() is None:
-        pytest.skip("no attention kernel here")
-    model = tiny_model()
-    cache = model.new_cache(2, torch.float32, pack=True)
-    for bad in (50, -1):
-        with pytest.raises(IndexError, match="outside"):
-            model.decode(torch.tensor([0, bad]), 0, cache)
-    with pytest.raises(ValueError, match="2 token ids"):
-        model.decode(torch.tensor([0]), 0, cache)  # one id for two sequences
-    plain = model.new_cache(2, torch.float32, pack=False)
-    ids = torch.tensor([3, 7], dtype=torch.int32)  # as F.embedding takes them
-    torch.testing.assert_close(model.decode(ids, 0, cache), model.decode(ids.long(), 0, plain), atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import TEXT
@@ -9,14 +10,29 @@ from hypothesis import strategies as st
 
 from tfcli.config import SampleConfig
 from tfcli.errors import UsageError
-from tfcli.sampling import StopMatcher, apply_penalties, collect, filter_logits, generate, generate_pieces, pick
+from tfcli.sampling import (
+    StopMatcher,
+    apply_penalties,
+    collect,
+    filter_logits,
+    generate,
+    generate_pieces,
+    new_rng,
+    pick,
+)
 
 PROBS = [0.15, 0.5, 0.05, 0.3]  # deliberately not sorted, so the filters' sort and scatter are exercised
-LOGITS = torch.tensor([[math.log(p) for p in PROBS]])
+LOGITS = np.array([[math.log(p) for p in PROBS]], dtype=np.float32)
 
 
-def kept(logits: torch.Tensor) -> list[int]:
-    return torch.isfinite(logits[0]).nonzero()[:, 0].tolist()
+def kept(logits: np.ndarray) -> list[int]:
+    return np.isfinite(logits[0]).nonzero()[0].tolist()
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Sampling through PyTorch's steps (as on GPUs, or batches of more rows than the C step takes)."""
+    monkeypatch.setattr("tfcli.native_decoder.runs", lambda dtype, batch: False)
 
 
 def text_of(model, prompt: str, cfg: SampleConfig, sample: int = 0) -> str:
@@ -46,7 +62,7 @@ def test_greedy_ignores_the_seed(model):
 
 
 def test_top_k_zero_is_off_in_the_library_too():
-    assert torch.equal(filter_logits(LOGITS, SampleConfig(top_k=0).validate()), LOGITS)
+    assert np.array_equal(filter_logits(LOGITS, SampleConfig(top_k=0).validate()), LOGITS)
 
 
 def test_top_k_one_is_greedy(model):
@@ -122,14 +138,12 @@ def test_collect_says_which_samples_a_stop_string_ended(model):
 
 
 def test_pick_at_zero_temperature_is_the_argmax():
-    gen = torch.Generator().manual_seed(0)
-    assert pick(LOGITS, 0.0, gen).tolist() == [1]
+    assert pick(LOGITS, 0.0, new_rng(0)).tolist() == [1]
 
 
 def test_pick_never_chooses_a_removed_token():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.tensor([[0.0, float("-inf"), 5.0, float("-inf")]]).repeat(200, 1)
-    assert set(pick(logits, 3.0, gen).tolist()) == {0, 2}
+    logits = np.array([[0.0, -np.inf, 5.0, -np.inf]] * 200, dtype=np.float32)
+    assert set(pick(logits, 3.0, new_rng(0)).tolist()) == {0, 2}
 
 
 @pytest.mark.parametrize("top_k, expected", [(1, [1]), (2, [1, 3]), (3, [0, 1, 3]), (4, [0, 1, 2, 3]),
@@ -156,23 +170,23 @@ def test_filters_leave_kept_logits_unchanged():
 
 
 def test_penalties_follow_llama_cpp():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    recent = torch.tensor([[0, 1, 1]])
+    logits = np.array([[2.0, -1.0, 0.5, 3.0]], dtype=np.float32)
+    recent = np.array([[0, 1, 1]])
     cfg = SampleConfig(repeat_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     # token 0: 2/2 - 0.5 - 0.25*1; token 1: -1*2 - 0.5 - 0.25*2; tokens 2, 3 unseen
     assert apply_penalties(logits, recent, cfg).tolist() == [[0.25, -3.0, 0.5, 3.0]]
 
 
 def test_repeat_penalty_only_looks_at_the_last_n_tokens():
-    logits = torch.tensor([[2.0, 2.0, 2.0, 2.0]])
-    history = torch.tensor([[0, 3, 3]])
+    logits = np.array([[2.0, 2.0, 2.0, 2.0]], dtype=np.float32)
+    history = np.array([[0, 3, 3]])
     out = filter_logits(logits, SampleConfig(repeat_penalty=2.0, repeat_last_n=2), history)
     assert out.tolist() == [[2.0, 2.0, 2.0, 1.0]]
 
 
 def test_no_penalties_means_history_is_ignored():
-    out = filter_logits(LOGITS, SampleConfig(), torch.tensor([[0, 1, 1]]))
-    assert torch.equal(out, LOGITS)
+    out = filter_logits(LOGITS, SampleConfig(), np.array([[0, 1, 1]]))
+    assert np.array_equal(out, LOGITS)
 
 
 def test_stop_string_is_cut_exactly():
@@ -221,11 +235,11 @@ def test_stop_matcher_output_is_the_text_up_to_the_first_stop(pieces, stops):
 
 
 def test_repeat_last_n_zero_turns_the_penalties_off():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    history = torch.tensor([[0, 1, 3]])
+    logits = np.array([[2.0, -1.0, 0.5, 3.0]], dtype=np.float32)
+    history = np.array([[0, 1, 3]])
     cfg = SampleConfig(repeat_penalty=2.0, presence_penalty=1.0, repeat_last_n=0)
-    assert torch.equal(filter_logits(logits, cfg, history), logits)
-    assert not torch.equal(filter_logits(logits, SampleConfig(repeat_penalty=2.0), history), logits)
+    assert np.array_equal(filter_logits(logits, cfg, history), logits)
+    assert not np.array_equal(filter_logits(logits, SampleConfig(repeat_penalty=2.0), history), logits)
 
 
 def test_repeat_last_n_minus_one_penalises_the_whole_context(model):
@@ -233,9 +247,9 @@ def test_repeat_last_n_minus_one_penalises_the_whole_context(model):
     whole = text_of(model, "hel", replace(cfg, repeat_last_n=-1))
     assert whole == text_of(model, "hel", replace(cfg, repeat_last_n=model.config.block_size))
     assert whole != text_of(model, "hel", replace(cfg, repeat_penalty=1.0))  # the penalty did act
-    history = torch.tensor([[0, 3, 3]])
-    out = filter_logits(torch.tensor([[2.0, 2.0, 2.0, 2.0]]), SampleConfig(repeat_penalty=2.0, repeat_last_n=-1),
-                        history)
+    history = np.array([[0, 3, 3]])
+    out = filter_logits(np.array([[2.0, 2.0, 2.0, 2.0]], dtype=np.float32),
+                        SampleConfig(repeat_penalty=2.0, repeat_last_n=-1), history)
     assert out.tolist() == [[1.0, 2.0, 2.0, 1.0]]
 
 
@@ -253,7 +267,7 @@ def test_sampling_settings_that_would_lose_every_logit_are_refused(changes, mess
 
 
 @pytest.mark.slow  # compiling the decode step takes seconds
-def test_compiled_decode_samples_the_same_text_as_eager_past_the_context(model, monkeypatch):
+def test_compiled_decode_samples_the_same_text_as_eager_past_the_context(model, monkeypatch, torch_path):
     monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: None)  # where the C kernel runs, nothing compiles
     n = 3 * model.config.block_size  # through the ring's wrap, where the mask switches to "all slots"
     for cfg in (SampleConfig(max_new_tokens=n, temperature=0.0, seed=1),
@@ -264,22 +278,23 @@ def test_compiled_decode_samples_the_same_text_as_eager_past_the_context(model, 
 
 
 def test_decode_dtype_halves_weights_only_for_models_that_outgrow_the_cache(model, monkeypatch):
-    import tfcli.device
+    import tfcli.native
+    import tfcli.native_decoder
     import tfcli.sampling as sampling
-    assert sampling.decode_dtype(model, 1) == torch.float32  # a test model is tiny
-    assert sampling.decode_dtype(model, 1, "bfloat16") == torch.bfloat16
-    monkeypatch.setattr(tfcli.device, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(sampling, "small_kernel", lambda model, dtype: True)  # ...and its steps run in C
-    assert sampling.decode_dtype(model, 2) == torch.float32
-    assert sampling.decode_dtype(model, 3) == torch.bfloat16
-    monkeypatch.setattr(sampling, "small_kernel", lambda model, dtype: False)
-    assert sampling.decode_dtype(model, 3) == torch.float32
+    assert sampling.decode_dtype(model, 1) == "float32"  # a test model is tiny
+    assert sampling.decode_dtype(model, 1, "bfloat16") == "bfloat16"
+    monkeypatch.setattr(tfcli.native, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(tfcli.native_decoder, "runs", lambda dtype, batch: True)  # ...and its steps run in C
+    assert sampling.decode_dtype(model, 2) == "float32"
+    assert sampling.decode_dtype(model, 3) == "bfloat16"
+    monkeypatch.setattr(tfcli.native_decoder, "runs", lambda dtype, batch: False)
+    assert sampling.decode_dtype(model, 3) == "float32"
     monkeypatch.setattr(sampling, "HALF_WEIGHTS_FROM", 0)
-    assert sampling.decode_dtype(model, 1) == torch.float16
-    monkeypatch.setattr(tfcli.device, "cpu_has_native_bf16", lambda: True)
-    assert sampling.decode_dtype(model, 16) == torch.bfloat16
-    monkeypatch.setattr(tfcli.device, "cpu_has_native_bf16", lambda: False)
-    assert sampling.decode_dtype(model, 16) == torch.float32
+    assert sampling.decode_dtype(model, 1) == "float16"
+    monkeypatch.setattr(tfcli.native, "cpu_has_native_bf16", lambda: True)
+    assert sampling.decode_dtype(model, 16) == "bfloat16"
+    monkeypatch.setattr(tfcli.native, "cpu_has_native_bf16", lambda: False)
+    assert sampling.decode_dtype(model, 16) == "float32"
 
 
 def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypatch):
@@ -299,18 +314,16 @@ def test_weights_are_packed_for_big_cpu_models_unless_compiling(model, monkeypat
     assert packs == [False, True, False, True, False]
 
 
-def test_small_cpu_models_step_in_c_where_both_kernels_run(model, monkeypatch):
-    # a small model's PyTorch step is per-call overhead; decode_matmul.Step does it in one call
-    import tfcli.decode_matmul as decode_matmul
+def test_cpu_models_step_in_c_where_the_kernels_run(model, monkeypatch):
+    # a small model's PyTorch step is per-call overhead; the native decoder's is one C call
+    import tfcli.native_decoder as native_decoder
     import tfcli.sampling as sampling
-    if torch.float32 not in decode_matmul.dtypes() or not sampling.kernel_decodes(torch.device("cpu")):
+    if not native_decoder.runs("float32", 1):
         pytest.skip("no C kernels here")
-    assert sampling.new_cache(model, 1, SampleConfig()).fused is not None
-    assert sampling.new_cache(model, 4, SampleConfig()).fused is not None
-    assert sampling.new_cache(model, 1, SampleConfig(dtype="float16")).fused is not None
-    monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: None)
-    assert sampling.new_cache(model, 1, SampleConfig()).fused is None  # one C matmul at a time is no faster
-    assert not sampling.small_kernel(model, torch.float32)
+    for batch, dtype in ((1, "auto"), (4, "auto"), (1, "float16")):
+        assert isinstance(sampling.new_decoder(model, batch, SampleConfig(dtype=dtype)), native_decoder.Decoder)
+    monkeypatch.setattr(native_decoder, "runs", lambda dtype, batch: False)
+    assert isinstance(sampling.new_decoder(model, 1, SampleConfig()), sampling.TorchDecoder)
 
 
 @pytest.mark.parametrize("built", [True, False])
@@ -329,7 +342,7 @@ def test_keys_and_values_are_half_only_with_half_weights_and_the_c_kernel_to_rea
     assert kinds == [torch.float32, half, half, half, torch.float32]
 
 
-def test_compile_applies_to_single_samples_only(model, monkeypatch):
+def test_compile_applies_to_single_samples_only(model, monkeypatch, torch_path):
     monkeypatch.setattr("tfcli.decode_attention.kernel", lambda: None)
     compiled = []
     monkeypatch.setattr(type(model), "compiled_decoder", lambda self, cache: compiled.append(cache) or self.decode)
@@ -351,7 +364,7 @@ def test_compile_is_not_used_where_the_c_kernel_decodes(model, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_packed_weights_sample_the_same_batch_as_plain_ones(model, monkeypatch, dtype):
+def test_packed_weights_sample_the_same_batch_as_plain_ones(model, monkeypatch, dtype, torch_path):
     import tfcli.model
     import tfcli.sampling as sampling
     from tfcli import decode_matmul
@@ -389,13 +402,12 @@ def test_logprobs_can_be_left_out():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_pick_draws_each_token_with_its_tempered_probability(temperature):
-    gen = torch.Generator().manual_seed(0)
     n = 40_000
-    draws = pick(LOGITS.expand(n, -1), temperature, gen)
-    freq = torch.bincount(draws, minlength=len(PROBS)).double() / n
-    expected = torch.tensor(PROBS, dtype=torch.double) ** (1 / temperature)
+    draws = pick(np.repeat(LOGITS, n, axis=0), temperature, new_rng(0))
+    freq = np.bincount(draws, minlength=len(PROBS)) / n
+    expected = np.array(PROBS) ** (1 / temperature)
     expected /= expected.sum()
-    assert (freq - expected).abs().max() < 0.01  # 4 standard errors at n = 40,000
+    assert np.abs(freq - expected).max() < 0.01  # 4 standard errors at n = 40,000
 
 
 def test_aligned_pairs_shown_text_with_its_logprobs_in_linear_time():

@@ -22,14 +22,17 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 
 from .config import ModelConfig
 from .corpus import Vocab
 from .errors import TfcliError, UsageError
+
+if TYPE_CHECKING:  # (imported where used: sampling reads checkpoints without PyTorch)
+    import torch
 
 FORMAT = "tfcli"
 FORMAT_VERSION = 1
@@ -70,6 +73,9 @@ def _umask() -> int:
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Tensors go to the CPU and contiguous memory first: the file records no device, so a
     checkpoint written on a GPU loads on a CPU (and back) with no conversion step."""
+    import torch
+    from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:  # a diverged run must not overwrite the last good checkpoint with NaNs
@@ -81,11 +87,12 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
         raise TfcliError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are untouched") from None
 
 
-def _open(path: Path):
+def _open(path: Path, framework: str = "pt"):
+    """`path` opened for reading, its tensors as PyTorch's ("pt") or numpy's ("np")."""
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint file")
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        return safe_open(str(path), framework=framework, device="cpu")
     except (SafetensorError, OSError, ValueError, Exception) as e:  # noqa: BLE001 - any parse failure means "not ours"
         if _looks_pickled(path):
             raise TfcliError(f"{path}: a pickle (what torch.save writes to .pt files), not safetensors; "
@@ -132,8 +139,10 @@ def save_model(path: Path, model: torch.nn.Module, vocab: Vocab, summary: dict) 
     _save(path, {k: v.float() for k, v in model.state_dict().items()}, meta)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    with _open(path) as f:
+def load_checkpoint(path: Path, framework: str = "pt") -> Checkpoint:
+    """The checkpoint at `path`, its tensors as PyTorch's ("pt") or as numpy arrays ("np", for
+    `tfcli.native_decoder`, which samples without importing torch)."""
+    with _open(path, framework) as f:
         meta = _check_meta(path, f.metadata())
         if "state" in meta and "config" not in meta:
             raise UsageError(f"{path}: the optimizer state `train --resume` reads, not a model; "
@@ -153,9 +162,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(config, vocab, tensors, summary, path)
 
 
-def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, if any."""
-    return next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+def non_finite(tensors: dict) -> str | None:
+    """The name of the first floating-point tensor (PyTorch's or numpy's) holding a NaN or an
+    infinity, if any."""
+    for name, t in tensors.items():
+        if isinstance(t, np.ndarray):
+            if t.dtype.kind == "f" and not np.isfinite(t).all():
+                return name
+        elif t.is_floating_point() and not t.isfinite().all():
+            return name
+    return None
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -309,14 +325,21 @@ def _looks_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
 
 
-def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+def check_weights(ck: Checkpoint) -> None:
+    """A one-line error where the checkpoint's weights are not the ones its config makes."""
+    mismatch = _mismatch(ck.config.weight_shapes(), ck.state_dict)
+    if mismatch:
+        raise TfcliError(f"{ck.path}: damaged tfcli checkpoint (weights do not match its config: {mismatch})")
+
+
+def _mismatch(expected: dict[str, tuple[int, ...]], found: dict) -> str | None:
     """The first way `found` differs from the weights the config makes, in words (PyTorch's own
     error starts with a line that names no weight)."""
-    for name, t in expected.items():
+    for name, shape in expected.items():
         if name not in found:
             return f"{name} is missing"
-        if found[name].shape != t.shape:
-            return f"{name} is {tuple(found[name].shape)}, the config makes {tuple(t.shape)}"
+        if tuple(found[name].shape) != shape:
+            return f"{name} is {tuple(found[name].shape)}, the config makes {shape}"
     extra = next((name for name in found if name not in expected), None)
     return f"{extra} is not one of its weights" if extra else None
 
@@ -347,10 +370,8 @@ def load_model(path: Path | str | None = None, device: str = "cpu"):
 
     target = pick_device(device)  # an unavailable device is a one-line error, not a crash mid-load
     ck = load_checkpoint(resolve_model_path(Path(path) if path is not None else None))
+    check_weights(ck)
     model = GPT(ck.config)
-    mismatch = _mismatch(model.state_dict(), ck.state_dict)
-    if mismatch:
-        raise TfcliError(f"{ck.path}: damaged tfcli checkpoint (weights do not match its config: {mismatch})")
     model.load_state_dict(ck.state_dict)
     model.vocab, model.summary, model.path = ck.vocab, ck.summary, ck.path
     return model.to(target).eval()

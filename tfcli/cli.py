@@ -112,16 +112,17 @@ class Terminated(KeyboardInterrupt):
     """A second SIGTERM: stop at once, like a second Ctrl-C, but exit 143 as a shell expects."""
 
 
-def handle_errors(fn=None, *, builds: tuple[str, ...] = ()):
+def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
     """One line and an exit code for every failure a user can cause; a traceback only with --debug.
-    `builds`: tfcli's C sources the command uses, built while torch imports (see import_torch_whole)."""
+    `builds`: tfcli's C sources the command uses, built while torch imports (see import_whole).
+    `torch=False`: a command that imports torch only if it needs it (`sample`, on a CPU)."""
     if fn is None:
-        return functools.partial(handle_errors, builds=builds)
+        return functools.partial(handle_errors, builds=builds, torch=torch)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            import_torch_whole(builds)
+            import_whole(builds, "torch" if torch else "safetensors.numpy")
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
@@ -141,23 +142,26 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = ()):
     return wrapper
 
 
-def import_torch_whole(builds: tuple[str, ...] = ()) -> None:
+def import_whole(builds: tuple[str, ...] = (), module: str = "torch") -> None:
     """Import torch (and numpy with it) before a command runs, with Ctrl-C and SIGTERM held until
     it is done. A signal in the middle of those imports left modules half made, and the command
     failed later with a baffling `AttributeError: module 'numpy' has no attribute ...`. A signal
-    that arrived meanwhile is delivered once the import ends: 'interrupted', exit 130.
+    that arrived meanwhile is delivered once the import ends: 'interrupted', exit 130. `module`:
+    another to import so instead (numpy's safetensors, for a `sample` that may not need torch).
 
     `builds` start first, in threads that inherit the held signals (so none lands in them): a
     first-ever `tfcli sample` compiles its C kernels while torch imports, not after."""
+    import importlib
+
     from . import native
 
-    if "torch" in sys.modules or not hasattr(signal, "pthread_sigmask"):
+    if module in sys.modules or "torch" in sys.modules or not hasattr(signal, "pthread_sigmask"):
         native.prepare(*builds)
         return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         native.prepare(*builds)
-        import torch  # noqa: F401
+        importlib.import_module(module)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -482,14 +486,32 @@ def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
 
 def load(model_path: Path | None, device: str = "cpu"):
     from .checkpoint import load_model
+    import_whole()  # (for a command that held off: see load_sampler)
     model = load_model(model_path, device)
     if model_path is None:
         stderr.print(f"using {model.path.parent}", style="dim", highlight=False, markup=False)
     return model
 
 
+def load_sampler(model_path: Path | None, device: str, cfg: SampleConfig):
+    """The model `sample` decodes with: on a CPU where tfcli's C kernels take the step, read
+    without PyTorch (`native_decoder.NativeModel`: the first character came 0.5 s after enter
+    rather than 2.5 s, most of it `import torch`), else PyTorch's."""
+    from . import native_decoder
+    from .sampling import decode_dtype
+
+    if device != "cpu" or cfg.num_samples > native_decoder.MANY_ROWS or not native_decoder.kinds():
+        return load(model_path, device)
+    model = native_decoder.NativeModel.load(model_path)
+    if not native_decoder.runs(decode_dtype(model, cfg.num_samples, cfg.dtype), cfg.num_samples):
+        return load(model.path, device)
+    if model_path is None:
+        stderr.print(f"using {model.path.parent}", style="dim", highlight=False, markup=False)
+    return model
+
+
 @app.command()
-@handle_errors(builds=("decode_attention.c", "decode_matmul.c"))  # (the kernels sampling on a CPU uses)
+@handle_errors(builds=("decode_attention.c", "decode_matmul.c"), torch=False)  # (the kernels sampling uses)
 def sample(
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue ('-': read stdin)."),
@@ -529,7 +551,7 @@ def sample(
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
     from .render.sample import prob_legend, styled
-    from .sampling import collect, generate_pieces, is_greedy, kernel_decodes, new_seed
+    from .sampling import collect, generate_pieces, is_greedy, native_decodes, new_seed
 
     check_unknown(unknown)
     if interactive:
@@ -542,7 +564,7 @@ def sample(
                        presence_penalty, frequency_penalty, None if seed == -1 else seed, num_samples,
                        tuple(stop or ()), compile_, dtype).validate()
     text = read_prompt(prompt, prompt_file)
-    model = load(model_path, device)
+    model = load_sampler(model_path, device, cfg)
     text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     warn_unmatchable_stops(cfg.stop, model.vocab)
     if cfg.seed is None:
@@ -554,7 +576,7 @@ def sample(
     if compile_ and num_samples > 1:
         stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
                      style="dim", highlight=False)
-    elif compile_ and kernel_decodes(next(model.parameters()).device):
+    elif compile_ and native_decodes(model, 1, cfg):
         stderr.print("note: --compile is not used on a CPU where tfcli's C decode kernel runs: it is faster "
                      "uncompiled", style="dim", highlight=False)
     if interactive:

@@ -39,6 +39,15 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight `tfcli.model.GPT` has, by its state-dict name (without building one)."""
+        C = self.n_embd
+        shapes = {"wte.weight": (self.vocab_size, C)}
+        for i in range(self.n_layer):
+            shapes |= {f"blocks.{i}.attn.qkv.weight": (3 * C, C), f"blocks.{i}.attn.proj.weight": (C, C),
+                       f"blocks.{i}.mlp.fc.weight": (4 * C, C), f"blocks.{i}.mlp.proj.weight": (C, 4 * C)}
+        return shapes | {"head.weight": (self.vocab_size, C)}
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -16,6 +16,7 @@ import shutil
 import torch
 
 from .errors import UsageError
+from .native import cpu_has_native_bf16  # noqa: F401 - (where callers have long found it)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -34,18 +35,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UsageError("--device mps asked for, but MPS is not available here; use --device cpu")
     return device
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    if platform.system() != "Linux":
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:

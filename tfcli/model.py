@@ -52,8 +52,8 @@ class KVCache:
     attention depends only on relative position, so the order of slots is irrelevant.
     Everything a decode step indexes (rotary tables, slot numbers, and the masks of the
     compiled step, which always reads the whole ring) is made here once, so the step itself
-    allocates nothing but its activations. `fused` is the step in one C call
-    (`decode_matmul.Step`) where every piece has its kernel, else None.
+    allocates nothing but its activations. (Sampling on CPUs where tfcli's kernels run takes
+    `tfcli.native_decoder` instead, whose step is one C call.)
     """
 
     def __init__(self, model: GPT, batch: int, dtype: torch.dtype, pack: bool = False,
@@ -66,8 +66,6 @@ class KVCache:
         self.head_dim, self.size = cfg.head_dim, T
         self.first, self.cos, self.sin = 0, *rotary_tables(4 * T, cfg.head_dim, device)
         self.weights = model.inference_weights(dtype, batch if pack else None)
-        attention = decode_attention.kernel() if pack and device.type == "cpu" else None
-        self.fused = decode_matmul.Step.for_cache(self.weights, self.kv, cfg.n_head, attention)
 
     def angles(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin rows of positions [a, b), from tables that cover four contexts from
@@ -374,11 +372,8 @@ class GPT(nn.Module):
         return cached_step(idx, *cache.angles(0, T), None, None, cache.kv, cache.weights, self.config.n_head)
 
     def decode(self, idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) for one new token per sequence at absolute position `pos`: in one C call
-        where the cache has one (`decode_matmul.Step`), else `cached_step`."""
+        """Logits (B, V) for one new token per sequence at absolute position `pos`."""
         cos, sin, slot, kv = cache.step(pos)
-        if cache.fused is not None:
-            return cache.fused(idx, cos, sin, slot, kv.size(-2))
         return cached_step(idx.view(-1, 1), cos, sin, slot, None, kv, cache.weights, self.config.n_head)
 
     def compiled_decoder(self, cache: KVCache):

@@ -45,7 +45,9 @@ def load(source: Path) -> ctypes.CDLL | None:
     """`source` built for this machine, once per source, compiler and CPU. A build that fails
     leaves a marker, so that a machine without a working compiler tries once, not on every
     `tfcli sample`. Safe from several threads: one builds, the others wait for it. Callers load
-    after importing torch, so that an OpenMP build binds to PyTorch's libgomp (see flag_sets)."""
+    after importing torch where they use it, so that an OpenMP build binds to PyTorch's libgomp
+    (see flag_sets); `tfcli sample` on a CPU imports no torch, and its build binds the system's
+    libgomp (the compiler's own), which PyTorch then shares should it be imported after all."""
     with _lock(source):
         return _load(source)
 
@@ -183,3 +185,31 @@ def cpu_flags() -> str:
             return next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         return platform.processor()
+
+
+@functools.cache
+def physical_cores() -> int:
+    """The cores this process may run on, a core's hardware threads counted once (Linux's
+    topology files; elsewhere every CPU counts)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(tuple((topology / name).read_text().strip() for name in ("physical_package_id", "core_id")))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(len(cores), 1)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products natively (AVX512_BF16 or AMX)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

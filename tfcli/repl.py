@@ -124,7 +124,7 @@ class Session:
         from .sampling import next_char_probs
 
         model_p, sampled_p = next_char_probs(self.model, self.vocab, self.text, self.cfg)
-        order = model_p.argsort(descending=True)[:k].tolist()
+        order = (-model_p).argsort(kind="stable")[:k].tolist()
         return [(self.vocab.chars[i], float(model_p[i]), float(sampled_p[i])) for i in order]
 
     # -- commands ---------------------------------------------------------------------------

@@ -4,6 +4,12 @@ The KV cache is allocated once per call and used as a ring buffer, so generation
 continues past the model's context at constant cost per character. Logit
 filters apply in llama.cpp's order: repetition penalties, top-k, top-p, min-p,
 then temperature (0 means greedy: the argmax, exactly).
+
+A decoder hands each step's logits over as a numpy array: `native_decoder.Decoder` on CPUs
+where tfcli's C kernels run (no torch imported, for a model loaded as `NativeModel`),
+`TorchDecoder` elsewhere. Filters, penalties and the draw are numpy's, one implementation
+whichever decoder computed the logits, with numpy's PCG64 generator: the same seed and
+settings give the same text.
 """
 
 from __future__ import annotations
@@ -12,25 +18,37 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
+from . import native_decoder
 from .config import SampleConfig
 from .corpus import Vocab
 
 
-def filter_logits(logits: torch.Tensor, cfg: SampleConfig, history: torch.Tensor | None = None) -> torch.Tensor:
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def filter_logits(logits: np.ndarray, cfg: SampleConfig, history: np.ndarray | None = None) -> np.ndarray:
     """Logits (B, V) after penalties and truncation; removed tokens get -inf. Temperature not applied."""
-    logits = logits.float()  # every filter below is out of place: the caller's logits stay intact
-    if history is not None and history.numel() and cfg.repeat_last_n != 0 and _has_penalties(cfg):
+    logits = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay intact
+    V = logits.shape[-1]
+    if history is not None and history.size and cfg.repeat_last_n != 0 and _has_penalties(cfg):
         logits = apply_penalties(logits, history if cfg.repeat_last_n < 0 else history[:, -cfg.repeat_last_n:], cfg)
-    if cfg.top_k and cfg.top_k < logits.size(-1):  # (0, like None, is off)
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_k and cfg.top_k < V:  # (0, like None, is off)
+        kth = np.partition(logits, V - cfg.top_k, axis=-1)[:, V - cfg.top_k, None]
+        logits[logits < kth] = -np.inf
     if cfg.top_p is not None and cfg.top_p < 1.0:
         logits = _top_p(logits, cfg.top_p)
     if cfg.min_p is not None and cfg.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+        probs = softmax(logits)
+        logits[probs < np.float32(cfg.min_p) * probs.max(-1, keepdims=True)] = -np.inf
     return logits
 
 
@@ -44,24 +62,28 @@ def _has_penalties(cfg: SampleConfig) -> bool:
     return cfg.repeat_penalty != 1.0 or cfg.presence_penalty != 0.0 or cfg.frequency_penalty != 0.0
 
 
-def apply_penalties(logits: torch.Tensor, recent: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+def apply_penalties(logits: np.ndarray, recent: np.ndarray, cfg: SampleConfig) -> np.ndarray:
     """llama.cpp's penalties over the recent tokens: repeat divides positive logits (multiplies
     negative ones); presence subtracts a constant once; frequency subtracts per occurrence."""
-    counts = torch.zeros_like(logits).scatter_add_(1, recent.long(), torch.ones_like(recent, dtype=logits.dtype))
+    recent = np.asarray(recent, dtype=np.int64)
+    counts = np.stack([np.bincount(row, minlength=logits.shape[-1]) for row in recent]).astype(np.float32)
     seen = counts > 0
     if cfg.repeat_penalty != 1.0:
-        penalized = torch.where(logits > 0, logits / cfg.repeat_penalty, logits * cfg.repeat_penalty)
-        logits = torch.where(seen, penalized, logits)
-    return logits - counts * cfg.frequency_penalty - seen.float() * cfg.presence_penalty
+        rp = np.float32(cfg.repeat_penalty)
+        logits = np.where(seen, np.where(logits > 0, logits / rp, logits * rp), logits)
+    return (logits - counts * np.float32(cfg.frequency_penalty)
+            - seen * np.float32(cfg.presence_penalty)).astype(np.float32)
 
 
-def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+def _top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep the smallest set of most likely tokens whose probability reaches p (always at least one)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = (cum - sorted_logits.softmax(-1)) >= p  # mass before this token already reaches p
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    probs = softmax(np.take_along_axis(logits, order, -1))
+    drop = (np.cumsum(probs, -1) - probs) >= p  # mass before this token already reaches p
     drop[:, 0] = False
-    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    unsorted = np.empty_like(drop)
+    np.put_along_axis(unsorted, order, drop, -1)
+    return np.where(unsorted, np.float32(-np.inf), logits)
 
 
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: 0 exactly, and below float32's reach in the limit too
@@ -71,26 +93,30 @@ def is_greedy(temperature: float) -> bool:
     return temperature < GREEDY_BELOW
 
 
-def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def new_rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
     """The argmax at temperature 0; otherwise a draw from `tempered`, by racing exponential clocks:
     the first of independent Exp(rate p_i) clocks to ring is token i with probability p_i. Exact,
-    and a third of `torch.multinomial`'s cost on one row (its per-call set-up dominates here)."""
+    one vectorised draw for the whole batch."""
     if is_greedy(temperature):
         return logits.argmax(-1)
     probs = tempered(logits, temperature)
-    clocks = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)  # 0/0 would win argmax
+    clocks = np.maximum(rng.standard_exponential(probs.shape, dtype=np.float32), np.float32(1e-30))  # 0/0: no
     return (probs / clocks).argmax(-1)
 
 
-def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def tempered(logits: np.ndarray, temperature: float) -> np.ndarray:
     """The probabilities (B, V) that sampling at this (non-zero) temperature draws from."""
-    return (logits / temperature).softmax(-1)  # above pick's greedy cut, |logits| / T stays finite
+    return softmax(logits / np.float32(temperature))  # above pick's greedy cut, |logits| / T stays finite
 
 
 HALF_WEIGHTS_FROM = 8 << 20  # bytes of float32 weights; see decode_dtype
 
 
-def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
+def decode_dtype(model, batch: int = 1, name: str = "auto") -> str:
     """The weights' dtype for sampling `batch` sequences: half precision for CPU models whose
     float32 weights outgrow a last-level cache, and for batches where the CPU computes bfloat16.
 
@@ -99,52 +125,92 @@ def decode_dtype(model, batch: int = 1, name: str = "auto") -> torch.dtype:
     bytes here. float16 for one or two sequences (three more bits than bfloat16, in as many
     bytes: what a step of so few rows waits for), bfloat16 for batches where the CPU computes it
     natively (its dot-product instructions run 16 rows at twice float32's rate), float32 otherwise.
-    Small models' batches are bfloat16 too where their whole step runs in C (`small_kernel`): 16
-    rows of the 0.8M shape took 0.30 ms a step on AMX, 0.42 through AVX512_BF16, 0.49 in float32.
+    Small models' batches are bfloat16 too where tfcli's kernels decode them: 16 rows of the 0.8M
+    shape took 0.30 ms a step on AMX, 0.42 through AVX512_BF16, 0.49 in float32.
     """
-    from .device import cpu_has_native_bf16
+    from .native import cpu_has_native_bf16
 
     if name != "auto":
-        return getattr(torch, name)
+        return name
     batch_bf16 = batch >= 3 and cpu_has_native_bf16()
     if not _big_cpu_model(model):
-        return torch.bfloat16 if batch_bf16 and small_kernel(model, torch.bfloat16) else torch.float32
+        native = on_cpu(model) and native_decoder.runs("bfloat16", batch)
+        return "bfloat16" if batch_bf16 and native else "float32"
     if batch <= 2:
-        return torch.float16
-    return torch.bfloat16 if batch_bf16 else torch.float32
+        return "float16"
+    return "bfloat16" if batch_bf16 else "float32"
+
+
+def on_cpu(model) -> bool:
+    return isinstance(model, native_decoder.NativeModel) or model.head.weight.device.type == "cpu"
 
 
 def _big_cpu_model(model) -> bool:
     """On a CPU, with float32 weights of HALF_WEIGHTS_FROM bytes or more."""
-    big = sum(t.numel() for t in model.parameters()) * 4 >= HALF_WEIGHTS_FROM
-    return big and model.head.weight.device.type == "cpu"
+    return on_cpu(model) and model.num_params() * 4 >= HALF_WEIGHTS_FROM
+
+
+def new_decoder(model, batch: int, cfg: SampleConfig):
+    """`native_decoder.Decoder` where tfcli's kernels run this step (a CPU, the kernels built,
+    the dtype theirs), else `TorchDecoder` (a `NativeModel` then becomes a PyTorch one)."""
+    if native_decodes(model, batch, cfg):
+        return native_decoder.Decoder(native_weights(model, decode_dtype(model, batch, cfg.dtype)), batch)
+    if isinstance(model, native_decoder.NativeModel):
+        model = model.torch()
+    return TorchDecoder(model, batch, cfg)
+
+
+def native_weights(model, dtype: str) -> native_decoder.Weights:
+    """The model's weights laid out for the native decoder, made once per dtype and kept until a
+    parameter changes (tensors count their in-place writes in `_version`)."""
+    if isinstance(model, native_decoder.NativeModel):
+        return model.weights(dtype)
+    params = list(model.parameters())
+    key = None if any(p.is_inference() for p in params) else (dtype, tuple(p._version for p in params))
+    kept = model.__dict__.get("_native_weights")
+    if key is None or kept is None or kept[0] != key:
+        state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+        kept = key, native_decoder.Weights.from_state(state, model.config, dtype)
+        model.__dict__["_native_weights"] = kept
+    return kept[1]
+
+
+class TorchDecoder:
+    """PyTorch's cached steps (GPUs, CPUs without tfcli's kernels, --compile), handing numpy logits."""
+
+    def __init__(self, model, batch: int, cfg: SampleConfig):
+        import torch
+
+        self.torch, self.model, self.B = torch, model.eval(), batch
+        self.device = next(model.parameters()).device
+        with torch.inference_mode():
+            self.cache = new_cache(model, batch, cfg)
+            self.step = model.compiled_decoder(self.cache) if compiles(cfg, batch, model) else model.decode
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            idx = self.torch.as_tensor(ids, device=self.device)[None].repeat(self.B, 1)
+            return self.model.prefill(idx, self.cache).float().cpu().numpy()
+
+    def decode(self, ids: np.ndarray, pos: int) -> np.ndarray:
+        with self.torch.inference_mode():
+            idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
+            return self.step(idx, pos, self.cache).float().cpu().numpy()
 
 
 def new_cache(model, batch: int, cfg: SampleConfig):
-    """The cache `cfg` samples with: weights in `decode_dtype`, and unless the step is compiled
-    (`compiles`), laid out for fast few-row matmuls (`tfcli.model.packed`: tfcli's C kernels for
-    float16 and float32 with AVX2 or AVX-512 and bfloat16 with AVX512_BF16, else oneDNN's layout
-    for float32 and bfloat16) for CPU models of 8 MB and more, and for smaller ones where the
-    whole step then runs in C (`small_kernel`). Keys and values are float16 when the weights are
-    half too and the C kernel of `tfcli.decode_attention` will read them."""
+    """PyTorch's cache for `cfg`: weights in `decode_dtype`, and unless the step is compiled
+    (`compiles`), laid out for oneDNN's few-row matmuls (`tfcli.model.packed`) for CPU models of
+    8 MB and more. Keys and values are float16 when the weights are half too and the C kernel
+    of `tfcli.decode_attention` will read them."""
+    import torch
+
     from .model import can_pack
 
-    dtype = decode_dtype(model, batch, cfg.dtype)
-    pack = not compiles(cfg, batch, model) and (_big_cpu_model(model) and can_pack(dtype) or small_kernel(model, dtype))
+    dtype = getattr(torch, decode_dtype(model, batch, cfg.dtype))
+    pack = not compiles(cfg, batch, model) and _big_cpu_model(model) and can_pack(dtype)
     half_kv = kernel_decodes(model.head.weight.device) and dtype in (torch.float16, torch.bfloat16)
     return model.new_cache(batch, dtype, pack, torch.float16 if half_kv else torch.float32)
-
-
-def small_kernel(model, dtype: torch.dtype) -> bool:
-    """Whether a small CPU model's weights are laid out for decode_matmul's C kernels: where the
-    whole step then runs in C (`decode_matmul.Step`, which needs the attention kernel too). A
-    step of the 0.8M shape took 0.09 ms that way against 0.35 in PyTorch's kernels, whose per-call
-    cost is the whole of it; one C matmul at a time through ctypes was no faster than PyTorch's."""
-    from . import decode_attention, decode_matmul
-
-    device = model.head.weight.device
-    return (device.type == "cpu" and not _big_cpu_model(model) and dtype in decode_matmul.dtypes()
-            and decode_attention.kernel() is not None)
 
 
 def compiles(cfg: SampleConfig, batch: int, model) -> bool:
@@ -157,20 +223,24 @@ def compiles(cfg: SampleConfig, batch: int, model) -> bool:
     return cfg.compile and batch == 1 and not kernel_decodes(model.head.weight.device)
 
 
-def kernel_decodes(device: torch.device) -> bool:
-    """Whether decode steps on `device` go through the C kernel of `tfcli.decode_attention` (on a
-    CPU, where it could be built); elsewhere they take PyTorch's path."""
+def kernel_decodes(device) -> bool:
+    """Whether PyTorch's decode steps on `device` go through the C kernel of
+    `tfcli.decode_attention` (on a CPU, where it could be built)."""
     from .decode_attention import kernel
-    return device.type == "cpu" and kernel() is not None
+    return str(device).startswith("cpu") and kernel() is not None
 
 
-def matmul_dtypes(device: torch.device) -> list[str]:
+def native_decodes(model, batch: int, cfg: SampleConfig) -> bool:
+    """Whether `new_decoder` takes the native decoder for this model, batch and settings."""
+    return on_cpu(model) and native_decoder.runs(decode_dtype(model, batch, cfg.dtype), batch)
+
+
+def matmul_dtypes(device) -> list[str]:
     """Weight dtypes whose cached-step matmuls run in tfcli's C kernels on `device`
     (`tfcli.decode_matmul`: float16 and float32 with AVX2 or AVX-512, bfloat16 with AVX512_BF16,
     "bfloat16 on AMX" where AMX's tiles compute it), for bench's report."""
-    from .decode_matmul import amx, dtypes
-    names = [str(d).replace("torch.", "") for d in dtypes()] if device.type == "cpu" else []
-    return [f"{n} on AMX" if n == "bfloat16" and amx() else n for n in names]
+    names = list(native_decoder.kinds()) if str(device).startswith("cpu") else []
+    return [f"{n} on AMX" if n == "bfloat16" and native_decoder.amx() else n for n in names]
 
 
 def new_seed() -> int:
@@ -204,10 +274,10 @@ class StopMatcher:
         return out
 
 
-def context_ids(vocab: Vocab, prompt: str, block_size: int, device) -> torch.Tensor:
-    """The prompt's last block_size characters as ids (1, T); an empty prompt starts from a newline."""
+def context_ids(vocab: Vocab, prompt: str, block_size: int) -> np.ndarray:
+    """The prompt's last block_size characters as ids (T,); an empty prompt starts from a newline."""
     context = prompt or ("\n" if "\n" in vocab.chars else vocab.chars[0])
-    return torch.as_tensor(vocab.encode(context[-block_size:]).astype("int64"), device=device)[None]
+    return vocab.encode(context[-block_size:]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -221,52 +291,46 @@ class Piece:
     stopped: tuple[bool, ...] = ()  # whether each sample has met a stop string (and shows no more)
 
 
-@torch.inference_mode()
 def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:
     """Prefill the prompt's last block_size characters, then one cached decode step per character.
-    `logprobs=False` leaves Piece.logprobs None (it costs a few kernels per character)."""
+    `logprobs=False` leaves Piece.logprobs None (a small model's step costs less than computing it)."""
     cfg.validate()  # (a notebook's settings: the CLI has checked its own)
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed if cfg.seed is not None else new_seed())
+    rng = new_rng(cfg.seed if cfg.seed is not None else new_seed())
     B, T = cfg.num_samples, model.config.block_size
-    ids = context_ids(vocab, prompt, T, device).repeat(B, 1)
-    cache = new_cache(model, B, cfg)
-    logits = model.prefill(ids, cache)
-    pos, keep = ids.size(1), max(penalty_window(cfg, T), 1)
-    history = ids[:, -keep:] if _has_penalties(cfg) else None
+    ids = context_ids(vocab, prompt, T)
+    decoder = new_decoder(model, B, cfg)
+    logits = decoder.prefill(ids)
+    pos, keep, rows = len(ids), max(penalty_window(cfg, T), 1), np.arange(B)
+    history = np.repeat(ids[None, -keep:], B, axis=0) if _has_penalties(cfg) else None
     matchers = [StopMatcher(cfg.stop) for _ in range(B)]
-    decode = model.compiled_decoder(cache) if compiles(cfg, B, model) else model.decode
     for _ in range(cfg.max_new_tokens):
-        nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, gen)
-        lps = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].tolist() if logprobs else None
+        nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, rng)
+        lps = log_softmax(logits)[rows, nxt].tolist() if logprobs else None
         if history is not None:
-            history = torch.cat([history[:, 1 - keep:] if keep > 1 else history[:, :0], nxt[:, None]], dim=1)
+            history = np.concatenate([history[:, 1 - keep:] if keep > 1 else history[:, :0], nxt[:, None]], axis=1)
         chars = [vocab.chars[i] for i in nxt.tolist()]
         yield Piece([m.feed(c) for m, c in zip(matchers, chars)], chars, lps, tuple(m.done for m in matchers))
         if all(m.done for m in matchers):
             return
-        logits = decode(nxt, pos, cache)
+        logits = decoder.decode(nxt, pos)
         pos += 1
     tail = [m.flush() for m in matchers]
     if any(tail):
         yield Piece(tail, [""] * B, [0.0] * B if logprobs else None, tuple(m.done for m in matchers))
 
 
-@torch.inference_mode()
-def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (V,) of the character after `text`: the model's own, and the ones sampling with
     `cfg` draws from (after penalties, filters and temperature; one-hot when greedy). The context is
     the one `generate_pieces` would start from, so the two agree on the first character."""
-    model.eval()
-    ids = context_ids(vocab, text, model.config.block_size, next(model.parameters()).device)
-    logits = model.prefill(ids, new_cache(model, 1, cfg))
-    filtered = filter_logits(logits, cfg, ids[:, -max(penalty_window(cfg, model.config.block_size), 1):])
+    ids = context_ids(vocab, text, model.config.block_size)
+    logits = new_decoder(model, 1, cfg).prefill(ids)
+    filtered = filter_logits(logits, cfg, ids[None, -max(penalty_window(cfg, model.config.block_size), 1):])
     if is_greedy(cfg.temperature):
-        sampled = torch.nn.functional.one_hot(filtered.argmax(-1), filtered.size(-1)).float()
+        sampled = np.eye(filtered.shape[-1], dtype=np.float32)[filtered.argmax(-1)]
     else:
         sampled = tempered(filtered, cfg.temperature)
-    return logits.softmax(-1)[0], sampled[0]
+    return softmax(logits)[0], sampled[0]
 
 
 def generate(model, vocab: Vocab, prompt: str, cfg: SampleConfig) -> Iterator[list[str]]:
