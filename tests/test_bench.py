@@ -23,6 +23,7 @@ def test_bench_json_reports_every_figure_the_issue_names(monkeypatch):
     for s in report["sample"].values():
         assert s["chars_per_s"] > 0 and s["num_samples_16_cost"] > 0 and s["dtype"] == "float32"
         assert s["num_samples_16_dtype"] in ("float32", "bfloat16")
+        assert 0 < s["first_char_s"] < 120  # a real `tfcli sample` in a new process: it ran to its first character
     assert report["device"] == "cpu" and isinstance(report["decode_kernel"], bool)
     assert set(report["decode_matmul"]) <= {"float16", "float32", "bfloat16", "bfloat16 on AMX"}
 
@@ -32,14 +33,15 @@ def test_bench_table_has_a_column_per_figure(monkeypatch):
         "device": "cpu", "dtype": "bfloat16", "compile": True, "peak_gflops": 400.0,
         "train": {"0.8M": {"tokens_per_s": 20000.0, "gflops": 100.0, "params": 800000, "peak_fraction": 0.25}},
         "sample": {"0.8M": {"chars_per_s": 2100.0, "dtype": "float32", "num_samples_16_cost": 2.0,
-                            "num_samples_16_dtype": "bfloat16", "compiled_chars_per_s": 2800.0}}, "decode_kernel": True,
+                            "num_samples_16_dtype": "bfloat16", "compiled_chars_per_s": 2800.0,
+                            "first_char_s": 0.47}}, "decode_kernel": True,
         "decode_matmul": ["float16", "bfloat16"]})
     import tfcli.cli as cli
-    monkeypatch.setattr(cli.stdout, "_width", 140)  # wide enough for every cell, whatever COLUMNS said at import
+    monkeypatch.setattr(cli.stdout, "_width", 160)  # wide enough for every cell, whatever COLUMNS said at import
     result = CliRunner().invoke(app, ["bench"])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "0.8M" in line)
-    for figure in ("20,000", "25%", "2,100 float32", "2,800", "2.0x one's time bfloat16"):
+    for figure in ("20,000", "25%", "2,100 float32", "2,800", "2.0x one's time bfloat16", "0.47 s"):
         assert figure in row
     assert "(float16, bfloat16)" in " ".join(result.output.split())  # the caption names the C matmuls' dtypes
     assert "sampling attends through tfcli's C kernel" in result.output

@@ -8,9 +8,14 @@ text. Each figure is the median over several timed windows, after warm-up.
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -111,6 +116,31 @@ def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compil
     return {"chars_per_s": statistics.median(rates), "dtype": dtype}
 
 
+def first_char_seconds(shape: Shape, reps: int = 3) -> float:
+    """`tfcli sample`'s cold start as a user meets it, median of `reps`: seconds from launching
+    the command (a new Python, its imports, reading and laying out the checkpoint) to the first
+    generated character on its stdout, for a model of this shape saved to a temporary run."""
+    from .checkpoint import MODEL_FILE, save_model
+
+    model = _model(shape, "cpu")
+    vocab = Vocab("".join(chr(33 + i) for i in range(VOCAB)))  # (ASCII: one byte a character)
+    times = []
+    with tempfile.TemporaryDirectory(prefix="tfcli-bench-") as run_dir:
+        save_model(Path(run_dir) / MODEL_FILE, model, vocab, {})
+        command = [sys.executable, "-m", "tfcli", "sample", "-m", run_dir, "-p", "!", "-n", "5", "--seed", "0"]
+        for _ in range(reps):
+            start = time.perf_counter()
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            out = b""
+            while len(out) < 2 and (byte := os.read(proc.stdout.fileno(), 1)):  # the prompt, then one
+                out += byte
+            times.append(time.perf_counter() - start)
+            proc.communicate()
+            if proc.returncode != 0 or len(out) < 2:
+                raise RuntimeError(f"bench: `tfcli sample` exited {proc.returncode} before its first character")
+    return statistics.median(times)
+
+
 def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | None = None,
         shapes: list[str] | None = None, seconds: float = 6.0) -> dict:
     device = pick_device(device_name)
@@ -131,6 +161,8 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
             sixteen = sample_speed(SHAPES[name], device, batch=16)  # as long as one sample's, median of 3 too
             one["num_samples_16_cost"] = one["chars_per_s"] / sixteen["chars_per_s"]  # x one sample's time
             one["num_samples_16_dtype"] = sixteen["dtype"]  # (batches may decode from other weights: decode_dtype)
+            if device.type == "cpu":  # (`sample` runs on the CPU unless told otherwise)
+                one["first_char_s"] = first_char_seconds(SHAPES[name])
     # `sample --compile` pays off at this size only, and only where the C kernel does not run
     if (shapes is None or "0.8M" in shapes) and compile and not result["decode_kernel"]:
         fast = sample_speed(SHAPES["0.8M"], device, n_chars=2000, compile=True)

@@ -1029,7 +1029,7 @@ def bench(
     t = Table(title=f"tfcli bench: {result['device']}, {result['dtype']}"
                     f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)")
     for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s", "--compile",
-                "16 samples"):
+                "16 samples", "first char"):
         t.add_column(col, justify="right")
     for name, r in result["train"].items():
         s = result["sample"].get(name, {})
@@ -1038,8 +1038,9 @@ def bench(
         batch = f"{s['num_samples_16_cost']:.1f}x one's time" if "num_samples_16_cost" in s else "–"
         if s.get("num_samples_16_dtype", s.get("dtype")) != s.get("dtype"):  # (a batch's own weights)
             batch += f" {s['num_samples_16_dtype']}"
+        first = f"{s['first_char_s']:.2f} s" if "first_char_s" in s else "–"
         t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
-                  f"{r['peak_fraction']:.0%}", rate, compiled, batch)
+                  f"{r['peak_fraction']:.0%}", rate, compiled, batch, first)
     if result["sample"]:
         t.caption = ("sampling attends through tfcli's C kernel (float16 keys and values with half weights)"
                      if result["decode_kernel"]
