@@ -8,6 +8,7 @@ from conftest import make_model
 from safetensors.torch import save as st_save
 
 from tfcli import checkpoint as ckpt
+from tfcli.native_decoder import NativeModel
 from tfcli.corpus import Vocab
 from tfcli.errors import TfcliError, UsageError
 
@@ -134,7 +135,11 @@ def test_checkpoint_from_a_newer_version_asks_for_an_upgrade(saved):
      r"weights do not match its config: blocks\.2\..* is missing"),
     ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 8})},
      r"weights do not match its config: wte\.weight is \(\d+, 32\), the config makes \(\d+, 64\)"),
-], ids=["bad-version", "no-config", "short-vocab", "wrong-weights", "wrong-width"])
+    ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": 3, "n_embd": 32, "block_size": 8})},
+     r"damaged tfcli checkpoint \(its config: n-embd \(32\) must be divisible by n-head \(3\)\)"),
+    ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 0})},
+     r"damaged tfcli checkpoint \(its config: block-size must be positive"),
+], ids=["bad-version", "no-config", "short-vocab", "wrong-weights", "wrong-width", "heads-do-not-divide", "no-context"])
 def test_damaged_metadata_is_refused(saved, meta, message):
     _, path = saved
     ck = ckpt.load_checkpoint(path)
@@ -143,6 +148,8 @@ def test_damaged_metadata_is_refused(saved, meta, message):
     path.write_bytes(st_save(ck.state_dict, metadata={k: v for k, v in full.items() if v is not None}))
     with pytest.raises(TfcliError, match=message):
         ckpt.load_model(path)
+    with pytest.raises(TfcliError, match=message):  # (what `tfcli sample` reads, without torch)
+        NativeModel.load(path)
 
 
 @pytest.mark.parametrize("dump", [pickle.dumps, torch.save], ids=["pickle", "torch.save"])

@@ -279,3 +279,24 @@ def test_cli_interactive_refuses_what_cannot_go_with_it(saved, flags, word):
     assert result.exit_code == 2, result.output
     [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert word in error and "--interactive" in error
+
+
+def test_a_remark_starts_its_own_line_on_a_terminal_even_with_stdin_piped(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import tfcli.cli as cli
+    screen, remarks = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(cli, "stdout", Console(file=screen, force_terminal=True, no_color=True))
+    monkeypatch.setattr(cli, "stderr", Console(file=remarks, force_terminal=True, no_color=True))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    out = cli.ReplOutput(color_by_prob=False)
+    out("generated", "and so")
+    out("info", "undone: 27 → 7 characters", None)
+    assert screen.getvalue() == "and so\n" and "undone" in remarks.getvalue()
+    monkeypatch.setattr(cli, "stdout", Console(file=io.StringIO(), force_terminal=False))  # a pipe: the text as made
+    piped = cli.ReplOutput(color_by_prob=False)
+    piped("generated", "and so")
+    piped("info", "stopped", None)
+    assert cli.stdout.file.getvalue() == "and so"

@@ -421,3 +421,9 @@ def test_aligned_pairs_shown_text_with_its_logprobs_in_linear_time():
     assert row.text == "abc" + "x" * 100_000 and len(row.logprobs) == 100_003
     stream = Aligned(keep=False)  # a stream shows each piece once: nothing to keep
     assert stream.add("ab", "b", -2.0) == [-2.0] and stream.text == "" and stream.logprobs == []
+
+
+def test_a_negative_seed_samples_as_its_twos_complement(model):
+    # (seeds take -2^63 and up, as PyTorch's generators do; numpy's PCG64 takes none below 0)
+    cfg = SampleConfig(max_new_tokens=30, temperature=1.0, seed=-5)
+    assert text_of(model, "he", cfg) == text_of(model, "he", replace(cfg, seed=2**64 - 5))

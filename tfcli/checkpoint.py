@@ -154,6 +154,10 @@ def load_checkpoint(path: Path, framework: str = "pt") -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (KeyError, ValueError, TypeError, SafetensorError) as e:
             raise TfcliError(f"{path}: damaged tfcli checkpoint ({e})") from None
+    try:
+        config.validate()  # (a shape no model has: it would sample garbage, or fail mid-step)
+    except UsageError as e:
+        raise TfcliError(f"{path}: damaged tfcli checkpoint (its config: {e.message.replace('--', '')})") from None
     if config.vocab_size != len(vocab):
         raise TfcliError(f"{path}: damaged tfcli checkpoint (vocabulary does not match config)")
     bad = non_finite(tensors)

@@ -539,8 +539,9 @@ def sample(
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first): for long "
                                   "generations on a GPU, or a CPU without a C compiler for tfcli's kernel."),
-    dtype: str = typer.Option("auto", help="Weights while sampling: auto (float16 for CPU models over 8 MB, "
-                              "bfloat16 for their batches), float32, float16 or bfloat16."),
+    dtype: str = typer.Option("auto", help="Weights while sampling: auto (float16 for CPU models over 8 MB; "
+                              "bfloat16 for batches of 3+ where the CPU has it natively), float32, float16 or "
+                              "bfloat16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     interactive: bool = typer.Option(False, "--interactive", "-i",
                                      help="Keep going: type text to add, the model continues after each line; "
@@ -677,7 +678,7 @@ class ReplOutput:
     """Where an interactive session's writes go. The text goes to stdout, and the lines typed are echoed
     there only when stdin or stdout is not the terminal (on a terminal you see them as you type), so a
     piped run prints the whole text; remarks go to stderr. On a terminal every remark, listing and prompt
-    starts on a line of its own."""
+    starts on a line of its own (remarks too when only stdin is piped)."""
 
     def __init__(self, color_by_prob: bool):
         self.screen = stdout.is_terminal and sys.stdin.isatty()
@@ -687,7 +688,7 @@ class ReplOutput:
         from .render.sample import prob_style
 
         if kind in ("info", "error"):
-            self.new_line(self.screen)
+            self.new_line(stdout.is_terminal)  # (stderr shares the screen: a remark starts its own line)
             stderr.print(Text.assemble(("error:", "bold red"), " ", text.replace("\n", " ")) if kind == "error"
                          else Text(text, style="dim"), soft_wrap=True)
             return

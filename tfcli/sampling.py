@@ -94,7 +94,9 @@ def is_greedy(temperature: float) -> bool:
 
 
 def new_rng(seed: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(seed))
+    """numpy's PCG64 from a 64-bit seed; a negative one (`check_seed` takes -2^63 and up, as
+    PyTorch's generators do) as its two's complement, which PCG64 itself refuses."""
+    return np.random.Generator(np.random.PCG64(seed % 2**64))
 
 
 def pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
