@@ -8,9 +8,9 @@ from conftest import make_model
 from safetensors.torch import save as st_save
 
 from tfcli import checkpoint as ckpt
-from tfcli.native_decoder import NativeModel
 from tfcli.corpus import Vocab
 from tfcli.errors import TfcliError, UsageError
+from tfcli.native_decoder import NativeModel
 
 VOCAB = Vocab.from_text("abc\n🙂")
 

@@ -827,7 +827,7 @@ def test_unexpected_failure_is_one_line_unless_debug(model, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("tfcli.checkpoint.load_model", broken)
+    monkeypatch.setattr("tfcli.native_decoder.NativeModel.load", broken)  # (what `info` reads with)
     message = refused(1, "info", "-m", model)
     assert "disk on fire" in message and "--debug" in message
     result = invoke("--debug", "info", "-m", model)
