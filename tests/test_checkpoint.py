@@ -139,7 +139,12 @@ def test_checkpoint_from_a_newer_version_asks_for_an_upgrade(saved):
      r"damaged tfcli checkpoint \(its config: n-embd \(32\) must be divisible by n-head \(3\)\)"),
     ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 0})},
      r"damaged tfcli checkpoint \(its config: block-size must be positive"),
-], ids=["bad-version", "no-config", "short-vocab", "wrong-weights", "wrong-width", "heads-do-not-divide", "no-context"])
+    ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": "2", "n_embd": 32, "block_size": 8})},
+     r"damaged tfcli checkpoint \(its config: .*\"n_head\": \"2\""),
+    ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": 2, "n_embd": 32.0, "block_size": 8})},
+     r"damaged tfcli checkpoint \(its config: .*32\.0"),
+], ids=["bad-version", "no-config", "short-vocab", "wrong-weights", "wrong-width", "heads-do-not-divide", "no-context",
+        "text-for-a-number", "float-width"])
 def test_damaged_metadata_is_refused(saved, meta, message):
     _, path = saved
     ck = ckpt.load_checkpoint(path)

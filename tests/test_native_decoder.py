@@ -145,3 +145,11 @@ def test_sample_and_info_on_a_cpu_do_not_import_torch(tmp_path, command, prints)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[:2000]
     assert done.stderr.strip().endswith("no torch") and prints in done.stdout
+
+
+def test_bfloat16_keeps_a_nan_a_nan_and_an_empty_prompt_is_refused():
+    bits = native_decoder.to_dtype(np.array([[np.nan, -np.nan, 1.0]], dtype=np.float32), "bfloat16")
+    assert torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()[0, :2].isnan().all()
+    if native_decoder.runs("float32", 1):
+        with pytest.raises(ValueError, match="a prompt of 1 to"):
+            native_decoder.Decoder(native_weights(tiny_model(), "float32"), 1).prefill(np.array([], dtype=np.int64))

@@ -154,6 +154,9 @@ def load_checkpoint(path: Path, framework: str = "pt") -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (KeyError, ValueError, TypeError, SafetensorError) as e:
             raise TfcliError(f"{path}: damaged tfcli checkpoint ({e})") from None
+    sizes = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+    if not all(type(getattr(config, name)) is int for name in sizes) or type(config.dropout) not in (int, float):
+        raise TfcliError(f"{path}: damaged tfcli checkpoint (its config: {meta['config'][:100]})")
     try:
         config.validate()  # (a shape no model has: it would sample garbage, or fail mid-step)
     except UsageError as e:

@@ -504,7 +504,7 @@ def load_sampler(model_path: Path | None, device: str, cfg: SampleConfig):
         return load(model_path, device)
     model = load_native(model_path, say=False)
     if not native_decoder.runs(decode_dtype(model, cfg.num_samples, cfg.dtype), cfg.num_samples):
-        return load(model.path, device)
+        model = load(model.path, device)  # (the path found: say which, below)
     if model_path is None:
         stderr.print(f"using {model.path.parent}", style="dim", highlight=False, markup=False)
     return model

@@ -6,14 +6,16 @@
  * (half the bytes) and accumulates in float32. It also does the step's small per-head work
  * (QK-norm, rotary positions, storing the new key and value), which in PyTorch is a dozen
  * kernel launches a layer: most of a small model's step. Compiled on first use by
- * tfcli/decode_attention.py; PyTorch's path remains the fallback wherever it cannot be built.
+ * tfcli/native.py, and called from decode_matmul.c's decode_step (tfcli/native_decoder.py) or
+ * layer by layer from PyTorch's step (tfcli/decode_attention.py); PyTorch's own attention remains
+ * the fallback wherever it cannot be built.
  *
  * Layout, in elements: qkv is the (B, 3, H, D) float32 output of the layer's qkv projection;
  * cos and sin are the position's rows of the rotary tables (D each). The ring holds sequence
  * b's head h's keys at ring + b*rb + h*rh + t*D and its values rkv further on. The new key and
  * value go to slot *slot, then slots [0, n) are attended to. out is (B, H, D) float32,
- * contiguous. Integers are int64, as PyTorch's are. Threads: OpenMP's where tfcli/decode_attention.py
- * builds with it (only where that is PyTorch's own pool), else one.
+ * contiguous. Integers are int64, as PyTorch's are. Threads: OpenMP's where tfcli/native.py builds
+ * with it (where PyTorch's wheel carries GNU's libgomp, so that the two share one pool), else one.
  */
 #include <math.h>
 #include <stdint.h>

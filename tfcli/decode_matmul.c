@@ -4,7 +4,7 @@
  * matrix. PyTorch's CPU kernels for so few rows read float16 weights at a third of the speed
  * the cache delivers them (one row of the 3.2M model: 0.32 ms for its 17 matrices, against 0.09
  * here) and, through oneDNN, ran 16 bfloat16 rows at 40% of this CPU's bfloat16 peak. Two
- * kernels, each on a layout made once per cache by tfcli/decode_matmul.py:
+ * kernels, each on a layout made once per model and dtype by tfcli/native_decoder.py (`pack`):
  *
  *   matmul_f16:  float16 weights (Nb, K, 16), 16 output columns per block, converted to float32
  *                and multiplied by float32 x: for one or two rows (single samples), where the
@@ -21,7 +21,7 @@
  *
  * And decode_step: a whole decode step, these matmuls and decode_attention.c's kernel, in one call.
  *
- * `features()` says which were compiled in (and 4: AMX, usable in this process); tfcli/decode_matmul.py uses only those. The last
+ * `features()` says which were compiled in (and 4: AMX, usable in this process); tfcli/native_decoder.py uses only those. The last
  * block's columns past N are zero weights (stored, by the layout), whose products are not written. `flags` fold in what surrounds a
  * matmul in the step: UNIT takes rows of x at unit length (RMSNorm: three PyTorch kernels),
  * RELU2 squares the positive part of the product (the MLP's activation: two). Threads: OpenMP over

@@ -105,7 +105,8 @@ def to_dtype(w: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         return w.astype(np.float16)
     bits = w.view(np.uint32).astype(np.uint64)  # (room for the carry of rounding up)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(w), np.uint16(0x7FC0), rounded)  # (rounding would carry a NaN into the sign)
 
 
 def pack(w: np.ndarray) -> np.ndarray:
@@ -174,6 +175,8 @@ class Decoder:
         sequence: stepped through once, on the first sequence, whose keys and values are then
         copied to the others (the same step as decoding: no second path to agree with)."""
         ids = np.asarray(ids, dtype=np.int64)
+        if not 0 < len(ids) <= self.T:
+            raise ValueError(f"native_decoder: a prompt of 1 to {self.T} ids, got {len(ids)}")
         for pos in range(len(ids)):
             logits = self._step(ids[pos:pos + 1], pos, rows=1)
         self.ring[:, :, 1:, :, :len(ids)] = self.ring[:, :, :1, :, :len(ids)]
