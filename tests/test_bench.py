@@ -45,3 +45,16 @@ def test_bench_table_has_a_column_per_figure(monkeypatch):
         assert figure in row
     assert "(float16, bfloat16)" in " ".join(result.output.split())  # the caption names the C matmuls' dtypes
     assert "sampling attends through tfcli's C kernel" in result.output
+
+
+def test_sample_speed_takes_batch_sizes_in_turn_and_reports_paired_ratios(monkeypatch):
+    order = []
+    real = bench.generate
+
+    def watched(model, vocab, prompt, cfg):
+        order.append(cfg.num_samples)
+        return real(model, vocab, prompt, cfg)
+    monkeypatch.setattr(bench, "generate", watched)
+    one, three = bench.sample_speed(bench.Shape(1, 1, 16, 8, 2), "cpu", n_chars=5, reps=3, batches=(1, 3))
+    assert order == [1, 3] * 3  # (a drift in the host's speed weighs on both alike)
+    assert one["cost"] == 1.0 and three["cost"] > 0 and one["chars_per_s"] > 0 and three["chars_per_s"] > 0

@@ -95,25 +95,30 @@ def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0
 
 
 def sample_speed(shape: Shape, device, n_chars: int = 500, reps: int = 3, compile: bool = False,
-                 batch: int = 1) -> dict:
+                 batches: tuple[int, ...] = (1,)) -> list[dict]:
     """Chars/s per sample over `n_chars` from a one-character prompt (the context fills, then
-    the ring turns); with `compile`, after one untimed generation that compiles the step.
+    the ring turns), for each batch size, median of `reps`; with `compile`, after one untimed
+    generation that compiles the step. The batch sizes take turns, rep by rep, so that `cost`
+    (per batch: its time against the first's, the median of the reps' own ratios) compares runs
+    made under the same load: this host's speed drifted by a third within a minute.
     Weights in the precision `sample` picks (sampling.decode_dtype)."""
     model = _model(shape, device)
     for p in model.parameters():  # non-zero weights, so the work is real
         torch.nn.init.normal_(p, std=0.02)
     vocab = Vocab("".join(chr(33 + i) for i in range(VOCAB)))
-    cfg = SampleConfig(max_new_tokens=n_chars, temperature=1.0, seed=0, compile=compile, num_samples=batch)
+    cfgs = [SampleConfig(max_new_tokens=n_chars, temperature=1.0, seed=0, compile=compile, num_samples=b)
+            for b in batches]
     if compile:
         # past a full ring, so every graph the generation needs is built before the clock starts
-        sum(1 for _ in generate(model, vocab, "!", replace(cfg, max_new_tokens=2 * shape.block_size)))
-    rates = []
+        sum(1 for _ in generate(model, vocab, "!", replace(cfgs[0], max_new_tokens=2 * shape.block_size)))
+    rates = [[] for _ in batches]
     for _ in range(reps):
-        t = time.perf_counter()
-        n = sum(1 for _ in generate(model, vocab, "!", cfg))
-        rates.append(n / (time.perf_counter() - t))
-    dtype = str(decode_dtype(model, batch)).replace("torch.", "")
-    return {"chars_per_s": statistics.median(rates), "dtype": dtype}
+        for cfg, got in zip(cfgs, rates):
+            t = time.perf_counter()
+            n = sum(1 for _ in generate(model, vocab, "!", cfg))
+            got.append(n / (time.perf_counter() - t))
+    return [{"chars_per_s": statistics.median(got), "dtype": str(decode_dtype(model, b)),
+             "cost": statistics.median(first / r for first, r in zip(rates[0], got))} for b, got in zip(batches, rates)]
 
 
 def first_char_seconds(shape: Shape, reps: int = 3) -> float:
@@ -157,14 +162,14 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
         result["train"][name] = r
     for name in ("0.8M", "10.7M"):
         if shapes is None or name in shapes:
-            one = result["sample"][name] = sample_speed(SHAPES[name], device)
-            sixteen = sample_speed(SHAPES[name], device, batch=16)  # as long as one sample's, median of 3 too
-            one["num_samples_16_cost"] = one["chars_per_s"] / sixteen["chars_per_s"]  # x one sample's time
-            one["num_samples_16_dtype"] = sixteen["dtype"]  # (batches may decode from other weights: decode_dtype)
+            one, sixteen = sample_speed(SHAPES[name], device, batches=(1, 16))  # (as long as one sample's)
+            result["sample"][name] = {"chars_per_s": one["chars_per_s"], "dtype": one["dtype"],
+                                      "num_samples_16_cost": sixteen["cost"],  # x one sample's time
+                                      "num_samples_16_dtype": sixteen["dtype"]}  # (a batch's own weights)
             if device.type == "cpu":  # (`sample` runs on the CPU unless told otherwise)
-                one["first_char_s"] = first_char_seconds(SHAPES[name])
+                result["sample"][name]["first_char_s"] = first_char_seconds(SHAPES[name])
     # `sample --compile` pays off at this size only, and only where the C kernel does not run
     if (shapes is None or "0.8M" in shapes) and compile and not result["decode_kernel"]:
-        fast = sample_speed(SHAPES["0.8M"], device, n_chars=2000, compile=True)
+        fast, = sample_speed(SHAPES["0.8M"], device, n_chars=2000, compile=True)
         result["sample"]["0.8M"]["compiled_chars_per_s"] = fast["chars_per_s"]
     return result
