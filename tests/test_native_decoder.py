@@ -153,3 +153,11 @@ def test_bfloat16_keeps_a_nan_a_nan_and_an_empty_prompt_is_refused():
     if native_decoder.runs("float32", 1):
         with pytest.raises(ValueError, match="a prompt of 1 to"):
             native_decoder.Decoder(native_weights(tiny_model(), "float32"), 1).prefill(np.array([], dtype=np.int64))
+
+
+def test_without_torch_the_step_takes_omp_num_threads_else_the_physical_cores(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch")  # (as in `tfcli sample`; the module object lives on in this file)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert native_decoder.threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "bogus")
+    assert native_decoder.threads() == native_decoder.native.physical_cores() >= 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +90,14 @@ def runs(dtype: str, batch: int) -> bool:
 
 
 def threads() -> int:
-    """PyTorch's thread count where it is loaded (a caller may have set it), else this process's
-    physical cores, which is PyTorch's default too: the kernels gain nothing from a core's
-    second hardware thread."""
+    """PyTorch's thread count where it is loaded (a caller may have set it), else OMP_NUM_THREADS
+    where set, else this process's physical cores: what PyTorch would take (the kernels gain
+    nothing from a core's second hardware thread)."""
     torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None else native.physical_cores()
+    if torch is not None:
+        return torch.get_num_threads()
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    return int(asked) if asked.isdigit() and int(asked) > 0 else native.physical_cores()
 
 
 def to_dtype(w: np.ndarray, dtype: str) -> np.ndarray:
