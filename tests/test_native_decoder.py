@@ -133,8 +133,12 @@ print("torch imported" if "torch" in sys.modules else "no torch", file=sys.stder
 
 
 @pytest.mark.parametrize("command, prints", [(["sample", "-p", "ab", "-n", "20", "--seed", "3"], "ab"),
-                                             (["info"], "parameters")])
-def test_sample_and_info_on_a_cpu_do_not_import_torch(tmp_path, command, prints):
+                                             (["info"], "parameters"),
+                                             (["inspect-attention", "-p", "abcab", "--view", "summary"], "patterns"),
+                                             (["inspect-attention", "-p", "abc", "--view", "lens"], "embed"),
+                                             (["inspect-attention", "-p", "ab", "--generate", "3", "--seed", "1"],
+                                              "produced each character")])
+def test_sample_info_and_inspect_on_a_cpu_do_not_import_torch(tmp_path, command, prints):
     # import torch was 1.5-2.5 s of a 2-3 s wait for the first character
     from tfcli.checkpoint import save_model
     from tfcli.corpus import Vocab
@@ -161,3 +165,20 @@ def test_without_torch_the_step_takes_omp_num_threads_else_the_physical_cores(mo
     assert native_decoder.threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "bogus")
     assert native_decoder.threads() == native_decoder.native.physical_cores() >= 1
+
+
+@torch.no_grad()
+def test_the_numpy_forward_is_the_models_explicit_path():
+    # inspect-attention reads a NativeModel: its logits, attention weights and residual stream
+    model = tiny_model(block_size=16)
+    native = native_decoder.NativeModel(model.config, None, {k: v.numpy() for k, v in model.state_dict().items()},
+                                        {}, None)
+    ids = torch.randint(50, (1, 13))
+    logits, weights = model.attention(ids)
+    got_logits, got_weights, got_states = native.forward(ids[0].numpy())
+    torch.testing.assert_close(torch.from_numpy(got_logits), logits[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(got_weights), weights[0], atol=2e-6, rtol=1e-5)
+    for got, theirs in zip(got_states, model.hidden_states(ids), strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), theirs[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(native.logits_from_hidden(got_states[1])),
+                               model.logits_from_hidden(model.hidden_states(ids)[1])[0], atol=2e-5, rtol=1e-5)

@@ -846,7 +846,7 @@ def _generated_view(model, text: str, n: int, seed: int | None, layer: int | Non
 
 
 @app.command("inspect-attention")
-@handle_errors
+@handle_errors(builds=("decode_attention.c", "decode_matmul.c"), torch=False)  # (--view generated samples)
 def inspect_attention(
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to look at ('-': read stdin)."),
@@ -887,7 +887,7 @@ def inspect_attention(
     _check_export(export)
     check_unknown(unknown)
     text = read_prompt(prompt, prompt_file)
-    model = load(model_path)
+    model = load_native(model_path)  # (its forward in numpy: no torch to import)
     typed, text = text, fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     if typed and not text:
         raise UsageError("nothing is left of the prompt once its unknown characters are dropped")

@@ -1,7 +1,8 @@
 """Attention extraction and analysis: numbers, not pictures.
 
 Weights come from the model's explicit-softmax path, which tests hold equal to the
-attention used in training and sampling. A prompt longer than the context is
+attention used in training and sampling: `tfcli.model.GPT`'s, or for a model read without
+PyTorch (`native_decoder.NativeModel`, what the CLI loads) the same path in numpy. A prompt longer than the context is
 cut to its last `block_size` characters, as the model would see it when sampling.
 
 Head patterns are scored like TransformerLens' head detector: a pattern names, for each
@@ -15,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .errors import UsageError
+from .native_decoder import NativeModel
 
 # Specific patterns first: a head matching one of them is labelled by it even if the
 # broad "local" pattern (which contains previous and current) scores higher.
@@ -36,12 +37,33 @@ class Attention:
     logits: np.ndarray  # (query, vocab): the model's next-character logits at each position
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+def forward(model, ids: np.ndarray, states: bool = False) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Logits (T, V), attention weights (layer, head, T, T) and, with `states` (or for a
+    `NativeModel`, where they come free), the residual stream after the embedding and each block,
+    as numpy arrays, for a `GPT` or a `NativeModel`."""
+    if isinstance(model, NativeModel):
+        return model.forward(ids)
+    import torch
+
+    with torch.no_grad():
+        idx = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=next(model.parameters()).device)[None]
+        logits, weights = model.attention(idx)
+        stream = [x[0].float().cpu().numpy() for x in model.hidden_states(idx)] if states else []
+    return logits[0].float().cpu().numpy(), weights[0].float().cpu().numpy(), stream
 
 
-def _ids(model, text: str) -> torch.Tensor:
-    return torch.as_tensor(model.vocab.encode(text).astype(np.int64))[None].to(_device(model))
+def logits_from_hidden(model, x: np.ndarray) -> np.ndarray:
+    if isinstance(model, NativeModel):
+        return model.logits_from_hidden(x)
+    import torch
+
+    with torch.no_grad():
+        x = torch.as_tensor(x, device=next(model.parameters()).device)
+        return model.logits_from_hidden(x).float().cpu().numpy()
+
+
+def _ids(model, text: str) -> np.ndarray:
+    return model.vocab.encode(text).astype(np.int64)
 
 
 def attention(model, text: str) -> Attention:
@@ -50,8 +72,8 @@ def attention(model, text: str) -> Attention:
         raise UsageError("the prompt is empty: attention needs at least one character")
     offset = max(0, len(text) - model.config.block_size)
     seen = text[offset:]
-    logits, weights = model.attention(_ids(model, seen))
-    return Attention(seen, weights[0].float().cpu().numpy(), offset, logits[0].cpu().numpy())
+    logits, weights, _ = forward(model, _ids(model, seen))
+    return Attention(seen, weights, offset, logits)
 
 
 # -- head patterns ---------------------------------------------------------------------------
@@ -141,8 +163,7 @@ def probe_ids(vocab_size: int, block_size: int, seed: int = 0) -> np.ndarray:
 def probe_attention(model, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the probe and the model's attention on it, (layer, head, T, T)."""
     ids = probe_ids(model.config.vocab_size, model.config.block_size, seed)
-    _, weights = model.attention(torch.as_tensor(ids, dtype=torch.int64, device=_device(model))[None])
-    return ids, weights[0].float().cpu().numpy()
+    return ids, forward(model, ids)[1]
 
 
 # -- logit lens ------------------------------------------------------------------------------
@@ -156,16 +177,15 @@ class Lens:
     actual_p: list[float]  # per stage, the probability given to `actual` (empty if none)
 
 
-@torch.no_grad()
 def logit_lens(model, text: str, at: int, k: int = 5) -> Lens:
     """Next-character guesses at query `at` read off the residual stream after each block."""
-    states = model.hidden_states(_ids(model, text))
+    states = forward(model, _ids(model, text), states=True)[2]
     vocab = model.vocab.chars
     stages = ["embed", *(f"L{i}" for i in range(len(states) - 1))]
     actual = text[at + 1] if at + 1 < len(text) else None
     top, actual_p = [], []
     for x in states:
-        probs = model.logits_from_hidden(x[0, at]).softmax(-1).cpu().numpy()
+        probs = _softmax(logits_from_hidden(model, x[at]).astype(np.float64))
         order = np.argsort(-probs, kind="stable")[:k]
         top.append([(vocab[i], float(probs[i])) for i in order])
         if actual is not None:
@@ -208,10 +228,15 @@ def generation_attention(model, prompt: str, n: int, seed: int) -> Generation:
     steps = []
     for j in range(len(prompt), len(text)):
         s = max(0, j - T)
-        logits, weights = model.attention(_ids(model, text[s:j]))
-        p = float(logits[0, -1].softmax(-1)[model.vocab.chars.index(text[j])])
-        steps.append(GeneratedStep(j, text[j], p, s, weights[0, :, :, -1].float().cpu().numpy()))
+        logits, weights, _ = forward(model, _ids(model, text[s:j]))
+        p = float(_softmax(logits[-1].astype(np.float64))[model.vocab.chars.index(text[j])])
+        steps.append(GeneratedStep(j, text[j], p, s, weights[:, :, -1]))
     return Generation(text, len(prompt), steps)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
 
 
 def aggregate(weights: np.ndarray, how: str, axis: int | tuple[int, ...]) -> np.ndarray:

@@ -218,6 +218,11 @@ class Decoder:
         return self.cos[pos - self.first], self.sin[pos - self.first]
 
 
+def rms_norm(x: np.ndarray) -> np.ndarray:
+    """PyTorch's `F.rms_norm` without a weight: x / sqrt(mean(x^2) + float32's epsilon)."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.finfo(np.float32).eps)
+
+
 def rotary_tables(start: int, n: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows (n, head_dim) of positions from `start`: cos|cos and -sin|sin (the kernels rotate
     a head's two halves with them), angles computed in float64 so far positions stay exact."""
@@ -250,6 +255,38 @@ class NativeModel:
 
     def num_params(self) -> int:
         return sum(t.size for t in self.state.values())
+
+    def forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Logits (T, V), attention weights (layer, head, T, T) and the residual stream after the
+        embedding and after each block (T, C each), for one sequence of at most block_size ids:
+        `tfcli.model.GPT`'s explicit-softmax path in numpy float32, for `inspect-attention`."""
+        cfg, w = self.config, self.state
+        T, H, D = len(ids), cfg.n_head, cfg.head_dim
+        cos, sin = rotary_tables(0, T, D)  # (T, D): cos|cos, -sin|sin
+        causal = np.tril(np.ones((T, T), dtype=bool))
+        x = np.asarray(w["wte.weight"], dtype=np.float32)[np.asarray(ids)]
+        states, maps = [x], []
+        for i in range(cfg.n_layer):
+            p = f"blocks.{i}."
+            qkv = (rms_norm(x) @ self._matrix(p + "attn.qkv.weight").T).reshape(T, 3, H, D).transpose(1, 2, 0, 3)
+            qk = rms_norm(qkv[:2])
+            qk = qk * cos + np.concatenate((qk[..., D // 2:], qk[..., :D // 2]), -1) * sin  # (rotary)
+            scores = np.where(causal, qk[0] @ qk[1].transpose(0, 2, 1) * np.float32(D ** -0.5), -np.inf)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            y = (weights @ qkv[2]).transpose(1, 0, 2).reshape(T, H * D)
+            x = x + y @ self._matrix(p + "attn.proj.weight").T
+            h = np.maximum(rms_norm(x) @ self._matrix(p + "mlp.fc.weight").T, 0)
+            x = x + (h * h) @ self._matrix(p + "mlp.proj.weight").T
+            states.append(x)
+            maps.append(weights)
+        return self.logits_from_hidden(x), np.stack(maps), states
+
+    def logits_from_hidden(self, x: np.ndarray) -> np.ndarray:
+        return rms_norm(x) @ self._matrix("head.weight").T
+
+    def _matrix(self, name: str) -> np.ndarray:
+        return np.asarray(self.state[name], dtype=np.float32)
 
     def weights(self, dtype: str) -> Weights:
         if dtype not in self._weights:
