@@ -45,6 +45,26 @@ def test_batched_muon_takes_the_same_steps_as_torch_muon():
     assert all("momentum_buffer" in a.state[p] for p in ours)
 
 
+def test_muon_momentum_survives_a_restore_and_a_step_without_some_gradients():
+    # the buffers live as slices of one stack per shape; a resume replaces them, and a
+    # parameter without a gradient leaves the stack for a step: neither may lose momentum
+    ours, theirs = params(), params()
+    a = Muon(ours, lr=0.02, weight_decay=0.1)
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    g = torch.Generator().manual_seed(2)
+    for step in range(5):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            p.grad = None if step == 2 and i == 0 else torch.randn(p.shape, generator=g)
+            q.grad = None if p.grad is None else p.grad.clone()
+        if step == 3:
+            for p in ours:
+                a.state[p] = {k: v.clone() for k, v in a.state[p].items()}
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
 def test_muon_skips_parameters_without_gradients():
     ps = params()
     before = [p.detach().clone() for p in ps]

@@ -90,20 +90,36 @@ class Muon(torch.optim.Optimizer):
                 self._update(group, params)
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
-        grads = [p.grad for p in params]
-        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-        updates = torch._foreach_lerp(grads, bufs, group["momentum"])  # Nesterov
-        by_shape: dict[tuple, list[int]] = defaultdict(list)
-        for i, u in enumerate(updates):
-            by_shape[tuple(u.shape)].append(i)
-        lr = group["lr"]
-        for shape, idx in by_shape.items():
-            ps = [params[i] for i in idx]
-            ortho = newton_schulz(torch.stack([updates[i] for i in idx]), group["ns_steps"]).float()
-            if group["weight_decay"]:
-                torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
-            torch._foreach_add_(ps, list(ortho.unbind(0)), alpha=-lr * 0.2 * math.sqrt(max(shape)))
+        by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            by_shape[tuple(p.shape)].append(p)
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        for shape, ps in by_shape.items():
+            buf = self._momentum(ps)
+            update = torch.stack([p.grad for p in ps])
+            buf.lerp_(update, 1 - momentum)
+            update.lerp_(buf, momentum)  # Nesterov
+            ortho = newton_schulz(update, group["ns_steps"])
+            if decay:
+                torch._foreach_mul_(ps, 1 - lr * decay)
+            torch._foreach_add_(ps, ortho.unbind(0), alpha=-lr * 0.2 * math.sqrt(max(shape)))
+
+    def _momentum(self, ps: list[torch.Tensor]) -> torch.Tensor:
+        """The momentum buffers of `ps` as one stacked tensor whose slices are their states.
+
+        One lerp then updates all of them, where a call per matrix for each element-wise pass
+        made the step 16% (0.8M parameters) and 13% (4.8M) slower, for the same numbers. Rebuilt
+        from the states when they are not that stack's slices (the first step, a resume, a
+        parameter without a gradient)."""
+        bufs = [self.state[p].get("momentum_buffer") for p in ps]
+        stack = getattr(bufs[0], "_base", None)
+        if stack is not None and len(stack) == len(ps) and all(
+                b is not None and b._base is stack and b.data_ptr() == row.data_ptr() for b, row in zip(bufs, stack)):
+            return stack
+        stack = torch.stack([torch.zeros_like(p) if b is None else b for b, p in zip(bufs, ps)])
+        for p, row in zip(ps, stack.unbind(0)):
+            self.state[p]["momentum_buffer"] = row
+        return stack
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
