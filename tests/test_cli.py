@@ -613,6 +613,15 @@ def test_attention_shows_prompt_characters_with_visible_spaces(in_trained):
     assert "L0 H0" not in out  # with no --view: the last layer's heads
 
 
+def test_attention_without_a_prompt_looks_at_text_the_model_writes(model):
+    first = ok("inspect-attention", "-m", model, "--seed", "4", "--view", "summary")
+    assert "characters the model wrote (seed 4)" in first.stderr
+    assert first.stdout == ok("inspect-attention", "-m", model, "--seed", "4", "--view", "summary").stdout
+    assert first.stdout != ok("inspect-attention", "-m", model, "--seed", "5", "--view", "summary").stdout
+    assert "--seed does not apply" in refused(2, "inspect-attention", "-m", model, "-p", "anna", "--seed", "4")
+    assert "seed" in ok("inspect-attention", "-m", model).stderr  # (a random one, printed)
+
+
 def test_attention_takes_the_unknown_policy_of_sample(model):
     assert "--unknown skip|replace" in refused(2, "inspect-attention", "-m", model, "--prompt", "ANNA bob")
     skipped = ok("inspect-attention", "-m", model, "--prompt", "ANNA bob", "--unknown", "skip")

@@ -173,6 +173,20 @@ def test_logit_lens_at_the_last_position_has_no_actual_next_char(model):
     assert lens.actual is None and lens.actual_p == []
 
 
+def test_own_text_is_what_the_model_samples_after_its_opening_and_fits_the_context(model):
+    from tfcli.config import SampleConfig
+    from tfcli.inspect import opening, own_text
+    from tfcli.sampling import generate
+
+    start = opening(VOCAB)
+    assert start == " "  # (no line break in its vocabulary)
+    assert opening(Vocab.from_text("a b\nc")) == "\n" and opening(Vocab.from_text("xy")) == "x"
+    text = own_text(model, seed=5)
+    assert len(text) == model.config.block_size  # (OWN_TEXT is more than this model's 8)
+    sampled = "".join(p[0] for p in generate(model, VOCAB, start, SampleConfig(7, temperature=0.8, seed=5)))
+    assert text == start + sampled and own_text(model, seed=5) == text
+
+
 def test_generated_text_matches_sampling_and_each_step_is_the_producing_query(model):
     from tfcli.config import SampleConfig
     from tfcli.sampling import generate

@@ -845,6 +845,20 @@ def _generated_view(model, text: str, n: int, seed: int | None, layer: int | Non
     return gen, generated_view(gen, weights, where, color=color, max_width=width)
 
 
+def _own_prompt(model, view: str, seed: int | None) -> tuple[str, int]:
+    """Without --prompt: text the model writes (the generated view starts from its first character)."""
+    from .inspect import opening, own_text
+    from .sampling import new_seed
+
+    seed = new_seed() if seed is None or seed == -1 else seed
+    if view == "generated":
+        return opening(model.vocab), seed
+    text = own_text(model, seed)
+    stderr.print(f"note: no --prompt given: looking at {len(text)} characters the model wrote (seed {seed})",
+                 highlight=False)
+    return text, seed
+
+
 @app.command("inspect-attention")
 @handle_errors(builds=("decode_attention.c", "decode_matmul.c"), torch=False)  # (--view generated samples)
 def inspect_attention(
@@ -877,8 +891,9 @@ def inspect_attention(
     from .inspect import aggregate, attention, logit_lens
     from .render import attention_views, heatmap
 
+    own = prompt is None and prompt_file is None  # the model writes the text to look at (--seed picks it)
     given = {"--layer": layer, "--head": head, "--at": at, "--aggregate": aggregate_, "--generate": generate_,
-             "--seed": seed, "--range": range_}
+             "--seed": None if own else seed, "--range": range_}
     explicit, view = view, _pick_view(view, given)
     if aggregate_ is not None and aggregate_ not in ("mean", "max"):
         raise UsageError(f"--aggregate must be mean or max, got {aggregate_!r}")
@@ -888,6 +903,8 @@ def inspect_attention(
     check_unknown(unknown)
     text = read_prompt(prompt, prompt_file)
     model = load_native(model_path)  # (its forward in numpy: no torch to import)
+    if own:
+        text, seed = _own_prompt(model, view, seed)
     typed, text = text, fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     if typed and not text:
         raise UsageError("nothing is left of the prompt once its unknown characters are dropped")
@@ -993,12 +1010,14 @@ def info(
         print(json.dumps(record))
         return
     from .render import plural
-    from .render.heatmap import visible
+    from .render.heatmap import MASKED, visible
     c, s = model.config, model.summary
     stdout.print(Text(str(model.path), style="bold"))
     stdout.print(f"  {model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
                  f"context {c.block_size}, vocabulary {c.vocab_size}")
-    stdout.print("  vocabulary: " + "".join(visible(ch) for ch in model.vocab.chars), markup=False)
+    hidden = [f"U+{ord(ch):04X}" for ch in model.vocab.chars if visible(ch) == MASKED]  # (format characters)
+    stdout.print("  vocabulary: " + "".join(visible(ch) for ch in model.vocab.chars)
+                 + (f" ({MASKED}: {', '.join(hidden)})" if hidden else ""), markup=False)
     if s.get("step") is not None:
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
         if s.get("best_step") not in (None, s["step"]) and s.get("best_val_loss") is not None:

@@ -234,6 +234,26 @@ def generation_attention(model, prompt: str, n: int, seed: int) -> Generation:
     return Generation(text, len(prompt), steps)
 
 
+OWN_TEXT = 48  # characters a bare `inspect-attention` looks at: a heatmap that fits a terminal
+
+
+def opening(vocab) -> str:
+    """Where the model starts writing its own text: a line break, else a space, else any character."""
+    return next((c for c in "\n " if c in vocab.chars), vocab.chars[0])
+
+
+def own_text(model, seed: int, n: int = OWN_TEXT) -> str:
+    """Text the model writes from `opening`, to look at when no prompt is given: the heads at work
+    on text like their corpus, whatever that was (no prompt suits every model)."""
+    from .config import SampleConfig
+    from .sampling import generate
+
+    start = opening(model.vocab)
+    cfg = SampleConfig(max_new_tokens=max(1, min(n, model.config.block_size) - 1), seed=seed,
+                       temperature=0.8).validate()
+    return start + "".join(parts[0] for parts in generate(model, model.vocab, start, cfg))
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()

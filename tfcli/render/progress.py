@@ -21,8 +21,19 @@ from rich.text import Text
 from ..checkpoint import BEST_FILE
 from ..trainer import Done, Eval, Notice, Sample, Start, Step
 from . import plural
+from .heatmap import visible
 
 LN2 = math.log(2)
+JOINERS = "\u200c\u200d"  # (zero-width non-joiner and joiner: parts of emoji and of some scripts' words)
+
+
+def sample_line(text: str) -> str:
+    """A sample on one line of a log or the dashboard: newlines as ⏎, and control and format
+    characters as symbols. A corpus of terminal logs teaches a model escape codes, and a
+    bidirectional override would reorder the rest of the line; the text itself is not ours to show
+    raw here (`tfcli sample` prints it as generated)."""
+    return "".join(" ⏎ " if c == "\n" else c if c.isprintable() or c == " " or c in JOINERS else visible(c)
+                   for c in text.strip())
 
 
 def fmt_time(seconds: float) -> str:
@@ -108,7 +119,7 @@ class PlainProgress:
             out(f"step {e.step:>6}  val {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char)"
                 + ("  best" if e.best else ""), highlight=False)
         elif isinstance(e, Sample):
-            out(f"sample: {e.text.strip().replace(chr(10), ' | ')[:100]}", highlight=False, markup=False)
+            out(f"sample: {sample_line(e.text)[:100]}", highlight=False, markup=False)
         elif isinstance(e, Notice):
             out(f"warning: {e.message}", highlight=False, markup=False)
         elif isinstance(e, Done):
@@ -193,5 +204,5 @@ class LiveProgress:
         nums.add_row(f"step [bold]{s.step}[/]", f"loss [bold]{s.loss:.4f}[/]",
                      f"val [bold]{val:.4f}[/] ({val / LN2:.3f} bpc)" if val is not None else "val –",
                      f"{fmt_count(s.tokens_per_s)} tok/s", f"lr {s.lr:.1e}")
-        sample = Text(self.sample.strip().replace("\n", " ⏎ "), style="italic", no_wrap=True, overflow="ellipsis")
+        sample = Text(sample_line(self.sample), style="italic", no_wrap=True, overflow="ellipsis")
         return Panel(Group(bar, nums, sample), title="tfcli train", title_align="left", border_style="blue")
