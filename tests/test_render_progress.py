@@ -60,3 +60,12 @@ def test_the_start_line_counts_one_epoch_in_the_singular():
                                     "float32", 100, 10, 5, 0, False))
     assert "; 1 epoch;" in line(1.0)
     assert "2 epochs" in line(2.0) and "0.5 epochs" in line(0.5)
+
+
+def test_sample_line_shows_control_and_bidi_characters_as_symbols_and_keeps_joiners():
+    from tfcli.render.progress import sample_line
+
+    line = sample_line("\x1b[31mERROR\x1b[0m ok\u202e rtl\nnext\tcol 👩\u200d👧\n")
+    assert "\x1b" not in line and "\u202e" not in line and "\t" not in line
+    assert line.startswith("␛[31mERROR␛[0m ok")
+    assert " ⏎ next" in line and "👩\u200d👧" in line and not line.endswith("⏎ ")
