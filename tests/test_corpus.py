@@ -98,6 +98,21 @@ def test_utf8_byte_order_marks_are_not_text(tmp_path):
     assert read_text([tmp_path / "a.txt", tmp_path / "b.txt"]) == "abcdef\ufeff"
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 64])  # (a \r\n split between two reads is one line end)
+def test_line_ends_read_as_newlines_as_python_reads_text(tmp_path, chunk):
+    (tmp_path / "x.txt").write_bytes("ab\r\ncd\r\r\né\rf\r".encode())
+    text = "".join(t for _, t in iter_text([tmp_path / "x.txt"], chunk_bytes=chunk))
+    assert text == "ab\ncd\n\né\nf\n" == (tmp_path / "x.txt").read_text()
+    (tmp_path / "u16.txt").write_bytes("a\r\nb".encode("utf-16"))
+    assert read_text([tmp_path / "u16.txt"], encoding="utf-16") == "a\nb"
+
+
+def test_a_text_with_windows_line_ends_trains_without_a_carriage_return(tmp_path):
+    (tmp_path / "t.txt").write_bytes(b"one\r\ntwo\r\nthree\r\n" * 20)
+    corpus = load_corpus([tmp_path / "t.txt"])
+    assert "\r" not in corpus.vocab.chars and "\n" in corpus.vocab.chars
+
+
 def test_utf16_without_its_byte_order_mark_is_a_usage_error(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"plain bytes")
     with pytest.raises(UsageError, match="not valid utf-16"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import functools
 import hashlib
+import io
 import re
 import sys
 import unicodedata
@@ -127,17 +128,22 @@ def _is_utf8(encoding: str) -> bool:
     return encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
 
 
-def _decoder(encoding: str, errors: str) -> codecs.IncrementalDecoder:
-    """UTF-8 drops a file's leading byte-order mark (Windows editors write one): it is not text, and
-    as a character it would be learnt, sampled mid-text and refused in prompts."""
+def _decoder(encoding: str, errors: str) -> io.IncrementalNewlineDecoder:
+    """Line ends read as Python's open() reads text, and nanoGPT's prepare.py with it: \\r\\n and a
+    lone \\r are \\n. A file saved on Windows would otherwise teach the model a \\r it then samples
+    alone (a terminal returns to the line's start and overwrites it), and text with other line ends
+    would score as characters the model never saw. UTF-8 also drops a leading byte-order mark
+    (Windows editors write one): as a character it would be learnt, sampled mid-text and refused in
+    prompts."""
     try:
         utf8 = codecs.lookup(encoding).name == "utf-8"
-        return codecs.getincrementaldecoder("utf-8-sig" if utf8 else encoding)(errors)
+        inner = codecs.getincrementaldecoder("utf-8-sig" if utf8 else encoding)(errors)
     except LookupError:
         raise UsageError(f"unknown encoding {encoding!r}") from None
+    return io.IncrementalNewlineDecoder(inner, translate=True)
 
 
-def _decode(decoder: codecs.IncrementalDecoder, raw: bytes, f: Path, offset: int, encoding: str,
+def _decode(decoder: io.IncrementalNewlineDecoder, raw: bytes, f: Path, offset: int, encoding: str,
             final: bool = False) -> str:
     pending = len(decoder.getstate()[0])  # bytes of a character begun in the previous chunk
     try:

@@ -24,7 +24,9 @@ import numpy as np
 from .errors import TfcliError
 
 CACHE_MIN_BYTES = 16 << 20  # smaller corpora encode in well under a second: kept in memory, never cached
-FORMAT = 2  # (2: UTF-8 byte-order marks dropped) bump when the cache layout or the meaning of its ids changes
+# bump FORMAT when the cache layout or the meaning of its ids changes (2: UTF-8 byte-order marks dropped;
+# 3: line ends read as \n)
+FORMAT = 3
 
 Sink = Callable[[np.ndarray], None]  # takes the next run of ids, in order
 
