@@ -308,3 +308,26 @@ def test_empty_val_file_is_refused(tmp_path):
     (tmp_path / "v.txt").write_text("")
     with pytest.raises(UsageError, match="v.txt: empty corpus"):
         load_corpus([tmp_path / "t.txt"], val_paths=[tmp_path / "v.txt"])
+
+
+def test_encode_text_reads_a_chunk_at_a_time_into_the_ids_of_the_whole_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 5)
+    (tmp_path / "a.txt").write_text("héllo wörld\r\n" * 3, newline="")
+    (tmp_path / "b.txt").write_text("dlrow")
+    vocab = Vocab.from_text("hélo wördl\n")
+    paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    ids = corpus_module.encode_text(paths, vocab)
+    assert ids.dtype == np.uint16 and vocab.decode(ids) == "héllo wörld\n" * 3 + "dlrow"
+    (tmp_path / "c.txt").write_text("hélo\twörld")
+    with pytest.raises(UsageError, match=r"c.txt: has characters the model never saw \(\\t\)"):
+        corpus_module.encode_text([tmp_path / "c.txt"], vocab)
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(UsageError, match="empty"):
+        corpus_module.encode_text([tmp_path / "e.txt"], vocab)
+
+
+def test_vocab_ids_are_none_for_a_character_beyond_or_between_its_own():
+    vocab = Vocab.from_text("bd")
+    assert vocab.ids("dbd").tolist() == [1, 0, 1]
+    assert vocab.ids("bc") is None and vocab.ids("e") is None and vocab.ids("a") is None
+    assert Vocab.from_text("").ids("a") is None

@@ -969,20 +969,15 @@ def eval_(
     """Loss on held-out text: every character scored once, in windows of the model's context."""
     from tqdm import tqdm
 
-    from .corpus import read_text, show_char, source_names
+    from .corpus import encode_text
     from .evaluation import evaluate
 
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     if errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
-    text = read_text(file, encoding, errors)
     model = load(model_path, device)
-    missing = model.vocab.unknown(text)
-    if missing:
-        raise UsageError(f"{source_names(file)}: has characters the model never saw "
-                         f"({' '.join(show_char(c) for c in missing[:10])}); evaluate on text like its corpus")
-    ids = model.vocab.encode(text)
+    ids = encode_text(file, model.vocab, encoding, errors)
     if len(ids) < 2:
         raise UsageError("need at least two characters to evaluate")
     with tqdm(total=len(ids) - 1, unit="char", unit_scale=True, disable=not sys.stderr.isatty(),

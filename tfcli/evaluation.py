@@ -35,14 +35,18 @@ class EvalResult:
 
 
 @torch.no_grad()
+def _long(ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(ids.astype(np.int64)) if isinstance(ids, np.ndarray) else ids
+
+
 def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype: torch.dtype = torch.float32,
              on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored."""
     keep_freed_memory()
     T = model.config.block_size
     device = next(model.parameters()).device
-    data = torch.as_tensor(np.asarray(ids, dtype=np.int64) if isinstance(ids, np.ndarray) else ids).long()
-    n = data.numel() - 1
+    data = ids if isinstance(ids, np.ndarray) else ids.long()  # (numpy ids widen a batch at a time)
+    n = len(data) - 1
     if n < 1:
         raise ValueError("need at least two characters to evaluate")
     was_training = model.training
@@ -51,7 +55,7 @@ def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype:
     total = 0.0
     for start in range(0, full, batch_size):
         rows = min(batch_size, full - start)
-        chunk = data[start * T: (start + rows) * T + 1]
+        chunk = _long(data[start * T: (start + rows) * T + 1])
         x = chunk[:-1].view(rows, T).to(device)
         y = chunk[1:].view(rows, T).to(device)
         total += _summed_loss(model, x, y, device, dtype)
@@ -59,7 +63,7 @@ def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype:
             on_progress(rows * T)
     rest = n - full * T
     if rest:
-        chunk = data[full * T:]
+        chunk = _long(data[full * T:])
         x, y = chunk[:-1].view(1, rest).to(device), chunk[1:].view(1, rest).to(device)
         total += _summed_loss(model, x, y, device, dtype)
         if on_progress:
