@@ -99,6 +99,14 @@ def test_help_does_not_import_torch(args):
     assert out.strip() == "False"
 
 
+def test_help_piped_is_plain_text_without_boxes():
+    env = {k: v for k, v in os.environ.items() if k != "TYPER_USE_RICH"}
+    out = subprocess.run([sys.executable, "-m", "tfcli", "sample", "--help"], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    assert out.startswith("Usage: ") and "tfcli sample [OPTIONS]" in out.splitlines()[0] and "--top-p" in out
+    assert not set("╭│╰─") & set(out) and ANSI not in out
+
+
 def test_version_needs_no_command():
     from importlib.metadata import version
     result = ok("--version")

@@ -1,10 +1,13 @@
 """`tfcli` and `python -m tfcli`. A Ctrl-C while the CLI's modules load is an interruption
 like any other (one line, exit 130), not a traceback from the middle of an import."""
 
+import os
 import sys
 
 
 def main() -> None:
+    if not sys.stdout.isatty():  # help piped or saved: click's plain text, not rich's boxes (typer reads this
+        os.environ.setdefault("TYPER_USE_RICH", "0")  # when it is imported)
     try:
         from .cli import run
         run()  # (a Ctrl-C before a command starts, while typer builds its commands, lands here too)

@@ -1084,12 +1084,13 @@ def run() -> None:
     try:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as e:
-        if type(e).__name__ != "NoArgsIsHelpError" and torchrun_rank() == "0":  # (NoArgsIsHelp has printed
-            # the help, its whole message; under torchrun rank 0 says what is wrong with the flags)
+        if type(e).__name__ == "NoArgsIsHelpError":  # its message is the help: rich has printed it, plain has not
+            print(e.format_message(), end="")
+        elif torchrun_rank() == "0":  # (under torchrun rank 0 says what is wrong with the flags)
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
-        elif torchrun_rank() != "0":
+        else:
             quiet_exit_delay()
         code = e.exit_code
     except typer.Abort as e:  # (typer's for an EOFError or a Ctrl-C outside a command; click's in older typers)
