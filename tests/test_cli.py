@@ -435,6 +435,17 @@ def test_prompt_with_unknown_character_names_it(model):
     assert "z" in message and "--unknown" in message
 
 
+def test_a_prompt_is_read_in_the_unicode_spelling_the_vocabulary_knows():
+    from tfcli.cli import fit_prompt
+    from tfcli.corpus import Vocab
+
+    decomposed, composed = "cafe\u0301 ", "café "
+    assert fit_prompt(Vocab.from_text(decomposed), "café", "error") == "cafe\u0301"
+    assert fit_prompt(Vocab.from_text(composed), "cafe\u0301", "error") == "café"
+    mixed = fit_prompt(Vocab.from_text(decomposed + "É"), "É café", "replace")  # (no one spelling has all)
+    assert mixed == "É cafe\u0301"
+
+
 def test_unknown_skip_drops_and_replace_maps(model):
     skipped = ok("sample", "-m", model, "--prompt", "anQna", "-n", "5", "--seed", "1", "--unknown", "skip")
     assert skipped.stdout.startswith("anna") and "Q" in skipped.stderr

@@ -54,6 +54,11 @@ def test_closest_known_character(char, closest):
     assert Vocab.from_text("a be").closest(char) == closest
 
 
+def test_closest_known_spelling_may_be_the_decomposed_one():
+    assert Vocab.from_text("cafe\u0301").closest("é") == "e\u0301"  # (e and a combining acute accent)
+    assert Vocab.from_text("cafe").closest("é") == "e"  # (no accent to spell it with: dropped)
+
+
 def test_too_many_distinct_characters_is_refused():
     text = "".join(chr(0x4E00 + i) for i in range(MAX_VOCAB + 1))
     with pytest.raises(UsageError, match="too many"):

@@ -464,10 +464,18 @@ def check_unknown(unknown: str) -> None:
 
 
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
-    """Apply the --unknown policy; error (default) names the characters the model never saw."""
+    """Apply the --unknown policy; error (default) names the characters the model never saw.
+
+    First the prompt's other Unicode spelling is tried: é typed as one character reads as e and
+    an accent in a corpus that spells it so (NFD), and the other way round; both look the same."""
     missing = vocab.unknown(prompt)
     if not missing:
         return prompt
+    import unicodedata
+    for form in ("NFC", "NFD"):
+        spelt = unicodedata.normalize(form, prompt)
+        if not vocab.unknown(spelt):
+            return spelt
     if unknown == "error":
         try:
             vocab.encode(prompt)

@@ -273,7 +273,12 @@ class Vocab:
         return "".join(self.chars[int(i)] for i in ids)
 
     def closest(self, c: str) -> str | None:
-        """The known character most like `c` (case-folded, accent-stripped), or None."""
+        """The known character most like `c` (its other Unicode spelling, case-folded, accent-stripped),
+        or None; the other spelling may be two characters (é as e and a combining accent)."""
+        for form in ("NFC", "NFD"):
+            spelt = unicodedata.normalize(form, c)
+            if spelt != c and all(ch in self.chars for ch in spelt):
+                return spelt
         base = unicodedata.normalize("NFKD", c)[:1]  # É: E, then e
         for cand in (c.lower(), c.upper(), base, base.lower(), base.upper(), " " if c.isspace() else ""):
             if cand and cand in self.chars:
