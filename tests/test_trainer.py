@@ -275,6 +275,16 @@ def test_hopelessly_short_corpus_is_refused(tmp_path):
         train(corpus, MODEL, TRAIN, tmp_path / "run")
 
 
+def test_a_short_corpus_cut_for_validation_is_told_how_to_keep_it_all(tmp_path):
+    corpus = load_corpus([write(tmp_path, "abcdefghij")], val_fraction=0.1)
+    with pytest.raises(UsageError, match=r"has 9 characters once 1 is held out .* --val-fraction 0 holds none out"):
+        train(corpus, MODEL, TRAIN, tmp_path / "run")
+    (tmp_path / "v.txt").write_text("abc")
+    corpus = load_corpus([write(tmp_path, "abcdefgh")], val_paths=[tmp_path / "v.txt"])
+    with pytest.raises(UsageError, match=r"has 8 characters: too short to train on \(need at least 10\)$"):
+        train(corpus, MODEL, TRAIN, tmp_path / "run")
+
+
 def test_no_validation_text_trains_without_validation(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 10)], val_fraction=0.0)
     events = []

@@ -355,7 +355,7 @@ def train(
     from .trainer import train as run_training
 
     view = (NullProgress() if not world.is_main else
-            LiveProgress(stdout) if stdout.is_terminal else PlainProgress(stdout))
+            LiveProgress(stdout, warnings=stderr) if stdout.is_terminal else PlainProgress(stdout, warnings=stderr))
     with StopFlag(quiet=not world.is_main) as stop, view:
         done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume, should_stop=stop,
                             started_at=started_at, world=world)

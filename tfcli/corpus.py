@@ -294,6 +294,7 @@ class Corpus:
     digest: str  # sha256 of the training text (UTF-8), checked on --resume
     n_chars: int
     skipped: tuple[Path, ...] = ()  # binary files found under the directories given, and left out
+    val_split: bool = False  # the validation text was cut from the training text's end (no --val files)
 
 
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
@@ -325,7 +326,7 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
         encoded = _with_vocab(encoded, vocab, store, key)
     ids = encoded.ids
     return Corpus(Vocab(encoded.vocab), ids[:encoded.cut], ids[encoded.cut:], encoded.digest, len(ids),
-                  tuple(skipped))
+                  tuple(skipped), val_split=not val_paths)
 
 
 @dataclass(frozen=True)

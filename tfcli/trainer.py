@@ -111,10 +111,11 @@ def fit_context(cfg: ModelConfig, corpus: Corpus, on_event: Callable[[Event], No
     if limit >= cfg.block_size:
         return cfg
     if limit < MIN_CONTEXT:
-        n, held = len(corpus.train), len(corpus.val)
-        after = f" once {held:,} are held out for validation" if held else ""
+        n, held = len(corpus.train), len(corpus.val) if corpus.val_split else 0
+        after = f" once {held:,} {'is' if held == 1 else 'are'} held out for validation" if held else ""
+        hint = "; --val-fraction 0 holds none out" if held and n + held >= MIN_CONTEXT + 2 else ""
         raise UsageError(f"the training text has {n} character{'s' if n != 1 else ''}{after}: too short to train "
-                         f"on (need at least {MIN_CONTEXT + 2})")
+                         f"on (need at least {MIN_CONTEXT + 2}{hint})")
     on_event(Notice(f"the training text is shorter than the context; context shrunk to {limit}"))
     return replace(cfg, block_size=limit)
 

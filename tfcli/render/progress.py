@@ -96,8 +96,9 @@ class NullProgress:
 class PlainProgress:
     """Log lines for pipes and files."""
 
-    def __init__(self, console: Console, every: float = 10.0):
+    def __init__(self, console: Console, every: float = 10.0, warnings: Console | None = None):
         self.console, self.every, self.last = console, every, -math.inf
+        self.warnings = warnings or console  # (stderr, as every command's warnings)
         self.eta = Eta()
 
     def __enter__(self):
@@ -121,7 +122,7 @@ class PlainProgress:
         elif isinstance(e, Sample):
             out(f"sample: {sample_line(e.text)[:100]}", highlight=False, markup=False)
         elif isinstance(e, Notice):
-            out(f"warning: {e.message}", highlight=False, markup=False)
+            self.warnings.print(f"warning: {e.message}", highlight=False, markup=False)
         elif isinstance(e, Done):
             out(describe_done(e), highlight=False)
 
@@ -152,8 +153,9 @@ def overfit_note(e: Done) -> str:
 class LiveProgress:
     """The dashboard: a progress bar, the latest numbers and a sample line, redrawn 4 times a second."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, warnings: Console | None = None):
         self.console = console
+        self.warnings = warnings or console  # (shown above the dashboard, which redirects stderr)
         self.start: Start | None = None
         self.step: Step | None = None
         self.eval: Eval | None = None
@@ -180,7 +182,7 @@ class LiveProgress:
         elif isinstance(e, Sample):
             self.sample = e.text
         elif isinstance(e, Notice):
-            self.console.print(f"[yellow]warning:[/] {e.message}", highlight=False)
+            self.warnings.print(Text.assemble(("warning:", "yellow"), f" {e.message}"), highlight=False)
         elif isinstance(e, Done):
             if self.step is not None:  # an interrupted run's bar stays where it stopped
                 self.step = replace(self.step, step=e.step,
