@@ -105,6 +105,7 @@ def test_help_piped_is_plain_text_without_boxes():
                          check=True, env=env).stdout
     assert out.startswith("Usage: ") and "tfcli sample [OPTIONS]" in out.splitlines()[0] and "--top-p" in out
     assert not set("╭│╰─") & set(out) and ANSI not in out
+    assert "[default: random" in out and "\\[" not in out  # (rich's escape, which plain text does not need)
 
 
 def test_version_needs_no_command():

@@ -1082,6 +1082,22 @@ def bench(
     stdout.print(t)
 
 
+def _plain_help() -> None:
+    """Help texts escape [ for rich's markup; click's plain help (piped: see __main__) shows them as typed."""
+    import inspect
+
+    import typer.core
+    import typer.models
+
+    if typer.core.HAS_RICH:
+        return
+    for command in app.registered_commands:
+        for param in inspect.signature(command.callback).parameters.values():
+            info = param.default
+            if isinstance(info, typer.models.ParameterInfo) and info.help:
+                info.help = info.help.replace("\\[", "[")
+
+
 def run() -> None:
     """The `tfcli` command. Typer's own usage errors (an unknown option, a missing argument) come
     out as one line, like tfcli's, rather than in its four-line box."""
@@ -1089,6 +1105,7 @@ def run() -> None:
 
     click = getattr(typer.core, "_click", None) or typer.core.click  # typer 0.29 vendors click; older ones import it
 
+    _plain_help()
     try:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as e:
