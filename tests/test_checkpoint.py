@@ -264,6 +264,9 @@ def test_directory_without_a_model_is_refused(tmp_path):
         ckpt.resolve_model_path(tmp_path)
     with pytest.raises(UsageError, match="no such run directory"):
         ckpt.resolve_model_path(tmp_path / "missing")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # a run before its first save
+    with pytest.raises(UsageError, match="a run with no model saved yet"):
+        ckpt.resolve_model_path(tmp_path)
 
 
 def test_default_run_dir_never_reuses_an_existing_run(tmp_path):

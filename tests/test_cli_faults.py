@@ -145,10 +145,30 @@ def test_second_signal_quits_at_once_and_keeps_the_last_checkpoint(corpus, tmp_p
             proc.kill()
             proc.wait()
     stderr = err.read_text()
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and "nothing was saved" not in stderr
     assert "checkpoint saved at step" not in stderr  # it quit without finishing the step and saving again
     assert load_checkpoint(out / "model.safetensors").summary["step"] >= 1  # what was on disk is whole
     assert load_state(out / "state.safetensors")[1]["step"] >= 1  # and resumable
+
+
+def test_second_signal_before_the_first_save_says_there_is_nothing_to_resume(corpus, tmp_path):
+    out, err = tmp_path / "run", tmp_path / "stderr"
+    args = ("train", corpus, "--n-layer", "2", "--n-head", "2", "--n-embd", "128", "--block-size", "128",
+            "--batch-size", "64", "--time", "60", "--no-compile", "--eval-interval", "600", "--out", out)
+    with open(err, "w") as se:
+        proc = subprocess.Popen(tfcli(*args), stdout=subprocess.DEVNULL, stderr=se, env=ENV, cwd=tmp_path)
+        try:
+            wait_for_steps(proc, out / "metrics.jsonl")
+            proc.send_signal(signal.SIGINT)
+            wait_until(proc, lambda: "stopping after this step" in err.read_text(), "the first signal's notice")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+        finally:
+            proc.kill()
+            proc.wait()
+    stderr = err.read_text()
+    assert "nothing was saved yet" in stderr and "without --resume" in stderr and "Traceback" not in stderr
+    assert not (out / "model.safetensors").exists()
 
 
 def test_training_into_a_closed_pipe_stops_saves_and_says_how_to_resume(corpus, tmp_path):

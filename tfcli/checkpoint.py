@@ -312,6 +312,9 @@ def resolve_model_path(path: Path | None) -> Path:
     if path.is_dir():
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
+        if (path / METRICS_FILE).is_file():  # a run that had not reached its first save
+            raise UsageError(f"{path}: a run with no model saved yet (a run saves at its first validation, "
+                             "after about 30 s, and when it ends)")
         raise UsageError(f"{path}: holds no {MODEL_FILE}; is it a run directory?")
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint")

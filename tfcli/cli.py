@@ -356,9 +356,15 @@ def train(
 
     view = (NullProgress() if not world.is_main else
             LiveProgress(stdout, warnings=stderr) if stdout.is_terminal else PlainProgress(stdout, warnings=stderr))
-    with StopFlag(quiet=not world.is_main) as stop, view:
-        done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume, should_stop=stop,
-                            started_at=started_at, world=world)
+    try:
+        with StopFlag(quiet=not world.is_main) as stop, view:
+            done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume,
+                                should_stop=stop, started_at=started_at, world=world)
+    except KeyboardInterrupt:  # a second Ctrl-C: say whether anything is left to resume
+        if world.is_main and not (run_dir / ckpt.MODEL_FILE).is_file():
+            stderr.print("nothing was saved yet (a run saves at its first validation): start it again, "
+                         "without --resume", highlight=False)
+        raise
     if done.reason == "interrupted":
         if world.is_main:
             launcher = "torchrun ... -m tfcli train" if world.is_distributed else "tfcli train"
