@@ -354,6 +354,7 @@ def test_color_by_prob_in_a_pipe_prints_the_same_text_and_no_legend_for_absent_c
     coloured = ok("sample", "-m", model, "-p", "anna", "-n", "40", "--seed", "5", "--color-by-prob")
     assert coloured.stdout == plain
     assert "probability" not in coloured.stderr
+    assert "--color-by-prob has no colours to show (the output is not a colour terminal)" in coloured.stderr
 
 
 def test_color_by_prob_on_a_colour_terminal_explains_its_colours(model, monkeypatch):

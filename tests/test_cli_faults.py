@@ -231,11 +231,24 @@ def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):
         assert len(head) == 20 and "Traceback" not in stderr and "error" not in stderr.lower(), stderr
 
 
-def test_ctrl_c_during_a_batch_shows_what_was_made_then_exits_130(corpus, tmp_path):
+def test_a_batch_for_a_pipe_stops_once_its_reader_has_gone(corpus, tmp_path):
     trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
                                        "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
-    for extra in (["--no-stream"], ["--num-samples", "2"], ["--num-samples", "2", "--json"]):
+    # nothing prints before a batch is done (minutes here), so only the pipe itself says the reader left
+    proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-p", "anna", "-n", "10000000",
+                                  "--num-samples", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stderr.readline().startswith(b"seed ")  # generating
+    proc.stdout.close()
+    assert proc.wait(timeout=30) == 0
+    assert b"Traceback" not in proc.stderr.read()
+
+
+def test_ctrl_c_during_a_sample_or_batch_shows_what_was_made_then_exits_130(corpus, tmp_path):
+    trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    for extra in ([], ["--no-stream"], ["--num-samples", "2"], ["--num-samples", "2", "--json"]):
         proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-p", "anna", "-n", "10000000", *extra),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         seed = proc.stderr.readline()  # printed once the model is loaded, as generation starts
@@ -250,4 +263,4 @@ def test_ctrl_c_during_a_batch_shows_what_was_made_then_exits_130(corpus, tmp_pa
             assert all(r["finish_reason"] == "interrupted" for r in records)
         else:
             assert out.startswith("anna") or "sample 1/2" in out
-            assert len(out) > 20
+            assert len(out) > 20 and out.endswith("\n")  # (the message after it starts its own line)

@@ -597,6 +597,10 @@ def sample(
             stderr.print(f"seed {cfg.seed}", style="dim", highlight=False)
     if color_by_prob and not as_json and stdout.color_system is not None and not stdout.no_color:
         stderr.print(prob_legend(), highlight=False)  # (in a pipe or under NO_COLOR there are no colours to explain)
+    elif color_by_prob and not as_json:
+        why = "NO_COLOR is set" if stdout.no_color else "the output is not a colour terminal"
+        stderr.print(f"note: --color-by-prob has no colours to show ({why}): plain text", style="dim",
+                     highlight=False)
     if compile_ and num_samples > 1:
         stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
                      style="dim", highlight=False)
@@ -612,8 +616,8 @@ def sample(
         return
     if cfg.num_samples > 1 and stream and not as_json and stdout.is_terminal and not stdout.is_dumb_terminal:
         outs, interrupted = collect_watched(text, pieces, cfg.num_samples)
-    else:
-        outs, interrupted = collect(pieces, cfg.num_samples)  # a Ctrl-C shows what was made, then exits 130
+    else:  # a Ctrl-C shows what was made, then exits 130
+        outs, interrupted = collect(watched(pieces, cfg.max_new_tokens), cfg.num_samples)
     if as_json:
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
         for out in outs:
@@ -659,6 +663,39 @@ def warn_unmatchable_stops(stops: tuple[str, ...], vocab) -> None:
                          f"{', '.join(show_char(c) for c in unknown)}", highlight=False, markup=False)
 
 
+def watched(pieces, total: int):
+    """The pieces, with a tqdm bar on a terminal's stderr, ending once stdout's reader has gone:
+    samples that print when done showed nothing for minutes, and ran on after `| head` had left."""
+    from tqdm import tqdm
+
+    checked = time.monotonic()
+    with tqdm(total=total, unit="char", desc="sampling", leave=False, delay=1.0, disable=None, file=sys.stderr) as bar:
+        for piece in pieces:
+            bar.update(1)
+            yield piece
+            if time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                if reader_left(sys.stdout):
+                    raise BrokenPipeError
+
+
+def reader_left(stream) -> bool:
+    """Whether the pipe `stream` writes to has lost its reader, found without writing to it: poll()
+    flags the write end of such a pipe with an error (Linux, macOS). False for all but pipes."""
+    import select
+    import stat
+
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
     """Characters appear as they come; plain text goes straight to the stream (rich's per-call cost
     is more than a small model's step), flushed at most every 20 ms and at the end."""
@@ -669,20 +706,22 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
     stdout.file.flush()
     row, out, last = Aligned(keep=False), stdout.file, 0.0  # the first character is flushed at once
     ends_line = prompt.endswith("\n")
-    for piece in pieces:
-        lps = row.add(piece.texts[0], piece.chars[0], piece.logprobs[0] if piece.logprobs else None)
-        if not piece.texts[0]:
-            continue
-        ends_line = piece.texts[0].endswith("\n")
-        if color_by_prob:
-            stdout.print(styled(piece.texts[0], lps), end="", markup=False)
-        else:
-            out.write(piece.texts[0])
-        if time.monotonic() - last > 0.02:
-            out.flush()
-            last = time.monotonic()
-    stdout.print("" if ends_line else "\n", end="")  # text that ends its line gets no empty one after it
-    out.flush()
+    try:
+        for piece in pieces:
+            lps = row.add(piece.texts[0], piece.chars[0], piece.logprobs[0] if piece.logprobs else None)
+            if not piece.texts[0]:
+                continue
+            ends_line = piece.texts[0].endswith("\n")
+            if color_by_prob:
+                stdout.print(styled(piece.texts[0], lps), end="", markup=False)
+            else:
+                out.write(piece.texts[0])
+            if time.monotonic() - last > 0.02:
+                out.flush()
+                last = time.monotonic()
+    finally:  # (a Ctrl-C's message then starts a line of its own)
+        stdout.print("" if ends_line else "\n", end="")  # text that ends its line gets no empty one after it
+        out.flush()
 
 
 def check_interactive(num_samples: int, as_json: bool, stream: bool, prompt: str | None,
