@@ -335,7 +335,7 @@ def test_sample_json_has_the_documented_keys(model):
     lines = ok("sample", "-m", model, "--prompt", "gina", "-n", "30", "--seed", "3",
                "--num-samples", "3", "--json").stdout.splitlines()
     records = [json.loads(line) for line in lines]
-    assert len(records) == 3
+    assert len(records) == 3 and [r["index"] for r in records] == [0, 1, 2]
     for r in records:
         assert {"prompt", "text", "seed", "settings"} <= r.keys()
         assert r["prompt"] == "gina" and r["seed"] == 3 and len(r["text"]) == 30

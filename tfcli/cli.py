@@ -620,9 +620,10 @@ def sample(
         outs, interrupted = collect(watched(pieces, cfg.max_new_tokens), cfg.num_samples)
     if as_json:
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
-        for out in outs:
+        for i, out in enumerate(outs):  # (a batch's seed and its size reproduce it; `index` is the place in it)
             finish = "stop" if out.stopped else "interrupted" if interrupted else "length"  # (OpenAI's names)
-            record = {"prompt": text, "text": out.text, "seed": cfg.seed, "finish_reason": finish, "settings": settings}
+            record = {"prompt": text, "text": out.text, "seed": cfg.seed, "index": i, "finish_reason": finish,
+                      "settings": settings}
             print(json.dumps(record | ({"logprobs": out.logprobs} if logprobs else {})
                              | ({"interrupted": True} if interrupted else {})))
     else:
