@@ -238,10 +238,14 @@ def test_a_batch_for_a_pipe_stops_once_its_reader_has_gone(corpus, tmp_path):
     # nothing prints before a batch is done (minutes here), so only the pipe itself says the reader left
     proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-p", "anna", "-n", "10000000",
                                   "--num-samples", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    assert proc.stderr.readline().startswith(b"seed ")  # generating
-    proc.stdout.close()
-    assert proc.wait(timeout=30) == 0
-    assert b"Traceback" not in proc.stderr.read()
+    try:
+        assert proc.stderr.readline().startswith(b"seed ")  # generating
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == 0
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_ctrl_c_during_a_sample_or_batch_shows_what_was_made_then_exits_130(corpus, tmp_path):
