@@ -226,6 +226,17 @@ def test_training_on_a_directory_twice_does_not_read_its_own_run(tmp_path, monke
     assert first.splitlines()[0].split(":")[-1] == second.splitlines()[0].split(":")[-1]  # same chars and vocab
 
 
+def test_a_directory_s_skipped_utf16_file_is_named_with_the_flag_that_reads_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "books").mkdir()
+    write_names(tmp_path / "books" / "a.txt")
+    (tmp_path / "books" / "b.txt").write_text("wide text\n" * 50, encoding="utf-16")
+    (tmp_path / "books" / "c.bin").write_bytes(bytes(range(256)))
+    result = ok("train", "books", "--preset", "tiny", "--max-steps", "2")
+    assert "skipped 1 binary file found" in result.stderr  # (c.bin: left out by its suffix, silently)
+    assert "b.txt is UTF-16/32 text: pass --encoding utf-16" in result.stderr
+
+
 def test_resume_with_nothing_to_resume_says_so(trained, tmp_path):
     message = refused(2, "train", trained / "names.txt", *TINY, "--out", tmp_path / "nothing", "--resume")
     assert "nothing" in message and "resume" in message

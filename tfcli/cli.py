@@ -431,8 +431,11 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) 
     stdout.print(line, highlight=False, markup=False)
     if data.skipped:
         more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
+        from .corpus import wide_text
+        wide = next((p for p in data.skipped if wide_text(p)), None)
+        hint = f" ({wide} is UTF-16/32 text: pass --encoding utf-16 or utf-32 to read such files)" if wide else ""
         stderr.print(f"note: skipped {plural(len(data.skipped), 'binary file')} found in the directories given: "
-                     f"{', '.join(str(p) for p in data.skipped[:3])}{more}", highlight=False, markup=False)
+                     f"{', '.join(str(p) for p in data.skipped[:3])}{more}{hint}", highlight=False, markup=False)
 
 
 # -- sample --------------------------------------------------------------------------------

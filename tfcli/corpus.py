@@ -67,6 +67,15 @@ def list_files(paths: list[Path], skipped: list[Path] | None = None, nul_free: b
     return files
 
 
+def wide_text(f: Path) -> bool:
+    """Whether `f` opens with a UTF-16 or UTF-32 byte-order mark: text that a NUL test calls binary."""
+    try:
+        with f.open("rb") as fh:
+            return fh.read(4).startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE))
+    except OSError:
+        return False
+
+
 def _looks_binary(f: Path, n: int = 8192) -> bool:
     """A NUL in the first `n` bytes: git's test for binary files (UTF-8 text never holds one)."""
     try:
