@@ -34,11 +34,11 @@ class EvalResult:
         return {"chars": self.chars, "loss": self.loss, "bpc": self.bpc, "perplexity": self.perplexity}
 
 
-@torch.no_grad()
 def _long(ids: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int64)) if isinstance(ids, np.ndarray) else ids
 
 
+@torch.no_grad()
 def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype: torch.dtype = torch.float32,
              on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored."""
