@@ -451,12 +451,16 @@ def test_prompt_with_unknown_character_names_it(model):
 def test_a_prompt_is_read_in_the_unicode_spelling_the_vocabulary_knows():
     from tfcli.cli import fit_prompt
     from tfcli.corpus import Vocab
+    from tfcli.errors import UsageError
 
     decomposed, composed = "cafe\u0301 ", "café "
     assert fit_prompt(Vocab.from_text(decomposed), "café", "error") == "cafe\u0301"
     assert fit_prompt(Vocab.from_text(composed), "cafe\u0301", "error") == "café"
-    mixed = fit_prompt(Vocab.from_text(decomposed + "É"), "É café", "replace")  # (no one spelling has all)
+    mixed = fit_prompt(Vocab.from_text(decomposed + "É"), "É café", "error")  # (no one spelling has all)
     assert mixed == "É cafe\u0301"
+    assert fit_prompt(Vocab.from_text(decomposed), "café €", "skip") == "cafe\u0301 "  # (only € is unknown)
+    with pytest.raises(UsageError, match="has no €; "):
+        fit_prompt(Vocab.from_text(decomposed), "café €", "error")
 
 
 def test_unknown_skip_drops_and_replace_maps(model):
@@ -647,7 +651,7 @@ def test_attention_shows_prompt_characters_with_visible_spaces(in_trained):
 
 def test_attention_without_a_prompt_looks_at_text_the_model_writes(model):
     first = ok("inspect-attention", "-m", model, "--seed", "4", "--view", "summary")
-    assert "characters the model wrote (seed 4)" in first.stderr
+    assert "looking at text the model wrote (seed 4;" in first.stderr
     assert first.stdout == ok("inspect-attention", "-m", model, "--seed", "4", "--view", "summary").stdout
     assert first.stdout != ok("inspect-attention", "-m", model, "--seed", "5", "--view", "summary").stdout
     assert "--seed does not apply" in refused(2, "inspect-attention", "-m", model, "-p", "anna", "--seed", "4")

@@ -560,3 +560,16 @@ def test_a_resumed_timed_run_takes_the_schedule_on_from_where_it_stopped(tmp_pat
     assert steps[0].progress >= stopped_at
     assert all(e.lr <= lr_at(stopped_at, e.step, timed) for e in steps)  # on in the cooldown, never back to the peak
     assert steps[0].lr < 0.5 * TRAIN.lr
+
+
+def test_a_run_that_learnt_carriage_returns_is_told_why_its_text_now_differs(tmp_path):
+    from conftest import make_model
+
+    from tfcli.corpus import Vocab
+    from tfcli.trainer import _what_differs
+
+    for chars, said in (("ab\r\n", "it learnt \\r as a character"), ("ab\n", "the text is another")):
+        model = make_model(Vocab.from_text(chars))
+        (tmp_path / chars.encode().hex()).mkdir()
+        ckpt.save_model(tmp_path / chars.encode().hex() / ckpt.MODEL_FILE, model, Vocab.from_text(chars), {})
+        assert said in _what_differs(tmp_path / chars.encode().hex(), model.config)

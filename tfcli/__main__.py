@@ -6,8 +6,8 @@ import sys
 
 
 def main() -> None:
-    if not sys.stdout.isatty():  # help piped or saved: click's plain text, not rich's boxes (typer reads this
-        os.environ.setdefault("TYPER_USE_RICH", "0")  # when it is imported)
+    if sys.stdout is None or not sys.stdout.isatty():  # help piped or saved: click's plain text, not rich's
+        os.environ.setdefault("TYPER_USE_RICH", "0")  # boxes (typer reads this when it is imported)
     try:
         from .cli import run
         run()  # (a Ctrl-C before a command starts, while typer builds its commands, lands here too)

@@ -472,19 +472,30 @@ def check_unknown(unknown: str) -> None:
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
 
 
+def known_spelling(vocab, text: str) -> str:
+    """`text` in whichever Unicode spelling leaves the fewest characters the vocabulary lacks (as
+    typed, composed or decomposed), then with each still unknown one decomposed where its parts
+    are known (a text may need both: É known composed, é only as e and an accent)."""
+    import unicodedata
+
+    text = min((unicodedata.normalize(form, text) if form else text for form in ("", "NFC", "NFD")),
+               key=lambda spelt: len(vocab.unknown(spelt)))
+    out = []
+    for c in text:
+        parts = unicodedata.normalize("NFD", c)
+        out.append(parts if c not in vocab.chars and all(p in vocab.chars for p in parts) else c)
+    return "".join(out)
+
+
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
     """Apply the --unknown policy; error (default) names the characters the model never saw.
 
     First the prompt's other Unicode spelling is tried: é typed as one character reads as e and
     an accent in a corpus that spells it so (NFD), and the other way round; both look the same."""
+    prompt = known_spelling(vocab, prompt)
     missing = vocab.unknown(prompt)
     if not missing:
         return prompt
-    import unicodedata
-    for form in ("NFC", "NFD"):
-        spelt = unicodedata.normalize(form, prompt)
-        if not vocab.unknown(spelt):
-            return spelt
     if unknown == "error":
         try:
             vocab.encode(prompt)
@@ -911,7 +922,7 @@ def _own_prompt(model, view: str, seed: int | None) -> tuple[str, int]:
     if view == "generated":
         return opening(model.vocab), seed
     text = own_text(model, seed)
-    stderr.print(f"note: no --prompt given: looking at {len(text)} characters the model wrote (seed {seed})",
+    stderr.print(f"note: no --prompt given: looking at text the model wrote (seed {seed}; --prompt TEXT to choose)",
                  highlight=False)
     return text, seed
 
@@ -1159,7 +1170,8 @@ def run() -> None:
         code = app(standalone_mode=False)
     except click.exceptions.ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # its message is the help: rich has printed it, plain has not
-            print(e.format_message(), end="")
+            if e.format_message():
+                print(e.format_message().rstrip("\n"))
         elif torchrun_rank() == "0":  # (under torchrun rank 0 says what is wrong with the flags)
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""

@@ -453,12 +453,18 @@ def _what_differs(run_dir: Path, asked: ModelConfig) -> str:
     """The model settings that differ from the run's, as flags (' (--n-layer 3, the run's 2)'), or
     that they match and so the text must differ."""
     try:
-        saved = ckpt.load_checkpoint(run_dir / ckpt.MODEL_FILE).config
+        stored = ckpt.load_checkpoint(run_dir / ckpt.MODEL_FILE)
     except TfcliError:
         return ""
+    saved = stored.config
     changed = [f"--{k.replace('_', '-')} {v}, the run's {getattr(saved, k)}" for k, v in asked.to_dict().items()
                if k != "vocab_size" and getattr(saved, k) != v]
-    return f" ({'; '.join(changed)})" if changed else " (its model settings match: the text is another)"
+    if changed:
+        return f" ({'; '.join(changed)})"
+    if "\r" in stored.vocab.chars:  # (a run from before tfcli read \r\n and \r as \n)
+        return (" (its model settings match, and it learnt \\r as a character: tfcli now reads line ends as \\n, "
+                "so its text reads as another)")
+    return " (its model settings match: the text is another)"
 
 
 def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -> _Run:
