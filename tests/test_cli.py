@@ -108,6 +108,13 @@ def test_help_piped_is_plain_text_without_boxes():
     assert "[default: random" in out and "\\[" not in out  # (rich's escape, which plain text does not need)
 
 
+def test_the_library_s_errors_are_there_after_a_bare_import():
+    code = ("import tfcli; "
+            "print(tfcli.errors.UsageError is tfcli.UsageError, issubclass(tfcli.UsageError, tfcli.TfcliError))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True"]
+
+
 def test_version_needs_no_command():
     from importlib.metadata import version
     result = ok("--version")

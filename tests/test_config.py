@@ -135,3 +135,10 @@ def test_overrides_ignore_unset_flags():
 
 def test_duration_reads_milliseconds():
     assert parse_duration("500ms") == 0.5
+
+
+def test_a_stop_given_as_one_string_is_one_stop_string():
+    from tfcli.config import SampleConfig
+
+    assert SampleConfig(stop="\n\n").stop == ("\n\n",)
+    assert SampleConfig(stop=["ab", "c"]).stop == ("ab", "c")

@@ -336,3 +336,9 @@ def test_vocab_ids_are_none_for_a_character_beyond_or_between_its_own():
     assert vocab.ids("dbd").tolist() == [1, 0, 1]
     assert vocab.ids("bc") is None and vocab.ids("e") is None and vocab.ids("a") is None
     assert Vocab.from_text("").ids("a") is None
+
+
+def test_load_corpus_takes_a_path_as_a_string_too(tmp_path):
+    (tmp_path / "t.txt").write_text("abcabc" * 10)
+    assert load_corpus(str(tmp_path / "t.txt")).vocab.chars == load_corpus([tmp_path / "t.txt"]).vocab.chars == "abc"
+    assert load_corpus([str(tmp_path / "t.txt")], val_paths=[str(tmp_path / "t.txt")]).n_chars == 120

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import make_model
 
 from tfcli.corpus import Vocab
+from tfcli.errors import UsageError
 from tfcli.evaluation import EvalResult, evaluate
 
 VOCAB = Vocab.from_text("abcdefg")
@@ -85,10 +86,15 @@ def test_training_mode_is_restored():
 
 
 def test_a_single_character_cannot_be_evaluated():
-    with pytest.raises(ValueError, match="at least two characters"):
+    with pytest.raises(UsageError, match="at least two characters"):
         evaluate(make_model(VOCAB, block_size=8), ids_of(1))
 
 
 def test_result_dict_has_the_derived_figures():
     assert EvalResult(10, math.log(4)).to_dict() == pytest.approx(
         {"chars": 10, "loss": math.log(4), "bpc": 2.0, "perplexity": 4.0})
+
+
+def test_text_rather_than_ids_is_refused_with_the_call_that_works():
+    with pytest.raises(UsageError, match=r"model.vocab.encode\(text\)"):
+        evaluate(make_model(VOCAB, block_size=8), "abc")

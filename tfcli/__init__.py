@@ -18,7 +18,8 @@ _EXPORTS = {
     "ModelConfig": "config", "TrainConfig": "config", "SampleConfig": "config",
     "load_corpus": "corpus", "Vocab": "corpus",
     "train": "trainer", "load": ("checkpoint", "load_model"), "generate": "sampling",
-    "attention": "inspect", "evaluate": "evaluation", "TfcliError": "errors",
+    "attention": "inspect", "evaluate": "evaluation", "TfcliError": "errors", "UsageError": "errors",
+    "errors": None,
 }
 
 
@@ -27,6 +28,8 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'tfcli' has no attribute {name!r}")
     from importlib import import_module
     target = _EXPORTS[name]
+    if target is None:  # a module: tfcli.errors, whose exceptions a caller catches
+        return import_module(f".{name}", __name__)
     module, attr = target if isinstance(target, tuple) else (target, name)
     return getattr(import_module(f".{module}", __name__), attr)
 

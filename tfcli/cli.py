@@ -571,7 +571,7 @@ def sample(
     unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip or replace."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print characters as they come."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample: prompt, text, seed, "
-                                 "finish_reason (stop, length or interrupted), settings."),
+                                 "index (in the batch), finish_reason (stop, length or interrupted), settings."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first): for long "

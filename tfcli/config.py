@@ -228,6 +228,10 @@ class SampleConfig:
     compile: bool = False  # compile the decode step: pays off for small models and long generations
     dtype: str = "auto"  # the weights' precision while sampling (see sampling.decode_dtype)
 
+    def __post_init__(self):
+        if isinstance(self.stop, (str, list)):  # stop="\n\n" is one stop string, not one per character
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+
     def validate(self) -> SampleConfig:
         if self.max_new_tokens < 0:
             raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")

@@ -317,6 +317,9 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(paths, (str, Path)):  # (a notebook's load_corpus("input.txt"): one file, not its letters)
+        paths = [paths]
+    paths, val_paths = [Path(p) for p in paths], val_paths and [Path(p) for p in val_paths]
     skipped: list[Path] = []
     nul_free = _nul_free(encoding)
     groups = [(paths, list_files(paths, skipped, nul_free))] + \

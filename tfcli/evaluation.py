@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .device import autocast, keep_freed_memory
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,12 @@ def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype:
     keep_freed_memory()
     T = model.config.block_size
     device = next(model.parameters()).device
+    if isinstance(ids, str):
+        raise UsageError("evaluate takes token ids: evaluate(model, model.vocab.encode(text))")
     data = ids if isinstance(ids, np.ndarray) else ids.long()  # (numpy ids widen a batch at a time)
     n = len(data) - 1
     if n < 1:
-        raise ValueError("need at least two characters to evaluate")
+        raise UsageError("need at least two characters to evaluate")
     was_training = model.training
     model.eval()
     full = n // T
