@@ -1117,9 +1117,13 @@ def bench(
     if as_json:
         print(json.dumps(result))
         return
+    from rich import box
     from rich.table import Table
+
+    plain = not stdout.is_terminal  # (a pipe or file: columns without a box, none of them cut to 80)
     t = Table(title=f"tfcli bench: {result['device']}, {result['dtype']}"
-                    f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)")
+                    f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)",
+              box=None if plain else box.HEAVY_HEAD, title_justify="left" if plain else "center")
     for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s", "--compile",
                 "16 samples", "first char"):
         t.add_column(col, justify="right")
@@ -1139,7 +1143,7 @@ def bench(
                      else "sampling attends through PyTorch (tfcli's C kernel is off or could not be built)")
         if result.get("decode_matmul"):
             t.caption += f"; half weights multiply in C ({', '.join(result['decode_matmul'])})"
-    stdout.print(t)
+    (QuietConsole(file=stdout.file, width=200, color_system=None, highlight=False) if plain else stdout).print(t)
 
 
 def _plain_help() -> None:
