@@ -54,9 +54,12 @@ def test_closest_known_character(char, closest):
     assert Vocab.from_text("a be").closest(char) == closest
 
 
-def test_closest_known_spelling_may_be_the_decomposed_one():
-    assert Vocab.from_text("cafe\u0301").closest("é") == "e\u0301"  # (e and a combining acute accent)
-    assert Vocab.from_text("cafe").closest("é") == "e"  # (no accent to spell it with: dropped)
+def test_a_text_is_spelt_as_the_vocabulary_spells_it():
+    decomposed = Vocab.from_text("cafe\u0301 ")  # (e and a combining acute accent)
+    assert decomposed.spelt_as_known("café") == "cafe\u0301"
+    assert Vocab.from_text("café").spelt_as_known("cafe\u0301") == "café"
+    assert Vocab.from_text("cafe\u0301 É").spelt_as_known("É café") == "É cafe\u0301"  # (each spelling lacks one)
+    assert Vocab.from_text("cafe").spelt_as_known("café") == "café"  # (no accent to spell it with: left unknown)
 
 
 def test_too_many_distinct_characters_is_refused():

@@ -472,27 +472,12 @@ def check_unknown(unknown: str) -> None:
         raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
 
 
-def known_spelling(vocab, text: str) -> str:
-    """`text` in whichever Unicode spelling leaves the fewest characters the vocabulary lacks (as
-    typed, composed or decomposed), then with each still unknown one decomposed where its parts
-    are known (a text may need both: É known composed, é only as e and an accent)."""
-    import unicodedata
-
-    text = min((unicodedata.normalize(form, text) if form else text for form in ("", "NFC", "NFD")),
-               key=lambda spelt: len(vocab.unknown(spelt)))
-    out = []
-    for c in text:
-        parts = unicodedata.normalize("NFD", c)
-        out.append(parts if c not in vocab.chars and all(p in vocab.chars for p in parts) else c)
-    return "".join(out)
-
-
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
     """Apply the --unknown policy; error (default) names the characters the model never saw.
 
     First the prompt's other Unicode spelling is tried: é typed as one character reads as e and
     an accent in a corpus that spells it so (NFD), and the other way round; both look the same."""
-    prompt = known_spelling(vocab, prompt)
+    prompt = vocab.spelt_as_known(prompt)
     missing = vocab.unknown(prompt)
     if not missing:
         return prompt

@@ -281,13 +281,21 @@ class Vocab:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def spelt_as_known(self, text: str) -> str:
+        """`text` in whichever Unicode spelling leaves the fewest characters this vocabulary lacks (as
+        given, composed or decomposed), then with each still unknown one decomposed where its parts
+        are known (a text may need both: É known composed, é only as e and an accent). The
+        spellings look the same, so a prompt typed one way fits a corpus that spells it the other."""
+        text = min((unicodedata.normalize(form, text) if form else text for form in ("", "NFC", "NFD")),
+                   key=lambda spelt: len(self.unknown(spelt)))
+        out = []
+        for c in text:
+            parts = unicodedata.normalize("NFD", c)
+            out.append(parts if c not in self.chars and all(p in self.chars for p in parts) else c)
+        return "".join(out)
+
     def closest(self, c: str) -> str | None:
-        """The known character most like `c` (its other Unicode spelling, case-folded, accent-stripped),
-        or None; the other spelling may be two characters (é as e and a combining accent)."""
-        for form in ("NFC", "NFD"):
-            spelt = unicodedata.normalize(form, c)
-            if spelt != c and all(ch in self.chars for ch in spelt):
-                return spelt
+        """The known character most like `c` (case-folded, accent-stripped), or None."""
         base = unicodedata.normalize("NFKD", c)[:1]  # É: E, then e
         for cand in (c.lower(), c.upper(), base, base.lower(), base.upper(), " " if c.isspace() else ""):
             if cand and cand in self.chars:
