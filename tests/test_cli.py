@@ -470,6 +470,13 @@ def test_a_prompt_is_read_in_the_unicode_spelling_the_vocabulary_knows():
         fit_prompt(Vocab.from_text(decomposed), "café €", "error")
 
 
+def test_a_stop_string_is_read_in_the_spelling_the_vocabulary_knows(tmp_path):
+    (tmp_path / "cafe.txt").write_text("un cafe\u0301 noir\n" * 200)  # é as e and a combining accent
+    ok("train", tmp_path / "cafe.txt", "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "run")
+    result = ok("sample", "-m", tmp_path / "run", "-p", "un", "-n", "20", "--seed", "1", "--stop", "café")
+    assert "can never match" not in result.stderr
+
+
 def test_unknown_skip_drops_and_replace_maps(model):
     skipped = ok("sample", "-m", model, "--prompt", "anQna", "-n", "5", "--seed", "1", "--unknown", "skip")
     assert skipped.stdout.startswith("anna") and "Q" in skipped.stderr

@@ -279,6 +279,7 @@ def test_characters_split_between_chunks_are_decoded_whole(tmp_path, chunk):
     ("héllo wörld ".encode() * 3 + b"\xff tail", 42),  # a bad byte in a later chunk
     (b"ab\xe4A more", 2),  # a sequence begun in one chunk and broken in the next
     (b"abc" + "é".encode()[:1], 3),  # a file that ends inside a character
+    (b"\xef\xbb\xbfabcdef\xff", 9),  # after a byte-order mark, which is a file's bytes too
 ])
 @pytest.mark.parametrize("chunk", [1, 3, 7, None])
 def test_invalid_utf8_is_named_by_its_offset_in_the_file_whatever_the_chunks(tmp_path, data, offset, chunk):

@@ -589,6 +589,7 @@ def sample(
     text = read_prompt(prompt, prompt_file)
     model = load_sampler(model_path, device, cfg)
     text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
+    cfg = with_overrides(cfg, stop=tuple(model.vocab.spelt_as_known(s) for s in cfg.stop))  # (as the prompt)
     warn_unmatchable_stops(cfg.stop, model.vocab)
     if cfg.seed is None:
         cfg = with_overrides(cfg, seed=new_seed())

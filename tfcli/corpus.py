@@ -190,6 +190,8 @@ def _decode(decoder: io.IncrementalNewlineDecoder, raw: bytes, f: Path, offset: 
     try:
         return decoder.decode(raw, final)
     except UnicodeDecodeError as e:
+        if offset == pending == 0 and raw.startswith(codecs.BOM_UTF8) and e.encoding.startswith("utf-8"):
+            pending = -len(codecs.BOM_UTF8)  # (utf-8-sig counts from after the mark it dropped)
         raise UsageError(f"{f}: not valid {encoding} at byte {offset - pending + e.start}; "
                          "pass --encoding NAME, or --errors replace to substitute bad bytes") from None
     except UnicodeError as e:  # a codec's complaint about the whole stream (UTF-16 without its BOM)
