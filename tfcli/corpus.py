@@ -111,13 +111,14 @@ def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors
     out = np.empty(total, dtype=np.uint16 if len(vocab) <= 65535 else np.int32)  # (a character takes a byte or more)
     n = 0
     with _bar(total, "reading") as bar:
-        for n_bytes, text in iter_text(files, encoding, errors):
-            ids = _known_ids(text, vocab, paths)
-            if n + len(ids) > len(out):  # (an encoding of under a byte a character: none we know)
-                out = np.concatenate([out[:n], np.empty(n + len(ids), dtype=out.dtype)])
-            out[n:n + len(ids)] = ids
-            n += len(ids)
-            bar.update(n_bytes)
+        for f in files:  # (one at a time, so that an unknown character's file is the one named)
+            for n_bytes, text in iter_text([f], encoding, errors):
+                ids = _known_ids(text, vocab, [f])
+                if n + len(ids) > len(out):  # (an encoding of under a byte a character: none we know)
+                    out = np.concatenate([out[:n], np.empty(n + len(ids), dtype=out.dtype)])
+                out[n:n + len(ids)] = ids
+                n += len(ids)
+                bar.update(n_bytes)
     if n == 0:
         raise UsageError(f"{source_names(paths)}: empty corpus, no text to read")
     return out[:n]
