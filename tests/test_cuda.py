@@ -15,6 +15,7 @@ from conftest import TEXT, make_model
 from test_model import VOCAB, random_ids, windowed_forward
 
 from tfcli import checkpoint as ckpt
+from tfcli import cuda_graph
 from tfcli.config import ModelConfig, SampleConfig, TrainConfig
 from tfcli.corpus import load_corpus
 from tfcli.device import pick_device, pick_dtype
@@ -68,6 +69,21 @@ def test_cached_decode_on_cuda_is_sliding_window_attention_past_the_context():
     for pos in range(5, 30):
         logits = gpu.decode(ids[:, pos].cuda(), pos, caches)
         torch.testing.assert_close(logits.cpu(), reference[:, pos], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_the_replayed_cuda_graph_step_is_the_eager_step_past_the_rotary_tables_and_after_a_new_prefill():
+    model = make_model(VOCAB, n_layer=2, block_size=8)
+    ids = random_ids(3, 45)  # past 4 contexts: the rotary tables are remade, outside the graph
+    reference = windowed_forward(model, ids)
+    gpu = on_cuda(model)
+    cache = gpu.new_cache(3)
+    decode = cuda_graph.decoder(gpu, cache)
+    for start in (5, 1):  # a second prompt into the same cache, as the REPL does
+        gpu.prefill(ids[:, :start].cuda(), cache)
+        for pos in range(start, 45 if start == 5 else 12):
+            logits = decode(ids[:, pos].cuda(), pos, cache)
+            torch.testing.assert_close(logits.cpu(), reference[:, pos], atol=1e-4, rtol=0)
 
 
 def test_greedy_text_on_cuda_equals_the_cpu_text_for_one_and_for_sixteen_samples(vocab):
