@@ -35,16 +35,18 @@ timeout 60 $T train .gpu/ts-train.txt --preset small --resume --out runs/g2 --ti
 cp runs/g2/model.safetensors "$OUT/g2-model.safetensors"
 s torchrun 2 processes on one GPU
 timeout 60 python3 -m torch.distributed.run --nproc-per-node 2 -m tfcli train .gpu/ts-train.txt --max-steps 5 --out runs/g3 2>&1 | tail -6; echo "rc=${PIPESTATUS[0]}"
-s "sampling: eager steps vs the replayed CUDA graph, alternating (bench's measure, 500 chars, batches 1 and 16)"
+s "sampling: eager steps vs the replayed CUDA graph (and the compiled one), alternating (bench's measure, 500 chars, batches 1 and 16)"
 timeout 150 python3 - <<'PY' 2>&1 | tail -10
 import torch
 from tfcli import bench, cuda_graph
 graph = cuda_graph.runs
 for shape in ("10.7M", "0.8M"):
-    for mode in ("eager", "graph", "eager", "graph"):
-        cuda_graph.runs = graph if mode == "graph" else (lambda device: False)
-        b1, b16 = bench.sample_speed(bench.SHAPES[shape], torch.device("cuda"), batches=(1, 16))
-        print(shape, mode, f"{b1['chars_per_s']:.0f} chars/s, 16 samples {b16['chars_per_s']:.0f} each")
+    for mode in ("eager", "graph", "compiled graph", "graph"):
+        cuda_graph.runs = graph if "graph" in mode else (lambda device: False)
+        rates = bench.sample_speed(bench.SHAPES[shape], torch.device("cuda"), compile=mode == "compiled graph",
+                                   batches=(1,) if mode == "compiled graph" else (1, 16))
+        more = f", 16 samples {rates[1]['chars_per_s']:.0f} each" if len(rates) > 1 else ""
+        print(shape, mode, f"{rates[0]['chars_per_s']:.0f} chars/s{more}")
 PY
 s bench 10.7M
 timeout 100 $T bench --shape 10.7M --seconds 2 --json 2>&1 | tail -5

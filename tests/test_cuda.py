@@ -71,14 +71,15 @@ def test_cached_decode_on_cuda_is_sliding_window_attention_past_the_context():
         torch.testing.assert_close(logits.cpu(), reference[:, pos], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("compile", [False, True])
 @torch.no_grad()
-def test_the_replayed_cuda_graph_step_is_the_eager_step_past_the_rotary_tables_and_after_a_new_prefill():
+def test_the_replayed_cuda_graph_step_is_the_eager_step_past_the_rotary_tables_and_after_a_new_prefill(compile):
     model = make_model(VOCAB, n_layer=2, block_size=8)
     ids = random_ids(3, 45)  # past 4 contexts: the rotary tables are remade, outside the graph
     reference = windowed_forward(model, ids)
     gpu = on_cuda(model)
     cache = gpu.new_cache(3)
-    decode = cuda_graph.decoder(gpu, cache)
+    decode = cuda_graph.decoder(gpu, cache, compile)
     for start in (5, 1):  # a second prompt into the same cache, as the REPL does
         gpu.prefill(ids[:, :start].cuda(), cache)
         for pos in range(start, 45 if start == 5 else 12):

@@ -20,16 +20,20 @@ def runs(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def decoder(model: GPT, cache: KVCache) -> Callable[[torch.Tensor, int, KVCache], torch.Tensor]:
-    """`model.decode` for this cache, replaying one recorded step. Recording runs the step three
-    times on slot 0 of an empty ring, which the prefill that must come next overwrites."""
+def decoder(model: GPT, cache: KVCache, compile: bool = False) -> Callable[[torch.Tensor, int, KVCache], torch.Tensor]:
+    """`model.decode` for this cache, replaying one recorded step (with `compile`, of the compiled
+    step: fewer, fused kernels). Recording runs the step three times on slot 0 of an empty ring,
+    which the prefill that must come next overwrites."""
     B, T = cache.kv.size(2), cache.size
     cos0, sin0, slot0, _ = cache.step(0)
     idx = torch.zeros(B, 1, dtype=torch.long, device=cache.kv.device)
     cos, sin, slot, mask = cos0.clone(), sin0.clone(), slot0.clone(), cache.masks[0].clone()
     weights, n_head = cache.weights, model.config.n_head
+    compiled = model.compiled_step(cache) if compile else None
 
     def step() -> torch.Tensor:
+        if compiled is not None:
+            return compiled(idx, cos, sin, slot, mask, cache.kv)
         return cached_step(idx, cos, sin, slot, mask, cache.kv, weights, n_head)
 
     side = torch.cuda.Stream(cache.kv.device)  # warm-up off the default stream, as capture wants

@@ -14,6 +14,7 @@ context with no recomputation and no seam. Attention runs fused
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -380,19 +381,28 @@ class GPT(nn.Module):
         """`decode` for this cache's weights, compiled with a C++ wrapper and the weights as
         constants: a small model's step is mostly per-kernel overhead, which this removes, at
         3-10 s of compiling (once per process and weights)."""
-        weights, n_head = cache.weights, self.config.n_head
-        if self.__dict__.get("_compiled_for") is not weights:
-            def step(idx, cos, sin, slot, mask, kv):
-                return cached_step(idx, cos, sin, slot, mask, kv, weights, n_head)
-            self._compiled_step = torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
-            self._compiled_for = weights
-        compiled = self._compiled_step
+        compiled = self.compiled_step(cache)
 
         def decode(idx: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
             cos, sin, slot, _ = cache.step(pos)
             mask = cache.masks[min(pos, cache.size - 1)]  # the whole ring, masked: one graph throughout
             return compiled(idx.view(-1, 1), cos, sin, slot, mask, cache.kv)
         return decode
+
+    def compiled_step(self, cache: KVCache):
+        """`cached_step` with this cache's weights as constants, compiled (a C++ wrapper on CPUs),
+        taking (idx, cos, sin, slot, mask, kv); kept until the weights change."""
+        weights, n_head = cache.weights, self.config.n_head
+        if self.__dict__.get("_compiled_for") is not weights:
+            def step(idx, cos, sin, slot, mask, kv):
+                return cached_step(idx, cos, sin, slot, mask, kv, weights, n_head)
+            options = {"cpp_wrapper": True} if cache.kv.device.type == "cpu" else {}
+            if cache.kv.device.type == "cuda":  # float32 without TF32 is deliberate: the GPU's greedy
+                warnings.filterwarnings(  # text is the CPU's; Inductor's advice to use it is noise
+                    "ignore", message="TensorFloat32 tensor cores", category=UserWarning)
+            self._compiled_step = torch.compile(step, dynamic=False, options=options)
+            self._compiled_for = weights
+        return self._compiled_step
 
 
 def cached_step(idx, cos, sin, slot, mask, kv, weights, n_head: int) -> torch.Tensor:
