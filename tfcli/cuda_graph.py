@@ -22,8 +22,8 @@ def runs(device: torch.device) -> bool:
 
 def decoder(model: GPT, cache: KVCache, compile: bool = False) -> Callable[[torch.Tensor, int, KVCache], torch.Tensor]:
     """`model.decode` for this cache, replaying one recorded step (with `compile`, of the compiled
-    step: fewer, fused kernels). Recording runs the step three times on slot 0 of an empty ring,
-    which the prefill that must come next overwrites."""
+    step: fewer, fused kernels). Recording runs the step twice, then records it, on slot 0 of an
+    empty ring, which the prefill that must come next overwrites."""
     B, T = cache.kv.size(2), cache.size
     cos0, sin0, slot0, _ = cache.step(0)
     idx = torch.zeros(B, 1, dtype=torch.long, device=cache.kv.device)
@@ -36,15 +36,17 @@ def decoder(model: GPT, cache: KVCache, compile: bool = False) -> Callable[[torc
             return compiled(idx, cos, sin, slot, mask, cache.kv)
         return cached_step(idx, cos, sin, slot, mask, cache.kv, weights, n_head)
 
-    side = torch.cuda.Stream(cache.kv.device)  # warm-up off the default stream, as capture wants
-    side.wait_stream(torch.cuda.current_stream(cache.kv.device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(cache.kv.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
+    device = cache.kv.device
+    with torch.cuda.device(device):  # capture and replay use the current device's streams (cuda:1 too)
+        side = torch.cuda.Stream()  # warm-up off the default stream, as capture wants
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
 
     def decode(ids: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         c, s, sl, _ = cache.step(pos)
@@ -53,6 +55,7 @@ def decoder(model: GPT, cache: KVCache, compile: bool = False) -> Callable[[torc
         sin.copy_(s)
         slot.copy_(sl)
         mask.copy_(cache.masks[min(pos, T - 1)])
-        graph.replay()
+        with torch.cuda.device(device):
+            graph.replay()
         return logits  # overwritten by the next replay: the caller copies it out first
     return decode
