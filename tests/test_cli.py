@@ -749,6 +749,20 @@ def test_attention_range_counts_positions_in_the_whole_prompt(model):
     assert "attention from position 85" in out
 
 
+def test_attention_range_picks_the_focus_query_not_the_keys_it_ranks(model):
+    args = ("inspect-attention", "-m", model, "--prompt", "anna bob anna", "--view", "focus", "--at", "12")
+    whole, ranged = ok(*args).stdout, ok(*args, "--range", "10:").stdout
+    assert ranged == whole  # keys before position 10 are still ranked, as the model saw them
+
+
+def test_attention_summary_with_a_range_scores_those_queries_over_all_their_keys(model):
+    args = ("inspect-attention", "-m", model, "--prompt", "anna bob anna", "--view", "summary")
+    whole = ok(*args).stdout
+    ranged = ok(*args, "--range", "1:").stdout  # query 0 is never scored: the same scores
+    assert "from positions 1:13 of the prompt: nna␣bob␣anna" in ranged
+    assert [r for r in ranged.splitlines() if r.startswith("L")] == [r for r in whole.splitlines() if r.startswith("L")]
+
+
 def test_attention_export_svg_html_and_json(model, tmp_path):
     args = ("inspect-attention", "-m", model, "--prompt", "anna bob")
     ok(*args, "--export", tmp_path / "a.svg")

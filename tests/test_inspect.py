@@ -141,6 +141,18 @@ def test_scores_keep_layer_and_head_numbers_and_skip_undefined_patterns():
     assert np.isnan(got[0].scores["duplicate"])  # no character repeats: duplicate is never defined
 
 
+def test_scores_from_a_first_query_take_only_those_rows_and_keep_their_keys_whole():
+    # a sink head on the first half, a previous-character head after it: scored from HALF on, it
+    # is a previous head, and position 0 is still the "first" key (cutting keys at HALF made the
+    # sink look like attention to position HALF)
+    w = pattern(lambda q: 0 if q < HALF else q - 1)
+    whole, late = score_heads(w, REPEAT)[0], score_heads(w, REPEAT, first_query=HALF)[0]
+    assert whole.scores["first"] == pytest.approx((HALF - 1) / (2 * HALF - 1))
+    assert late.label == "previous" and late.scores["previous"] == pytest.approx(1.0)
+    assert late.scores["first"] == pytest.approx(0.0) and late.entropy == pytest.approx(0.0)
+    assert np.isnan(score_heads(w, REPEAT, first_query=2 * HALF)[0].entropy)  # no rows left
+
+
 def test_scores_refuse_weights_that_do_not_match_the_ids():
     with pytest.raises(ValueError):
         score_heads(np.zeros((1, 1, 4, 4)), np.arange(5))

@@ -867,15 +867,20 @@ def _write_export(path: Path, renderable, record: dict, width: int) -> None:
     stderr.print(f"wrote {path}", style="dim", highlight=False, markup=False)
 
 
-def _summary_view(model, chars: str, weights, layers: list[int], color: bool, width: int):
+def _summary_view(model, att, start: int, stop: int, layers: list[int], color: bool, width: int):
+    """Head patterns scored on the queries in [start, stop) of the text the model saw, each over
+    all the keys it saw (a --range picks queries; cutting keys skewed every score)."""
     from .inspect import THRESHOLD, probe_attention, score_heads
     from .render.attention_views import summary_view
 
-    ids = model.vocab.encode(chars)
+    ids = model.vocab.encode(att.text[:stop])
     probe, probe_weights = probe_attention(model)
-    on_prompt = score_heads(weights[layers], ids, layers=layers)
+    on_prompt = score_heads(att.weights[layers][..., :stop, :stop], ids, layers=layers, first_query=start)
     on_probe = score_heads(probe_weights[layers], probe, layers=layers)
-    return summary_view(on_prompt, on_probe, chars, len(probe) // 2, THRESHOLD, color=color, max_width=width)
+    whole = (start, stop) == (0, len(att.text))
+    scope = "on the prompt" if whole else f"from positions {att.offset + start}:{att.offset + stop} of the prompt"
+    return summary_view(on_prompt, on_probe, att.text[start:stop], len(probe) // 2, THRESHOLD, color=color,
+                        max_width=width, scope=scope)
 
 
 def _generated_view(model, text: str, n: int, seed: int | None, layer: int | None, head: int | None,
@@ -986,10 +991,11 @@ def inspect_attention(
         else:
             w, title = weights[layer_, hi or 0], f"layer {layer_}, head {hi or 0}"
         out = heatmap.head_view(w, chars, title=title, color=color, max_width=width, offset=offset)
-    elif view == "focus":
-        out = heatmap.focus_view(weights[layers], chars, pos, color=color, layer_labels=layers, offset=offset)
+    elif view == "focus":  # --range bounds the query; its keys are all it saw
+        out = heatmap.focus_view(att.weights[layers], att.text, start + pos, color=color, layer_labels=layers,
+                                 offset=att.offset)
     elif view == "summary":
-        out = _summary_view(model, chars, weights, layers, color, width)
+        out = _summary_view(model, att, start, stop, layers, color, width)
     elif view == "lens":
         out = attention_views.lens_view(logit_lens(model, att.text, start + pos), att.text, offset=att.offset,
                                         color=color)

@@ -108,14 +108,14 @@ def pattern_targets(ids: np.ndarray) -> dict[str, np.ndarray]:
     return targets
 
 
-def _entropy(w: np.ndarray) -> float:
-    """Mean normalised entropy of rows 1.. of a (T, T) causal attention matrix."""
-    T = w.shape[-1]
-    if T < 2:
+def _entropy(w: np.ndarray, first: int = 0) -> float:
+    """Mean normalised entropy of rows max(first, 1).. of a (T, T) causal attention matrix."""
+    T, first = w.shape[-1], max(first, 1)
+    if T <= first:
         return float("nan")
-    p = np.clip(w[1:], 1e-12, 1.0)
-    h = -(w[1:] * np.log(p)).sum(-1)
-    return float(np.mean(h / np.log(np.arange(2, T + 1))))
+    p = np.clip(w[first:], 1e-12, 1.0)
+    h = -(w[first:] * np.log(p)).sum(-1)
+    return float(np.mean(h / np.log(np.arange(first + 1, T + 1))))
 
 
 def _label(scores: dict[str, float], entropy: float, threshold: float) -> str:
@@ -133,21 +133,24 @@ def _label(scores: dict[str, float], entropy: float, threshold: float) -> str:
 
 
 def score_heads(weights: np.ndarray, ids: np.ndarray, threshold: float = THRESHOLD,
-                layers: list[int] | None = None) -> list[HeadPattern]:
-    """Score every head of `weights` (layer, head, query, key) against each pattern for token `ids`."""
+                layers: list[int] | None = None, first_query: int = 0) -> list[HeadPattern]:
+    """Score every head of `weights` (layer, head, query, key) against each pattern for token `ids`,
+    over the queries from `first_query` on. Rows are whole: a query's keys start at position 0
+    whichever queries are scored, so its shares still sum to 1 and "first" is position 0."""
     w = np.asarray(weights, dtype=float)
     if w.ndim != 4 or w.shape[-1] != w.shape[-2] or w.shape[-1] != len(ids):
         raise ValueError(f"weights shape {w.shape} does not match (L, H, T, T) with T == {len(ids)}")
     labels = list(range(w.shape[0])) if layers is None else list(layers)
     targets = pattern_targets(ids)
+    scored = np.arange(len(ids)) >= first_query
     out = []
     for li, layer in enumerate(labels):
         for h in range(w.shape[1]):
             scores = {}
             for name, t in targets.items():
-                rows = t.any(-1)
+                rows = t.any(-1) & scored
                 scores[name] = float((w[li, h] * t).sum(-1)[rows].mean()) if rows.any() else float("nan")
-            entropy = _entropy(w[li, h])
+            entropy = _entropy(w[li, h], first_query)
             out.append(HeadPattern(layer, h, scores, entropy, _label(scores, entropy, threshold)))
     return out
 

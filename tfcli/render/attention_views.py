@@ -71,13 +71,15 @@ def _pattern_table(patterns: list[HeadPattern], title: str, color: bool, max_wid
 
 
 def summary_view(on_prompt: list[HeadPattern], on_probe: list[HeadPattern], prompt: str, probe_len: int,
-                 threshold: float, *, color: bool = True, max_width: int = 80) -> RenderableType:
-    """Each head's label and pattern scores, on the prompt and on the repeated random probe."""
+                 threshold: float, *, color: bool = True, max_width: int = 80,
+                 scope: str = "on the prompt") -> RenderableType:
+    """Each head's label and pattern scores, on the prompt (or the part `scope` names) and on the
+    repeated random probe."""
     shown = "".join(visible(c) for c in prompt)
     lines = [_note("head patterns: a score is the mean share of attention on the pattern's keys;", False, max_width),
              _note(f"label = the best score ≥ {threshold:.2f}, else diffuse (entropy ≥ {DIFFUSE_ENTROPY:.2f}), "
                    "local or mixed", False, max_width), _line("")]
-    lines += _pattern_table(on_prompt, f"on the prompt: {shown}", color, max_width)
+    lines += _pattern_table(on_prompt, f"{scope}: {shown}", color, max_width)
     lines += [_line("")]
     lines += _pattern_table(on_probe, f"on the probe: {probe_len} random characters, then the same again",
                             color, max_width)
