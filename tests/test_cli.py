@@ -7,10 +7,12 @@ and every other command runs against it. Bad input must give exit code 2 (usage)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -767,6 +769,8 @@ def test_attention_export_svg_html_and_json(model, tmp_path):
     args = ("inspect-attention", "-m", model, "--prompt", "anna bob")
     ok(*args, "--export", tmp_path / "a.svg")
     assert ElementTree.parse(tmp_path / "a.svg").getroot().tag.endswith("svg")
+    fills = set(re.findall(r'fill="(#[0-9a-f]{6})"', (tmp_path / "a.svg").read_text(encoding="utf-8")))
+    assert len(fills) > 10  # the colour scale, though this output is no terminal (it was five greys)
     ok(*args, "--view", "summary", "--export", tmp_path / "a.html")
     page = (tmp_path / "a.html").read_text(encoding="utf-8")
     assert "<html" in page and "anna␣bob" in page
@@ -810,10 +814,16 @@ def test_attention_out_of_range_is_named(model, flags, word):
     assert word in message
 
 
-def test_attention_unwritable_export_is_one_line(model, tmp_path):
+def test_attention_export_to_a_directory_is_refused_and_a_failed_write_is_a_failure(model, tmp_path, monkeypatch):
     (tmp_path / "taken.svg").mkdir()
-    assert "cannot write" in refused(2, "inspect-attention", "-m", model, "--prompt", "anna",
-                                     "--export", tmp_path / "taken.svg")
+    assert "is a directory" in refused(2, "inspect-attention", "-m", model, "--prompt", "anna",
+                                       "--export", tmp_path / "taken.svg")
+
+    def full(*args, **kwargs):  # the request was fine; the disk said no
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("tfcli.render.attention_views.export", full)
+    assert "cannot write (no space left on device)" in refused(
+        1, "inspect-attention", "-m", model, "--prompt", "anna", "--export", tmp_path / "a.svg")
 
 
 def test_attention_empty_prompt_is_refused(model):

@@ -852,6 +852,8 @@ def _check_export(path: Path | None) -> None:
         raise UsageError(f"--export {path}: unknown suffix; use {', '.join(EXPORT_SUFFIXES)}")
     if not path.parent.is_dir():
         raise UsageError(f"--export {path}: no such directory {path.parent}")
+    if path.is_dir():
+        raise UsageError(f"--export {path} is a directory: name a file in it")
 
 
 def _write_export(path: Path, renderable, record: dict, width: int) -> None:
@@ -862,8 +864,8 @@ def _write_export(path: Path, renderable, record: dict, width: int) -> None:
             path.write_text(json.dumps(record), encoding="utf-8")
         else:
             export(renderable, path, width=width, title=f"tfcli inspect-attention: {record['text'][:40]}")
-    except OSError as e:
-        raise UsageError(f"--export {path}: cannot write ({e.strerror or e})") from None
+    except OSError as e:  # (the request was checked before the work: this is the disk's answer)
+        raise TfcliError(f"--export {path}: cannot write ({e.strerror or e})") from None
     stderr.print(f"wrote {path}", style="dim", highlight=False, markup=False)
 
 
@@ -883,10 +885,8 @@ def _summary_view(model, att, start: int, stop: int, layers: list[int], color: b
                         max_width=width, scope=scope)
 
 
-def _generated_view(model, text: str, n: int, seed: int | None, layer: int | None, head: int | None,
-                    how: str | None, color: bool, width: int):
-    from .inspect import aggregate, generation_attention
-    from .render.attention_views import generated_view
+def _generation(model, text: str, n: int, seed: int | None):
+    from .inspect import generation_attention
     from .sampling import new_seed
 
     if n < 1:
@@ -894,14 +894,20 @@ def _generated_view(model, text: str, n: int, seed: int | None, layer: int | Non
     if seed is None or seed == -1:
         seed = new_seed()
         stderr.print(f"seed {seed}", style="dim", highlight=False)
-    gen = generation_attention(model, text, n, seed)
+    return generation_attention(model, text, n, seed)
+
+
+def _generated_view(gen, layer: int | None, head: int | None, how: str | None, color: bool, width: int):
+    from .inspect import aggregate
+    from .render.attention_views import generated_view
+
     how = how or "mean"
     layers = slice(None) if layer is None else slice(layer, layer + 1)
     heads = slice(None) if head is None else slice(head, head + 1)
     where = ("all layers" if layer is None else f"layer {layer}") + (
         f", head {head}" if head is not None else f", {how} over heads")
     weights = [aggregate(s.weights[layers, heads], how, (0, 1)) for s in gen.steps]
-    return gen, generated_view(gen, weights, where, color=color, max_width=width)
+    return generated_view(gen, weights, where, color=color, max_width=width)
 
 
 def _own_prompt(model, view: str, seed: int | None) -> tuple[str, int]:
@@ -980,36 +986,40 @@ def inspect_attention(
     color = stdout.color_system is not None and not stdout.no_color  # NO_COLOR: shades, not uniform blocks
     width = stdout.width
     pos = _query(at, offset, len(chars))
-    if view == "grid":
-        shown = layers if explicit == "grid" or li is not None else [L - 1]
-        out = heatmap.grid_view(weights[shown], chars, layer_labels=shown, color=color, max_width=width,
-                                offset=offset)
-    elif view == "head":
-        layer_ = L - 1 if li is None else li
-        if aggregate_:
-            w, title = aggregate(weights[layer_], aggregate_, 0), f"layer {layer_}, {aggregate_} over {H} heads"
-        else:
-            w, title = weights[layer_, hi or 0], f"layer {layer_}, head {hi or 0}"
-        out = heatmap.head_view(w, chars, title=title, color=color, max_width=width, offset=offset)
-    elif view == "focus":  # --range bounds the query; its keys are all it saw
-        out = heatmap.focus_view(att.weights[layers], att.text, start + pos, color=color, layer_labels=layers,
-                                 offset=att.offset)
-    elif view == "summary":
-        out = _summary_view(model, att, start, stop, layers, color, width)
-    elif view == "lens":
-        out = attention_views.lens_view(logit_lens(model, att.text, start + pos), att.text, offset=att.offset,
-                                        color=color)
-    else:
-        gen, out = _generated_view(model, text, DEFAULT_GENERATE if generate_ is None else generate_, seed, li, hi,
-                                   aggregate_, color, width)
+    lens = logit_lens(model, att.text, start + pos) if view == "lens" else None
+    if view == "generated":
+        gen = _generation(model, text, DEFAULT_GENERATE if generate_ is None else generate_, seed)
         att = attention(model, gen.text)
-        chars, weights, offset = att.text, att.weights, att.offset
-    stdout.print(out)
-    if export is not None:
+
+    def draw(color: bool):
+        if view == "grid":
+            shown = layers if explicit == "grid" or li is not None else [L - 1]
+            return heatmap.grid_view(weights[shown], chars, layer_labels=shown, color=color, max_width=width,
+                                     offset=offset)
+        if view == "head":
+            layer_ = L - 1 if li is None else li
+            if aggregate_:
+                w, title = aggregate(weights[layer_], aggregate_, 0), f"layer {layer_}, {aggregate_} over {H} heads"
+            else:
+                w, title = weights[layer_, hi or 0], f"layer {layer_}, head {hi or 0}"
+            return heatmap.head_view(w, chars, title=title, color=color, max_width=width, offset=offset)
+        if view == "focus":  # --range bounds the query; its keys are all it saw
+            return heatmap.focus_view(att.weights[layers], att.text, start + pos, color=color, layer_labels=layers,
+                                      offset=att.offset)
+        if view == "summary":
+            return _summary_view(model, att, start, stop, layers, color, width)
+        if view == "lens":
+            return attention_views.lens_view(lens, att.text, offset=att.offset, color=color)
+        return _generated_view(gen, li, hi, aggregate_, color, width)
+
+    stdout.print(draw(color))
+    if export is not None:  # in colour wherever stdout goes: a file is looked at elsewhere
+        if view == "generated":
+            chars, weights, offset = att.text, att.weights, att.offset
         heads = list(range(H)) if hi is None else [hi]
         record = {"text": chars, "offset": offset, "layers": layers, "heads": heads,
                   "weights": weights[layers][:, heads].round(6).tolist()}
-        _write_export(export, out, record, width)
+        _write_export(export, draw(True), record, width)
 
 
 # -- eval, info ------------------------------------------------------------------------------
