@@ -793,6 +793,16 @@ def test_attention_on_wide_characters_keeps_columns_aligned(tmp_path):
     assert header[:label].strip() == "" and header[label:].startswith("你好,")
 
 
+def test_attention_and_info_show_a_joiner_as_invisible_not_as_the_masked_dot(tmp_path):
+    corpus = tmp_path / "emoji.txt"
+    corpus.write_text("a 👨\u200d👩 b\n" * 50, encoding="utf-8")
+    ok("train", corpus, "--out", tmp_path / "run", "--preset", "tiny", "--max-steps", "2")
+    out = ok("inspect-attention", "-m", tmp_path / "run", "--prompt", "👨\u200d👩", "--view", "head").stdout
+    header = out.splitlines()[1]
+    assert "◌" in header and "·" not in header  # · is the masked future, in the rows below it
+    assert "(◌: U+200D)" in ok("info", "-m", tmp_path / "run").stdout
+
+
 @pytest.mark.parametrize("flags, word", [
     (["--layer", "2"], "--layer"),
     (["--layer", "-3"], "--layer"),

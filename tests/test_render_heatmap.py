@@ -10,7 +10,7 @@ from rich.console import Console
 
 from tfcli.inspect import PATTERNS, GeneratedStep, Generation, HeadPattern, Lens
 from tfcli.render.attention_views import export, generated_view, lens_view, summary_view
-from tfcli.render.heatmap import MASKED, focus_view, grid_view, head_view, legend, visible
+from tfcli.render.heatmap import INVISIBLE, MASKED, focus_view, grid_view, head_view, legend, visible
 
 ANSI = re.compile(r"\x1b\[")
 SHADES = set("░▒▓█")
@@ -50,7 +50,9 @@ def test_visible_marks_whitespace_and_controls():
     assert visible("\t") == "⇥"
     assert visible("\r") == "␍"
     assert visible("\x00") == "␀"
-    assert visible("\u200b") == MASKED
+    for invisible in ("\u200b", "\u200d", "\u202e", "\ufe0f"):  # never MASKED: that is the masked future
+        assert visible(invisible) == INVISIBLE != MASKED
+    assert visible("\u0301") == INVISIBLE + "\u0301"
     assert visible("a") == "a"
     assert visible("é") == "é"
     assert visible("中") == "中"

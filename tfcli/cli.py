@@ -1075,14 +1075,14 @@ def info(
         print(json.dumps(record))
         return
     from .render import plural
-    from .render.heatmap import MASKED, visible
+    from .render.heatmap import INVISIBLE, visible
     c, s = model.config, model.summary
     stdout.print(Text(str(model.path), style="bold"))
     stdout.print(f"  {model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
                  f"context {c.block_size}, vocabulary {c.vocab_size}")
-    hidden = [f"U+{ord(ch):04X}" for ch in model.vocab.chars if visible(ch) == MASKED]  # (format characters)
+    hidden = [f"U+{ord(ch):04X}" for ch in model.vocab.chars if visible(ch) == INVISIBLE]  # (format characters)
     stdout.print("  vocabulary: " + "".join(visible(ch) for ch in model.vocab.chars)
-                 + (f" ({MASKED}: {', '.join(hidden)})" if hidden else ""), markup=False)
+                 + (f" ({INVISIBLE}: {', '.join(hidden)})" if hidden else ""), markup=False)
     if s.get("step") is not None:
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
         if s.get("best_step") not in (None, s["step"]) and s.get("best_val_loss") is not None:

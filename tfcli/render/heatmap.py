@@ -24,6 +24,8 @@ _STOPS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (2
 _SHADES = " ░▒▓█"
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 MASKED = "·"
+INVISIBLE = "◌"  # Unicode's own placeholder for a character with no form of its own (not MASKED: a learner
+# reading a header must not take a zero-width joiner for the masked future)
 _GAP = 2
 _BAR_WIDTH = 20
 _NAMED = {" ": "␣", "\n": "⏎", "\t": "⇥", "\x7f": "␡"}
@@ -36,9 +38,9 @@ def visible(c: str) -> str:
     if len(c) == 1 and ord(c) < 0x20:
         return chr(0x2400 + ord(c))  # Unicode "control pictures" block
     if not c.isprintable():
-        return MASKED
-    if cell_len(c) == 0 and unicodedata.combining(c):
-        return "◌" + c  # a bare combining mark has no width; give it a base so it stays visible
+        return INVISIBLE  # format characters: joiners, bidi controls, zero-width space
+    if cell_len(c) == 0:  # a bare combining mark has no width; give it a base so it stays visible
+        return INVISIBLE + c if unicodedata.combining(c) else INVISIBLE  # (a variation selector: nothing to show)
     return c
 
 
