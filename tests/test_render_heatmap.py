@@ -142,6 +142,23 @@ def test_legend_shows_scale_max_and_masked_meaning():
     assert "0.83" in out and "░" in out and "masked" in out and "max shown" in out
 
 
+def test_the_first_characters_row_is_left_out_of_the_scale_only_where_it_is_the_first_the_model_saw():
+    w = np.array([[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.4, 0.4]])  # row 0 always 1: it sees only itself
+    plain = render(head_view(w, "abc", color=False))
+    aside = render(head_view(w, "abc", first_sees_itself=True, color=False))
+    assert "1.00 (scaled to max shown)" in plain
+    assert "0.50 (scaled to max shown, first row aside)" in aside
+    assert "▒▒▒▒" in body(plain, 3)[1][1]
+    _, rows = body(aside, 3)
+    assert "████" in rows[1] and "██" in rows[0]  # 0.5 is now the top of the scale; row 0's 1 clamps to it
+    assert rows[2].endswith("▒▒▓▓▓▓")  # 0.2 and 0.4 of 0.5
+    grid = render(grid_view(w[None, None], "abc", first_sees_itself=True))
+    assert "0.50 (scaled to max shown, first row aside)" in grid
+    wide = render(head_view(np.tril(np.ones((60, 60))) / np.arange(1, 61)[:, None], "x" * 60,
+                            first_sees_itself=True))
+    assert "first row aside" not in wide  # the window starts after position 0: nothing to leave out
+
+
 def test_grid_view_shows_every_layer_and_head_label():
     out = render(grid_view(stack(3, 4, 10), "abcdefghij", layer_labels=[2, 5, 7]))
     for layer in (2, 5, 7):

@@ -995,14 +995,15 @@ def inspect_attention(
         if view == "grid":
             shown = layers if explicit == "grid" or li is not None else [L - 1]
             return heatmap.grid_view(weights[shown], chars, layer_labels=shown, color=color, max_width=width,
-                                     offset=offset)
+                                     offset=offset, first_sees_itself=start == 0)
         if view == "head":
             layer_ = L - 1 if li is None else li
             if aggregate_:
                 w, title = aggregate(weights[layer_], aggregate_, 0), f"layer {layer_}, {aggregate_} over {H} heads"
             else:
                 w, title = weights[layer_, hi or 0], f"layer {layer_}, head {hi or 0}"
-            return heatmap.head_view(w, chars, title=title, color=color, max_width=width, offset=offset)
+            return heatmap.head_view(w, chars, title=title, color=color, max_width=width, offset=offset,
+                                     first_sees_itself=start == 0)
         if view == "focus":  # --range bounds the query; its keys are all it saw
             return heatmap.focus_view(att.weights[layers], att.text, start + pos, color=color, layer_labels=layers,
                                       offset=att.offset)

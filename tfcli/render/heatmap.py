@@ -112,12 +112,24 @@ def _check(weights: np.ndarray, chars: str, ndim: int) -> np.ndarray:
     return w
 
 
-def legend(vmax: float, *, color: bool = True) -> RenderableType:
-    """The scale from 0 to ``vmax`` (the largest weight shown) and the meaning of the masked glyph."""
+def legend(vmax: float, *, color: bool = True, first_aside: bool = False) -> RenderableType:
+    """The scale from 0 to ``vmax`` (the largest weight shown), the meaning of the masked glyph,
+    and which way a heatmap reads."""
     ramp = Text()
     for t in np.linspace(0.0, 1.0, 8 if color else len(_SHADES)):
         ramp.append(_cell(float(t), 1, color))
-    return _prose("0 ", ramp, f" {vmax:.2f} (scaled to max shown)   ", _masked(1, color), " masked (future)")
+    scale = "scaled to max shown" + (", first row aside" if first_aside else "")
+    return Group(_prose("0 ", ramp, f" {vmax:.2f} ({scale})   ", _masked(1, color), " masked (future)"),
+                 _prose("each row is one character looking back along the columns"))
+
+
+def _scale(w: np.ndarray, mask: np.ndarray, first_sees_itself: bool) -> tuple[float, bool]:
+    """The largest weight shown (``w``: (..., n, n)), and whether the first row was left out of it:
+    the first character the model saw can attend only to itself, so its row is always 1, which
+    would leave every weight under 1/8 blank in five shades."""
+    aside = first_sees_itself and w.shape[-1] > 1
+    rows = np.arange(w.shape[-1])[:, None] > 0 if aside else np.ones_like(mask)
+    return _vmax(w[..., ~mask & rows]), aside
 
 
 def _header_glyph(c: str) -> str:
@@ -132,8 +144,10 @@ def head_view(
     color: bool = True,
     max_width: int = 80,
     offset: int = 0,
+    first_sees_itself: bool = False,
 ) -> RenderableType:
-    """One head as a (query x key) heatmap, 2 columns per key, windowed to the last positions that fit."""
+    """One head as a (query x key) heatmap, 2 columns per key, windowed to the last positions that
+    fit. ``first_sees_itself``: ``chars[0]`` is the first character the model saw (see `_scale`)."""
     w = _check(weights, chars, 2)
     total = len(chars)
     digits = len(str(max(offset + total - 1, 0)))
@@ -142,7 +156,7 @@ def head_view(
     start = total - n
     w, shown = w[start:, start:], chars[start:]
     mask = _future_mask(n)
-    vmax = _vmax(w[~mask])
+    vmax, aside = _scale(w, mask, first_sees_itself and start == 0)
     lines: list[Text] = []
     if title:
         lines.append(_line(Text(_fit(title, max_width), style="bold" if color else "")))
@@ -153,7 +167,7 @@ def head_view(
         lines.append(_line(label, *cells))
     if n < total:
         lines.append(_window_note(start, total, offset, total))
-    lines.append(legend(vmax, color=color))
+    lines.append(legend(vmax, color=color, first_aside=aside))
     return Group(*lines)
 
 
@@ -187,8 +201,10 @@ def grid_view(
     color: bool = True,
     max_width: int = 80,
     offset: int = 0,
+    first_sees_itself: bool = False,
 ) -> RenderableType:
-    """Every layer x head as a small heatmap labelled ``L{l} H{h}``, one shared scale and legend."""
+    """Every layer x head as a small heatmap labelled ``L{l} H{h}``, one shared scale and legend
+    (``first_sees_itself`` as in `head_view`)."""
     w = _check(weights, chars, 4)
     layers, heads, total = w.shape[0], w.shape[1], len(chars)
     labels = list(range(layers)) if layer_labels is None else list(layer_labels)
@@ -199,7 +215,7 @@ def grid_view(
     cols, n = _grid_layout(heads, label_width, total, max_width)
     start = total - n
     w = w[:, :, start:, start:].reshape(layers * heads, n, n)
-    vmax = _vmax(w[:, ~_future_mask(n)])
+    vmax, aside = _scale(w, _future_mask(n), first_sees_itself and start == 0)
     width = max(n, label_width)
     panels = [_mini_panel(w[k], names[k], width, vmax, color) for k in range(len(names))]
     lines: list[Text] = [_line(_fit("text: " + "".join(visible(c) for c in chars[start:]), max_width))]
@@ -212,7 +228,7 @@ def grid_view(
             lines.append(_line(*parts))
     if n < total:
         lines.append(_window_note(start, total, offset, total))
-    lines.append(legend(vmax, color=color))
+    lines.append(legend(vmax, color=color, first_aside=aside))
     return Group(*lines)
 
 
