@@ -210,9 +210,12 @@ def test_generated_text_matches_sampling_and_each_step_is_the_producing_query(mo
         assert step.keys_from == max(0, step.index - 8)  # the context window of block_size 8
         assert step.weights.shape == (2, 4, step.index - step.keys_from)
         np.testing.assert_allclose(step.weights.sum(-1), 1.0, atol=1e-5)
-    last = gen.steps[-1]
-    window = attention(model, gen.text[last.keys_from:last.index])
-    np.testing.assert_allclose(last.weights, window.weights[:, :, -1], atol=1e-6)
+    for step in gen.steps:  # each the last query of its own window: within the context, rows of one forward
+        window = attention(model, gen.text[step.keys_from:step.index])
+        np.testing.assert_allclose(step.weights, window.weights[:, :, -1], atol=1e-6)
+        probs = np.exp(window.logits[-1] - window.logits[-1].max())
+        assert step.p == pytest.approx(probs[VOCAB.chars.index(step.char)] / probs.sum(), abs=1e-6)
+    assert gen.steps[0].keys_from == 0 and gen.steps[-1].keys_from > 0  # both kinds of window
 
 
 def test_aggregate_mean_and_max_over_heads():
