@@ -721,9 +721,11 @@ def test_attention_generated_is_reproducible_and_has_one_row_per_char(model):
     assert first == ok(*args).stdout
     rows = [line for line in first.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r.split()[0]) for r in rows] == list(range(5, 11))
-    assert "all layers, mean over heads" in first
+    assert "(mean over all layers and heads)" in first
     one = ok(*args, "--layer", "0", "--head", "1").stdout
-    assert "layer 0, head 1" in one
+    assert "(layer 0, head 1)" in one
+    assert "(head 1, mean over all layers)" in ok(*args, "--head", "1").stdout
+    assert "(layer 1, max over all heads)" in ok(*args, "--layer", "1", "--aggregate", "max").stdout
 
 
 def test_attention_aggregate_shows_a_layers_heads_combined(model):

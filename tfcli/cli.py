@@ -904,8 +904,9 @@ def _generated_view(gen, layer: int | None, head: int | None, how: str | None, c
     how = how or "mean"
     layers = slice(None) if layer is None else slice(layer, layer + 1)
     heads = slice(None) if head is None else slice(head, head + 1)
-    where = ("all layers" if layer is None else f"layer {layer}") + (
-        f", head {head}" if head is not None else f", {how} over heads")
+    over = [name for name, given in (("layers", layer), ("heads", head)) if given is None]
+    where = ", ".join([f"layer {layer}"] * (layer is not None) + [f"head {head}"] * (head is not None)
+                      + [f"{how} over all {' and '.join(over)}"] * bool(over))
     weights = [aggregate(s.weights[layers, heads], how, (0, 1)) for s in gen.steps]
     return generated_view(gen, weights, where, color=color, max_width=width)
 
