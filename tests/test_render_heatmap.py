@@ -174,6 +174,18 @@ def test_notes_wrap_at_spaces_on_a_narrow_terminal_instead_of_being_cut():
     assert "(--range A:B picks others)" in out and "masked (future)" in out
 
 
+def test_lens_and_summary_on_a_narrow_terminal_drop_candidates_or_wrap_never_cut_a_number_or_word():
+    top = [(c, 0.04 * (i + 1)) for i, c in enumerate("abcde")]
+    lens = Lens(1, ["embed", "L0"], [top, top], "a", [0.04, 0.04])
+    out = render(lens_view(lens, "xay", color=False, max_width=40), width=40)
+    rows = [line.split() for line in out.splitlines() if line.split()[0] in ("embed", "L0")]
+    assert rows[0] == ["embed", "a", "0.04", "b", "0.08", "c", "0.12", "0.04"]  # three fit; p(a) kept whole
+    assert "(the last row is the output)" in out and all(cell_len(line) <= 40 for line in out.splitlines())
+    heads = [HeadPattern(0, 0, {p: 0.5 for p in PATTERNS}, 0.5, "previous")]
+    out = render(summary_view(heads, heads, "abc", 3, 0.4, color=False, max_width=40), width=40)
+    assert "mean share of attention" in " ".join(out.split()) and "…" not in out.split("on the probe")[0]
+
+
 def test_grid_view_windows_long_prompts_to_fit():
     t = 90
     out = render(grid_view(stack(1, 4, t), "z" * t, color=False))

@@ -1011,7 +1011,8 @@ def inspect_attention(
         if view == "summary":
             return _summary_view(model, att, start, stop, layers, color, width)
         if view == "lens":
-            return attention_views.lens_view(lens, att.text, offset=att.offset, color=color)
+            return attention_views.lens_view(lens, att.text, offset=att.offset, color=color,
+                                             max_width=width)
         return _generated_view(gen, li, hi, aggregate_, color, width)
 
     stdout.print(draw(color))

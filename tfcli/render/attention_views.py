@@ -18,7 +18,7 @@ from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
 from ..inspect import DIFFUSE_ENTROPY, LOCAL_WINDOW, PATTERNS, Generation, HeadPattern, Lens
-from .heatmap import _fit, _header_glyph, _line, _rgb, visible
+from .heatmap import _fit, _header_glyph, _line, _prose, _rgb, visible
 
 _SHORT = {"previous": "prev", "current": "cur", "first": "first", "duplicate": "dup", "induction": "ind",
           "local": "local"}
@@ -31,7 +31,9 @@ MEANINGS = (
 
 
 def _note(s: str, color: bool, max_width: int = 80) -> Text:
-    return _line(Text(_fit(s, max_width), style="dim" if color else ""))
+    """A line of explanation: wrapped at spaces on a narrow terminal (a cut one lost the words
+    that explain), as the heatmaps' notes are; `max_width` is the console's, which wraps it."""
+    return _prose(Text(s, style="dim" if color else ""))
 
 
 def _tail(s: str, width: int) -> str:
@@ -87,20 +89,22 @@ def summary_view(on_prompt: list[HeadPattern], on_probe: list[HeadPattern], prom
     return Group(*lines)
 
 
-def lens_view(lens: Lens, chars: str, *, offset: int = 0, color: bool = True) -> RenderableType:
-    """Per stage of the residual stream, the likeliest next characters (the logit lens)."""
+def lens_view(lens: Lens, chars: str, *, offset: int = 0, color: bool = True, max_width: int = 80) -> RenderableType:
+    """Per stage of the residual stream, the likeliest next characters (the logit lens): as many
+    as fit `max_width`, so a narrow terminal loses candidates, never digits."""
     bold = "bold" if color else ""
     title = f"logit lens at position {offset + lens.at} {visible(chars[lens.at])}"
     if lens.actual is not None:
         title += f" (next in the prompt: {visible(lens.actual)})"
     stage_w = max(len(s) for s in lens.stages)
-    k = len(lens.top[0])
-    lines = [_line(Text(title, style=bold)),
+    room = max_width - stage_w - 2 - (5 if lens.actual_p else 0)
+    k = max(1, min(len(lens.top[0]), room // 9))
+    lines = [_prose(Text(title, style=bold)),
              _line(f"{'':{stage_w}}  {'likeliest next characters':<{9 * k}}"
                    + (f"p({visible(lens.actual)})" if lens.actual is not None else ""))]
     for i, (stage, top) in enumerate(zip(lens.stages, lens.top)):
         row = _line(f"{stage:<{stage_w}}  ")
-        for c, p in top:
+        for c, p in top[:k]:
             row.append(Text(_header_glyph(c), style=bold if c == lens.actual else ""))
             row.append(Text(f"{p:5.2f}  ", style=_rgb(p) if color else ""))
         if lens.actual_p:
