@@ -71,7 +71,7 @@ def test_masked_future_cells_are_shown_as_masked_and_past_cells_are_not():
 def test_zero_weight_is_drawn_differently_from_masked():
     w = np.array([[1.0, 0.0], [0.0, 1.0]])
     _, rows = body(render(head_view(w, "ab", color=False)), 2)
-    assert rows[0].endswith(" " + MASKED)
+    assert rows[0] == "0 a  ██" + MASKED + " "  # the dot under its column's letter (header "     a b ")
     assert rows[1][5:7] == "  "  # a real 0 is the lightest shade, not the masked dot
 
 

@@ -941,8 +941,8 @@ def inspect_attention(
     at: Optional[int] = typer.Option(None, help="Position of the query for focus and lens \\[default: last]."),
     generate_: Optional[int] = typer.Option(None, "--generate", help=f"Characters to sample for --view generated "
                                             f"\\[default: {DEFAULT_GENERATE}]."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for --generate; -1: random \\[default: random, "
-                                       "printed]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for --generate, and for the text a call without "
+                                       "--prompt writes; -1: random \\[default: random, printed]."),
     aggregate_: Optional[str] = typer.Option(None, "--aggregate", help="Combine a layer's heads: mean or max."),
     range_: Optional[str] = typer.Option(None, "--range", help="Prompt positions A:B to show (B excluded)."),
     export: Optional[Path] = typer.Option(None, help="Also write the view to FILE: .svg, .html, or .json "

@@ -64,7 +64,7 @@ def _cell(t: float, width: int, color: bool) -> Text:
 
 
 def _masked(width: int, color: bool) -> Text:
-    return Text(MASKED.rjust(width), style="dim" if color else "")
+    return Text(MASKED.ljust(width), style="dim" if color else "")  # under its column's glyph, which is left
 
 
 def _line(*parts: Text | str) -> Text:
@@ -96,7 +96,7 @@ def _vmax(values: np.ndarray) -> float:
 
 def _window_note(start: int, stop: int, offset: int, total: int) -> Text:
     """Which positions are shown, written as --range takes them (0-based, end excluded)."""
-    given = f"{total}" if offset == 0 else f"{offset}:{offset + total}"
+    given = f"{total}" if offset == 0 else f"{offset}:{offset + total}, the {total} the model saw"
     return _prose(f"showing positions {offset + start}:{offset + stop} of {given} (--range A:B picks others)")
 
 
