@@ -8,6 +8,7 @@ and every other command runs against it. Bad input must give exit code 2 (usage)
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -672,6 +673,20 @@ def test_attention_without_a_prompt_looks_at_text_the_model_writes(model):
     assert first.stdout != ok("inspect-attention", "-m", model, "--seed", "5", "--view", "summary").stdout
     assert "--seed does not apply" in refused(2, "inspect-attention", "-m", model, "-p", "anna", "--seed", "4")
     assert "seed" in ok("inspect-attention", "-m", model).stderr  # (a random one, printed)
+
+
+@pytest.mark.parametrize("view, width, shown", [("grid", 40, 19), ("head", 40, 17)])
+def test_attention_without_a_prompt_writes_as_much_text_as_the_heatmap_shows(model, monkeypatch, view, width, shown):
+    from tfcli import cli
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, width=width, color_system=None))
+    ok("inspect-attention", "-m", model, "--seed", "4", "--view", view)
+    out = screen.getvalue()
+    assert "showing positions" not in out  # all of it fits: its first rows are its first characters
+    if view == "grid":
+        assert len(out.splitlines()[0].removeprefix("text: ")) == shown
+    else:
+        assert [line.split()[0] for line in out.splitlines()[2:2 + shown]] == [str(i) for i in range(shown)]
 
 
 def test_attention_takes_the_unknown_policy_of_sample(model):

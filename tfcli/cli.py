@@ -911,15 +911,18 @@ def _generated_view(gen, layer: int | None, head: int | None, how: str | None, c
     return generated_view(gen, weights, where, color=color, max_width=width)
 
 
-def _own_prompt(model, view: str, seed: int | None) -> tuple[str, int]:
-    """Without --prompt: text the model writes (the generated view starts from its first character)."""
-    from .inspect import opening, own_text
+def _own_prompt(model, view: str, seed: int | None, layer: int) -> tuple[str, int]:
+    """Without --prompt: text the model writes (the generated view starts from its first character),
+    as long as the heatmap shows at this width: a longer one hid its start, where the top rows'
+    attention went."""
+    from .inspect import OWN_TEXT, opening, own_text
+    from .render.heatmap import positions_shown
     from .sampling import new_seed
 
     seed = new_seed() if seed is None or seed == -1 else seed
     if view == "generated":
         return opening(model.vocab), seed
-    text = own_text(model, seed)
+    text = own_text(model, seed, positions_shown(view, layer, model.config.n_head, stdout.width) or OWN_TEXT)
     stderr.print(f"note: no --prompt given: looking at text the model wrote (seed {seed}; --prompt TEXT to choose)",
                  highlight=False)
     return text, seed
@@ -970,7 +973,8 @@ def inspect_attention(
     text = read_prompt(prompt, prompt_file)
     model = load_native(model_path)  # (its forward in numpy: no torch to import)
     if own:
-        text, seed = _own_prompt(model, view, seed)
+        shown = layer if layer is not None and layer >= 0 else model.config.n_layer + (layer or -1)
+        text, seed = _own_prompt(model, view, seed, shown)
     typed, text = text, fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     if typed and not text:
         raise UsageError("nothing is left of the prompt once its unknown characters are dropped")

@@ -182,6 +182,16 @@ def _grid_layout(heads: int, label_width: int, total: int, max_width: int) -> tu
     return cols, max(1, min(total, room(cols)))
 
 
+def positions_shown(view: str, layer: int, heads: int, max_width: int) -> int | None:
+    """How many positions the head or grid view draws of a long text at this width (None for the
+    other views): a bare `inspect-attention` writes a text of that length, so all of it shows."""
+    if view == "head":
+        return max(1, (max_width - 6) // 2)  # labels of two digits: "pos glyph "
+    if view == "grid":
+        return _grid_layout(heads, cell_len(f"L{layer} H{heads - 1}"), 10**9, max_width)[1]
+    return None
+
+
 def _mini_panel(w: np.ndarray, label: str, width: int, vmax: float, color: bool) -> list[Text]:
     """A small heatmap: 1 column per key, 1 row per query, padded to ``width``."""
     n = w.shape[0]
