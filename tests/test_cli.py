@@ -443,6 +443,36 @@ def test_a_batch_on_a_terminal_shows_each_sample_growing_then_prints_them_whole(
         [line for line in piped.splitlines() if "sample" not in line]
 
 
+@pytest.fixture(scope="module")
+def raw_model(tmp_path_factory) -> Path:
+    """A model of tab-separated lines and terminal colour codes."""
+    root = tmp_path_factory.mktemp("raw")
+    (root / "log.tsv").write_text("id\tname\t\x1b[31mERR\x1b[0m\n" * 60, encoding="utf-8")
+    ok("train", root / "log.tsv", "--out", root / "run", "--preset", "tiny", "--max-steps", "2")
+    return root / "run"
+
+
+def test_sample_in_a_pipe_writes_the_prompt_and_text_byte_for_byte_tabs_and_escapes_too(raw_model):
+    prompt = "id\tname\t\x1b[31m"
+    for n in ("1", "2"):
+        result = invoke("sample", "-m", raw_model, "-p", prompt, "-n", "20", "--seed", "1", "--num-samples", n)
+        assert result.exit_code == 0 and result.stdout.count(prompt) == int(n), repr(result.stdout)  # rich's
+        # tab expansion made the tabs spaces
+
+
+def test_sample_on_a_terminal_shows_control_characters_as_symbols(raw_model, monkeypatch):
+    from tfcli import cli
+    for flags in ((), ("--num-samples", "2"), ("--interactive",)):  # a terminal without colours: no ESC of rich's
+        screen = io.StringIO()
+        monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, width=80,
+                                                            color_system=None))
+        ok("sample", "-m", raw_model, "-p", "id\t\x1b[31mERR\x1b[0m", "-n", "200", "--seed", "1", *flags,
+           input="\x1b[31mERR\n" if flags else None)
+        raw = screen.getvalue().rsplit("\x1b[2K", 1)[-1].replace("\x1b[?25h", "")  # (a batch: after its live view)
+        assert "␛[31mERR␛[0m" in raw and "\x1b" not in raw, (flags, raw)
+        assert raw.count("␛") > 2  # the model's own, too
+
+
 def test_empty_prompt_is_allowed(model):
     out = ok("sample", "-m", model, "--prompt", "", "-n", "20", "--seed", "1").stdout
     assert len(out.rstrip("\n")) > 0

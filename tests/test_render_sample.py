@@ -23,3 +23,11 @@ def test_batch_progress_fits_the_screen_and_counts_the_rest():
     lines = batch_progress("", tails, width=40, height=8).plain.split("\n")
     assert len(lines) == 7 and lines[-1] == "… and 6 more" and lines[0].startswith(" 1 │ ")
     assert len(batch_progress("", tails[:7], width=40, height=8).plain.split("\n")) == 7  # fits: all shown
+
+
+def test_text_for_a_terminal_has_its_control_characters_as_symbols_one_for_one():
+    from tfcli.render.sample import batch_progress, for_terminal, styled
+
+    assert for_terminal("a\tb\n\x1b[31m\x07\x7f\x9b\r") == "a\tb\n␛[31m␇␡◌␍"
+    assert styled("x\x1b", [0.0, -1.0]).plain == "x␛"  # (--color-by-prob: still one character per log-prob)
+    assert "a␛␇" in batch_progress("a\x1b", ["\x07"], 80).plain

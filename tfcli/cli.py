@@ -630,9 +630,9 @@ def sample(
         for i, out in enumerate(outs):
             if cfg.num_samples > 1:
                 stdout.rule(f"sample {i + 1}/{cfg.num_samples}", style="dim")
-            stdout.print(text, style="bold", end="", markup=False)
-            stdout.print(styled(out.text, out.logprobs) if color_by_prob else out.text, markup=False,
-                         end="" if (text + out.text).endswith("\n") else "\n")
+            show(text, style="bold")
+            show(styled(out.text, out.logprobs) if color_by_prob else out.text,
+                 end="" if (text + out.text).endswith("\n") else "\n")
     if interrupted:
         raise KeyboardInterrupt
 
@@ -697,15 +697,28 @@ def reader_left(stream) -> bool:
         return False
 
 
+def show(text: str | Text, style: str = "", end: str = "") -> None:
+    """Sampled text (or a prompt) to stdout: on a terminal, styled and with its control characters as
+    symbols (`for_terminal`); elsewhere exactly as generated, tabs too (rich expands them to
+    spaces, which turned a TSV model's output into something else)."""
+    from .render.sample import for_terminal
+
+    if stdout.is_terminal:
+        stdout.print(for_terminal(text) if isinstance(text, str) else text, style=style, end=end, markup=False)
+    else:
+        stdout.file.write(str(text) + end)
+
+
 def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
     """Characters appear as they come; plain text goes straight to the stream (rich's per-call cost
     is more than a small model's step), flushed at most every 20 ms and at the end."""
-    from .render.sample import styled
+    from .render.sample import for_terminal, styled
     from .sampling import Aligned
 
-    stdout.print(prompt, style="bold", end="", markup=False)
+    show(prompt, style="bold")
     stdout.file.flush()
     row, out, last = Aligned(keep=False), stdout.file, 0.0  # the first character is flushed at once
+    plain = for_terminal if stdout.is_terminal else str
     ends_line = prompt.endswith("\n")
     try:
         for piece in pieces:
@@ -716,7 +729,7 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
             if color_by_prob:
                 stdout.print(styled(piece.texts[0], lps), end="", markup=False)
             else:
-                out.write(piece.texts[0])
+                out.write(plain(piece.texts[0]))
             if time.monotonic() - last > 0.02:
                 out.flush()
                 last = time.monotonic()
@@ -762,7 +775,7 @@ class ReplOutput:
             self.new_line(True)
         style = "bold" if kind in ("prompt", "typed") else prob_style(logprob) if (
             kind == "generated" and self.color_by_prob and logprob is not None) else ""
-        stdout.print(text, style=style, end="", markup=False)
+        show(text, style=style)
         stdout.file.flush()
         self.at_line_start = text.endswith("\n")
 

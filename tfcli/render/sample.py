@@ -7,6 +7,16 @@ import math
 from rich.text import Text
 
 PROB_STYLES = ((0.1, "red"), (0.3, "dark_orange"), (0.6, "yellow"), (0.9, "green"), (1.01, "bright_green"))
+# C0 controls but line break and tab as Unicode's control pictures, DEL as ␡, C1 controls as ◌
+_SAFE = {c: 0x2400 + c for c in range(0x20) if c not in (0x0A, 0x09)} | {0x7F: 0x2421} | {
+    c: 0x25CC for c in range(0x80, 0xA0)}
+
+
+def for_terminal(text: str) -> str:
+    """Text as a terminal should get it, one character for each: control characters as symbols.
+    A model trained on logs or captured terminal output writes escape sequences, which a terminal
+    would obey (colours, a moved cursor, a changed title); a pipe or a file gets the bytes."""
+    return text.translate(_SAFE)
 
 
 def prob_style(logprob: float) -> str:
@@ -22,8 +32,9 @@ def prob_legend() -> Text:
 
 
 def styled(text: str, logprobs: list[float]) -> Text:
+    """For a colour terminal: each character in its probability's colour (`for_terminal`'s symbols)."""
     out = Text()
-    for ch, lp in zip(text, logprobs):
+    for ch, lp in zip(for_terminal(text), logprobs):
         out.append(ch, style=prob_style(lp))
     return out
 
@@ -33,7 +44,7 @@ def tail_cells(text: str, cells: int) -> str:
     from rich.cells import cell_len
 
     out, used = [], 0
-    for ch in reversed(text.replace("\n", "⏎")):
+    for ch in reversed(for_terminal(text).replace("\n", "⏎")):
         used += cell_len(ch)
         if used > cells:
             break
