@@ -59,6 +59,11 @@ def test_a_text_is_spelt_as_the_vocabulary_spells_it():
     assert decomposed.spelt_as_known("café") == "cafe\u0301"
     assert Vocab.from_text("café").spelt_as_known("cafe\u0301") == "café"
     assert Vocab.from_text("cafe\u0301 É").spelt_as_known("É café") == "É cafe\u0301"  # (each spelling lacks one)
+
+
+def test_a_prompts_line_ends_are_spelt_as_the_corpus_was_read_unless_the_vocabulary_has_cr():
+    assert Vocab.from_text("a\nb").spelt_as_known("a\r\nb\ra") == "a\nb\na"  # (stdin is not translated)
+    assert Vocab.from_text("a\r\nb").spelt_as_known("a\r\nb") == "a\r\nb"  # (a model from before FORMAT 3)
     assert Vocab.from_text("cafe").spelt_as_known("café") == "café"  # (no accent to spell it with: left unknown)
 
 

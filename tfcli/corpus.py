@@ -288,7 +288,11 @@ class Vocab:
         """`text` in whichever Unicode spelling leaves the fewest characters this vocabulary lacks (as
         given, composed or decomposed), then with each still unknown one decomposed where its parts
         are known (a text may need both: É known composed, é only as e and an accent). The
-        spellings look the same, so a prompt typed one way fits a corpus that spells it the other."""
+        spellings look the same, so a prompt typed one way fits a corpus that spells it the other.
+        Line ends are spelt as the corpus's were read: \r\n and \r as \n, unless the vocabulary has \r
+        (a prompt piped from a Windows file was refused for its \r, though its file trained)."""
+        if "\r" in text and "\r" not in self.chars:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
         text = min((unicodedata.normalize(form, text) if form else text for form in ("", "NFC", "NFD")),
                    key=lambda spelt: len(self.unknown(spelt)))
         out = []
