@@ -253,6 +253,10 @@ def test_inference_weights_are_reused_until_a_parameter_changes():
     again = model.inference_weights(torch.float32)
     assert again is not first
     torch.testing.assert_close(again[2], (model.head.weight * model.config.n_embd ** 0.5))
+    model.head.weight.data = model.head.weight.data * 2  # what .to() does: new storage, the same version
+    moved = model.inference_weights(torch.float32)
+    assert moved is not again
+    torch.testing.assert_close(moved[2], (model.head.weight * model.config.n_embd ** 0.5))
 
 
 def test_a_model_made_under_inference_mode_can_still_sample():

@@ -395,3 +395,18 @@ def test_every_view_exports_as_valid_svg_and_html_with_its_characters(tmp_path, 
     assert page.doctype.lower() == "doctype html" and page.open == []
     assert page.seen[:2] == ["html", "head"] and "title" in page.seen and "body" in page.seen
     assert "中" in page.text and "tfcli: a<b & ␁⏎" in page.text  # escaped in the file, characters in the page
+
+
+def test_positions_shown_is_what_the_head_and_grid_views_draw_whatever_the_label_digits():
+    from tfcli.render.heatmap import positions_shown
+
+    for width in (40, 80, 212, 300):
+        n = positions_shown("head", 0, 4, width)
+        out = render(head_view(causal(n), "x" * n, max_width=width), width=width)
+        assert "showing positions" not in out, width
+        wider = render(head_view(causal(n + 1), "x" * (n + 1), max_width=width), width=width)
+        assert "showing positions" in wider, width  # and not one position fewer than fits
+    n = positions_shown("grid", 3, 4, 80)
+    assert "showing positions" not in render(grid_view(stack(1, 4, n), "x" * n, layer_labels=[3]))
+    assert "showing positions" in render(grid_view(stack(1, 4, n + 1), "x" * (n + 1), layer_labels=[3]))
+    assert positions_shown("focus", 0, 4, 80) is None

@@ -427,3 +427,22 @@ def test_a_negative_seed_samples_as_its_twos_complement(model):
     # (seeds take -2^63 and up, as PyTorch's generators do; numpy's PCG64 takes none below 0)
     cfg = SampleConfig(max_new_tokens=30, temperature=1.0, seed=-5)
     assert text_of(model, "he", cfg) == text_of(model, "he", replace(cfg, seed=2**64 - 5))
+
+
+def test_a_gpu_step_that_cannot_be_recorded_runs_eagerly_and_a_prefill_only_decoder_records_none(model, monkeypatch):
+    from tfcli import cuda_graph, sampling
+
+    asked = []
+
+    def refused(model, cache, compiled):
+        asked.append(compiled)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")  # (what a capture can meet)
+    monkeypatch.setattr(cuda_graph, "runs", lambda device: True)  # as if the model were on a GPU
+    monkeypatch.setattr(cuda_graph, "decoder", refused)
+    decoder = sampling.TorchDecoder(model, 1, SampleConfig())
+    assert asked == [False] and decoder.step == model.decode
+    ids = np.array([1, 2, 3])
+    decoder.prefill(ids)
+    torch.testing.assert_close(torch.as_tensor(decoder.decode(np.array([4]), 3)),
+                               model(torch.as_tensor([[1, 2, 3, 4]]))[0][:, -1], atol=1e-5, rtol=0)
+    assert sampling.TorchDecoder(model, 1, SampleConfig(), decodes=False).step is None and asked == [False]

@@ -985,19 +985,18 @@ def inspect_attention(
     check_unknown(unknown)
     text = read_prompt(prompt, prompt_file)
     model = load_native(model_path)  # (its forward in numpy: no torch to import)
+    L, H = model.config.n_layer, model.config.n_head
+    li = _index(layer, L, "--layer") if layer is not None else None  # (checked before any text is written)
+    hi = _index(head, H, "--head") if head is not None else None
     if own:
-        shown = layer if layer is not None and layer >= 0 else model.config.n_layer + (layer or -1)
-        text, seed = _own_prompt(model, view, seed, shown)
+        text, seed = _own_prompt(model, view, seed, L - 1 if li is None else li)
     typed, text = text, fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     if typed and not text:
         raise UsageError("nothing is left of the prompt once its unknown characters are dropped")
     att = attention(model, text)
-    L, H = att.weights.shape[:2]
     if att.offset and view != "generated":
         stderr.print(f"note: the prompt is longer than the context ({model.config.block_size}); "
                      f"showing its last {len(att.text)} characters", highlight=False)
-    li = _index(layer, L, "--layer") if layer is not None else None
-    hi = _index(head, H, "--head") if head is not None else None
     start, stop = _parse_range(range_, att.offset, len(att.text)) if range_ else (0, len(att.text))
     chars, weights, offset = att.text[start:stop], att.weights[..., start:stop, start:stop], att.offset + start
     layers = list(range(L)) if li is None else [li]

@@ -45,8 +45,8 @@ def decoder(model: GPT, cache: KVCache, compile: bool = False) -> Callable[[torc
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = step()
+        with torch.cuda.graph(graph, stream=side):  # (torch's default capture stream is made once, on
+            logits = step()                          # the first device that records: not this one's)
 
     def decode(ids: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         c, s, sl, _ = cache.step(pos)

@@ -339,12 +339,14 @@ class GPT(nn.Module):
     def inference_weights(self, dtype: torch.dtype, packed_for: int | None = None) -> tuple:
         """(embedding, per-layer (qkv, proj, fc, out), head) in `dtype`, with the sqrt(d) of each
         RMSNorm folded into the weights that read its output (see `unit`). Made once per dtype
-        and kept until a parameter changes (tensors count their in-place writes in `_version`),
+        and kept until a parameter changes (tensors count their in-place writes in `_version`; a
+        move to another device or a new `.data` changes where they live),
         so that generations reuse them and a compiled step stays valid. With `packed_for`, the
         same matrices laid out for oneDNN steps of that many rows (`packed`), kept alongside."""
         params = list(self.parameters())
         # weights made under inference_mode count no writes: for those, make them every time
-        key = None if any(p.is_inference() for p in params) else (dtype, tuple(p._version for p in params))
+        key = None if any(p.is_inference() for p in params) else (  # (.to() and .data= keep the version,
+            dtype, tuple((p._version, p.data_ptr()) for p in params))  # but not the storage)
         if key is None or self.__dict__.get("_weights_key") != key:
             root_d = self.config.n_embd ** 0.5
 

@@ -152,14 +152,15 @@ def _big_cpu_model(model) -> bool:
     return on_cpu(model) and model.num_params() * 4 >= HALF_WEIGHTS_FROM
 
 
-def new_decoder(model, batch: int, cfg: SampleConfig):
+def new_decoder(model, batch: int, cfg: SampleConfig, decodes: bool = True):
     """`native_decoder.Decoder` where tfcli's kernels run this step (a CPU, the kernels built,
-    the dtype theirs), else `TorchDecoder` (a `NativeModel` then becomes a PyTorch one)."""
+    the dtype theirs), else `TorchDecoder` (a `NativeModel` then becomes a PyTorch one).
+    `decodes=False`: a prefill only, so no decode step is compiled or recorded."""
     if native_decodes(model, batch, cfg):
         return native_decoder.Decoder(native_weights(model, decode_dtype(model, batch, cfg.dtype)), batch)
     if isinstance(model, native_decoder.NativeModel):
         model = model.torch()
-    return TorchDecoder(model, batch, cfg)
+    return TorchDecoder(model, batch, cfg, decodes)
 
 
 def native_weights(model, dtype: str) -> native_decoder.Weights:
@@ -168,7 +169,7 @@ def native_weights(model, dtype: str) -> native_decoder.Weights:
     if isinstance(model, native_decoder.NativeModel):
         return model.weights(dtype)
     params = list(model.parameters())
-    key = None if any(p.is_inference() for p in params) else (dtype, tuple(p._version for p in params))
+    key = None if any(p.is_inference() for p in params) else (dtype, tuple((p._version, p.data_ptr()) for p in params))
     kept = model.__dict__.get("_native_weights")
     if key is None or kept is None or kept[0] != key:
         state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
@@ -180,14 +181,14 @@ def native_weights(model, dtype: str) -> native_decoder.Weights:
 class TorchDecoder:
     """PyTorch's cached steps (GPUs, CPUs without tfcli's kernels, --compile), handing numpy logits."""
 
-    def __init__(self, model, batch: int, cfg: SampleConfig):
+    def __init__(self, model, batch: int, cfg: SampleConfig, decodes: bool = True):
         import torch
 
         self.torch, self.model, self.B = torch, model.eval(), batch
         self.device = next(model.parameters()).device
         with torch.inference_mode():
             self.cache = new_cache(model, batch, cfg)
-            self.step = self._step(model, batch, cfg)
+            self.step = self._step(model, batch, cfg) if decodes else None
 
     def _step(self, model, batch: int, cfg: SampleConfig):
         """A replayed CUDA graph on a GPU (eager, the 10.7M shape's step ran at ~270 characters/s
@@ -196,7 +197,10 @@ class TorchDecoder:
 
         compiled = compiles(cfg, batch, model)
         if cuda_graph.runs(self.device):
-            return cuda_graph.decoder(model, self.cache, compiled)
+            try:
+                return cuda_graph.decoder(model, self.cache, compiled)
+            except RuntimeError:  # a step the GPU would not record (memory, an op it cannot capture):
+                pass              # it still runs launched one kernel at a time
         return model.compiled_decoder(self.cache) if compiled else model.decode
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
@@ -336,7 +340,7 @@ def next_char_probs(model, vocab: Vocab, text: str, cfg: SampleConfig) -> tuple[
     `cfg` draws from (after penalties, filters and temperature; one-hot when greedy). The context is
     the one `generate_pieces` would start from, so the two agree on the first character."""
     ids = context_ids(vocab, text, model.config.block_size)
-    logits = new_decoder(model, 1, cfg).prefill(ids)
+    logits = new_decoder(model, 1, cfg, decodes=False).prefill(ids)
     filtered = filter_logits(logits, cfg, ids[None, -max(penalty_window(cfg, model.config.block_size), 1):])
     if is_greedy(cfg.temperature):
         sampled = np.eye(filtered.shape[-1], dtype=np.float32)[filtered.argmax(-1)]

@@ -99,8 +99,9 @@ def lens_view(lens: Lens, chars: str, *, offset: int = 0, color: bool = True, ma
     stage_w = max(len(s) for s in lens.stages)
     room = max_width - stage_w - 2 - (5 if lens.actual_p else 0)
     k = max(1, min(len(lens.top[0]), room // 9))
+    label = next(t for t in ("likeliest next characters", "likeliest next", "next", "") if len(t) < 9 * k)
     lines = [_prose(Text(title, style=bold)),
-             _line(f"{'':{stage_w}}  {'likeliest next characters':<{9 * k}}"
+             _line(f"{'':{stage_w}}  {label:<{9 * k}}"
                    + (f"p({visible(lens.actual)})" if lens.actual is not None else ""))]
     for i, (stage, top) in enumerate(zip(lens.stages, lens.top)):
         row = _line(f"{stage:<{stage_w}}  ")

@@ -96,7 +96,7 @@ def _vmax(values: np.ndarray) -> float:
 
 def _window_note(start: int, stop: int, offset: int, total: int) -> Text:
     """Which positions are shown, written as --range takes them (0-based, end excluded)."""
-    given = f"{total}" if offset == 0 else f"{offset}:{offset + total}, the {total} the model saw"
+    given = f"{total}" if offset == 0 else f"{offset}:{offset + total}"
     return _prose(f"showing positions {offset + start}:{offset + stop} of {given} (--range A:B picks others)")
 
 
@@ -185,8 +185,11 @@ def _grid_layout(heads: int, label_width: int, total: int, max_width: int) -> tu
 def positions_shown(view: str, layer: int, heads: int, max_width: int) -> int | None:
     """How many positions the head or grid view draws of a long text at this width (None for the
     other views): a bare `inspect-attention` writes a text of that length, so all of it shows."""
-    if view == "head":
-        return max(1, (max_width - 6) // 2)  # labels of two digits: "pos glyph "
+    if view == "head":  # labels "pos glyph ": the positions' digits, a space, a 2-cell glyph, a space
+        for digits in range(1, 12):
+            n = max(1, (max_width - digits - 4) // 2)
+            if len(str(n - 1)) <= digits:
+                return n
     if view == "grid":
         return _grid_layout(heads, cell_len(f"L{layer} H{heads - 1}"), 10**9, max_width)[1]
     return None
