@@ -215,6 +215,21 @@ def test_ctrl_c_after_the_reader_left_is_still_a_first_ctrl_c():
         stop.handle(signal.SIGINT, None)
 
 
+def test_ctrl_c_during_the_final_validation_of_a_finished_run_still_exits_130(corpus, tmp_path, monkeypatch):
+    from tfcli import trainer
+    real = trainer.train
+
+    def interrupted_at_the_end(*args, **kwargs):
+        done = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # as if during the final validation: the steps are all done
+        return done
+    monkeypatch.setattr(trainer, "train", interrupted_at_the_end)
+    result = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130, result.output  # (it was 0: a shell never learnt of the Ctrl-C)
+    assert "reached --max-steps" in result.output and (tmp_path / "run" / "model.safetensors").is_file()
+
+
 def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):
     trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
                                        "--out", str(tmp_path / "run")])

@@ -373,8 +373,8 @@ def train(
                          f"  {launcher} {args}{resume_limits(done, train_cfg)}",
                          highlight=False, markup=False)
         raise typer.Exit(stop.exit_code)
-    if stop.reader_left:  # the run had ended when the reader left, but what it printed was cut: say so
-        raise typer.Exit(stop.exit_code)
+    if stop():  # the run had ended (its final validation) when Ctrl-C came or the reader left: a shell
+        raise typer.Exit(stop.exit_code)  # still learns of the signal, and a pipe's output was cut
 
 
 def warn_val_in_corpus(val: list[Path] | None, corpus: list[Path]) -> None:
