@@ -283,3 +283,27 @@ def test_ctrl_c_during_a_sample_or_batch_shows_what_was_made_then_exits_130(corp
         else:
             assert out.startswith("anna") or "sample 1/2" in out
             assert len(out) > 20 and out.endswith("\n")  # (the message after it starts its own line)
+
+
+def test_an_allocators_refusal_is_said_to_be_out_of_memory_in_words():
+    from tfcli.cli import out_of_memory
+    torch_cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                             "you tried to allocate 52428800000 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory(torch_cpu) == "could not allocate 48.8 GiB"
+    numpy = MemoryError("Unable to allocate 48.8 GiB for an array with shape (100000, 256) and data type float32")
+    assert out_of_memory(numpy) == "could not allocate " + str(numpy).removeprefix("Unable to allocate ")
+    assert out_of_memory(MemoryError()) == "could not allocate memory"
+    assert out_of_memory(RuntimeError("shape mismatch")) is None and out_of_memory(ValueError("x")) is None
+
+
+def test_sample_that_runs_out_of_memory_says_so_and_what_to_ask_for(corpus, tmp_path, monkeypatch):
+    trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+
+    def refused(*args, **kwargs):
+        raise MemoryError("Unable to allocate 97.7 GiB for an array with shape (100000, 4, 64) and data type float32")
+    monkeypatch.setattr("tfcli.sampling.new_decoder", refused)
+    result = CliRunner().invoke(app, ["sample", "-m", str(tmp_path / "run"), "--num-samples", "100000", "-n", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: out of memory: could not allocate 97.7 GiB" in result.stderr and "--num-samples" in result.stderr

@@ -138,8 +138,24 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
             if _debug:
                 raise
+            if (short := out_of_memory(e)) is not None:
+                fail(f"out of memory: {short}; ask for less (a smaller --num-samples, --batch-size or model)", 1)
             fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)
     return wrapper
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What could not be allocated, where `e` is an allocator's refusal (numpy's MemoryError,
+    PyTorch's CPU or GPU allocator), in words; else None. PyTorch's own message named a C++ source
+    line and a byte count of eleven digits."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (a GPU's memory, usually)
+        return text.split(". ")[0]
+    if not isinstance(e, MemoryError) and not (isinstance(e, RuntimeError) and "can't allocate memory" in text):
+        return None
+    if (n := re.search(r"allocate (\d+) bytes", text)) is not None:
+        return f"could not allocate {int(n.group(1)) / 2**30:.1f} GiB"
+    return "could not allocate " + (text.removeprefix("Unable to allocate ") or "memory")
 
 
 def import_whole(builds: tuple[str, ...] = (), module: str = "torch") -> None:
