@@ -206,6 +206,18 @@ def test_validation_on_training_text_is_warned_about(trained, tmp_path):
     assert "warning: --val" in result.stderr and "also training text" in result.stderr
 
 
+def test_training_text_given_twice_is_warned_about(tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    write_names(books / "a.txt")
+    write_names(tmp_path / "b.txt")
+    quick = ("--preset", "tiny", "--max-steps", "1")
+    twice = ok("train", books / "a.txt", tmp_path / "b.txt", books / "a.txt", *quick, "--out", tmp_path / "r1")
+    assert f"warning: {books / 'a.txt'} repeats text already given ({books / 'a.txt'})" in twice.stderr
+    assert "repeats text" in ok("train", books, books / "a.txt", *quick, "--out", tmp_path / "r2").stderr
+    assert "repeats text" not in ok("train", books, tmp_path / "b.txt", *quick, "--out", tmp_path / "r3").stderr
+
+
 def test_a_model_without_resume_state_is_not_sent_back_and_forth_between_flags(trained, model, tmp_path):
     # without its state.safetensors a run cannot be resumed; neither message may send the user to the other
     copy = tmp_path / "run"

@@ -204,8 +204,21 @@ def test_several_files_are_joined_in_order(tmp_path):
 
 def test_nul_bytes_mean_not_text(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"abc\x00def")
-    with pytest.raises(UsageError, match="NUL bytes.*--encoding"):
+    with pytest.raises(UsageError, match="NUL bytes \\(the first at byte 3\\).*--encoding"):
         read_text([tmp_path / "x.bin"])
+
+
+def test_a_compressed_file_is_named_as_such(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+    text = ("hello world\n" * 100).encode()
+    for name, pack in (("gzip", gzip.compress), ("bzip2", bz2.compress), ("xz", lzma.compress)):
+        (tmp_path / "t.packed").write_bytes(pack(text))
+        with pytest.raises(UsageError, match=f"is {name}-compressed; decompress it first"):
+            read_text([tmp_path / "t.packed"])
+    (tmp_path / "t.txt").write_bytes(b"BZh is a word here, and PK\x03 too\n")  # text that merely starts so
+    assert read_text([tmp_path / "t.txt"]).startswith("BZh is")
 
 
 def test_utf16_text_reads_with_its_encoding(tmp_path):

@@ -393,17 +393,28 @@ def train(
         raise typer.Exit(stop.exit_code)  # still learns of the signal, and a pipe's output was cut
 
 
+def _within(a: Path, b: Path) -> bool:
+    """Whether the file or directory `a` is `b` or lies inside the directory `b`."""
+    try:
+        if a.is_file() and b.is_file():
+            return os.path.samefile(a, b)
+        return b.is_dir() and (a.resolve() == b.resolve() or b.resolve() in a.resolve().parents)
+    except OSError:
+        return False
+
+
 def warn_val_in_corpus(val: list[Path] | None, corpus: list[Path]) -> None:
-    """--val naming a training file scores text the model learns: validation would only go down."""
-    def same(a: Path, b: Path) -> bool:
-        try:
-            return a.is_file() and (os.path.samefile(a, b) if b.is_file() else b.resolve() in a.resolve().parents)
-        except OSError:
-            return False
+    """--val naming a training file scores text the model learns: validation would only go down.
+    A corpus path given twice (or inside a directory given) is read twice: say so."""
     for v in val or []:
-        if any(same(v, c) for c in corpus):
+        if v.is_file() and any(_within(v, c) for c in corpus):
             stderr.print(f"warning: --val {v} is also training text, so its loss measures memory, not "
                          "generalisation", highlight=False, markup=False)
+    for i, later in enumerate(corpus):
+        first = next((c for c in corpus[:i] if _within(later, c) or _within(c, later)), None)
+        if first is not None:
+            stderr.print(f"warning: {later} repeats text already given ({first}): it is read twice, and validation "
+                         "may hold text that also trains", highlight=False, markup=False)
 
 
 def resume_args(corpus: list[Path], run_dir: Path, *, val: list[Path] | None, val_fraction: float | None,

@@ -147,14 +147,26 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
         try:
             with f.open("rb") as fh:
                 while raw := fh.read(chunk_bytes):
-                    if b"\x00" in raw and _is_utf8(encoding):
-                        raise UsageError(f"{f}: contains NUL bytes, so it is probably not a text file "
-                                         "(use --encoding if it is UTF-16/32 text)")
+                    if offset == 0 and (packed := compressed(raw)):
+                        raise UsageError(f"{f}: is {packed}-compressed; decompress it first, and train on the text")
+                    if (nul := raw.find(b"\x00")) >= 0 and _is_utf8(encoding):
+                        raise UsageError(f"{f}: contains NUL bytes (the first at byte {offset + nul:,}), so it is "
+                                         "probably not a text file (use --encoding if it is UTF-16/32 text)")
                     yield len(raw), _decode(decoder, raw, f, offset, encoding)
                     offset += len(raw)
         except OSError as e:
             raise UsageError(f"{f}: cannot read ({e.strerror or e})") from None
         yield 0, _decode(decoder, b"", f, offset, encoding, final=True)
+
+
+MAGIC = {"gzip": re.compile(rb"\x1f\x8b"), "bzip2": re.compile(rb"BZh[1-9]1AY&SY"), "xz": re.compile(rb"\xfd7zXZ\x00"),
+         "zstd": re.compile(rb"\x28\xb5\x2f\xfd"), "zip": re.compile(rb"PK\x03\x04")}
+
+
+def compressed(head: bytes) -> str | None:
+    """The compression a file's first bytes announce (a .gz given by name is read, not skipped, and
+    its bytes were called 'probably not a text file' with advice about UTF-16)."""
+    return next((name for name, magic in MAGIC.items() if magic.match(head)), None)
 
 
 def _nul_free(encoding: str) -> bool:
