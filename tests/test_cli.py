@@ -466,10 +466,24 @@ def raw_model(tmp_path_factory) -> Path:
 
 def test_sample_in_a_pipe_writes_the_prompt_and_text_byte_for_byte_tabs_and_escapes_too(raw_model):
     prompt = "id\tname\t\x1b[31m"
-    for n in ("1", "2"):
-        result = invoke("sample", "-m", raw_model, "-p", prompt, "-n", "20", "--seed", "1", "--num-samples", n)
-        assert result.exit_code == 0 and result.stdout.count(prompt) == int(n), repr(result.stdout)  # rich's
+    for flags in (("--num-samples", "1"), ("--num-samples", "2"), ("--color-by-prob",),
+                  ("--color-by-prob", "--no-stream")):
+        result = invoke("sample", "-m", raw_model, "-p", prompt, "-n", "200", "--seed", "1", *flags)
+        n = 2 if "2" in flags else 1
+        assert result.exit_code == 0 and result.stdout.count(prompt) == n, (flags, result.stdout)  # rich's
         # tab expansion made the tabs spaces
+        assert "␛" not in result.stdout and result.stdout.count("\x1b") > n, flags  # the model's own, raw
+
+
+def test_sample_on_an_ascii_terminal_shows_control_characters_in_caret_notation(raw_model, monkeypatch):
+    from tfcli import cli
+    screen = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, width=80,
+                                                        color_system=None))
+    ok("sample", "-m", raw_model, "-p", "id\t\x1b[31mERR", "-n", "100", "--seed", "1")
+    screen.flush()
+    raw = screen.buffer.getvalue().decode("ascii")  # (␛ cannot be encoded: it was a UnicodeEncodeError)
+    assert "^[[31mERR" in raw and "\x1b" not in raw
 
 
 def test_sample_on_a_terminal_shows_control_characters_as_symbols(raw_model, monkeypatch):

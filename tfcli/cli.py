@@ -628,6 +628,7 @@ def sample(
         why = "NO_COLOR is set" if stdout.no_color else "the output is not a colour terminal"
         stderr.print(f"note: --color-by-prob has no colours to show ({why}): plain text", style="dim",
                      highlight=False)
+        color_by_prob = False  # (its styled text would be the terminal's: symbols for control characters)
     if compile_ and num_samples > 1:
         stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
                      style="dim", highlight=False)
@@ -658,7 +659,7 @@ def sample(
             if cfg.num_samples > 1:
                 stdout.rule(f"sample {i + 1}/{cfg.num_samples}", style="dim")
             show(text, style="bold")
-            show(styled(out.text, out.logprobs) if color_by_prob else out.text,
+            show(styled(out.text, out.logprobs, unicode_out()) if color_by_prob else out.text,
                  end="" if (text + out.text).endswith("\n") else "\n")
     if interrupted:
         raise KeyboardInterrupt
@@ -731,9 +732,15 @@ def show(text: str | Text, style: str = "", end: str = "") -> None:
     from .render.sample import for_terminal
 
     if stdout.is_terminal:
-        stdout.print(for_terminal(text) if isinstance(text, str) else text, style=style, end=end, markup=False)
+        stdout.print(for_terminal(text, unicode_out()) if isinstance(text, str) else text, style=style, end=end,
+                     markup=False)
     else:
         stdout.file.write(str(text) + end)
+
+
+def unicode_out() -> bool:
+    """Whether stdout's encoding has the control pictures (␛): not an ASCII or Latin-1 terminal."""
+    return stdout.encoding.lower().replace("-", "").startswith(("utf", "gb18030"))
 
 
 def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
@@ -745,7 +752,7 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
     show(prompt, style="bold")
     stdout.file.flush()
     row, out, last = Aligned(keep=False), stdout.file, 0.0  # the first character is flushed at once
-    plain = for_terminal if stdout.is_terminal else str
+    plain = functools.partial(for_terminal, unicode=unicode_out()) if stdout.is_terminal else str
     ends_line = prompt.endswith("\n")
     try:
         for piece in pieces:
@@ -754,7 +761,7 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
                 continue
             ends_line = piece.texts[0].endswith("\n")
             if color_by_prob:
-                stdout.print(styled(piece.texts[0], lps), end="", markup=False)
+                stdout.print(styled(piece.texts[0], lps, unicode_out()), end="", markup=False)
             else:
                 out.write(plain(piece.texts[0]))
             if time.monotonic() - last > 0.02:

@@ -12,11 +12,16 @@ _SAFE = {c: 0x2400 + c for c in range(0x20) if c not in (0x0A, 0x09)} | {0x7F: 0
     c: 0x25CC for c in range(0x80, 0xA0)}
 
 
-def for_terminal(text: str) -> str:
-    """Text as a terminal should get it, one character for each: control characters as symbols.
-    A model trained on logs or captured terminal output writes escape sequences, which a terminal
-    would obey (colours, a moved cursor, a changed title); a pipe or a file gets the bytes."""
-    return text.translate(_SAFE)
+_CARETS = {c: "^" + chr(c + 64) for c in range(0x20) if c not in (0x0A, 0x09)} | {0x7F: "^?"} | {
+    c: "?" for c in range(0x80, 0xA0)}
+
+
+def for_terminal(text: str, unicode: bool = True) -> str:
+    """Text as a terminal should get it: control characters as symbols, one for each (or, for a
+    terminal that cannot encode them, in caret notation: ^[ for ESC). A model trained on logs or
+    captured terminal output writes escape sequences, which a terminal would obey (colours, a
+    moved cursor, a changed title); a pipe or a file gets the bytes."""
+    return text.translate(_SAFE if unicode else _CARETS)
 
 
 def prob_style(logprob: float) -> str:
@@ -31,20 +36,20 @@ def prob_legend() -> Text:
     return legend
 
 
-def styled(text: str, logprobs: list[float]) -> Text:
+def styled(text: str, logprobs: list[float], unicode: bool = True) -> Text:
     """For a colour terminal: each character in its probability's colour (`for_terminal`'s symbols)."""
     out = Text()
-    for ch, lp in zip(for_terminal(text), logprobs):
-        out.append(ch, style=prob_style(lp))
+    for ch, lp in zip(text, logprobs):
+        out.append(for_terminal(ch, unicode), style=prob_style(lp))
     return out
 
 
 def tail_cells(text: str, cells: int) -> str:
-    """The end of `text` that fits in `cells` terminal columns, line breaks shown as ⏎."""
+    """The end of `text` that fits in `cells` terminal columns, line breaks shown as ⏎ and tabs as ⇥."""
     from rich.cells import cell_len
 
     out, used = [], 0
-    for ch in reversed(for_terminal(text).replace("\n", "⏎")):
+    for ch in reversed(for_terminal(text).replace("\n", "⏎").replace("\t", "⇥")):  # (a tab has no width of its own)
         used += cell_len(ch)
         if used > cells:
             break
