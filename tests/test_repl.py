@@ -249,6 +249,18 @@ def test_cli_interactive_in_a_pipe_prints_the_whole_text_and_nothing_else(saved)
     assert "Traceback" not in result.output and "\x1b[" not in result.output
 
 
+def test_cli_interactive_reads_lines_piped_from_a_windows_file_as_their_text(saved):
+    import subprocess
+    import sys
+
+    def run(lines: bytes) -> bytes:
+        args = ["-m", "tfcli", "sample", "-m", saved, "-p", "hello", "-n", "12", "--temp", "0", "-i"]
+        done = subprocess.run([sys.executable, *args], input=lines, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    assert run(b"wor\r\n\r\nlo \\\r\nhe\r\n") == run(b"wor\n\nlo \\\nhe\n")  # (CliRunner's stdin translates)
+
+
 def test_cli_interactive_starts_with_what_sample_prints_for_the_same_seed(saved):
     args = ("-m", saved, "-p", "hello", "-n", "40", "--seed", "11")
     plain = CliRunner().invoke(app, ["sample", *args])

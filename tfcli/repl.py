@@ -237,7 +237,7 @@ def read_lines(prompt: str = "", before: Callable[[], None] = lambda: None) -> I
     while True:
         before()
         try:
-            yield input(prompt)
+            yield input(prompt).removesuffix("\r")  # (lines piped from a Windows file end \r\n: input() keeps the \r)
         except (EOFError, KeyboardInterrupt):
             if prompt:  # the cursor is after the prompt: the shell's own prompt starts a line of its own
                 sys.stdout.write("\n")
