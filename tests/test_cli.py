@@ -488,14 +488,15 @@ def test_sample_on_an_ascii_terminal_shows_control_characters_in_caret_notation(
 
 def test_sample_on_a_terminal_shows_control_characters_as_symbols(raw_model, monkeypatch):
     from tfcli import cli
-    for flags in ((), ("--num-samples", "2"), ("--interactive",)):  # a terminal without colours: no ESC of rich's
+    for flags in ((), ("--num-samples", "2"), ("--interactive",), ("--no-stream",)):  # a terminal without
+        # colours: no ESC of rich's
         screen = io.StringIO()
         monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, width=80,
                                                             color_system=None))
         ok("sample", "-m", raw_model, "-p", "id\t\x1b[31mERR\x1b[0m", "-n", "200", "--seed", "1", *flags,
            input="\x1b[31mERR\n" if flags else None)
         raw = screen.getvalue().rsplit("\x1b[2K", 1)[-1].replace("\x1b[?25h", "")  # (a batch: after its live view)
-        assert "␛[31mERR␛[0m" in raw and "\x1b" not in raw, (flags, raw)
+        assert "id\t␛[31mERR␛[0m" in raw and "\x1b" not in raw, (flags, raw)  # (a tab, not rich's spaces)
         assert raw.count("␛") > 2  # the model's own, too
 
 

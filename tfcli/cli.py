@@ -732,10 +732,23 @@ def show(text: str | Text, style: str = "", end: str = "") -> None:
     from .render.sample import for_terminal
 
     if stdout.is_terminal:
-        stdout.print(for_terminal(text, unicode_out()) if isinstance(text, str) else text, style=style, end=end,
-                     markup=False)
+        print_keeping_tabs(Text(for_terminal(text, unicode_out()), style=style) if isinstance(text, str) else text,
+                           end)
     else:
         stdout.file.write(str(text) + end)
+
+
+def print_keeping_tabs(text: Text, end: str = "") -> None:
+    """`text` on the terminal, its tabs sent as tabs: rich turns each into spaces counted from the
+    start of its own print call, so text printed in pieces (a prompt, then each character) lost its
+    columns."""
+    pieces = text.split("\t", allow_blank=True) if "\t" in text.plain else [text]
+    for i, piece in enumerate(pieces):
+        if i:
+            stdout.file.write("\t")
+        stdout.print(piece, end="")
+    if end:
+        stdout.print(end=end)
 
 
 def unicode_out() -> bool:
@@ -761,7 +774,7 @@ def stream_one(prompt: str, pieces, color_by_prob: bool) -> None:
                 continue
             ends_line = piece.texts[0].endswith("\n")
             if color_by_prob:
-                stdout.print(styled(piece.texts[0], lps, unicode_out()), end="", markup=False)
+                print_keeping_tabs(styled(piece.texts[0], lps, unicode_out()))
             else:
                 out.write(plain(piece.texts[0]))
             if time.monotonic() - last > 0.02:
