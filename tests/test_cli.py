@@ -513,6 +513,12 @@ def test_prompt_from_stdin(model):
     assert crlf.returncode == 0 and crlf.stdout.startswith(b"anna bob\nhugo"), crlf.stderr  # translates \r\n)
 
 
+def test_a_prompt_file_is_read_with_its_line_ends_as_written_as_stdin_is(tmp_path):
+    from tfcli.cli import read_prompt
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa\r\nb\rc")
+    assert read_prompt(None, tmp_path / "p.txt") == "a\r\nb\rc"  # (the vocabulary decides how \r reads)
+
+
 def test_prompt_with_unknown_character_names_it(model):
     message = refused(2, "sample", "-m", model, "--prompt", "anna Z", "-n", "5")
     assert "z" in message and "--unknown" in message

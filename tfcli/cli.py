@@ -473,8 +473,9 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt_file is not None:
         if str(prompt_file) == "-":
             return read_stdin()
-        try:
-            return prompt_file.read_text(encoding="utf-8-sig")
+        try:  # line ends as written: the vocabulary decides how \r reads (`Vocab.spelt_as_known`), as on stdin
+            with prompt_file.open(encoding="utf-8-sig", newline="") as f:
+                return f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"{prompt_file}: cannot read prompt ({getattr(e, 'strerror', None) or e})") from None
     if prompt == "-":
