@@ -48,6 +48,23 @@ def test_dashboard_s_last_frame_shows_where_the_run_ended(tmp_path, reason, show
     assert shown in text and "eta" not in text  # stopped by Ctrl-C at 29%: not "100%, eta 0:00"
 
 
+@pytest.mark.parametrize("width", [40, 60, 100])
+def test_dashboard_figures_break_between_items_never_inside_one(width):
+    import io
+
+    from rich.console import Console
+
+    from tfcli.trainer import Eval
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    view = LiveProgress(console)
+    view(Step(step=1234, loss=2.5612, lr=6e-3, tokens_per_s=12345.0, elapsed=75.0, progress=0.25))
+    view(Eval(step=1200, val_loss=1.6123, train_loss=1.5, best=True, elapsed=70.0))
+    console.print(view.render())
+    text = " ".join(line.strip("│ ") for line in console.file.getvalue().splitlines())
+    for item in ("step 1234", "loss 2.5612", "val 1.6123 (2.326 bpc)", "12.3K tok/s", "lr 6.0e-03"):
+        assert item in text, (width, console.file.getvalue())  # (at 40 the loss read '2.56…', its label above it)
+
+
 def test_the_start_line_counts_one_epoch_in_the_singular():
     from pathlib import Path
 

@@ -150,6 +150,23 @@ def overfit_note(e: Done) -> str:
             f"--dropout")
 
 
+def figures(width: int, *items: tuple[str, str, str]) -> Text:
+    """(label, bold value, rest) items on lines of `width` cells, broken between items only: a
+    table's columns squeezed on a narrow terminal cut the loss to '2.56…' and stacked each label
+    over its value (rich's own wrapping breaks at any space)."""
+    out, used = Text(no_wrap=True, overflow="ellipsis"), 0
+    for label, value, rest in items:
+        n = len(label) + len(value) + len(rest)
+        if used:
+            out.append("\n" if used + 2 + n > width else "  ")
+            used = 0 if used + 2 + n > width else used + 2
+        out.append(label)
+        out.append(value, style="bold")
+        out.append(rest)
+        used += n
+    return out
+
+
 class LiveProgress:
     """The dashboard: a progress bar, the latest numbers and a sample line, redrawn 4 times a second."""
 
@@ -201,10 +218,9 @@ class LiveProgress:
         bar.add_row(ProgressBar(total=1.0, completed=min(s.progress, 1.0), width=30),
                     f"{s.progress:4.0%}", f"{fmt_time(s.elapsed)} elapsed",
                     f"eta {fmt_time(left)}" if left is not None else "")
-        nums = Table.grid(padding=(0, 2))
         val = self.eval.val_loss if self.eval else None
-        nums.add_row(f"step [bold]{s.step}[/]", f"loss [bold]{s.loss:.4f}[/]",
-                     f"val [bold]{val:.4f}[/] ({val / LN2:.3f} bpc)" if val is not None else "val –",
-                     f"{fmt_count(s.tokens_per_s)} tok/s", f"lr {s.lr:.1e}")
+        nums = figures(self.console.width - 4, ("step ", str(s.step), ""), ("loss ", f"{s.loss:.4f}", ""),
+                       ("val ", f"{val:.4f}", f" ({val / LN2:.3f} bpc)") if val is not None else ("val –", "", ""),
+                       (f"{fmt_count(s.tokens_per_s)} tok/s", "", ""), (f"lr {s.lr:.1e}", "", ""))
         sample = Text(sample_line(self.sample), style="italic", no_wrap=True, overflow="ellipsis")
         return Panel(Group(bar, nums, sample), title="tfcli train", title_align="left", border_style="blue")
