@@ -867,11 +867,18 @@ def test_attention_export_svg_html_and_json(model, tmp_path):
     assert abs(sum(record["weights"][1][1][7]) - 1) < 1e-4
 
 
-def test_attention_on_wide_characters_keeps_columns_aligned(tmp_path):
+def test_attention_on_wide_characters_keeps_columns_aligned(tmp_path, monkeypatch):
+    from tfcli import cli
     corpus = tmp_path / "cjk.txt"
     corpus.write_text("你好, 世界! こんにちは\n" * 50, encoding="utf-8")
     ok("train", corpus, "--out", tmp_path / "run", "--preset", "tiny", "--max-steps", "2")
-    out = ok("inspect-attention", "-m", tmp_path / "run", "--prompt", "你好, 世界!", "--view", "head").stdout
+    piped = ok("inspect-attention", "-m", tmp_path / "run", "--prompt", "你好, 世界!", "--view", "head").stdout
+    assert all(line == line.rstrip() for line in piped.splitlines())  # a pipe gets no padding at line ends
+    screen = io.StringIO()  # a terminal (without colours) gets the rows as drawn, every one as wide
+    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, color_system=None, width=80))
+    ok("inspect-attention", "-m", tmp_path / "run", "--prompt", "你好, 世界!", "--view", "head")
+    out = screen.getvalue()
+    assert [line.rstrip() for line in out.splitlines()] == piped.splitlines()
     header, rows = out.splitlines()[1], out.splitlines()[2:9]  # after the title: header, one row per char
     assert len({cell_len(row) for row in rows} | {cell_len(header)}) == 1
     label = cell_len(rows[0]) - 2 * 7

@@ -8,6 +8,7 @@ an unexpected exception does too, unless `--debug` asks for the traceback.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -904,6 +905,17 @@ def _query(at: int | None, offset: int, n: int) -> int:
     return i
 
 
+def print_view(view) -> None:
+    """A view on stdout; in a pipe or file, its lines without the trailing spaces that pad its
+    columns (noise to whatever reads them; a terminal shows the same either way)."""
+    if stdout.is_terminal:
+        stdout.print(view)
+        return
+    plain = QuietConsole(file=io.StringIO(), width=stdout.width, color_system=None, highlight=False)
+    plain.print(view)
+    stdout.file.write("".join(line.rstrip() + "\n" for line in plain.file.getvalue().splitlines()))
+
+
 def _check_export(path: Path | None) -> None:
     from .render.attention_views import EXPORT_SUFFIXES
 
@@ -1079,7 +1091,7 @@ def inspect_attention(
                                              max_width=width)
         return _generated_view(gen, li, hi, aggregate_, color, width)
 
-    stdout.print(draw(color))
+    print_view(draw(color))
     if export is not None:  # in colour wherever stdout goes: a file is looked at elsewhere
         if view == "generated":
             chars, weights, offset = att.text, att.weights, att.offset
