@@ -634,8 +634,13 @@ def test_eval_reads_undecodable_bytes_with_errors_replace_as_train_does(model, t
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"anna bob\n\xff\xfecarla\n")
     assert "--errors replace" in refused(2, "eval", bad, "-m", model)
-    # read now: refused only for the U+FFFD it put in, a character the model never saw
-    assert "never saw" in refused(2, "eval", bad, "-m", model, "--errors", "replace")
+    # read now: refused only for the U+FFFD it put in, a character the model never saw, which --unknown skip drops
+    assert "--unknown skip" in refused(2, "eval", bad, "-m", model, "--errors", "replace")
+    skipped = ok("eval", bad, "-m", model, "--errors", "replace", "--unknown", "skip", "--json")
+    clean = tmp_path / "clean.txt"
+    clean.write_text("anna bob\ncarla\n")
+    assert skipped.stdout == ok("eval", clean, "-m", model, "--json").stdout  # the rest, scored as it reads
+    assert "skipped 2 characters the model never saw (� ×2)" in skipped.stderr
 
 
 def test_prompt_file_saved_with_a_byte_order_mark_reads_without_it(model, tmp_path):
@@ -970,6 +975,21 @@ def test_eval_text_with_unseen_characters_is_named(model, tmp_path):
     (tmp_path / "other.txt").write_text("ANNA and BOB\n")
     message = refused(2, "eval", tmp_path / "other.txt", "-m", model)
     assert "a" in message and "other.txt" in message
+
+
+def test_eval_names_how_many_unseen_characters_it_does_not_list(model, tmp_path):
+    (tmp_path / "other.txt").write_text("ABCDEFGHIJKLMN anna\n")
+    assert "(a b c d e f g h i j and 4 more)" in refused(2, "eval", tmp_path / "other.txt", "-m", model)
+
+
+def test_long_work_in_a_pipe_reports_progress_in_plain_lines(capsys):
+    from tfcli.cli import progress
+    with progress(1000, "eval", "char", every=0.0) as update:
+        for _ in range(4):
+            update(250)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("eval: 250/1.0K chars (25%), 0:00 elapsed, eta ")
+    assert len(lines) == 3  # (nothing once it is done: the result follows)
 
 
 def test_eval_missing_file_is_named(model, tmp_path):

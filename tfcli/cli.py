@@ -7,6 +7,7 @@ an unexpected exception does too, unless `--debug` asks for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -1103,6 +1104,31 @@ def inspect_attention(
 
 # -- eval, info ------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def progress(total: int, what: str, unit: str, every: float = 30.0):
+    """An update(n) for long work: a tqdm bar on a terminal's stderr; elsewhere (a log, a pipe) a
+    plain line every `every` seconds, so a run of many minutes does not look hung."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        with tqdm(total=total, unit=unit, unit_scale=True, desc=what, leave=False) as bar:
+            yield bar.update
+        return
+    from .render.progress import fmt_count, fmt_time
+    done, start, last = 0, time.monotonic(), time.monotonic()
+
+    def update(n: int) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= every and done < total:
+            last, rate = now, done / (now - start)
+            print(f"{what}: {fmt_count(done)}/{fmt_count(total)} {unit}s ({done / total:.0%}), "
+                  f"{fmt_time(now - start)} elapsed, eta {fmt_time((total - done) / rate)}",
+                  file=sys.stderr, flush=True)
+    yield update
+
+
 @app.command("eval")
 @handle_errors
 def eval_(
@@ -1114,24 +1140,33 @@ def eval_(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the files."),
     errors: str = typer.Option("strict", help="On undecodable bytes: strict (refuse) or replace."),
+    unknown: str = typer.Option("error", help="Characters the model never saw: error, or skip (drop them and "
+                                "score the rest)."),
 ) -> None:
     """Loss on held-out text: every character scored once, in windows of the model's context."""
-    from tqdm import tqdm
+    from collections import Counter
 
-    from .corpus import encode_text
+    from .corpus import encode_text, show_char
     from .evaluation import evaluate
 
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     if errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
+    if unknown not in ("error", "skip"):
+        raise UsageError(f"--unknown must be error or skip, got {unknown!r}")
     model = load(model_path, device)
-    ids = encode_text(file, model.vocab, encoding, errors)
+    skipped = Counter() if unknown == "skip" else None
+    ids = encode_text(file, model.vocab, encoding, errors, skipped)
+    if skipped:
+        from .render import plural
+        top = ", ".join(f"{show_char(c)} ×{n:,}" for c, n in skipped.most_common(5))
+        stderr.print(f"note: skipped {plural(sum(skipped.values()), 'character')} the model never saw ({top}"
+                     f"{', …' if len(skipped) > 5 else ''})", highlight=False, markup=False)
     if len(ids) < 2:
         raise UsageError("need at least two characters to evaluate")
-    with tqdm(total=len(ids) - 1, unit="char", unit_scale=True, disable=not sys.stderr.isatty(),
-              desc="eval", leave=False) as bar:
-        result = evaluate(model, ids, batch_size, on_progress=bar.update)
+    with progress(len(ids) - 1, "eval", "char") as update:
+        result = evaluate(model, ids, batch_size, on_progress=update)
     if as_json:
         print(json.dumps(result.to_dict()))
     else:

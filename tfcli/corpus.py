@@ -19,6 +19,7 @@ import io
 import re
 import sys
 import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,12 +101,15 @@ def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict"
     return text
 
 
-def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors: str = "strict") -> np.ndarray:
+def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors: str = "strict",
+                skipped: Counter | None = None) -> np.ndarray:
     """The ids of the files' text (of stdin for the one path `-`), read and encoded a chunk at a
     time: a big file costs its ids' 2 bytes a character, not a Python string and its code
-    points (`eval` held 14x a 200 MB file's size); a tqdm bar on a terminal shows the reading."""
+    points (`eval` held 14x a 200 MB file's size); a tqdm bar on a terminal shows the reading.
+    A character the vocabulary lacks is refused, or, given a `skipped` Counter, dropped and
+    counted there (one unknown character had kept a whole file from being scored)."""
     if any(str(p) == "-" for p in paths):
-        return _known_ids(read_text(paths, encoding, errors), vocab, paths)
+        return _known_ids(read_text(paths, encoding, errors), vocab, paths, skipped)
     files = list_files(paths, nul_free=_nul_free(encoding))
     total = sum(f.stat().st_size for f in files)
     out = np.empty(total, dtype=np.uint16 if len(vocab) <= 65535 else np.int32)  # (a character takes a byte or more)
@@ -113,7 +117,7 @@ def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors
     with _bar(total, "reading") as bar:
         for f in files:  # (one at a time, so that an unknown character's file is the one named)
             for n_bytes, text in iter_text([f], encoding, errors):
-                ids = _known_ids(text, vocab, [f])
+                ids = _known_ids(text, vocab, [f], skipped)
                 if n + len(ids) > len(out):  # (an encoding of under a byte a character: none we know)
                     out = np.concatenate([out[:n], np.empty(n + len(ids), dtype=out.dtype)])
                 out[n:n + len(ids)] = ids
@@ -124,13 +128,18 @@ def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors
     return out[:n]
 
 
-def _known_ids(text: str, vocab: Vocab, paths: list[Path]) -> np.ndarray:
+def _known_ids(text: str, vocab: Vocab, paths: list[Path], skipped: Counter | None = None) -> np.ndarray:
     ids = vocab.ids(text)
-    if ids is None:
-        shown = " ".join(show_char(c) for c in vocab.unknown(text)[:10])
-        raise UsageError(f"{source_names(paths)}: has characters the model never saw ({shown}); "
-                         "evaluate on text like its corpus")
-    return ids
+    if ids is not None:
+        return ids
+    missing = vocab.unknown(text)
+    if skipped is None:
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        shown = " ".join(show_char(c) for c in missing[:10])
+        raise UsageError(f"{source_names(paths)}: has characters the model never saw ({shown}{more}); "
+                         "evaluate on text like its corpus, or pass --unknown skip to score the rest")
+    skipped.update({c: text.count(c) for c in missing})
+    return vocab.ids(text.translate(dict.fromkeys(map(ord, missing))))
 
 
 def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict",
