@@ -1002,6 +1002,15 @@ def test_info_shows_parameter_count(in_trained):
     assert f"{params:,} parameters" in out and "2 layers" in out and "trained 30 steps" in out
 
 
+def test_a_directory_of_runs_given_to_m_means_its_latest_run_and_says_which(in_trained):
+    default = ok("info")
+    assert "using runs/names" in default.stderr
+    chosen = ok("info", "-m", "runs")
+    assert chosen.stdout == default.stdout and "using runs/names" in chosen.stderr
+    assert "using" not in ok("info", "-m", "runs/names").stderr  # (named, so nothing was chosen)
+    assert "using" not in ok("info", "-m", "runs/names/model.safetensors").stderr
+
+
 def test_info_names_the_best_validation_when_it_came_before_the_end(model, tmp_path):
     from tfcli import checkpoint as ckpt
     trained = ckpt.load_model(model)

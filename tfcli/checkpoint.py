@@ -303,7 +303,8 @@ def latest_run(root: Path = RUNS_DIR) -> Path | None:
 
 
 def resolve_model_path(path: Path | None) -> Path:
-    """A run directory or .safetensors file; None means the most recent run under ./runs."""
+    """A run directory or .safetensors file; None means the most recent run under ./runs, and a
+    directory of runs the most recent run in it."""
     if path is None:
         found = latest_run()
         if found is None:
@@ -315,6 +316,8 @@ def resolve_model_path(path: Path | None) -> Path:
         if (path / METRICS_FILE).is_file():  # a run that had not reached its first save
             raise UsageError(f"{path}: a run with no model saved yet (a run saves at its first validation, "
                              "after about 30 s, and when it ends)")
+        if (found := latest_run(path)) is not None:  # a directory of runs, as ./runs is by default
+            return found
         raise UsageError(f"{path}: holds no {MODEL_FILE}; is it a run directory?")
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint")
