@@ -141,7 +141,8 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
             if _debug:
                 raise
             if (short := out_of_memory(e)) is not None:
-                fail(f"out of memory: {short}; ask for less (a smaller --num-samples, --batch-size or model)", 1)
+                less = {"sample": "--num-samples", "eval_": "--batch-size", "train": "--batch-size or model"}
+                fail(f"out of memory: {short}; ask for less (a smaller {less.get(fn.__name__, 'model')})", 1)
             fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)
     return wrapper
 
