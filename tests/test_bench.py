@@ -14,8 +14,11 @@ def test_bench_json_reports_every_figure_the_issue_names(monkeypatch):
     monkeypatch.setattr(bench, "peak_gflops", lambda *a, **k: 100.0)
     result = CliRunner().invoke(app, ["bench", "--json", "--no-compile", "--seconds", "0.05", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert set(report["train"]) == {"0.8M", "4.8M", "10.7M"}
+    stages = [line for line in result.stderr.splitlines() if line.startswith("bench: ")]  # as each part starts
+    assert stages == ["bench: probing peak GFLOP/s…", "bench: training 0.8M…", "bench: training 4.8M…",
+                      "bench: training 10.7M…", "bench: sampling 0.8M…", "bench: sampling 10.7M…"]
     for r in report["train"].values():
         assert r["tokens_per_s"] > 0 and r["gflops"] > 0
         assert abs(r["peak_fraction"] - r["gflops"] / 100.0) < 1e-9
@@ -39,6 +42,7 @@ def test_bench_table_has_a_column_per_figure(monkeypatch):
     result = CliRunner().invoke(app, ["bench"])  # (not a terminal: plain columns, none cut to 80)
     assert result.exit_code == 0, result.output
     assert not set("┃━│─┏┗") & set(result.output)
+    assert all(line == line.rstrip() for line in result.stdout.splitlines())  # (it padded every line to 113)
     row = next(line for line in result.output.splitlines() if "0.8M" in line)
     for figure in ("20,000", "25%", "2,100 float32", "2,800", "2.0x one's time bfloat16", "0.47 s"):
         assert figure in row

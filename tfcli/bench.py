@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,21 +148,27 @@ def first_char_seconds(shape: Shape, reps: int = 3) -> float:
 
 
 def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | None = None,
-        shapes: list[str] | None = None, seconds: float = 6.0) -> dict:
+        shapes: list[str] | None = None, seconds: float = 6.0,
+        on_stage: Callable[[str], None] = lambda what: None) -> dict:
+    """The whole benchmark; `on_stage` hears of each part as it starts (a run of a minute or more
+    printed nothing until its table)."""
     device = pick_device(device_name)
     dtype = pick_dtype(device, dtype_name)
     compile = should_compile(device, compile, seconds=DEFAULT_TRAIN_SECONDS)
     kept = keep_freed_memory()  # as `train` does
+    on_stage("probing peak GFLOP/s")
     peak = peak_gflops(device, dtype)
     result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "compile": compile,
               "peak_gflops": peak, "train": {}, "sample": {}, "decode_kernel": kernel_decodes(device),
               "decode_matmul": matmul_dtypes(device), "freed_memory_kept": kept}
     for name in shapes or list(SHAPES):
+        on_stage(f"training {name}" + (" (compiling first)" if compile else ""))
         r = train_speed(SHAPES[name], device, dtype, compile, seconds)
         r["peak_fraction"] = r["gflops"] / peak
         result["train"][name] = r
     for name in ("0.8M", "10.7M"):
         if shapes is None or name in shapes:
+            on_stage(f"sampling {name}")
             one, sixteen = sample_speed(SHAPES[name], device, batches=(1, 16))  # (as long as one sample's)
             result["sample"][name] = {"chars_per_s": one["chars_per_s"], "dtype": one["dtype"],
                                       "num_samples_16_cost": sixteen["cost"],  # x one sample's time

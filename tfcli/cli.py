@@ -912,13 +912,13 @@ def _query(at: int | None, offset: int, n: int) -> int:
     return i
 
 
-def print_view(view) -> None:
-    """A view on stdout; in a pipe or file, its lines without the trailing spaces that pad its
-    columns (noise to whatever reads them; a terminal shows the same either way)."""
+def print_view(view, width: int | None = None) -> None:
+    """A view on stdout; in a pipe or file, its lines (`width` wide, else the console's) without the
+    trailing spaces that pad its columns (noise to whatever reads them; a terminal shows the same)."""
     if stdout.is_terminal:
         stdout.print(view)
         return
-    plain = QuietConsole(file=io.StringIO(), width=stdout.width, color_system=None, highlight=False)
+    plain = QuietConsole(file=io.StringIO(), width=width or stdout.width, color_system=None, highlight=False)
     plain.print(view)
     stdout.file.write("".join(line.rstrip() + "\n" for line in plain.file.getvalue().splitlines()))
 
@@ -1235,7 +1235,9 @@ def bench(
         raise UsageError(f"unknown --shape {unknown[0]!r}; choose from {', '.join(b.SHAPES)}")
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    result = b.run(device, dtype, compile_, shape or None, seconds)
+    def stage(what: str) -> None:
+        stderr.print(f"bench: {what}…", style="dim", highlight=False)
+    result = b.run(device, dtype, compile_, shape or None, seconds, on_stage=stage)
     if as_json:
         print(json.dumps(result))
         return
@@ -1245,7 +1247,8 @@ def bench(
     plain = not stdout.is_terminal  # (a pipe or file: columns without a box, none of them cut to 80)
     t = Table(title=f"tfcli bench: {result['device']}, {result['dtype']}"
                     f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)",
-              box=None if plain else box.HEAVY_HEAD, title_justify="left" if plain else "center")
+              box=None if plain else box.HEAVY_HEAD, title_justify="left" if plain else "center",
+              caption_justify="left" if plain else "center")
     for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s", "--compile",
                 "16 samples", "first char"):
         t.add_column(col, justify="right")
@@ -1265,7 +1268,7 @@ def bench(
                      else "sampling attends through PyTorch (tfcli's C kernel is off or could not be built)")
         if result.get("decode_matmul"):
             t.caption += f"; half weights multiply in C ({', '.join(result['decode_matmul'])})"
-    (QuietConsole(file=stdout.file, width=200, color_system=None, highlight=False) if plain else stdout).print(t)
+    print_view(t, width=200)  # (in a pipe: plain columns, none cut to 80, no padding at line ends)
 
 
 def _plain_help() -> None:
