@@ -93,7 +93,7 @@ def model(trained) -> Path:
 
 # -- help and startup -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["sample", "--help"], ["eval", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["train", "--help"], ["sample", "-h"], ["eval", "--help"]])
 def test_help_does_not_import_torch(args):
     code = ("import sys; from typer.testing import CliRunner; from tfcli.cli import app; "
             f"r = CliRunner().invoke(app, {args!r}); assert r.exit_code == 0, r.output; "

@@ -79,3 +79,17 @@ def test_compile_is_the_default_only_when_every_limit_given_is_long_enough(monke
     monkeypatch.setattr(device, "can_compile", lambda: True)
     assert device.should_compile(torch.device("cpu"), None, seconds, steps) is compiles
     assert device.should_compile(torch.device("cpu"), True, seconds, steps) is True  # asked: always
+
+
+def test_a_gpu_index_this_machine_lacks_is_named_with_the_ones_it_has(monkeypatch):
+    from tfcli.device import pick_device
+    from tfcli.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match=r"--device cuda:5: this machine has 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+        pick_device("cuda:5")
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="--device cuda:1 asked for, but this PyTorch sees no CUDA GPU"):
+        pick_device("cuda:1")

@@ -40,7 +40,7 @@ def _no_value_shown_for_flags() -> None:
 
 _no_value_shown_for_flags()
 app = typer.Typer(name="tfcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode="rich",
+                  rich_markup_mode="rich", context_settings={"help_option_names": ["-h", "--help"]},
                   help="Train a character-level transformer on any text, sample from it, and look inside it.")
 
 
@@ -1229,7 +1229,7 @@ def bench(
     from . import bench as b
 
     if not (math.isfinite(seconds) and seconds > 0):
-        raise UsageError(f"--seconds must be positive, got {seconds}")
+        raise UsageError(f"--seconds must be a positive number of seconds, got {seconds}")
     unknown = [s for s in shape or [] if s not in b.SHAPES]
     if unknown:
         raise UsageError(f"unknown --shape {unknown[0]!r}; choose from {', '.join(b.SHAPES)}")
