@@ -97,7 +97,9 @@ def _open(path: Path, framework: str = "pt"):
         if _looks_pickled(path):
             raise TfcliError(f"{path}: a pickle (what torch.save writes to .pt files), not safetensors; "
                              "tfcli never loads pickled files, since unpickling can run code") from None
-        raise TfcliError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:80]})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = why if len(why) <= 100 else why[:99].rsplit(" ", 1)[0] + "…"  # (cut at a word, and said to be)
+        raise TfcliError(f"{path}: not a readable safetensors file ({why})") from None
 
 
 def _looks_pickled(path: Path) -> bool:
