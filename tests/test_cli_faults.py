@@ -307,4 +307,4 @@ def test_sample_that_runs_out_of_memory_says_so_and_what_to_ask_for(corpus, tmp_
     result = CliRunner().invoke(app, ["sample", "-m", str(tmp_path / "run"), "--num-samples", "100000", "-n", "1"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "error: out of memory: could not allocate 97.7 GiB" in result.stderr
-    assert "; ask for less (a smaller --num-samples)" in result.stderr
+    assert "; ask for less (fewer --num-samples, or a smaller model)" in result.stderr

@@ -177,6 +177,7 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
                 result["sample"][name]["first_char_s"] = first_char_seconds(SHAPES[name])
     # `sample --compile` pays off at this size only, and only where the C kernel does not run
     if (shapes is None or "0.8M" in shapes) and compile and not result["decode_kernel"]:
+        on_stage("sampling 0.8M with --compile (compiling first)")
         fast, = sample_speed(SHAPES["0.8M"], device, n_chars=2000, compile=True)
         result["sample"]["0.8M"]["compiled_chars_per_s"] = fast["chars_per_s"]
     return result

@@ -141,8 +141,9 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
             if _debug:
                 raise
             if (short := out_of_memory(e)) is not None:
-                less = {"sample": "--num-samples", "eval_": "--batch-size", "train": "--batch-size or model"}
-                fail(f"out of memory: {short}; ask for less (a smaller {less.get(fn.__name__, 'model')})", 1)
+                less = {"sample": "fewer --num-samples, or a smaller model", "eval_": "a smaller --batch-size",
+                        "train": "a smaller --batch-size or model", "bench": "fewer --shape"}
+                fail(f"out of memory: {short}; ask for less ({less.get(fn.__name__, 'a smaller model')})", 1)
             fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)
     return wrapper
 
@@ -651,7 +652,8 @@ def sample(
     if cfg.num_samples == 1 and stream and not as_json:
         stream_one(text, pieces, color_by_prob)
         return
-    if cfg.num_samples > 1 and stream and not as_json and stdout.is_terminal and not stdout.is_dumb_terminal:
+    if (cfg.num_samples > 1 and stream and not as_json and stdout.is_terminal and not stdout.is_dumb_terminal
+            and unicode_out()):  # (the live view draws │ ⏎ ⇥)
         outs, interrupted = collect_watched(text, pieces, cfg.num_samples)
     else:  # a Ctrl-C shows what was made, then exits 130
         outs, interrupted = collect(watched(pieces, cfg.max_new_tokens), cfg.num_samples)
@@ -1128,7 +1130,7 @@ def progress(total: int, what: str, unit: str, every: float = 30.0):
         done += n
         now = time.monotonic()
         if now - last >= every and done < total:
-            last, rate = now, done / (now - start)
+            last, rate = now, done / max(now - start, 1e-9)
             print(f"{what}: {fmt_count(done)}/{fmt_count(total)} {unit}s ({done / total:.0%}), "
                   f"{fmt_time(now - start)} elapsed, eta {fmt_time((total - done) / rate)}",
                   file=sys.stderr, flush=True)

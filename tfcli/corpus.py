@@ -138,7 +138,10 @@ def _known_ids(text: str, vocab: Vocab, paths: list[Path], skipped: Counter | No
         shown = " ".join(show_char(c) for c in missing[:10])
         raise UsageError(f"{source_names(paths)}: has characters the model never saw ({shown}{more}); "
                          "evaluate on text like its corpus, or pass --unknown skip to score the rest")
-    skipped.update({c: text.count(c) for c in missing})
+    if len(missing) <= 16:  # (a scan of the text per character: fast for a few, a minute for thousands)
+        skipped.update({c: text.count(c) for c in missing})
+    else:
+        skipped.update(filter(set(missing).__contains__, text))
     return vocab.ids(text.translate(dict.fromkeys(map(ord, missing))))
 
 
