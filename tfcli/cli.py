@@ -529,17 +529,17 @@ def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
     return "".join(mapping.get(c, c) or "" for c in prompt)
 
 
-def picked_for_you(asked: Path | None, found: Path) -> bool:
-    """Whether tfcli chose the run (no -m, or -m naming a directory of runs): then it says which."""
-    return asked is None or (asked.is_dir() and found.parent.resolve() != asked.resolve())
+def say_which(asked: Path | None, found: Path) -> None:
+    """Where tfcli chose the run (no -m, or -m naming a directory of runs), say which on stderr."""
+    if asked is None or (asked.is_dir() and found.parent.resolve() != asked.resolve()):
+        stderr.print(f"using {found.parent}", style="dim", highlight=False, markup=False)
 
 
 def load(model_path: Path | None, device: str = "cpu"):
     from .checkpoint import load_model
     import_whole()  # (for a command that held off: see load_sampler)
     model = load_model(model_path, device)
-    if picked_for_you(model_path, model.path):
-        stderr.print(f"using {model.path.parent}", style="dim", highlight=False, markup=False)
+    say_which(model_path, model.path)
     return model
 
 
@@ -555,8 +555,7 @@ def load_sampler(model_path: Path | None, device: str, cfg: SampleConfig):
     model = load_native(model_path, say=False)
     if not native_decoder.runs(decode_dtype(model, cfg.num_samples, cfg.dtype), cfg.num_samples):
         model = load(model.path, device)  # (the path found: say which, below)
-    if picked_for_you(model_path, model.path):
-        stderr.print(f"using {model.path.parent}", style="dim", highlight=False, markup=False)
+    say_which(model_path, model.path)
     return model
 
 
@@ -564,8 +563,8 @@ def load_native(model_path: Path | None, say: bool = True):
     """The checkpoint read without PyTorch (`native_decoder.NativeModel`), checked as `load` checks it."""
     from .native_decoder import NativeModel
     model = NativeModel.load(model_path)
-    if picked_for_you(model_path, model.path) and say:
-        stderr.print(f"using {model.path.parent}", style="dim", highlight=False, markup=False)
+    if say:
+        say_which(model_path, model.path)
     return model
 
 
