@@ -513,6 +513,19 @@ def test_prompt_from_stdin(model):
     assert crlf.returncode == 0 and crlf.stdout.startswith(b"anna bob\nhugo"), crlf.stderr  # translates \r\n)
 
 
+def test_a_prompt_read_from_a_terminal_says_how_to_end_it(monkeypatch, capsys):
+    from tfcli.cli import read_prompt
+
+    class Keyboard(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    monkeypatch.setattr(sys, "stdin", Keyboard("anna\n"))
+    assert read_prompt("-", None) == "anna\n"
+    assert "reading the prompt from the terminal: type it, then Ctrl-D" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("anna\n"))  # piped: nothing to say
+    assert read_prompt("-", None) == "anna\n" and capsys.readouterr().err == ""
+
+
 def test_a_prompt_file_is_read_with_its_line_ends_as_written_as_stdin_is(tmp_path):
     from tfcli.cli import read_prompt
     (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa\r\nb\rc")

@@ -487,9 +487,17 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt or ""
 
 
+def stdin_hint(what: str) -> None:
+    """`-` with nothing piped in waits for the keyboard: say so, or it looks hung."""
+    if sys.stdin.isatty():
+        stderr.print(f"reading {what} from the terminal: type it, then Ctrl-D on a line of its own", style="dim",
+                     highlight=False)
+
+
 def read_stdin() -> str:
     """The prompt piped in; bytes that are not UTF-8 are said to be so (Python hands them on as
     lone surrogates, which read as characters the model never saw)."""
+    stdin_hint("the prompt")
     try:
         text = sys.stdin.read().removeprefix("\ufeff")
     except UnicodeDecodeError:
@@ -1164,6 +1172,8 @@ def eval_(
         raise UsageError(f"--unknown must be error or skip, got {unknown!r}")
     model = load(model_path, device)
     skipped = Counter() if unknown == "skip" else None
+    if any(str(f) == "-" for f in file):
+        stdin_hint("the text")
     ids = encode_text(file, model.vocab, encoding, errors, skipped)
     if skipped:
         from .render import plural
