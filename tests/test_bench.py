@@ -44,7 +44,7 @@ def test_bench_table_has_a_column_per_figure(monkeypatch):
     assert not set("┃━│─┏┗") & set(result.output)
     assert all(line == line.rstrip() for line in result.stdout.splitlines())  # (it padded every line to 113)
     row = next(line for line in result.output.splitlines() if "0.8M" in line)
-    for figure in ("20,000", "25%", "2,100 float32", "2,800", "2.0x one's time bfloat16", "0.47 s"):
+    for figure in ("20,000", "25%", "2,100 (float32)", "2,800", "2.0x (bfloat16)", "0.47 s"):
         assert figure in row
     assert "(float16, bfloat16)" in " ".join(result.output.split())  # the caption names the C matmuls' dtypes
     assert "sampling attends through tfcli's C kernel" in result.output

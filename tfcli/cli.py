@@ -1256,20 +1256,20 @@ def bench(
     from rich.table import Table
 
     plain = not stdout.is_terminal  # (a pipe or file: columns without a box, none of them cut to 80)
-    t = Table(title=f"tfcli bench: {result['device']}, {result['dtype']}"
+    t = Table(title=f"tfcli bench: {result['device']}; training in {result['dtype']}"
                     f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)",
               box=None if plain else box.HEAVY_HEAD, title_justify="left" if plain else "center",
               caption_justify="left" if plain else "center")
-    for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s", "--compile",
-                "16 samples", "first char"):
+    for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s (weights)",
+                "--compile chars/s", "16 samples (x one's time)", "first char"):
         t.add_column(col, justify="right")
     for name, r in result["train"].items():
         s = result["sample"].get(name, {})
-        rate = f"{s['chars_per_s']:,.0f} {s['dtype']}" if s else "–"
+        rate = f"{s['chars_per_s']:,.0f} ({s['dtype']})" if s else "–"
         compiled = f"{s['compiled_chars_per_s']:,.0f}" if "compiled_chars_per_s" in s else "–"
-        batch = f"{s['num_samples_16_cost']:.1f}x one's time" if "num_samples_16_cost" in s else "–"
+        batch = f"{s['num_samples_16_cost']:.1f}x" if "num_samples_16_cost" in s else "–"
         if s.get("num_samples_16_dtype", s.get("dtype")) != s.get("dtype"):  # (a batch's own weights)
-            batch += f" {s['num_samples_16_dtype']}"
+            batch += f" ({s['num_samples_16_dtype']})"
         first = f"{s['first_char_s']:.2f} s" if "first_char_s" in s else "–"
         t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
                   f"{r['peak_fraction']:.0%}", rate, compiled, batch, first)
@@ -1279,6 +1279,7 @@ def bench(
                      else "sampling attends through PyTorch (tfcli's C kernel is off or could not be built)")
         if result.get("decode_matmul"):
             t.caption += f"; half weights multiply in C ({', '.join(result['decode_matmul'])})"
+        t.caption += "; –: not measured (--compile is measured only where it is used: no C kernel, --compile on)"
     print_view(t, width=200)  # (in a pipe: plain columns, none cut to 80, no padding at line ends)
 
 
