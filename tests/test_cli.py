@@ -537,26 +537,12 @@ def test_prompt_with_unknown_character_names_it(model):
     assert "z" in message and "--unknown" in message
 
 
-def test_a_prompt_is_read_in_the_unicode_spelling_the_vocabulary_knows():
-    from tfcli.cli import fit_prompt
-    from tfcli.corpus import Vocab
-    from tfcli.errors import UsageError
-
-    decomposed, composed = "cafe\u0301 ", "café "
-    assert fit_prompt(Vocab.from_text(decomposed), "café", "error") == "cafe\u0301"
-    assert fit_prompt(Vocab.from_text(composed), "cafe\u0301", "error") == "café"
-    mixed = fit_prompt(Vocab.from_text(decomposed + "É"), "É café", "error")  # (no one spelling has all)
-    assert mixed == "É cafe\u0301"
-    assert fit_prompt(Vocab.from_text(decomposed), "café €", "skip") == "cafe\u0301 "  # (only € is unknown)
-    with pytest.raises(UsageError, match="has no €; "):
-        fit_prompt(Vocab.from_text(decomposed), "café €", "error")
-
-
-def test_a_stop_string_is_read_in_the_spelling_the_vocabulary_knows(tmp_path):
+def test_a_prompt_and_a_stop_string_are_read_in_the_spelling_the_vocabulary_knows(tmp_path):
     (tmp_path / "cafe.txt").write_text("un cafe\u0301 noir\n" * 200)  # é as e and a combining accent
     ok("train", tmp_path / "cafe.txt", "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "run")
-    result = ok("sample", "-m", tmp_path / "run", "-p", "un", "-n", "20", "--seed", "1", "--stop", "café")
-    assert "can never match" not in result.stderr
+    result = ok("sample", "-m", tmp_path / "run", "-p", "un café", "-n", "20", "--seed", "1", "--stop", "café")
+    assert result.stdout.startswith("un cafe\u0301")
+    assert "unknown" not in result.stderr and "can never match" not in result.stderr
 
 
 def test_unknown_skip_drops_and_replace_maps(model):

@@ -54,6 +54,25 @@ def test_closest_known_character(char, closest):
     assert Vocab.from_text("a be").closest(char) == closest
 
 
+def test_fit_applies_the_unknown_policy_and_says_what_it_changed():
+    vocab = Vocab.from_text("a be")
+    assert vocab.fit("Abe€ a", "replace") == ("abe a", {"A": "a", "€": ""})  # (€ has no close character)
+    assert vocab.fit("Abe€ a", "skip") == ("be a", {"A": "", "€": ""})
+    assert vocab.fit("abe", "error") == ("abe", {})
+    with pytest.raises(UsageError, match="has no A €;"):
+        vocab.fit("Abe€", "error")
+    with pytest.raises(UsageError, match="--unknown must be error, skip or replace"):
+        vocab.fit("abe", "guess")
+
+
+def test_fit_first_reads_a_text_in_the_spelling_the_vocabulary_knows():
+    decomposed, composed = Vocab.from_text("cafe\u0301 "), Vocab.from_text("café ")
+    assert decomposed.fit("café") == ("cafe\u0301", {})
+    assert composed.fit("cafe\u0301") == ("café", {})
+    assert Vocab.from_text("cafe\u0301 É").fit("É café") == ("É cafe\u0301", {})  # (no one spelling has all)
+    assert decomposed.fit("café €", "skip") == ("cafe\u0301 ", {"€": ""})  # (only € is unknown)
+
+
 def test_a_text_is_spelt_as_the_vocabulary_spells_it():
     decomposed = Vocab.from_text("cafe\u0301 ")  # (e and a combining acute accent)
     assert decomposed.spelt_as_known("café") == "cafe\u0301"

@@ -314,3 +314,41 @@ def test_packed_weights_follow_parameter_changes():
     after = model.prefill(ids, model.new_cache(2, torch.float32, pack=True))
     torch.testing.assert_close(after, model.prefill(ids, model.new_cache(2, torch.float32)), atol=1e-4, rtol=0)
     assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_generate_continues_a_prompt_as_the_library_generator_does(model):
+    from tfcli.config import SampleConfig
+    from tfcli.sampling import generate
+
+    steps = generate(model, model.vocab, "hello", SampleConfig(seed=5, max_new_tokens=30))
+    expected = "".join(step[0] for step in steps)
+    text = model.generate("hello", 30, seed=5)
+    assert text == expected and len(text) == 30  # the continuation only, the prompt not repeated
+    assert model.generate("hello", 30, seed=5) == text  # a seed reproduces it
+    assert model.generate("hello", 30, seed=6) != text
+
+
+def test_generate_gives_one_text_per_sample_and_cuts_at_a_stop_string(model):
+    texts = model.generate("", 40, seed=1, num_samples=3, temperature=0)
+    assert isinstance(texts, list) and len(texts) == 3 and len(set(texts)) == 1  # greedy: all the same
+    full = model.generate("he", 40, temperature=0)
+    stop = full[5:7]
+    assert model.generate("he", 40, temperature=0, stop=stop) == full[:full.index(stop)]
+
+
+def test_generate_applies_the_unknown_policy_to_the_prompt(model):
+    from tfcli.errors import UsageError
+
+    assert model.generate("HELLO", 10, seed=2, unknown="replace") == model.generate("hello", 10, seed=2)
+    with pytest.raises(UsageError, match="no H E L O"):
+        model.generate("HELLO", 10)
+
+
+def test_generate_names_a_misspelt_setting_and_a_missing_vocabulary(model):
+    from tfcli.errors import UsageError
+
+    with pytest.raises(UsageError, match="no setting tempreature; it takes .*temperature"):
+        model.generate("hello", 10, tempreature=0.5)
+    with pytest.raises(UsageError, match="no vocabulary"):
+        GPT(model.config).generate("hello", 10)
+    assert len(GPT(model.config).generate("hello", 10, vocab=model.vocab, seed=1)) == 10

@@ -6,7 +6,7 @@ The library is what the CLI is made of, usable from a notebook:
     corpus = tfcli.load_corpus([Path("input.txt")])
     tfcli.train(corpus, tfcli.ModelConfig(), tfcli.TrainConfig(max_steps=500), Path("runs/x"))
     model = tfcli.load("runs/x")
-    text = "".join(p[0] for p in tfcli.generate(model, model.vocab, "ROMEO:", tfcli.SampleConfig(seed=1)))
+    text = model.generate("ROMEO:", 300, temperature=0.7, seed=1)
     att = tfcli.attention(model, "To be, or not to be")
 
 Names resolve lazily so that importing tfcli (and `tfcli --help`) does not load torch.

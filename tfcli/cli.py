@@ -507,34 +507,22 @@ def read_stdin() -> str:
     return text
 
 
-def check_unknown(unknown: str) -> None:
-    if unknown not in ("error", "skip", "replace"):
-        raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
-
-
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
-    """Apply the --unknown policy; error (default) names the characters the model never saw.
-
-    First the prompt's other Unicode spelling is tried: é typed as one character reads as e and
-    an accent in a corpus that spells it so (NFD), and the other way round; both look the same."""
-    prompt = vocab.spelt_as_known(prompt)
-    missing = vocab.unknown(prompt)
-    if not missing:
+    """Apply the --unknown policy (Vocab.fit), warning on stderr of what it dropped or replaced."""
+    try:
+        prompt, changed = vocab.fit(prompt, unknown)
+    except UsageError as e:
+        raise UsageError(e.message + hint) from None
+    if not changed:
         return prompt
-    if unknown == "error":
-        try:
-            vocab.encode(prompt)
-        except UsageError as e:
-            raise UsageError(e.message + hint) from None
     from .corpus import show_char
     if unknown == "skip":
-        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in missing)}",
+        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in changed)}",
                      markup=False)
-        return "".join(c for c in prompt if c not in missing)
-    mapping = {c: vocab.closest(c) for c in missing}
-    stderr.print("warning: replaced unknown characters: " + ", ".join(
-        f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in mapping.items()), markup=False)
-    return "".join(mapping.get(c, c) or "" for c in prompt)
+    else:
+        stderr.print("warning: replaced unknown characters: " + ", ".join(
+            f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in changed.items()), markup=False)
+    return prompt
 
 
 def say_which(asked: Path | None, found: Path) -> None:
@@ -617,6 +605,7 @@ def sample(
 
     Filters apply in this order: repeat/presence/frequency penalties, top-k, top-p, min-p, then temperature.
     """
+    from .corpus import check_unknown
     from .render.sample import prob_legend, styled
     from .sampling import collect, generate_pieces, is_greedy, native_decodes, new_seed
 
@@ -1046,6 +1035,7 @@ def inspect_attention(
     Attention weights show where information can flow, not why the model predicts what it does:
     read them as a hint, not an explanation.
     """
+    from .corpus import check_unknown
     from .inspect import aggregate, attention, logit_lens
     from .render import attention_views, heatmap
 

@@ -243,6 +243,12 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
+def check_unknown(unknown: str) -> None:
+    """Refuse an --unknown policy Vocab.fit lacks (the CLI checks before loading a model)."""
+    if unknown not in ("error", "skip", "replace"):
+        raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
+
+
 def show_char(c: str) -> str:
     """A character as a reader can see it in a message: repr for control and space characters."""
     if c.isprintable() and not c.isspace():
@@ -324,6 +330,20 @@ class Vocab:
             parts = unicodedata.normalize("NFD", c)
             out.append(parts if c not in self.chars and all(p in self.chars for p in parts) else c)
         return "".join(out)
+
+    def fit(self, text: str, unknown: str = "error") -> tuple[str, dict[str, str]]:
+        """`text` made encodable, and what changed: each unknown character and what replaced it
+        ("" where dropped). `unknown` is the --unknown policy: error raises naming the characters
+        the model never saw, skip drops them, replace maps each to its closest known character.
+        First the text's other Unicode spelling is tried (see spelt_as_known), which changes nothing
+        a reader can see."""
+        check_unknown(unknown)
+        text = self.spelt_as_known(text)
+        missing = self.unknown(text)
+        if missing and unknown == "error":
+            self.encode(text)  # raises, naming them
+        changed = {c: "" if unknown == "skip" else self.closest(c) or "" for c in missing}
+        return "".join(changed.get(c, c) for c in text), changed
 
     def closest(self, c: str) -> str | None:
         """The known character most like `c` (case-folded, accent-stripped), or None."""

@@ -308,6 +308,34 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1).long())
 
+    def generate(self, prompt: str = "", max_new_tokens: int = 200, *, unknown: str = "error", vocab=None,
+                 **settings) -> str | list[str]:
+        """The text that follows `prompt` (not repeated), for a notebook:
+        `tfcli.load("runs/x").generate("ROMEO:", 300, temperature=0.7, seed=1)`.
+
+        `settings` are SampleConfig's fields (temperature, top_k, top_p, min_p, the penalties, seed,
+        stop, num_samples, ...); with num_samples > 1, a list of texts. Without a seed each call
+        draws its own. `unknown` is sample's --unknown policy for prompt characters the model never
+        saw. The vocabulary is the one `tfcli.load` attached, or `vocab` for a model built here.
+        """
+        from .config import SampleConfig
+        from .errors import UsageError
+        from .sampling import generate
+
+        vocab = vocab if vocab is not None else getattr(self, "vocab", None)
+        if vocab is None:
+            raise UsageError("this model has no vocabulary: pass vocab=corpus.vocab, or get the model from tfcli.load")
+        fields = set(SampleConfig.__dataclass_fields__) - {"max_new_tokens"}
+        if wrong := sorted(set(settings) - fields):
+            raise UsageError(f"generate() has no setting {', '.join(wrong)}; it takes {', '.join(sorted(fields))}")
+        cfg = SampleConfig(max_new_tokens=max_new_tokens, **settings)
+        texts = [[] for _ in range(cfg.num_samples)]
+        for step in generate(self, vocab, vocab.fit(prompt, unknown)[0], cfg):
+            for parts, new in zip(texts, step):
+                parts.append(new)
+        texts = ["".join(parts) for parts in texts]
+        return texts if cfg.num_samples > 1 else texts[0]
+
     @torch.no_grad()
     def attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and attention weights (B, layer, head, query, key), by the explicit softmax path."""
