@@ -1013,10 +1013,12 @@ def test_a_directory_of_runs_given_to_m_means_its_latest_run_and_says_which(in_t
 def test_info_names_the_best_validation_when_it_came_before_the_end(model, tmp_path):
     from tfcli import checkpoint as ckpt
     trained = ckpt.load_model(model)
-    summary = {**trained.summary, "step": 90, "val_loss": 2.5, "best_val_loss": 1.25, "best_step": 40}
+    summary = {**trained.summary, "step": 90, "val_loss": 2.5, "best_val_loss": 1.25, "best_step": 40, "val_step": 90}
     ckpt.save_model(tmp_path / "m.safetensors", trained, trained.vocab, summary)
     shown = ok("info", "-m", tmp_path / "m.safetensors").stdout
     assert "val loss 2.5000; best 1.2500 at step 40 (best.safetensors)" in shown
+    ckpt.save_model(tmp_path / "m.safetensors", trained, trained.vocab, {**summary, "val_step": 80})  # (Ctrl-C)
+    assert "val loss 2.5000 at step 80; best" in ok("info", "-m", tmp_path / "m.safetensors").stdout
     ckpt.save_model(tmp_path / "m.safetensors", trained, trained.vocab, {**summary, "best_step": 90})
     assert "best" not in ok("info", "-m", tmp_path / "m.safetensors").stdout.splitlines()[-1]
 

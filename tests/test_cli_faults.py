@@ -145,7 +145,7 @@ def test_second_signal_quits_at_once_and_keeps_the_last_checkpoint(corpus, tmp_p
             proc.kill()
             proc.wait()
     stderr = err.read_text()
-    assert "Traceback" not in stderr and "nothing was saved" not in stderr
+    assert "Traceback" not in stderr and "before anything was saved" not in stderr
     assert "checkpoint saved at step" not in stderr  # it quit without finishing the step and saving again
     assert load_checkpoint(out / "model.safetensors").summary["step"] >= 1  # what was on disk is whole
     assert load_state(out / "state.safetensors")[1]["step"] >= 1  # and resumable
@@ -167,7 +167,7 @@ def test_second_signal_before_the_first_save_says_there_is_nothing_to_resume(cor
             proc.kill()
             proc.wait()
     stderr = err.read_text()
-    assert "nothing was saved yet" in stderr and "without --resume" in stderr and "Traceback" not in stderr
+    assert "before anything was saved" in stderr and "without --resume" in stderr and "Traceback" not in stderr
     assert not (out / "model.safetensors").exists()
 
 
@@ -206,6 +206,7 @@ def test_a_reader_leaving_after_the_last_step_still_gets_the_closed_pipe_code(co
 def test_ctrl_c_after_the_reader_left_is_still_a_first_ctrl_c():
     from tfcli.cli import StopFlag
     stop = StopFlag(quiet=True)
+    stop.stepped = True  # (mid-run)
     assert not stop() and stop.exit_code == 130
     stop.reader_left = True  # (what reader_gone records, without pointing this process's stdout at /dev/null)
     assert stop() and stop.exit_code == 128 + signal.SIGPIPE
@@ -213,6 +214,24 @@ def test_ctrl_c_after_the_reader_left_is_still_a_first_ctrl_c():
     assert stop.exit_code == 130
     with pytest.raises(KeyboardInterrupt):
         stop.handle(signal.SIGINT, None)
+
+
+def test_ctrl_c_before_the_first_step_quits_at_once_unless_under_torchrun():
+    from tfcli.cli import StopFlag, Terminated
+    from tfcli.trainer import Step
+
+    stop = StopFlag(quiet=True)
+    with pytest.raises(KeyboardInterrupt):  # (the first step may be a compile: nothing to save yet)
+        stop.handle(signal.SIGINT, None)
+    with pytest.raises(Terminated):
+        StopFlag(quiet=True).handle(signal.SIGTERM, None)
+    stop = StopFlag(quiet=True)
+    stop.watching(lambda event: None)(Step(1, 4.0, 1e-3, 100.0, 1.0, 0.01))
+    stop.handle(signal.SIGINT, None)  # a step has finished: finish the next and save
+    assert stop() and stop.exit_code == 130
+    torchrun = StopFlag(quiet=True, alone=False)
+    torchrun.handle(signal.SIGINT, None)  # ranks agree to stop after a step, or one waits forever on the others
+    assert torchrun()
 
 
 def test_ctrl_c_during_the_final_validation_of_a_finished_run_still_exits_130(corpus, tmp_path, monkeypatch):

@@ -23,6 +23,13 @@ def test_done_line_stays_one_line_when_the_last_model_is_about_the_best(tmp_path
     assert len(describe_done(replace(done, val_loss=None, best_val_loss=None)).splitlines()) == 1
 
 
+def test_done_line_of_an_interrupted_run_says_where_its_validation_was(tmp_path):
+    done = Done(step=57, val_loss=1.9, best_val_loss=1.9, elapsed=60.0, run_dir=tmp_path, reason="interrupted",
+                best_step=50, val_step=50)
+    assert "(interrupted), last val loss 1.9000 (2.741 bits/char) at step 50;" in describe_done(done)
+    assert ", val loss 1.9000 (2.741 bits/char);" in describe_done(replace(done, val_step=57))
+
+
 def test_eta_follows_the_pace_since_the_first_step_shown():
     eta = Eta()
     assert eta(0.5, 100.0) is None  # a resumed run's first step: half done, but no pace yet

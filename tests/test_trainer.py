@@ -135,12 +135,17 @@ def test_final_metrics_line_is_strict_json(tmp_path):
         json.loads(line, parse_constant=refuse)
 
 
-def test_should_stop_saves_and_reports_interrupted(tmp_path):
+def test_should_stop_saves_and_reports_interrupted_without_validating_again(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
-    done = train(corpus, MODEL, TRAIN, tmp_path / "run", should_stop=StopAfter(7))
+    events = []
+    done = train(corpus, MODEL, replace(TRAIN, eval_steps=3), tmp_path / "run", events.append,
+                 should_stop=StopAfter(7))
     assert (done.step, done.reason) == (7, "interrupted")
+    evals = [e for e in events if isinstance(e, Eval)]
+    assert [e.step for e in evals] == [3, 6]  # no validation (nor sample) after Ctrl-C: it saves and goes
+    assert (done.val_loss, done.val_step) == (evals[-1].val_loss, 6)
     summary = ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary
-    assert (summary["step"], summary["ended"]) == (7, "interrupted")
+    assert (summary["step"], summary["ended"], summary["val_step"]) == (7, "interrupted", 6)
     assert (tmp_path / "run" / ckpt.STATE_FILE).is_file()
 
 

@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -205,12 +206,16 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 # -- train ---------------------------------------------------------------------------------
 
 class StopFlag:
-    """First Ctrl-C/SIGTERM: finish the step, save, exit. Second: stop at once (saves are atomic)."""
+    """First Ctrl-C/SIGTERM: finish the step, save, exit. Second: stop at once (saves are atomic).
 
-    def __init__(self, quiet: bool = False):
+    Before the first step has finished, the first stops at once too (`alone`: not under torchrun,
+    whose ranks must agree to stop): that step may be a minute of compiling, with nothing to save."""
+
+    def __init__(self, quiet: bool = False, alone: bool = True):
         self.signum: int | None = None
         self.reader_left = False
         self.quiet = quiet  # torchrun's other ranks: rank 0 speaks for them
+        self.alone, self.stepped = alone, False
 
     def __call__(self) -> bool:
         return self.signum is not None or self.reader_left
@@ -220,7 +225,11 @@ class StopFlag:
         return 128 + (self.signum or (getattr(signal, "SIGPIPE", 13) if self.reader_left else signal.SIGINT))
 
     def handle(self, signum, frame) -> None:
-        if self.signum is not None:  # the exit code names the second signal, as a shell would
+        if self.signum is not None or (self.alone and not self.stepped):  # (the exit code names this
+            self.signum = signum                                          # signal, as a shell's would)
+            # torch.compile traces the backward in anomaly mode, which reports the interrupt
+            # as a warning with the forward's stack: noise, not news, for someone who pressed Ctrl-C
+            warnings.filterwarnings("ignore", message="Error detected in")
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signum = signum
         if not self.quiet:
@@ -237,7 +246,10 @@ class StopFlag:
 
     def watching(self, view):
         """`view` as an event sink whose broken pipe stops the run instead of ending the process."""
+        from .trainer import Step
+
         def on_event(event) -> None:
+            self.stepped = self.stepped or isinstance(event, Step)
             try:
                 view(event)
             except BrokenPipeError:
@@ -377,13 +389,14 @@ def train(
     view = (NullProgress() if not world.is_main else
             LiveProgress(stdout, warnings=stderr) if stdout.is_terminal else PlainProgress(stdout, warnings=stderr))
     try:
-        with StopFlag(quiet=not world.is_main) as stop, view:
+        with StopFlag(quiet=not world.is_main, alone=not world.is_distributed) as stop, view:
             done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume,
                                 should_stop=stop, started_at=started_at, world=world)
-    except KeyboardInterrupt:  # a second Ctrl-C: say whether anything is left to resume
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step: say what is left
         if world.is_main and not (run_dir / ckpt.MODEL_FILE).is_file():
-            stderr.print("nothing was saved yet (a run saves at its first validation): start it again, "
-                         "without --resume", highlight=False)
+            stderr.print("\nstopped before anything was saved: start it again, without --resume", highlight=False)
+        elif world.is_main and not stop.stepped:
+            stderr.print(f"\nstopped before a step: {run_dir} is as the last session saved it", highlight=False)
         raise
     if done.reason == "interrupted":
         if world.is_main:
@@ -1206,6 +1219,7 @@ def info(
                  + (f" ({INVISIBLE}: {', '.join(hidden)})" if hidden else ""), markup=False)
     if s.get("step") is not None:
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
+        val += f" at step {s['val_step']}" if val and s.get("val_step") not in (None, s["step"]) else ""
         if s.get("best_step") not in (None, s["step"]) and s.get("best_val_loss") is not None:
             val += f"; best {s['best_val_loss']:.4f} at step {s['best_step']} (best.safetensors)"
         done = [plural(s["step"], "step")]  # best.safetensors keeps only its step and loss

@@ -98,6 +98,7 @@ class Done:
     run_dir: Path
     reason: str  # "steps" | "epochs" | "time" | "interrupted"
     best_step: int | None = None  # where best.safetensors was saved
+    val_step: int | None = None  # where val_loss was measured: before `step` when Ctrl-C stopped the run
 
 
 Event = Start | Step | Eval | Sample | Notice | Done
@@ -231,6 +232,7 @@ class _Run:
     best_val: float | None = None
     best_step: int | None = None
     last_val: float | None = None
+    val_step: int | None = None
 
 
 def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path,
@@ -315,7 +317,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     def save(reason: str) -> None:
         summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),
                    "progress": run.progress, "val_loss": run.last_val, "best_val_loss": run.best_val,
-                   "best_step": run.best_step,
+                   "best_step": run.best_step, "val_step": run.val_step,
                    "params": model.num_params(), "ended": reason, "config_hash": chash, "train": cfg.to_dict()}
         # state first: a run directory that holds a model always holds the state to --resume it
         ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
@@ -326,7 +328,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if val is not None and not math.isfinite(val):  # blown up by the last step: keep the last good save
             raise _diverged(f"validation loss is {val}", run.step, cfg, run_dir)
         best = val is not None and (run.best_val is None or val < run.best_val)
-        run.last_val = val
+        run.last_val, run.val_step = val, run.step
         if best:
             run.best_val, run.best_step = val, run.step
         save(reason)
@@ -380,7 +382,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if run.step == 3:
             gc.freeze()  # everything alive now lives for the whole run; spare the collector from walking it
         now = time.monotonic()
-        if world.is_main and (now - window_t >= 0.5 or run.step == 1):
+        if world.is_main and (now - window_t >= 0.5 or run.step == start_step + 1):
             on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
                           now - started_at, progress))
             ckpt.append_metrics(run_dir, {"step": run.step, "loss": round(window_loss / window_n, 5), "lr": lr,
@@ -395,11 +397,14 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             validate(window_loss / window_n if window_n else train_loss)
             last_eval, last_eval_step = time.monotonic(), run.step
         stop = should_stop()
-    if world.is_main and last_eval_step == run.step > start_step:
-        save(reason)  # stopped just after a validation (Ctrl-C during it): the same model needs no second one
+    if world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
+        # Ctrl-C: save and go at once (validation comes with the next session's steps), or the run
+        # stopped just after a validation, and the same model needs no second one
+        save(reason)
     elif world.is_main:
         validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
-    done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason, run.best_step)
+    done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason, run.best_step,
+                run.val_step)
     on_event(done)
     return done
 
@@ -489,4 +494,5 @@ def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -
     return _Run(step=state["step"], tokens=state["tokens"], train_seconds=state["seconds"],
                 progress=state.get("progress", 0.0),  # (runs saved before it was recorded: from the start)
                 best_val=state.get("best_val_loss") if same_slice else None,
-                best_step=state.get("best_step") if same_slice else None, last_val=state.get("val_loss"))
+                best_step=state.get("best_step") if same_slice else None, last_val=state.get("val_loss"),
+                val_step=state.get("val_step"))

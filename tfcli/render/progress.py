@@ -128,7 +128,10 @@ class PlainProgress:
 
 
 def describe_done(e: Done) -> str:
-    val = f", val loss {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char)" if e.val_loss is not None else ""
+    val = ""
+    if e.val_loss is not None:  # (an interrupted run saves without validating: say when it last did)
+        at = f" at step {e.val_step}" if e.val_step not in (None, e.step) else ""
+        val = f", {'last ' if at else ''}val loss {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char){at}"
     why = {"steps": "reached --max-steps", "epochs": "reached --epochs", "time": "time budget spent",
            "interrupted": "interrupted"}[e.reason]
     line = f"done: {plural(e.step, 'step')} in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
