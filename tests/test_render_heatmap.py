@@ -53,6 +53,9 @@ def test_visible_marks_whitespace_and_controls():
     for invisible in ("\u200b", "\u200d", "\u202e", "\ufe0f"):  # never MASKED: that is the masked future
         assert visible(invisible) == INVISIBLE != MASKED
     assert visible("\u0301") == INVISIBLE + "\u0301"
+    for sign in ("\u0947", "\u093f", "\u0e34", "\u20dd"):  # Devanagari e and i, Thai i, an enclosing circle
+        assert visible(sign) == INVISIBLE + sign  # (combining class 0, yet a mark: its base is shown)
+    assert visible("\U000e0100") == INVISIBLE  # (a variation selector has nothing to show)
     assert visible("a") == "a"
     assert visible("é") == "é"
     assert visible("中") == "中"
@@ -324,6 +327,15 @@ def test_head_view_columns_stay_aligned_with_wide_combining_and_control_characte
         starts.append(cell_len(header[:i]))
         i += len(g)
     assert starts == [label + 2 * j for j in range(len(MIXED))], header
+
+
+def test_right_to_left_letters_in_the_header_each_keep_their_column():
+    text = "مرحبا שלום"
+    header, rows = body(render(head_view(causal(len(text)), text, color=False)), len(text))
+    assert cell_len(header) == cell_len(rows[0])
+    for c in "مرحباשלום":  # each followed by a left-to-right mark, so bidi cannot reverse the run
+        assert header.count(c + " \u200e") == 1
+    assert "a\u200e" not in render(head_view(causal(3), "abc", color=False))  # (left-to-right text is as it was)
 
 
 def test_focus_view_bars_stay_aligned_with_wide_combining_and_control_characters():

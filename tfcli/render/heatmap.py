@@ -40,8 +40,14 @@ def visible(c: str) -> str:
     if not c.isprintable():
         return INVISIBLE  # format characters: joiners, bidi controls, zero-width space
     if cell_len(c) == 0:  # a bare combining mark has no width; give it a base so it stays visible
-        return INVISIBLE + c if unicodedata.combining(c) else INVISIBLE  # (a variation selector: nothing to show)
+        # (any mark: most Indic and Thai vowel signs have combining class 0; a variation selector
+        # has nothing to show)
+        return INVISIBLE + c if unicodedata.category(c).startswith("M") and not _selector(c) else INVISIBLE
     return c
+
+
+def _selector(c: str) -> bool:
+    return "\ufe00" <= c <= "\ufe0f" or "\U000e0100" <= c <= "\U000e01ef"
 
 
 def _rgb(t: float) -> str:
@@ -132,8 +138,15 @@ def _scale(w: np.ndarray, mask: np.ndarray, first_sees_itself: bool) -> tuple[fl
     return _vmax(w[..., ~mask & rows]), aside
 
 
+LRM = "\u200e"  # left-to-right mark
+
+
 def _header_glyph(c: str) -> str:
-    return set_cell_size(visible(c), 2)  # narrow glyphs padded, anything wider cropped to one cell
+    """Two cells: narrow glyphs padded, anything wider cropped to one cell. A right-to-left letter
+    is followed by a left-to-right mark: a terminal that applies bidi would otherwise show a header
+    of Arabic or Hebrew letters (separated only by spaces) reversed, each over another's column."""
+    glyph = set_cell_size(visible(c), 2)
+    return glyph + LRM if unicodedata.bidirectional(c) in ("R", "AL", "AN") else glyph
 
 
 def head_view(
