@@ -118,6 +118,14 @@ def test_the_library_s_errors_are_there_after_a_bare_import():
     assert out.split() == ["True", "True"]
 
 
+def test_the_library_s_lazy_names_are_listed_for_dir_help_and_completion():
+    code = "import sys, tfcli; names = dir(tfcli); print('torch' in sys.modules); print(' '.join(names))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded, names = out.splitlines()
+    assert loaded == "False"  # (listing them imports nothing)
+    assert {"train", "load", "generate", "preset", "evaluate", "Step", "Done", "UsageError"} <= set(names.split())
+
+
 def test_version_needs_no_command():
     from importlib.metadata import version
     result = ok("--version")

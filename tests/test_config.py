@@ -1,5 +1,8 @@
+from dataclasses import replace
+
 import pytest
 
+from tfcli import config
 from tfcli.config import PRESETS, ModelConfig, SampleConfig, TrainConfig, parse_duration, resolve_preset, with_overrides
 from tfcli.errors import USAGE, UsageError
 
@@ -117,6 +120,16 @@ def test_auto_counts_passes_exactly_for_max_steps_and_leaves_the_step_count_alon
     assert resolve_preset("auto", "cpu", None, train_chars=tokens_per_step, max_steps=4) == PRESETS["medium"]
     assert resolve_preset("auto", "cpu", None, train_chars=tokens_per_step, max_steps=5) == \
         {**PRESETS["medium"], "dropout": 0.2}  # 5 passes: dropout, but the run still takes its 5 steps
+
+
+def test_preset_gives_a_notebook_the_configs_train_starts_from():
+    model, train = config.preset("auto", "cpu", 60.0, train_chars=100_000)  # 60 s: small, and ~15 passes: regularised
+    small = PRESETS["small"]
+    assert (model.n_layer, model.n_embd, model.block_size, model.dropout) == (4, 128, 128, 0.2)
+    assert (train.batch_size, train.lr, train.epochs, train.time_budget) == (small["batch_size"], small["lr"], 10.0, 60)
+    model, train = config.preset("medium", time_budget=None, max_steps=500)
+    assert model == replace(ModelConfig(), n_embd=256, block_size=256)
+    assert (train.lr, train.max_steps, train.time_budget, train.epochs) == (PRESETS["medium"]["lr"], 500, None, None)
 
 
 def test_named_presets_ignore_the_text_size():

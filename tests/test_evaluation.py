@@ -49,10 +49,11 @@ def test_evaluation_is_deterministic():
     assert evaluate(model, ids_of(70)) == evaluate(model, ids_of(70))
 
 
-def test_tensor_and_array_give_the_same_result():
+def test_tensor_array_and_list_give_the_same_result():
     model = make_model(VOCAB, block_size=8)
     ids = ids_of(30)
     assert evaluate(model, ids) == evaluate(model, torch.as_tensor(ids.astype(np.int64)))
+    assert evaluate(model, ids) == evaluate(model, ids.tolist())  # (a notebook's list of ids)
 
 
 def test_new_model_scores_ln_vocab_size():

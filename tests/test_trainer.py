@@ -578,3 +578,23 @@ def test_a_run_that_learnt_carriage_returns_is_told_why_its_text_now_differs(tmp
         (tmp_path / chars.encode().hex()).mkdir()
         ckpt.save_model(tmp_path / chars.encode().hex() / ckpt.MODEL_FILE, model, Vocab.from_text(chars), {})
         assert said in _what_differs(tmp_path / chars.encode().hex(), model.config)
+
+
+def test_tokens_per_second_leave_the_validation_s_time_out(tmp_path, monkeypatch):
+    import statistics
+    import time
+
+    import tfcli.trainer as trainer_module
+    real = trainer_module.val_loss
+
+    def slow_val_loss(*args, **kwargs):
+        time.sleep(2.0)  # a validation far longer than the steps around it
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer_module, "val_loss", slow_val_loss)
+    monkeypatch.setattr(trainer_module, "generate", lambda *args, **kwargs: iter(()))  # (the sample: not timed)
+    corpus = load_corpus([write(tmp_path, PATTERN * 200)])
+    events = []
+    train(corpus, MODEL, replace(TRAIN, max_steps=120, eval_steps=60), tmp_path / "run", events.append)
+    rates = [e.tokens_per_s for e in events if isinstance(e, Step) and e.step > 1]
+    after = [e.tokens_per_s for e in events if isinstance(e, Step) and e.step > 60]
+    assert after and min(after) > 0.4 * statistics.median(rates), rates  # (it read ~0.2x: 2 s more in a 0.5 s window)

@@ -3,6 +3,7 @@
 The library is what the CLI is made of, usable from a notebook:
 
     import tfcli
+    from pathlib import Path
     corpus = tfcli.load_corpus([Path("input.txt")])
     tfcli.train(corpus, tfcli.ModelConfig(), tfcli.TrainConfig(max_steps=500), Path("runs/x"))
     model = tfcli.load("runs/x")
@@ -15,11 +16,14 @@ Names resolve lazily so that importing tfcli (and `tfcli --help`) does not load 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ModelConfig": "config", "TrainConfig": "config", "SampleConfig": "config",
+    "ModelConfig": "config", "TrainConfig": "config", "SampleConfig": "config", "preset": "config",
     "load_corpus": "corpus", "Vocab": "corpus",
     "train": "trainer", "load": ("checkpoint", "load_model"), "generate": "sampling",
     "attention": "inspect", "evaluate": "evaluation", "TfcliError": "errors", "UsageError": "errors",
     "errors": None,
+    # what train's on_event hears
+    "Start": "trainer", "Step": "trainer", "Eval": "trainer", "Sample": "trainer", "Notice": "trainer",
+    "Done": "trainer",
 }
 
 
@@ -35,3 +39,7 @@ def __getattr__(name: str):
 
 
 __all__ = list(_EXPORTS)
+
+
+def __dir__() -> list[str]:  # (dir(), help() and a notebook's completion list the lazy names too)
+    return sorted(set(globals()) | set(__all__))

@@ -317,8 +317,10 @@ def train(
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
     if val and val_fraction is not None:
         raise UsageError("--val-fraction splits the corpus, and with --val all of it trains; give one of them")
+    from dataclasses import replace
+
     from . import checkpoint as ckpt
-    from .config import ModelConfig, resolve_preset
+    from .config import preset as preset_configs
     from .corpus import load_corpus
     from .device import pick_device
 
@@ -346,8 +348,7 @@ def train(
 
     # flags that are wrong whatever the text: said before a large corpus is read, not after
     device_type = pick_device(device).type
-    shape = base_model or ModelConfig(**{k: v for k, v in resolve_preset(preset, device_type, budget).items()
-                                         if k in ModelConfig.__dataclass_fields__})
+    shape = base_model or preset_configs(preset, device_type, budget)[0]
     given = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
     try:
         with_overrides(shape, **given, dropout=dropout).validate()
@@ -369,10 +370,8 @@ def train(
     if world.is_main:
         print_corpus_report(corpus, data, val)
     if base_model is None:
-        picked = resolve_preset(preset, device_type, budget, len(data.train), max_steps)
-        base_train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"),
-                                 epochs=picked.pop("epochs", None))
-        base_model = ModelConfig(vocab_size=len(data.vocab), **picked)
+        base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps)
+        base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
     train_cfg = with_overrides(base_train, batch_size=batch_size, lr=lr, eval_interval=eval_interval,

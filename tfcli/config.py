@@ -16,6 +16,9 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The transformer's shape (`train` sets vocab_size from the corpus). The defaults are the `small`
+    preset's; `preset()` gives what `tfcli train` would pick."""
+
     vocab_size: int = 65
     n_layer: int = 4
     n_head: int = 4
@@ -65,6 +68,9 @@ def check_seed(seed: int) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How a run trains: times in seconds. The batch and lr defaults are generic: `tfcli train` takes
+    them from its preset, tuned per size (`preset()` gives the same pair to a notebook)."""
+
     batch_size: int = 32
     grad_accum: int = 1  # micro-batches per step and process: the same step in less memory
     lr: float = 2e-3
@@ -164,6 +170,18 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     return picked
 
 
+def preset(name: str = "auto", device: str = "cpu", time_budget: float | None = DEFAULT_CPU_TIME,
+           train_chars: int | None = None, max_steps: int | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings `tfcli train --preset NAME` starts from, as a notebook's
+    `tfcli.train` wants them: `auto` picks by device, budget (seconds) and the training text's
+    length in characters (a short text gets dropout and an epoch limit); the budget and step limit
+    come along. Each field can then be changed with `dataclasses.replace`."""
+    picked = resolve_preset(name, device, time_budget, train_chars, max_steps)
+    train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"), epochs=picked.pop("epochs", None),
+                        time_budget=time_budget, max_steps=max_steps)
+    return ModelConfig(**picked), train
+
+
 def expected_passes(name: str, device: str, preset: dict, time_budget: float | None, max_steps: int | None,
                     train_chars: int) -> float:
     """How many times the run would read its training text: exact for --max-steps, a guess from
@@ -211,7 +229,7 @@ def with_overrides(obj, **changes):
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Generation settings; the filters apply in llama.cpp's order (see `generate.filter_logits`)."""
+    """Generation settings; the filters apply in llama.cpp's order (see `sampling.filter_logits`)."""
 
     max_new_tokens: int = 500
     temperature: float = 0.8

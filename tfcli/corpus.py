@@ -160,7 +160,7 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
             with f.open("rb") as fh:
                 while raw := fh.read(chunk_bytes):
                     if offset == 0 and (packed := compressed(raw)):
-                        raise UsageError(f"{f}: is {packed}-compressed; decompress it first, and train on the text")
+                        raise UsageError(f"{f}: is {packed}-compressed; decompress it first, and give the text")
                     if (nul := raw.find(b"\x00")) >= 0 and _is_utf8(encoding):
                         raise UsageError(f"{f}: contains NUL bytes (the first at byte {offset + nul:,}), so it is "
                                          "probably not a text file (use --encoding if it is UTF-16/32 text)")

@@ -8,7 +8,7 @@ result is deterministic, unlike an estimate from random batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,14 +40,16 @@ def _long(ids: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, ids: np.ndarray | torch.Tensor, batch_size: int = 32, dtype: torch.dtype = torch.float32,
-             on_progress: Callable[[int], None] | None = None) -> EvalResult:
+def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: int = 32,
+             dtype: torch.dtype = torch.float32, on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored."""
     keep_freed_memory()
     T = model.config.block_size
     device = next(model.parameters()).device
     if isinstance(ids, str):
         raise UsageError("evaluate takes token ids: evaluate(model, model.vocab.encode(text))")
+    if not isinstance(ids, (np.ndarray, torch.Tensor)):  # (a list of ids, from a notebook)
+        ids = np.asarray(ids, dtype=np.int64)
     data = ids if isinstance(ids, np.ndarray) else ids.long()  # (numpy ids widen a batch at a time)
     n = len(data) - 1
     if n < 1:

@@ -394,8 +394,10 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if world.is_main and not last_step and validation_due(now - last_eval, now - session_start, budget,
                                                               cfg.eval_interval, run.step - last_eval_step,
                                                               cfg.eval_steps):
+            validated_at = time.monotonic()
             validate(window_loss / window_n if window_n else train_loss)
             last_eval, last_eval_step = time.monotonic(), run.step
+            window_t += last_eval - validated_at  # (tokens/s counts the steps' time, not the validation's)
         stop = should_stop()
     if world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
         # Ctrl-C: save and go at once (validation comes with the next session's steps), or the run
