@@ -206,32 +206,13 @@ def test_a_reader_leaving_after_the_last_step_still_gets_the_closed_pipe_code(co
 def test_ctrl_c_after_the_reader_left_is_still_a_first_ctrl_c():
     from tfcli.cli import StopFlag
     stop = StopFlag(quiet=True)
-    stop.stepped = True  # (mid-run)
-    assert not stop() and stop.exit_code == 130
+    assert not stop() and stop.exit_code == 130  # (the trainer's poll after a step: mid-run)
     stop.reader_left = True  # (what reader_gone records, without pointing this process's stdout at /dev/null)
     assert stop() and stop.exit_code == 128 + signal.SIGPIPE
     stop.handle(signal.SIGINT, None)  # finishes the step and saves, rather than quitting at once
     assert stop.exit_code == 130
     with pytest.raises(KeyboardInterrupt):
         stop.handle(signal.SIGINT, None)
-
-
-def test_ctrl_c_before_the_first_step_quits_at_once_unless_under_torchrun():
-    from tfcli.cli import StopFlag, Terminated
-    from tfcli.trainer import Step
-
-    stop = StopFlag(quiet=True)
-    with pytest.raises(KeyboardInterrupt):  # (the first step may be a compile: nothing to save yet)
-        stop.handle(signal.SIGINT, None)
-    with pytest.raises(Terminated):
-        StopFlag(quiet=True).handle(signal.SIGTERM, None)
-    stop = StopFlag(quiet=True)
-    stop.watching(lambda event: None)(Step(1, 4.0, 1e-3, 100.0, 1.0, 0.01))
-    stop.handle(signal.SIGINT, None)  # a step has finished: finish the next and save
-    assert stop() and stop.exit_code == 130
-    torchrun = StopFlag(quiet=True, alone=False)
-    torchrun.handle(signal.SIGINT, None)  # ranks agree to stop after a step, or one waits forever on the others
-    assert torchrun()
 
 
 def test_ctrl_c_during_the_final_validation_of_a_finished_run_still_exits_130(corpus, tmp_path, monkeypatch):

@@ -149,14 +149,14 @@ def test_should_stop_saves_and_reports_interrupted_without_validating_again(tmp_
     assert (tmp_path / "run" / ckpt.STATE_FILE).is_file()
 
 
-def test_a_stop_right_after_a_validation_saves_without_validating_the_same_step_again(tmp_path):
+def test_a_stop_at_a_step_due_for_validation_saves_without_it(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     events = []
     done = train(corpus, MODEL, replace(TRAIN, eval_steps=1), tmp_path / "run", events.append,
                  should_stop=StopAfter(3))
     evals = [e for e in events if isinstance(e, Eval)]
-    assert [e.step for e in evals] == [1, 2, 3]
-    assert (done.step, done.reason, done.val_loss) == (3, "interrupted", evals[-1].val_loss)
+    assert [e.step for e in evals] == [1, 2]  # (step 3's validation would only delay the exit)
+    assert (done.step, done.reason, done.val_loss, done.val_step) == (3, "interrupted", evals[-1].val_loss, 2)
     assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["ended"] == "interrupted"
 
 
@@ -598,3 +598,28 @@ def test_tokens_per_second_leave_the_validation_s_time_out(tmp_path, monkeypatch
     rates = [e.tokens_per_s for e in events if isinstance(e, Step) and e.step > 1]
     after = [e.tokens_per_s for e in events if isinstance(e, Step) and e.step > 60]
     assert after and min(after) > 0.4 * statistics.median(rates), rates  # (it read ~0.2x: 2 s more in a 0.5 s window)
+
+
+def test_a_notebook_s_interrupt_saves_the_run_and_returns(tmp_path):
+    import os
+    import signal
+
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+
+    def interrupt_at_step_6(event):
+        if isinstance(event, Eval) and event.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # (what a notebook's interrupt button sends)
+    cfg = replace(TRAIN, eval_steps=3)
+    done = train(corpus, MODEL, cfg, tmp_path / "run", interrupt_at_step_6)  # no should_stop: Ctrl-C's own
+    assert (done.step, done.reason) == (7, "interrupted")  # (the step under way when it came ends first)
+    assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["step"] == 7
+    assert train(corpus, MODEL, cfg, tmp_path / "run", resume=True).step == cfg.max_steps  # it goes on
+
+
+def test_training_leaves_the_caller_s_random_state_as_it_was(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")  # (which seeds torch with cfg.seed)
+    assert torch.equal(torch.rand(3), expected)

@@ -18,7 +18,6 @@ import shlex
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from . import stopping
 from .config import DEFAULT_CPU_TIME, PRESET_NAMES, SampleConfig, TrainConfig, parse_duration, with_overrides
 from .errors import INTERRUPTED, TfcliError, UsageError
 
@@ -111,10 +111,6 @@ def stop_writing_stdout() -> None:
         pass
 
 
-class Terminated(KeyboardInterrupt):
-    """A second SIGTERM: stop at once, like a second Ctrl-C, but exit 143 as a shell expects."""
-
-
 def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
     """One line and an exit code for every failure a user can cause; a traceback only with --debug.
     `builds`: tfcli's C sources the command uses, built while torch imports (see import_whole).
@@ -131,7 +127,7 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
             raise
         except TfcliError as e:
             fail(e.message, e.exit_code)
-        except Terminated:
+        except stopping.Terminated:
             fail("terminated", 128 + signal.SIGTERM)
         except KeyboardInterrupt:
             fail("interrupted", INTERRUPTED)
@@ -205,40 +201,30 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 # -- train ---------------------------------------------------------------------------------
 
-class StopFlag:
-    """First Ctrl-C/SIGTERM: finish the step, save, exit. Second: stop at once (saves are atomic).
-
-    Before the first step has finished, the first stops at once too (`alone`: not under torchrun,
-    whose ranks must agree to stop): that step may be a minute of compiling, with nothing to save."""
+class StopFlag(stopping.StopFlag):
+    """The library's flag, with what a terminal user is told, and a closed stdout (`tfcli train | head`)
+    treated as a first Ctrl-C whose exit code is a closed pipe's."""
 
     def __init__(self, quiet: bool = False, alone: bool = True):
-        self.signum: int | None = None
+        super().__init__(alone)
         self.reader_left = False
         self.quiet = quiet  # torchrun's other ranks: rank 0 speaks for them
-        self.alone, self.stepped = alone, False
 
     def __call__(self) -> bool:
-        return self.signum is not None or self.reader_left
+        return super().__call__() or self.reader_left
 
     @property
     def exit_code(self) -> int:
         return 128 + (self.signum or (getattr(signal, "SIGPIPE", 13) if self.reader_left else signal.SIGINT))
 
-    def handle(self, signum, frame) -> None:
-        if self.signum is not None or (self.alone and not self.stepped):  # (the exit code names this
-            self.signum = signum                                          # signal, as a shell's would)
-            # torch.compile traces the backward in anomaly mode, which reports the interrupt
-            # as a warning with the forward's stack: noise, not news, for someone who pressed Ctrl-C
-            warnings.filterwarnings("ignore", message="Error detected in")
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        self.signum = signum
+    def stopping(self, signum: int) -> None:
         if not self.quiet:
             again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
             stderr.print(f"\nstopping after this step ({again} again quits at once)…", highlight=False)
 
     def reader_gone(self) -> None:
-        """stdout's reader went away (`tfcli train ... | head`): stop and save as after Ctrl-C,
-        rather than lose the run to the broken pipe; the exit code is a closed pipe's."""
+        """stdout's reader went away: stop and save as after Ctrl-C, rather than lose the run to the
+        broken pipe."""
         stop_writing_stdout()
         if not self.reader_left and not self.quiet:
             stderr.print("output closed: stopping after this step…", highlight=False)
@@ -246,23 +232,12 @@ class StopFlag:
 
     def watching(self, view):
         """`view` as an event sink whose broken pipe stops the run instead of ending the process."""
-        from .trainer import Step
-
         def on_event(event) -> None:
-            self.stepped = self.stepped or isinstance(event, Step)
             try:
                 view(event)
             except BrokenPipeError:
                 self.reader_gone()
         return on_event
-
-    def __enter__(self) -> StopFlag:
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def _parse_time(time_: str | None) -> float | None:
@@ -394,7 +369,7 @@ def train(
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step: say what is left
         if world.is_main and not (run_dir / ckpt.MODEL_FILE).is_file():
             stderr.print("\nstopped before anything was saved: start it again, without --resume", highlight=False)
-        elif world.is_main and not stop.stepped:
+        elif world.is_main and not stop.polled:
             stderr.print(f"\nstopped before a step: {run_dir} is as the last session saved it", highlight=False)
         raise
     if done.reason == "interrupted":

@@ -35,6 +35,7 @@ from .evaluation import evaluate
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import generate
+from .stopping import StopFlag
 from .tokens import release
 
 MIN_CONTEXT = 8  # below this a "language model" can only learn character frequencies
@@ -237,12 +238,14 @@ class _Run:
 
 def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path,
           on_event: Callable[[Event], None] = lambda e: None, resume: bool = False,
-          should_stop: Callable[[], bool] = lambda: False, started_at: float | None = None,
+          should_stop: Callable[[], bool] | None = None, started_at: float | None = None,
           world: World | None = None) -> Done:
     """Train a model on `corpus` into `run_dir` and return how it ended.
 
     `started_at` (a time.monotonic() value) lets the wall-clock budget include the
-    caller's start-up; `should_stop` is polled after every step (the CLI's Ctrl-C flag).
+    caller's start-up; `should_stop` is polled after every step, and when it says so the run
+    saves and returns, its reason "interrupted". Without one, Ctrl-C (a notebook's interrupt)
+    does that: see stopping.StopFlag.
     `world` places this process in a torchrun job (default: as torchrun's environment
     says); events reach `on_event` on rank 0 only.
     """
@@ -258,7 +261,10 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     if device.type == "cpu" and world.is_main:  # the samples at each validation decode through them
         native.prepare("decode_attention.c", "decode_matmul.c")
     lock = ckpt.run_lock(run_dir) if world.is_main else contextlib.nullcontext()
-    with process_group(world, device), lock:
+    flag = StopFlag(alone=not world.is_distributed) if should_stop is None else contextlib.nullcontext(should_stop)
+    # the run seeds torch's generators (cfg.seed); the caller's (a notebook's) get their state back
+    rng = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+    with process_group(world, device), lock, flag as should_stop, rng:
         return _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
                       started_at, world, device)
 
@@ -375,6 +381,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if not math.isfinite(loss_value):
             raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
         run.step += 1
+        stop = should_stop()  # (as soon as a step ends: from the first one's end, Ctrl-C waits for a save)
         step_tokens = x.numel() * world.size
         run.tokens += step_tokens
         run.train_seconds = prior_seconds + time.monotonic() - session_start
@@ -391,17 +398,16 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             train_loss = window_loss / window_n
             window_loss, window_n, window_t, window_tokens = 0.0, 0, now, 0
         last_step = max_steps is not None and run.step >= max_steps  # the final validation follows at once
-        if world.is_main and not last_step and validation_due(now - last_eval, now - session_start, budget,
+        if world.is_main and not (last_step or stop) and validation_due(now - last_eval, now - session_start, budget,
                                                               cfg.eval_interval, run.step - last_eval_step,
                                                               cfg.eval_steps):
             validated_at = time.monotonic()
             validate(window_loss / window_n if window_n else train_loss)
             last_eval, last_eval_step = time.monotonic(), run.step
             window_t += last_eval - validated_at  # (tokens/s counts the steps' time, not the validation's)
-        stop = should_stop()
     if world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
-        # Ctrl-C: save and go at once (validation comes with the next session's steps), or the run
-        # stopped just after a validation, and the same model needs no second one
+        # Ctrl-C: save and go at once (validation comes with the next session's steps), or the
+        # budget ran out just after a validation, and the same model needs no second one
         save(reason)
     elif world.is_main:
         validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save

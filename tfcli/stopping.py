@@ -1,0 +1,56 @@
+"""Stopping a run by signal: Ctrl-C finishes the step, saves and ends the run; a second quits at once.
+
+`train` polls its `should_stop` after every step, so a signal handler only raises a flag and the
+run ends between steps, where its state is whole. The CLI and a notebook's `tfcli.train` share this.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+
+
+class Terminated(KeyboardInterrupt):
+    """A second SIGTERM: stop at once, like a second Ctrl-C, but exit 143 as a shell expects."""
+
+
+class StopFlag:
+    """A `should_stop` raised by the first SIGINT or SIGTERM; the second raises KeyboardInterrupt
+    (Terminated for SIGTERM) at once, which loses nothing: saves are atomic.
+
+    Until the trainer first polls the flag (its first step has ended), the first signal quits at
+    once too: that step may be a minute of compiling, with nothing to save. Not when `alone` is
+    False (torchrun's ranks must agree to stop after a step, or one waits on the others for ever).
+    Outside the main thread, where Python allows no signal handler, nothing is installed."""
+
+    def __init__(self, alone: bool = True):
+        self.signum: int | None = None
+        self.alone, self.polled = alone, False
+        self.previous: dict = {}
+
+    def __call__(self) -> bool:
+        self.polled = True
+        return self.signum is not None
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None or (self.alone and not self.polled):
+            self.signum = signum  # (the exit code names this signal, as a shell's would)
+            # torch.compile traces the backward in anomaly mode, which reports the interrupt
+            # as a warning with the forward's stack: noise, not news, for someone who pressed Ctrl-C
+            warnings.filterwarnings("ignore", message="Error detected in")
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.signum = signum
+        self.stopping(signum)
+
+    def stopping(self, signum: int) -> None:
+        """Called on the first signal that lets the step finish (the CLI says so on stderr)."""
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
