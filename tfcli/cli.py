@@ -259,7 +259,8 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the training text "
                                            "\\[default: 10 where auto sees a small text, else none]."),
-    preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} (auto: by device and --time)."),
+    preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} "
+                               "(auto: by device, --time and the text's size)."),
     n_layer: Optional[int] = typer.Option(None, help="Transformer blocks."),
     n_head: Optional[int] = typer.Option(None, help="Attention heads per block."),
     n_embd: Optional[int] = typer.Option(None, help="Width of the residual stream."),
