@@ -187,6 +187,12 @@ def test_lens_and_summary_on_a_narrow_terminal_drop_candidates_or_wrap_never_cut
     heads = [HeadPattern(0, 0, {p: 0.5 for p in PATTERNS}, 0.5, "previous")]
     out = render(summary_view(heads, heads, "abc", 3, 0.4, color=False, max_width=40), width=40)
     assert "mean share of attention" in " ".join(out.split()) and "…" not in out.split("on the probe")[0]
+    assert all(cell_len(line) <= 40 for line in out.splitlines())
+    on_prompt = out.split("on the probe")[0]  # the columns that do not fit come in a second block, not cut
+    headers = [line.split() for line in on_prompt.splitlines() if line.startswith(" ") and "label" in line]
+    assert len(headers) == 2 and "ind" in headers[1] and headers[1][-1] == "entropy"
+    rows = [line.split() for line in on_prompt.splitlines() if line.startswith("L0")]
+    assert [r[:3] for r in rows] == [["L0", "H0", "previous"]] * 2 and rows[1][-1] == "0.50"
 
 
 def test_grid_view_windows_long_prompts_to_fit():

@@ -53,22 +53,31 @@ def _num(x: float) -> str:
 
 
 def _pattern_table(patterns: list[HeadPattern], title: str, color: bool, max_width: int) -> list[Text]:
+    """A row per head: its label, then a column per pattern score and the entropy. Where the
+    columns do not fit `max_width` they go in blocks, one under the other, each with the heads and
+    labels again (a terminal cropped them: below ~55 columns the induction and entropy scores
+    were lost)."""
     bold = "bold" if color else ""
     head_w = max(len(f"L{p.layer} H{p.head}") for p in patterns)
-    cols = "".join(f"{_SHORT[n]:>6}" for n in PATTERNS) + f"{'entropy':>8}"
-    lines = [_line(Text(_fit(title, max_width), style=bold)),
-             _line(f"{'':{head_w}}  {'label':<9}{cols}")]
-    previous_layer = patterns[0].layer
-    for p in patterns:
-        if p.layer != previous_layer:
-            lines.append(_line(""))
-            previous_layer = p.layer
-        row = _line(f"{f'L{p.layer} H{p.head}':<{head_w}}  ", Text(f"{p.label:<9}", style=bold))
-        for name in PATTERNS:
-            picked = name == p.label and color
-            row.append(f" {_num(p.scores[name])}", style="bold reverse" if picked else "")
-        row.append(f"   {_num(p.entropy)}", style="bold reverse" if p.label == "diffuse" and color else "")
-        lines.append(row)
+    columns = [(f"{_SHORT[n]:>6}", lambda p, n=n: (f" {_num(p.scores[n])}", p.label == n)) for n in PATTERNS]
+    columns.append((f"{'entropy':>8}", lambda p: (f"   {_num(p.entropy)}", p.label == "diffuse")))
+    room, blocks = max_width - head_w - 11, [[]]
+    for column in columns:
+        if blocks[-1] and sum(len(h) for h, _ in blocks[-1]) + len(column[0]) > room:
+            blocks.append([])
+        blocks[-1].append(column)
+    lines = [_line(Text(_fit(title, max_width), style=bold))]
+    for block in blocks:
+        lines += [_line("")] if len(lines) > 1 else []
+        lines.append(_line(f"{'':{head_w}}  {'label':<9}" + "".join(h for h, _ in block)))
+        for i, p in enumerate(patterns):
+            if i and p.layer != patterns[i - 1].layer:
+                lines.append(_line(""))
+            row = _line(f"{f'L{p.layer} H{p.head}':<{head_w}}  ", Text(f"{p.label:<9}", style=bold))
+            for _, cell in block:
+                text, picked = cell(p)
+                row.append(text, style="bold reverse" if picked and color else "")
+            lines.append(row)
     return lines
 
 
