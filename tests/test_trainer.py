@@ -623,3 +623,19 @@ def test_training_leaves_the_caller_s_random_state_as_it_was(tmp_path):
     torch.manual_seed(123)
     train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")  # (which seeds torch with cfg.seed)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_slow_validation_raises_the_time_kept_for_the_final_one(tmp_path, monkeypatch):
+    import time
+
+    import tfcli.trainer as trainer_module
+    real = trainer_module.val_loss
+
+    def slow_val_loss(*args, **kwargs):
+        time.sleep(2.0)  # as on a loaded host, where validation took 15x the estimate
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer_module, "val_loss", slow_val_loss)
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    cfg = replace(TRAIN, max_steps=None, time_budget=6.0, eval_interval=1.0, eval_steps=None)
+    done = train(corpus, MODEL, cfg, tmp_path / "run")
+    assert done.reason == "time" and done.elapsed < 6.8  # (it ran 7.5 s: the final one came on top)

@@ -404,7 +404,10 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             validated_at = time.monotonic()
             validate(window_loss / window_n if window_n else train_loss)
             last_eval, last_eval_step = time.monotonic(), run.step
-            window_t += last_eval - validated_at  # (tokens/s counts the steps' time, not the validation's)
+            took = last_eval - validated_at
+            window_t += took  # (tokens/s counts the steps' time, not the validation's)
+            if budget is not None and took > reserve:  # (a loaded machine: keep what one really takes)
+                budget, reserve = budget - (took - reserve), took
     if world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
         # Ctrl-C: save and go at once (validation comes with the next session's steps), or the
         # budget ran out just after a validation, and the same model needs no second one
@@ -458,7 +461,8 @@ def _diverged(what: str, step: int, cfg: TrainConfig, run_dir: Path) -> TfcliErr
 
 
 def _final_reserve(model: GPT, val_ids: list[np.ndarray]) -> float:
-    """Seconds to keep for the final validation and save, so --time is the whole run's length."""
+    """Seconds to keep for the final validation and save, so --time is the whole run's length: an
+    estimate, raised to what a validation took if one took longer (on a busy host, 15x longer)."""
     return 0.5 + 3e-11 * model.num_params() * sum(len(piece) for piece in val_ids)
 
 
