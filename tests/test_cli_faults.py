@@ -130,8 +130,9 @@ def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 60.0) 
 def test_second_signal_quits_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path, signum, code):
     out = tmp_path / "run"
     err = tmp_path / "stderr"
-    # steps of a few tenths of a second, so the second signal lands while the first one's step still runs
-    args = ("train", corpus, "--n-layer", "2", "--n-head", "2", "--n-embd", "128", "--block-size", "128",
+    # steps of about a second, so the second signal lands while the first one's step still runs (the save
+    # follows the step at once: a step of a few tenths left too small a window)
+    args = ("train", corpus, "--n-layer", "4", "--n-head", "2", "--n-embd", "256", "--block-size", "128",
             "--batch-size", "64", "--time", "60", "--no-compile", "--eval-interval", "0.5", "--out", out)
     with open(err, "w") as se:
         proc = subprocess.Popen(tfcli(*args), stdout=subprocess.DEVNULL, stderr=se, env=ENV, cwd=tmp_path)
@@ -153,7 +154,7 @@ def test_second_signal_quits_at_once_and_keeps_the_last_checkpoint(corpus, tmp_p
 
 def test_second_signal_before_the_first_save_says_there_is_nothing_to_resume(corpus, tmp_path):
     out, err = tmp_path / "run", tmp_path / "stderr"
-    args = ("train", corpus, "--n-layer", "2", "--n-head", "2", "--n-embd", "128", "--block-size", "128",
+    args = ("train", corpus, "--n-layer", "4", "--n-head", "2", "--n-embd", "256", "--block-size", "128",
             "--batch-size", "64", "--time", "60", "--no-compile", "--eval-interval", "600", "--out", out)
     with open(err, "w") as se:
         proc = subprocess.Popen(tfcli(*args), stdout=subprocess.DEVNULL, stderr=se, env=ENV, cwd=tmp_path)

@@ -155,3 +155,12 @@ def test_a_stop_given_as_one_string_is_one_stop_string():
 
     assert SampleConfig(stop="\n\n").stop == ("\n\n",)
     assert SampleConfig(stop=["ab", "c"]).stop == ("ab", "c")
+
+
+def test_preset_picks_for_the_device_train_would_use(monkeypatch):
+    import torch
+
+    from tfcli import device
+    monkeypatch.setattr(device, "pick_device", lambda name="auto": torch.device("cuda"))  # (a GPU machine)
+    assert config.preset(time_budget=60)[0].n_embd == PRESETS["large"]["n_embd"]
+    assert config.preset(device="cpu", time_budget=60)[0].n_embd == PRESETS["small"]["n_embd"]

@@ -332,8 +332,21 @@ def test_generate_gives_one_text_per_sample_and_cuts_at_a_stop_string(model):
     texts = model.generate("", 40, seed=1, num_samples=3, temperature=0)
     assert isinstance(texts, list) and len(texts) == 3 and len(set(texts)) == 1  # greedy: all the same
     full = model.generate("he", 40, temperature=0)
-    stop = full[5:7]
-    assert model.generate("he", 40, temperature=0, stop=stop) == full[:full.index(stop)]
+    cut = next(i for i in range(1, 38) if full.index(full[i:i + 2]) == i)  # (a stop string first met at i)
+    assert model.generate("he", 40, temperature=0, stop=full[cut:cut + 2]) == full[:cut] != ""
+
+
+def test_generate_reads_prompt_and_stop_string_in_the_spelling_the_vocabulary_knows():
+    from tfcli.corpus import Vocab
+
+    vocab = Vocab.from_text("cafe\u0301 au lait\n")  # é as e and a combining accent
+    model = make_model(vocab)
+    full = model.generate("cafe\u0301", 30, temperature=0)
+    assert model.generate("café", 30, temperature=0) == full  # é typed as one character
+    assert "e\u0301" in full  # (this model writes it: the stop string below is met)
+    cut = full[:full.index("e\u0301")]
+    assert model.generate("café", 30, temperature=0, stop="é") == cut == model.generate("café", 30, temperature=0,
+                                                                                       stop="e\u0301")
 
 
 def test_generate_applies_the_unknown_policy_to_the_prompt(model):

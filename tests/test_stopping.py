@@ -39,3 +39,20 @@ def test_outside_the_main_thread_nothing_is_installed():
     thread.start()
     thread.join()
     assert seen == [({}, False)]
+
+
+def test_the_warning_hushed_for_an_interrupt_is_heard_again_after_the_run():
+    import warnings
+
+    before = list(warnings.filters)
+    with pytest.raises(KeyboardInterrupt), StopFlag():
+        os.kill(os.getpid(), signal.SIGINT)  # (quits at once, hushing torch's anomaly-mode report)
+    assert warnings.filters == before  # a notebook's later anomaly reports still show
+
+
+def test_a_handler_python_cannot_put_back_is_left_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(signal, "signal", lambda s, h: calls.append(h))  # (returns None: a handler set in C)
+    with StopFlag() as stop:
+        pass
+    assert calls == [stop.handle, stop.handle]  # installed for SIGINT and SIGTERM; None is not "put back"

@@ -53,7 +53,7 @@ def write(tmp_path, text: str, name: str = "t.txt"):
 
 
 class StopAfter:
-    """A should_stop flag that rises after `n` polls (one poll per step)."""
+    """A should_stop flag that rises at its `n`th poll (one after each step, one after each validation)."""
 
     def __init__(self, n: int):
         self.n = n
@@ -139,13 +139,13 @@ def test_should_stop_saves_and_reports_interrupted_without_validating_again(tmp_
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     events = []
     done = train(corpus, MODEL, replace(TRAIN, eval_steps=3), tmp_path / "run", events.append,
-                 should_stop=StopAfter(7))
-    assert (done.step, done.reason) == (7, "interrupted")
+                 should_stop=StopAfter(8))  # (steps 1-3, step 3's validation, steps 4-6, and then step 6's)
+    assert (done.step, done.reason) == (6, "interrupted")
     evals = [e for e in events if isinstance(e, Eval)]
-    assert [e.step for e in evals] == [3, 6]  # no validation (nor sample) after Ctrl-C: it saves and goes
+    assert [e.step for e in evals] == [3, 6]  # no validation (nor sample) again after Ctrl-C: it saves and goes
     assert (done.val_loss, done.val_step) == (evals[-1].val_loss, 6)
     summary = ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary
-    assert (summary["step"], summary["ended"], summary["val_step"]) == (7, "interrupted", 6)
+    assert (summary["step"], summary["ended"], summary["val_step"]) == (6, "interrupted", 6)
     assert (tmp_path / "run" / ckpt.STATE_FILE).is_file()
 
 
@@ -153,10 +153,10 @@ def test_a_stop_at_a_step_due_for_validation_saves_without_it(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     events = []
     done = train(corpus, MODEL, replace(TRAIN, eval_steps=1), tmp_path / "run", events.append,
-                 should_stop=StopAfter(3))
+                 should_stop=StopAfter(3))  # (step 1, its validation, step 2)
     evals = [e for e in events if isinstance(e, Eval)]
-    assert [e.step for e in evals] == [1, 2]  # (step 3's validation would only delay the exit)
-    assert (done.step, done.reason, done.val_loss, done.val_step) == (3, "interrupted", evals[-1].val_loss, 2)
+    assert [e.step for e in evals] == [1]  # (step 2's validation would only delay the exit)
+    assert (done.step, done.reason, done.val_loss, done.val_step) == (2, "interrupted", evals[-1].val_loss, 1)
     assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["ended"] == "interrupted"
 
 
@@ -610,9 +610,9 @@ def test_a_notebook_s_interrupt_saves_the_run_and_returns(tmp_path):
         if isinstance(event, Eval) and event.step == 6:
             os.kill(os.getpid(), signal.SIGINT)  # (what a notebook's interrupt button sends)
     cfg = replace(TRAIN, eval_steps=3)
-    done = train(corpus, MODEL, cfg, tmp_path / "run", interrupt_at_step_6)  # no should_stop: Ctrl-C's own
-    assert (done.step, done.reason) == (7, "interrupted")  # (the step under way when it came ends first)
-    assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["step"] == 7
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 6 and saved"):  # (so a loop of runs stops too)
+        train(corpus, MODEL, cfg, tmp_path / "run", interrupt_at_step_6)  # no should_stop: Ctrl-C's own
+    assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["step"] == 6
     assert train(corpus, MODEL, cfg, tmp_path / "run", resume=True).step == cfg.max_steps  # it goes on
 
 
@@ -639,3 +639,14 @@ def test_a_slow_validation_raises_the_time_kept_for_the_final_one(tmp_path, monk
     cfg = replace(TRAIN, max_steps=None, time_budget=6.0, eval_interval=1.0, eval_steps=None)
     done = train(corpus, MODEL, cfg, tmp_path / "run")
     assert done.reason == "time" and done.elapsed < 6.8  # (it ran 7.5 s: the final one came on top)
+
+
+def test_a_run_saved_before_val_step_was_recorded_resumes_knowing_where_it_validated(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    train(corpus, MODEL, replace(TRAIN, max_steps=3), tmp_path / "run")
+    path = tmp_path / "run" / ckpt.STATE_FILE
+    tensors, state = ckpt.load_state(path)
+    del state["val_step"]  # (as an older tfcli saved it: the final validation was at its last step)
+    ckpt.save_state(path, tensors, state)
+    done = train(corpus, MODEL, replace(TRAIN, max_steps=10), tmp_path / "run", resume=True, should_stop=StopAfter(1))
+    assert (done.step, done.val_step) == (4, 3)  # its validation is not taken for step 4's

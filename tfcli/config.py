@@ -170,12 +170,16 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     return picked
 
 
-def preset(name: str = "auto", device: str = "cpu", time_budget: float | None = DEFAULT_CPU_TIME,
+def preset(name: str = "auto", device: str | None = None, time_budget: float | None = DEFAULT_CPU_TIME,
            train_chars: int | None = None, max_steps: int | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The model and training settings `tfcli train --preset NAME` starts from, as a notebook's
     `tfcli.train` wants them: `auto` picks by device, budget (seconds) and the training text's
     length in characters (a short text gets dropout and an epoch limit); the budget and step limit
-    come along. Each field can then be changed with `dataclasses.replace`."""
+    come along. Each field can then be changed with `dataclasses.replace`. `device`: cpu, cuda...
+    (None: the one `train` would use)."""
+    if device is None:
+        from .device import pick_device
+        device = pick_device("auto").type
     picked = resolve_preset(name, device, time_budget, train_chars, max_steps)
     train = TrainConfig(batch_size=picked.pop("batch_size"), lr=picked.pop("lr"), epochs=picked.pop("epochs", None),
                         time_budget=time_budget, max_steps=max_steps)

@@ -28,6 +28,7 @@ class StopFlag:
         self.signum: int | None = None
         self.alone, self.polled = alone, False
         self.previous: dict = {}
+        self.hushed: warnings.catch_warnings | None = None
 
     def __call__(self) -> bool:
         self.polled = True
@@ -36,9 +37,13 @@ class StopFlag:
     def handle(self, signum, frame) -> None:
         if self.signum is not None or (self.alone and not self.polled):
             self.signum = signum  # (the exit code names this signal, as a shell's would)
-            # torch.compile traces the backward in anomaly mode, which reports the interrupt
-            # as a warning with the forward's stack: noise, not news, for someone who pressed Ctrl-C
-            warnings.filterwarnings("ignore", message="Error detected in")
+            # torch.compile traces the backward in anomaly mode, which reports the interrupt as a
+            # warning with the forward's stack: noise, not news, for someone who pressed Ctrl-C
+            # (hushed until __exit__, so a notebook's later anomaly reports still show)
+            if self.hushed is None:
+                self.hushed = warnings.catch_warnings()
+                self.hushed.__enter__()
+                warnings.filterwarnings("ignore", message="Error detected in")
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signum = signum
         self.stopping(signum)
@@ -53,4 +58,7 @@ class StopFlag:
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # (None: a handler set from C, which Python cannot put back)
+                signal.signal(s, handler)
+        if self.hushed is not None:
+            self.hushed.__exit__(None, None, None)

@@ -243,9 +243,10 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     """Train a model on `corpus` into `run_dir` and return how it ended.
 
     `started_at` (a time.monotonic() value) lets the wall-clock budget include the
-    caller's start-up; `should_stop` is polled after every step, and when it says so the run
-    saves and returns, its reason "interrupted". Without one, Ctrl-C (a notebook's interrupt)
-    does that: see stopping.StopFlag.
+    caller's start-up; `should_stop` is polled after every step (and validation), and when it
+    says so the run saves and returns, its reason "interrupted". Without one, Ctrl-C (a notebook's
+    interrupt) lets the step end and the run save, then raises KeyboardInterrupt as usual (see
+    stopping.StopFlag).
     `world` places this process in a torchrun job (default: as torchrun's environment
     says); events reach `on_event` on rank 0 only.
     """
@@ -263,10 +264,14 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     lock = ckpt.run_lock(run_dir) if world.is_main else contextlib.nullcontext()
     flag = StopFlag(alone=not world.is_distributed) if should_stop is None else contextlib.nullcontext(should_stop)
     # the run seeds torch's generators (cfg.seed); the caller's (a notebook's) get their state back
-    rng = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
-    with process_group(world, device), lock, flag as should_stop, rng:
-        return _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with process_group(world, device), lock, flag as should_stop, torch.random.fork_rng(devices=cuda):
+        done = _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
                       started_at, world, device)
+    if done.reason == "interrupted" and isinstance(flag, StopFlag):  # (a loop of runs stops at one Ctrl-C)
+        raise KeyboardInterrupt(f"training stopped at step {done.step} and saved in {run_dir}; "
+                                "train(..., resume=True) goes on")
+    return done
 
 
 CPU_FLOPS = 100e9  # a laptop CPU's training rate, roughly (2 Zen 4 cores: ~250 GFLOP/s in bf16)
@@ -408,6 +413,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             window_t += took  # (tokens/s counts the steps' time, not the validation's)
             if budget is not None and took > reserve:  # (a loaded machine: keep what one really takes)
                 budget, reserve = budget - (took - reserve), took
+            stop = should_stop()  # (a Ctrl-C during it stops here, not after one more step)
     if world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
         # Ctrl-C: save and go at once (validation comes with the next session's steps), or the
         # budget ran out just after a validation, and the same model needs no second one
@@ -507,4 +513,5 @@ def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -
                 progress=state.get("progress", 0.0),  # (runs saved before it was recorded: from the start)
                 best_val=state.get("best_val_loss") if same_slice else None,
                 best_step=state.get("best_step") if same_slice else None, last_val=state.get("val_loss"),
-                val_step=state.get("val_step"))
+                # (runs saved before val_step was recorded always validated at the step they saved)
+                val_step=state.get("val_step", state["step"] if state.get("val_loss") is not None else None))
