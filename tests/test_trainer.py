@@ -650,3 +650,14 @@ def test_a_run_saved_before_val_step_was_recorded_resumes_knowing_where_it_valid
     ckpt.save_state(path, tensors, state)
     done = train(corpus, MODEL, replace(TRAIN, max_steps=10), tmp_path / "run", resume=True, should_stop=StopAfter(1))
     assert (done.step, done.val_step) == (4, 3)  # its validation is not taken for step 4's
+
+
+def test_a_finished_step_run_resumed_for_more_steps_stays_at_the_floor(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    cfg = replace(TRAIN, max_steps=20, warmup_steps=1)
+    train(corpus, MODEL, cfg, tmp_path / "run")
+    events = []
+    train(corpus, MODEL, replace(cfg, max_steps=40), tmp_path / "run", events.append, resume=True)
+    steps = [e for e in events if isinstance(e, Step)]
+    assert steps[0].step == 21 and all(e.lr == pytest.approx(cfg.lr * cfg.min_lr_ratio) for e in steps)  # (it read
+    # the peak: 20 steps of 40 put it back before the cooldown)

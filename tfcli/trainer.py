@@ -369,9 +369,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if stop:
             reason = "interrupted"
             break
-        # a time budget is this session's: it takes the schedule from where the last session left it to the end
-        timed = prior_progress + (1 - prior_progress) * elapsed / budget if budget else 0.0
-        progress = run.progress = min(1.0, max(run.step / max_steps if max_steps else 0.0, timed))
+        progress = run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step,
+                                                    max_steps - start_step if max_steps else None)
         if max_steps and run.step >= max_steps:
             break
         if budget is not None and elapsed >= budget:
@@ -386,6 +385,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if not math.isfinite(loss_value):
             raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
         run.step += 1
+        run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step,  # (as saved)
+                                         max_steps - start_step if max_steps else None)
         stop = should_stop()  # (as soon as a step ends: from the first one's end, Ctrl-C waits for a save)
         step_tokens = x.numel() * world.size
         run.tokens += step_tokens
@@ -424,6 +425,16 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
                 run.val_step)
     on_event(done)
     return done
+
+
+def schedule_progress(prior: float, elapsed: float, budget: float | None, steps: int, steps_left: int | None) -> float:
+    """How far through the lr schedule (0..1) a session is, `elapsed` seconds and `steps` steps in,
+    having started at `prior`: its budget and its step limit each take the schedule from there to
+    the end, and whichever is further on counts. A finished run resumed for more stays at the end,
+    its floor, rather than jumping back to the peak; a fresh run's is steps / max_steps."""
+    timed = prior + (1 - prior) * elapsed / budget if budget else 0.0
+    counted = prior + (1 - prior) * steps / steps_left if steps_left and steps_left > 0 else prior
+    return min(1.0, max(timed, counted))
 
 
 def step_limit(cfg: TrainConfig, train_chars: int, block_size: int) -> tuple[int | None, str]:
