@@ -1007,6 +1007,10 @@ def test_info_shows_parameter_count(in_trained):
     params = json.loads(ok("info", "--json").stdout)["params"]
     out = ok("info").stdout
     assert f"{params:,} parameters" in out and "2 layers" in out and "trained 30 steps" in out
+    # what the run was trained with, resolved ("auto" came to this CPU's precision), so runs can be told apart
+    summary = json.loads(ok("info", "--json").stdout)["summary"]
+    assert f"  with muon, lr {summary['train']['lr']:g}, batch 16, {summary['dtype']} on cpu, seed 1337" in out
+    assert summary["train"]["dtype"] == "auto" and summary["dtype"] in ("bfloat16", "float32")
 
 
 def test_a_directory_of_runs_given_to_m_means_its_latest_run_and_says_which(in_trained):
@@ -1028,7 +1032,7 @@ def test_info_names_the_best_validation_when_it_came_before_the_end(model, tmp_p
     ckpt.save_model(tmp_path / "m.safetensors", trained, trained.vocab, {**summary, "val_step": 80})  # (Ctrl-C)
     assert "val loss 2.5000 at step 80; best" in ok("info", "-m", tmp_path / "m.safetensors").stdout
     ckpt.save_model(tmp_path / "m.safetensors", trained, trained.vocab, {**summary, "best_step": 90})
-    assert "best" not in ok("info", "-m", tmp_path / "m.safetensors").stdout.splitlines()[-1]
+    assert "best" not in ok("info", "-m", tmp_path / "m.safetensors").stdout.split("  trained ")[1]
 
 
 def test_info_json(model):
@@ -1107,3 +1111,14 @@ def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(mo
     with pytest.raises(typer.Exit):
         cli.fail("bad flag", 2)
     assert capsys.readouterr().err.strip() == "error: bad flag"
+
+
+def test_a_resumed_run_keeps_its_seed_and_says_a_new_one_does_not_apply(tmp_path):
+    write_names(tmp_path / "names.txt")
+    run = tmp_path / "run"
+    ok("train", tmp_path / "names.txt", "--preset", "tiny", "--max-steps", "2", "--seed", "5", "--out", run)
+    resumed = ok("train", tmp_path / "names.txt", "--out", run, "--resume", "--max-steps", "4", "--seed", "9")
+    assert "--seed 9 does not apply to a resumed run" in resumed.stderr
+    ok("train", tmp_path / "names.txt", "--out", run, "--resume", "--max-steps", "6")  # (the printed command's form)
+    summary = json.loads(ok("info", "-m", run, "--json").stdout)["summary"]
+    assert (summary["step"], summary["train"]["seed"]) == (6, 5)  # (it read 1337: the flag's default won)

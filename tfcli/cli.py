@@ -271,7 +271,8 @@ def train(
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step: the same step in less memory "
                                              "\\[default: 1]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    seed: int = typer.Option(1337, help="Random seed (initialisation and batches)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and batches) \\[default: 1337; "
+                                       "a resumed run keeps its own]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16 (autocast precision)."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
@@ -313,6 +314,10 @@ def train(
         if preset != "auto":
             stderr.print(f"warning: --preset {preset} does not apply to a resumed run, which keeps its model",
                          highlight=False, markup=False)
+        if seed is not None:  # (its generators' state is restored: a new seed would change nothing)
+            stderr.print(f"warning: --seed {seed} does not apply to a resumed run, which goes on with its own "
+                         "random state", highlight=False, markup=False)
+            seed = None
         saved = {"optimizer": "adamw", **stored.summary.get("train", {})}  # (runs from before Muon: AdamW)
         base_train = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     elif run_dir is None:
@@ -1170,6 +1175,19 @@ def eval_(
                      f"perplexity {result.perplexity:.3f}")
 
 
+def training_settings(s: dict) -> str:
+    """A run's training settings in a line, so that runs can be told apart: 'muon, lr 0.006, batch
+    32, bfloat16 on cpu, compiled, seed 1337'."""
+    t = s["train"]
+    parts = [t.get("optimizer", "adamw"), f"lr {t['lr']:g}", f"batch {t['batch_size']}"
+             + (f" in {t['grad_accum']} micro-batches" if t.get("grad_accum", 1) > 1 else "")]
+    if "dtype" in s:  # (runs from before these were recorded say only what was asked)
+        processes = f" x {s['processes']} processes" if s.get("processes", 1) > 1 else ""
+        parts.append(f"{s['dtype']} on {s['device']}{processes}")
+        parts += ["compiled"] if s.get("compiled") else []
+    return ", ".join(parts + [f"seed {t['seed']}"])
+
+
 @app.command()
 @handle_errors(torch=False)
 def info(
@@ -1201,6 +1219,8 @@ def info(
         done += [f"{s['tokens']:,} tokens"] if "tokens" in s else []
         done += [f"{s['seconds']} s"] if "seconds" in s else []
         stdout.print(f"  trained {', '.join(done)}{val}", markup=False)
+        if "train" in s:
+            stdout.print(f"  with {training_settings(s)}", markup=False, highlight=False)
 
 
 @app.command()

@@ -329,7 +329,10 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),
                    "progress": run.progress, "val_loss": run.last_val, "best_val_loss": run.best_val,
                    "best_step": run.best_step, "val_step": run.val_step,
-                   "params": model.num_params(), "ended": reason, "config_hash": chash, "train": cfg.to_dict()}
+                   "params": model.num_params(), "ended": reason, "config_hash": chash, "train": cfg.to_dict(),
+                   # what "auto" came to this session (train keeps the settings as given, for --resume)
+                   "device": str(device), "dtype": str(dtype).replace("torch.", ""), "compiled": compiled,
+                   "processes": world.size}
         # state first: a run directory that holds a model always holds the state to --resume it
         ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
         ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)

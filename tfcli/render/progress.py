@@ -59,8 +59,9 @@ def describe_start(e: Start) -> str:
                                      f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
     dropout = f", dropout {m.dropout:g}" if m.dropout else ""
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
+    micro = f" in {e.train.grad_accum} micro-batches" if e.train.grad_accum > 1 else ""
     return (f"model: {fmt_count(e.n_params)} params ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-            f"context {m.block_size}{dropout}), batch {e.train.batch_size}, lr {e.train.lr:g}\n"
+            f"context {m.block_size}{dropout}), batch {e.train.batch_size}{micro}, lr {e.train.lr:g}\n"
             f"device: {e.device}{f' × {e.processes} processes' if e.processes > 1 else ''} "
             f"({e.dtype}{', compiled' if e.compiled else ''}, {e.train.optimizer}); "
             f"{budget}{resumed}; writing {e.run_dir}")
