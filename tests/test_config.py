@@ -157,6 +157,12 @@ def test_a_stop_given_as_one_string_is_one_stop_string():
     assert SampleConfig(stop=["ab", "c"]).stop == ("ab", "c")
 
 
+def test_adamw_gets_its_own_learning_rate_not_muon_s():
+    assert config.preset("small", "cpu", 60.0)[1].lr == PRESETS["small"]["lr"]
+    adamw = config.preset("small", "cpu", 60.0, optimizer="adamw")[1]
+    assert (adamw.lr, adamw.optimizer) == (config.ADAMW_LR, "adamw") and adamw.lr < PRESETS["small"]["lr"] / 2
+
+
 def test_preset_picks_for_the_device_train_would_use(monkeypatch):
     import torch
 

@@ -270,7 +270,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Sequences per step."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step: the same step in less memory "
                                              "\\[default: 1]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate \\[default: the preset's; 0.002 with "
+                                       "--optimizer adamw]."),
     seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and batches) \\[default: 1337; "
                                        "a resumed run keeps its own]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
@@ -351,7 +352,8 @@ def train(
     if world.is_main:
         print_corpus_report(corpus, data, val)
     if base_model is None:
-        base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps)
+        base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps,
+                                                optimizer or TrainConfig.optimizer)
         base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
