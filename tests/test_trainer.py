@@ -661,3 +661,14 @@ def test_a_finished_step_run_resumed_for_more_steps_stays_at_the_floor(tmp_path)
     steps = [e for e in events if isinstance(e, Step)]
     assert steps[0].step == 21 and all(e.lr == pytest.approx(cfg.lr * cfg.min_lr_ratio) for e in steps)  # (it read
     # the peak: 20 steps of 40 put it back before the cooldown)
+
+
+def test_metrics_log_every_step_s_own_loss_the_same_in_two_runs_of_one_seed(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    logs = []
+    for name in ("a", "b"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=12), tmp_path / name)
+        records = [json.loads(line) for line in (tmp_path / name / ckpt.METRICS_FILE).read_text().splitlines()]
+        logs.append([(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r])
+    assert [step for step, _, _ in logs[0]] == list(range(1, 13))  # (it logged half-second means, where it fell)
+    assert logs[0] == logs[1]

@@ -62,6 +62,9 @@ class Start:
 
 @dataclass(frozen=True)
 class Step:
+    """Progress for a display, about twice a second (and at a session's first step): loss and
+    tokens/s are means over the steps since the last one. metrics.jsonl has every step's own."""
+
     step: int
     loss: float
     lr: float
@@ -382,6 +385,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         lr = lr_at(progress, run.step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        step_started = time.monotonic()
         x, y = get_batch(corpus.train, cfg.batch_size, model_cfg.block_size, gen, device, rows)
         loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler,
                                                     cfg.grad_accum))
@@ -398,12 +402,13 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if run.step == 3:
             gc.freeze()  # everything alive now lives for the whole run; spare the collector from walking it
         now = time.monotonic()
-        if world.is_main and (now - window_t >= 0.5 or run.step == start_step + 1):
+        if world.is_main:  # every step's own figures: two runs of one seed log the same losses, step by step
+            ckpt.append_metrics(run_dir, {"step": run.step, "loss": round(loss_value, 5), "lr": lr,
+                                          "tokens_per_s": round(step_tokens / max(now - step_started, 1e-9), 1),
+                                          "elapsed": round(now - started_at, 2)})
+        if world.is_main and (now - window_t >= 0.5 or run.step == start_step + 1):  # (the display: a mean)
             on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
                           now - started_at, progress))
-            ckpt.append_metrics(run_dir, {"step": run.step, "loss": round(window_loss / window_n, 5), "lr": lr,
-                                          "tokens_per_s": round(window_tokens / max(now - window_t, 1e-9), 1),
-                                          "elapsed": round(now - started_at, 2)})
             train_loss = window_loss / window_n
             window_loss, window_n, window_t, window_tokens = 0.0, 0, now, 0
         last_step = max_steps is not None and run.step >= max_steps  # the final validation follows at once
