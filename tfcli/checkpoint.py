@@ -290,11 +290,11 @@ def _try_lock(fcntl, fd: int) -> bool:
     return True
 
 
-def append_metrics(run_dir: Path, record: dict) -> None:
+def append_metrics(run_dir: Path, *records: dict) -> None:
     path = run_dir / METRICS_FILE
     try:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(record) + "\n" for record in records))
     except OSError as e:
         raise TfcliError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are untouched") from None
 

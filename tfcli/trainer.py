@@ -351,8 +351,9 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         save(reason)
         if best:
             ckpt.save_model(run_dir / ckpt.BEST_FILE, model, corpus.vocab, {"step": run.step, "val_loss": val})
-        ckpt.append_metrics(run_dir, {"step": run.step, "val_loss": val, "train_loss": train_loss,
-                                      "elapsed": round(time.monotonic() - started_at, 2)})
+        ckpt.append_metrics(run_dir, *logged, {"step": run.step, "val_loss": val, "train_loss": train_loss,
+                                               "elapsed": round(time.monotonic() - started_at, 2)})
+        logged.clear()
         on_event(Eval(run.step, val, train_loss, best, time.monotonic() - started_at))
         text = "".join(p[0] for p in generate(model, corpus.vocab, "", SampleConfig(
             max_new_tokens=cfg.sample_chars, temperature=0.8, seed=run.step)))
@@ -367,6 +368,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     start_step = run.step
     window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
     train_loss = float("nan")
+    logged: list[dict] = []  # steps' metrics not yet written
     max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
     stop = False
     model.train()
@@ -402,11 +404,14 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if run.step == 3:
             gc.freeze()  # everything alive now lives for the whole run; spare the collector from walking it
         now = time.monotonic()
-        if world.is_main:  # every step's own figures: two runs of one seed log the same losses, step by step
-            ckpt.append_metrics(run_dir, {"step": run.step, "loss": round(loss_value, 5), "lr": lr,
-                                          "tokens_per_s": round(step_tokens / max(now - step_started, 1e-9), 1),
-                                          "elapsed": round(now - started_at, 2)})
+        # every step's own figures (two runs of one seed log the same losses, step by step), written a
+        # window at a time: a file opened per step cost a GPU run's millisecond steps a few percent
+        logged += [{"step": run.step, "loss": round(loss_value, 5), "lr": lr,
+                    "tokens_per_s": round(step_tokens / max(now - step_started, 1e-9), 1),
+                    "elapsed": round(now - started_at, 2)}] if world.is_main else []
         if world.is_main and (now - window_t >= 0.5 or run.step == start_step + 1):  # (the display: a mean)
+            ckpt.append_metrics(run_dir, *logged)
+            logged.clear()
             on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
                           now - started_at, progress))
             train_loss = window_loss / window_n
@@ -426,6 +431,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     if world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
         # Ctrl-C: save and go at once (validation comes with the next session's steps), or the
         # budget ran out just after a validation, and the same model needs no second one
+        ckpt.append_metrics(run_dir, *logged)
         save(reason)
     elif world.is_main:
         validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
