@@ -370,6 +370,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     train_loss = float("nan")
     logged: list[dict] = []  # steps' metrics not yet written
     max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
+    steps_left = max_steps - start_step if max_steps else None
     stop = False
     model.train()
     while True:
@@ -377,8 +378,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if stop:
             reason = "interrupted"
             break
-        progress = run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step,
-                                                    max_steps - start_step if max_steps else None)
+        progress = run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)
         if max_steps and run.step >= max_steps:
             break
         if budget is not None and elapsed >= budget:
@@ -394,8 +394,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         if not math.isfinite(loss_value):
             raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
         run.step += 1
-        run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step,  # (as saved)
-                                         max_steps - start_step if max_steps else None)
+        run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)  # (saved)
         stop = should_stop()  # (as soon as a step ends: from the first one's end, Ctrl-C waits for a save)
         step_tokens = x.numel() * world.size
         run.tokens += step_tokens
