@@ -360,3 +360,17 @@ def test_loading_onto_a_missing_gpu_is_a_usage_error(saved):
     _, path = saved
     with pytest.raises(UsageError, match="sees no CUDA GPU"):
         ckpt.load_model(path, device="cuda")
+
+
+def test_resume_without_out_goes_on_with_the_text_s_latest_run(tmp_path):
+    import os
+
+    root, text = tmp_path / "runs", tmp_path / "poems.txt"
+    text.write_text("x")
+    assert ckpt.latest_run_of([text], root) == root / "poems"  # (none saved yet: the default name)
+    for i, name in enumerate(["poems", "poems-2", "poems-x", "poems-10"]):
+        (root / name).mkdir(parents=True)
+        (root / name / ckpt.STATE_FILE).write_bytes(b"")
+        os.utime(root / name / ckpt.STATE_FILE, (1000 + i, 1000 + i))
+    os.utime(root / "poems-2" / ckpt.STATE_FILE, (5000, 5000))  # the one saved last
+    assert ckpt.latest_run_of([text], root) == root / "poems-2"  # (it resumed runs/poems, the oldest)

@@ -188,7 +188,7 @@ def test_train_resume_continues_the_step_count(trained, tmp_path):
 def test_train_ends_after_epochs_and_a_resume_goes_on_to_the_limits_given_then(trained, tmp_path):
     out, corpus = tmp_path / "r", trained / "names.txt"
     first = ok("train", corpus, "--preset", "tiny", "--epochs", "0.5", "--out", out)
-    assert "0.5 epochs" in first.stdout and "(reached --epochs)" in first.stdout  # no default time budget either
+    assert "0.5 epochs" in first.stdout and "(reached its epoch limit)" in first.stdout  # no default time budget either
     ended = json.loads(ok("info", "-m", out, "--json").stdout)["summary"]["step"]
     ok("train", corpus, "--max-steps", str(ended + 2), "--out", out, "--resume")  # the old epochs no longer stop it
     assert json.loads(ok("info", "-m", out, "--json").stdout)["summary"]["step"] == ended + 2
@@ -871,12 +871,20 @@ def test_attention_export_svg_html_and_json(model, tmp_path):
     ok(*args, "--view", "summary", "--export", tmp_path / "a.html")
     page = (tmp_path / "a.html").read_text(encoding="utf-8")
     assert "<html" in page and "anna␣bob" in page
-    ok(*args, "--view", "head", "--export", tmp_path / "a.json")
+    ok(*args, "--view", "head", "--layer", "0", "--export", tmp_path / "a.json")
     record = json.loads((tmp_path / "a.json").read_text())
-    assert record["text"] == "anna bob" and record["offset"] == 0
-    assert record["layers"] == [0, 1] and record["heads"] == [0, 1]
-    assert len(record["weights"]) == 2 and len(record["weights"][0][0]) == 8
-    assert abs(sum(record["weights"][1][1][7]) - 1) < 1e-4
+    assert record["text"] == "anna bob" and (record["offset"], record["first_query"]) == (0, 0)
+    assert record["layers"] == [0] and record["heads"] == [0, 1]
+    assert len(record["weights"]) == 1 and len(record["weights"][0][0]) == 8
+    assert abs(sum(record["weights"][0][1][7]) - 1) < 1e-4
+    ok(*args, "--view", "head", "--head", "1", "--export", tmp_path / "a.json")  # a head of the last layer, as shown
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert (record["layers"], record["heads"]) == ([1], [1])  # (it held every layer, the first one first)
+    ok(*args, "--view", "focus", "--range", "5:8", "--export", tmp_path / "a.json")
+    record = json.loads((tmp_path / "a.json").read_text())
+    rows = record["weights"][0][0]  # the range's queries, each over every key it saw (the keys were cut too)
+    assert (record["text"], record["first_query"], len(rows), len(rows[0])) == ("anna bob", 5, 3, 8)
+    assert all(abs(sum(row) - 1) < 1e-4 for row in rows)
 
 
 def test_attention_on_wide_characters_keeps_columns_aligned(tmp_path, monkeypatch):
@@ -1122,3 +1130,22 @@ def test_a_resumed_run_keeps_its_seed_and_says_a_new_one_does_not_apply(tmp_path
     ok("train", tmp_path / "names.txt", "--out", run, "--resume", "--max-steps", "6")  # (the printed command's form)
     summary = json.loads(ok("info", "-m", run, "--json").stdout)["summary"]
     assert (summary["step"], summary["train"]["seed"]) == (6, 5)  # (it read 1337: the flag's default won)
+
+
+def test_a_backslash_n_typed_in_quotes_is_explained(model):
+    message = refused(2, "sample", "-m", model, "--prompt", "anna\\nbob", "-n", "5")
+    assert "a backslash and an n" in message and "$'\\n'" in message
+    stop = ok("sample", "-m", model, "-p", "a", "--stop", "\\n\\n", "-n", "5", "--seed", "1")
+    assert "can never match" in stop.stderr and "a backslash and an n" in stop.stderr
+
+
+def test_the_printed_epoch_limit_resumes_to_the_same_step():
+    import math
+
+    from tfcli.cli import resume_limits
+    from tfcli.config import TrainConfig
+    from tfcli.trainer import Done
+    epochs = 200 * 4096 / 22976  # auto's 200-step floor on a 23K-character text, as passes
+    flag = resume_limits(Done(10, None, None, 5.0, Path("r"), "interrupted"), TrainConfig(epochs=epochs))
+    printed = float(flag.split("--epochs ")[1])
+    assert math.ceil(printed * 22976 / 4096) == 200  # (35.6546 made it 201)

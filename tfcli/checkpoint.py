@@ -15,6 +15,7 @@ renamed over the old one, so a crash mid-save leaves the previous file intact.
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import json
 import os
@@ -373,6 +374,15 @@ def default_run_dir(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
         n += 1
         candidate = root / f"{stem}-{n}"
     return candidate
+
+
+def latest_run_of(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
+    """The corpus's latest run: of runs/<name>, runs/<name>-2, -3... (default_run_dir's names), the
+    one saved last; runs/<name> where none has saved. What `--resume` without `--out` goes on with."""
+    stem = run_name(corpus_paths)
+    named = [root / stem] + [p for p in root.glob(f"{glob.escape(stem)}-*") if p.name[len(stem) + 1:].isdigit()]
+    saved = [p for p in named if (p / STATE_FILE).is_file()]
+    return max(saved, key=lambda p: (p / STATE_FILE).stat().st_mtime) if saved else root / stem
 
 
 def load_model(path: Path | str | None = None, device: str = "cpu"):

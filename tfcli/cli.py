@@ -306,7 +306,9 @@ def train(
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
     if resume:
-        run_dir = run_dir or ckpt.RUNS_DIR / ckpt.run_name(corpus)
+        if run_dir is None:  # the text's latest run (runs/poems-2 over runs/poems), named as the loaders do
+            run_dir = ckpt.latest_run_of(corpus)
+            stderr.print(f"using {run_dir}", style="dim", highlight=False, markup=False)
         stored = ckpt.load_checkpoint(ckpt.resolve_model_path(run_dir)) if (run_dir / ckpt.MODEL_FILE).exists() \
             else None
         if stored is None:
@@ -439,7 +441,10 @@ def resume_limits(done, cfg) -> str:
     count from the run's start (`auto` may have set the epochs for a small text)."""
     flags = f" --time {max(1, math.ceil(cfg.time_budget - done.elapsed))}s" if cfg.time_budget else ""
     flags += f" --max-steps {cfg.max_steps}" if cfg.max_steps else ""
-    return flags + (f" --epochs {cfg.epochs:g}" if cfg.epochs else "")
+    # (the float exactly, in its shortest form: auto's limit of 200 steps was 35.65459610027855 passes,
+    # and 35.6546 made 201)
+    short = f"{cfg.epochs:g}" if cfg.epochs else ""
+    return flags + (f" --epochs {short if float(short) == cfg.epochs else repr(cfg.epochs)}" if cfg.epochs else "")
 
 
 def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) -> None:
@@ -504,19 +509,21 @@ def read_stdin() -> str:
 
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
     """Apply the --unknown policy (Vocab.fit), warning on stderr of what it dropped or replaced."""
+    escape = typed_escape(prompt, vocab)
     try:
         prompt, changed = vocab.fit(prompt, unknown)
     except UsageError as e:
-        raise UsageError(e.message + hint) from None
+        raise UsageError(e.message + (escape or hint)) from None
     if not changed:
         return prompt
     from .corpus import show_char
     if unknown == "skip":
-        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in changed)}",
+        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in changed)}{escape}",
                      markup=False)
     else:
         stderr.print("warning: replaced unknown characters: " + ", ".join(
-            f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in changed.items()), markup=False)
+            f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in changed.items()) + escape,
+            markup=False)
     return prompt
 
 
@@ -691,7 +698,18 @@ def warn_unmatchable_stops(stops: tuple[str, ...], vocab) -> None:
         unknown = [c for c in dict.fromkeys(stop) if c not in vocab.chars]
         if unknown:
             stderr.print(f"warning: --stop {stop!r} can never match: the model never writes "
-                         f"{', '.join(show_char(c) for c in unknown)}", highlight=False, markup=False)
+                         f"{', '.join(show_char(c) for c in unknown)}{typed_escape(stop, vocab, prompt=False)}",
+                         highlight=False, markup=False)
+
+
+def typed_escape(text: str, vocab, prompt: bool = True) -> str:
+    """A hint where `text` holds a backslash escape the shell passed as typed: '--stop "\\n"' is a
+    backslash and an n, not a line end (the error named only the backslash, and --unknown skip
+    made 'Moon\\nRiver' into 'MoonnRiver')."""
+    if "\\" in vocab.chars or not re.search(r"\\[ntr]", text):
+        return ""
+    return (" (\\n in quotes is a backslash and an n, not a line end: in bash write $'\\n'"
+            + (", or use --prompt-file)" if prompt else ")"))
 
 
 def watched(pieces, total: int):
@@ -1019,7 +1037,8 @@ def inspect_attention(
                                             f"\\[default: {DEFAULT_GENERATE}]."),
     seed: Optional[int] = typer.Option(None, help="Random seed for --generate, and for the text a call without "
                                        "--prompt writes; -1: random \\[default: random, printed]."),
-    aggregate_: Optional[str] = typer.Option(None, "--aggregate", help="Combine a layer's heads: mean or max."),
+    aggregate_: Optional[str] = typer.Option(None, "--aggregate", help="Combine heads, mean or max: a layer's "
+                                                 "(head view), or all layers' (generated view)."),
     range_: Optional[str] = typer.Option(None, "--range", help="Prompt positions A:B to show (B excluded)."),
     export: Optional[Path] = typer.Option(None, help="Also write the view to FILE: .svg, .html, or .json "
                                           "(the raw weights)."),
@@ -1069,13 +1088,15 @@ def inspect_attention(
         gen = _generation(model, text, DEFAULT_GENERATE if generate_ is None else generate_, seed)
         att = attention(model, gen.text)
 
+    # the layers drawn: a bare grid, and a head view without --layer, show the last one
+    shown = [L - 1] if li is None and (view == "head" or view == "grid" and explicit != "grid") else layers
+
     def draw(color: bool):
         if view == "grid":
-            shown = layers if explicit == "grid" or li is not None else [L - 1]
             return heatmap.grid_view(weights[shown], chars, layer_labels=shown, color=color, max_width=width,
                                      offset=offset, first_sees_itself=start == 0)
         if view == "head":
-            layer_ = L - 1 if li is None else li
+            layer_ = shown[0]
             if aggregate_:
                 w, title = aggregate(weights[layer_], aggregate_, 0), f"layer {layer_}, {aggregate_} over {H} heads"
             else:
@@ -1094,11 +1115,15 @@ def inspect_attention(
 
     print_view(draw(color))
     if export is not None:  # in colour wherever stdout goes: a file is looked at elsewhere
+        # the weights drawn: queries as rows (from text[first_query] on), every key they saw as columns
+        first = 0
         if view == "generated":
             chars, weights, offset = att.text, att.weights, att.offset
-        heads = list(range(H)) if hi is None else [hi]
-        record = {"text": chars, "offset": offset, "layers": layers, "heads": heads,
-                  "weights": weights[layers][:, heads].round(6).tolist()}
+        elif view in ("focus", "summary", "lens"):  # --range picks their queries; their keys are all before
+            chars, weights, offset, first = att.text[:stop], att.weights[..., start:stop, :stop], att.offset, start
+        heads = list(range(H)) if hi is None or aggregate_ else [hi]
+        record = {"text": chars, "offset": offset, "first_query": first, "layers": shown, "heads": heads,
+                  "weights": weights[shown][:, heads].round(6).tolist()}
         _write_export(export, draw(True), record, width)
 
 

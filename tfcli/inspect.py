@@ -22,6 +22,7 @@ from .native_decoder import NativeModel
 
 # Specific patterns first: a head matching one of them is labelled by it even if the
 # broad "local" pattern (which contains previous and current) scores higher.
+GENERATE_TEMPERATURE = 0.8  # what the model writes for itself to be looked at: sample's default
 SPECIFIC = ("previous", "current", "first", "duplicate", "induction")
 PATTERNS = (*SPECIFIC, "local")
 LOCAL_WINDOW = 4  # keys q-3..q
@@ -228,7 +229,7 @@ def generation_attention(model, prompt: str, n: int, seed: int) -> Generation:
 
     if not prompt:
         raise UsageError("the prompt is empty: --generate continues a prompt of at least one character")
-    cfg = SampleConfig(max_new_tokens=n, seed=seed, temperature=0.8).validate()
+    cfg = SampleConfig(max_new_tokens=n, seed=seed, temperature=GENERATE_TEMPERATURE).validate()
     text = prompt + "".join(parts[0] for parts in generate(model, model.vocab, prompt, cfg))
     T = model.config.block_size
     prefix = min(len(text) - 1, T)  # the windows [0, j) for j up to here
@@ -263,7 +264,7 @@ def own_text(model, seed: int, n: int = OWN_TEXT) -> str:
 
     start = opening(model.vocab)
     cfg = SampleConfig(max_new_tokens=max(1, min(n, model.config.block_size) - 1), seed=seed,
-                       temperature=0.8).validate()
+                       temperature=GENERATE_TEMPERATURE).validate()
     return start + "".join(parts[0] for parts in generate(model, model.vocab, start, cfg))
 
 

@@ -17,14 +17,14 @@ from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from ..inspect import DIFFUSE_ENTROPY, LOCAL_WINDOW, PATTERNS, Generation, HeadPattern, Lens
+from ..inspect import DIFFUSE_ENTROPY, GENERATE_TEMPERATURE, LOCAL_WINDOW, PATTERNS, Generation, HeadPattern, Lens
 from .heatmap import _fit, _header_glyph, _line, _prose, _rgb, visible
 
 _SHORT = {"previous": "prev", "current": "cur", "first": "first", "duplicate": "dup", "induction": "ind",
           "local": "local"}
 MEANINGS = (
     "previous: the char before   current: itself   first: position 0 (a sink)",
-    f"duplicate: earlier copies of the same char   local: the last {LOCAL_WINDOW} chars",
+    f"duplicate: earlier copies of the same char   local: itself and the {LOCAL_WINDOW - 1} before",
     "induction: the char after an earlier copy of this one (see the probe)",
     "entropy: 0 = one key, 1 = spread evenly   mixed: none of these",
 )
@@ -88,8 +88,11 @@ def summary_view(on_prompt: list[HeadPattern], on_probe: list[HeadPattern], prom
     repeated random probe."""
     shown = "".join(visible(c) for c in prompt)
     lines = [_note("head patterns: a score is the mean share of attention on the pattern's keys;", False, max_width),
-             _note(f"label = the best score ≥ {threshold:.2f}, else diffuse (entropy ≥ {DIFFUSE_ENTROPY:.2f}), "
-                   "local or mixed", False, max_width), _line("")]
+             # (inspect._label's order: a pattern that names its keys outranks local, which any head near
+             # its query scores well on)
+             _note(f"label = the highest of prev, cur, first, dup and ind if ≥ {threshold:.2f},", False, max_width),
+             _note(f"else diffuse if entropy ≥ {DIFFUSE_ENTROPY:.2f}, else local if local ≥ {threshold:.2f}, "
+                   "else mixed", False, max_width), _line("")]
     lines += _pattern_table(on_prompt, f"{scope}: {shown}", color, max_width)
     lines += [_line("")]
     lines += _pattern_table(on_probe, f"on the probe: {probe_len} random characters, then the same again",
@@ -152,7 +155,7 @@ def generated_view(gen: Generation, weights: list[np.ndarray], what: str, *, col
             row.append(Text(f"{weight:4.2f}", style=_rgb(weight) if color else ""))
             row.append("  ")
         lines.append(row)
-    lines.append(_note("p: the model's probability for it, before temperature. Where it looked, not why.",
+    lines.append(_note(f"p: its probability before temperature ({GENERATE_TEMPERATURE:g}). Where it looked, not why.",
                        color, max_width))
     return Group(*lines)
 

@@ -133,7 +133,7 @@ def describe_done(e: Done) -> str:
     if e.val_loss is not None:  # (an interrupted run saves without validating: say when it last did)
         at = f" at step {e.val_step}" if e.val_step not in (None, e.step) else ""
         val = f", {'last ' if at else ''}val loss {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char){at}"
-    why = {"steps": "reached --max-steps", "epochs": "reached --epochs", "time": "time budget spent",
+    why = {"steps": "reached --max-steps", "epochs": "reached its epoch limit", "time": "time budget spent",
            "interrupted": "interrupted"}[e.reason]
     line = f"done: {plural(e.step, 'step')} in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
     return line + overfit_note(e)
@@ -150,8 +150,8 @@ def overfit_note(e: Done) -> str:
     at = f" at step {e.best_step}" if e.best_step is not None else ""
     best = e.run_dir / BEST_FILE
     return (f"\nbest val loss {e.best_val_loss:.4f}{at}, kept in {best}; validation rose after it, so the model "
-            f"memorised the training text: sample the best with -m {best}, or train for less, a smaller model or more "
-            f"--dropout")
+            f"memorised the training text: sample the best with -m {best}; to do better on this text, train a smaller "
+            f"model (--preset small or tiny) or with more --dropout, or give it more text")
 
 
 def figures(width: int, *items: tuple[str, str, str]) -> Text:
