@@ -1114,6 +1114,9 @@ def inspect_attention(
         return _generated_view(gen, li, hi, aggregate_, color, width)
 
     print_view(draw(color))
+    if start and view in ("head", "grid"):  # (a row that looked only before the range reads as blank)
+        stderr.print(f"note: --range shows the keys from position {offset} on; attention to earlier ones is not "
+                     "drawn, so a row's shares can add up to less than 1", highlight=False)
     if export is not None:  # in colour wherever stdout goes: a file is looked at elsewhere
         # the weights drawn: queries as rows (from text[first_query] on), every key they saw as columns
         first = 0
