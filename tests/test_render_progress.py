@@ -30,6 +30,13 @@ def test_done_line_of_an_interrupted_run_says_where_its_validation_was(tmp_path)
     assert ", val loss 1.9000 (2.741 bits/char);" in describe_done(replace(done, val_step=57))
 
 
+def test_done_line_says_when_the_model_has_barely_learnt(tmp_path):
+    done = Done(step=11, val_loss=4.05, best_val_loss=4.05, elapsed=53.0, run_dir=tmp_path, reason="time")
+    assert "barely learnt yet: a uniform guess over its 72 characters scores 4.28" in describe_done(done, 72)
+    assert "barely" not in describe_done(replace(done, val_loss=2.1), 72)  # (learning)
+    assert "barely" not in describe_done(done) and "barely" not in describe_done(replace(done, val_loss=0.0), 1)
+
+
 def test_eta_follows_the_pace_since_the_first_step_shown():
     eta = Eta()
     assert eta(0.5, 100.0) is None  # a resumed run's first step: half done, but no pace yet

@@ -101,6 +101,7 @@ class PlainProgress:
         self.console, self.every, self.last = console, every, -math.inf
         self.warnings = warnings or console  # (stderr, as every command's warnings)
         self.eta = Eta()
+        self.vocab_size: int | None = None  # (from Start: the closing line compares the loss with a guess)
 
     def __enter__(self):
         return self
@@ -111,6 +112,7 @@ class PlainProgress:
     def __call__(self, e) -> None:
         out = self.console.print
         if isinstance(e, Start):
+            self.vocab_size = e.vocab_size
             out(describe_start(e), highlight=False)
         elif isinstance(e, Step) and (time.monotonic() - self.last >= self.every or e.step == 1):
             self.last = time.monotonic()
@@ -125,10 +127,10 @@ class PlainProgress:
         elif isinstance(e, Notice):
             self.warnings.print(f"warning: {e.message}", highlight=False, markup=False)
         elif isinstance(e, Done):
-            out(describe_done(e), highlight=False)
+            out(describe_done(e, self.vocab_size), highlight=False)
 
 
-def describe_done(e: Done) -> str:
+def describe_done(e: Done, vocab_size: int | None = None) -> str:
     val = ""
     if e.val_loss is not None:  # (an interrupted run saves without validating: say when it last did)
         at = f" at step {e.val_step}" if e.val_step not in (None, e.step) else ""
@@ -136,7 +138,16 @@ def describe_done(e: Done) -> str:
     why = {"steps": "reached --max-steps", "epochs": "reached its epoch limit", "time": "time budget spent",
            "interrupted": "interrupted"}[e.reason]
     line = f"done: {plural(e.step, 'step')} in {fmt_time(e.elapsed)} ({why}){val}; model in {e.run_dir}"
-    return line + overfit_note(e)
+    return line + overfit_note(e) + untrained_note(e, vocab_size)
+
+
+def untrained_note(e: Done, vocab_size: int | None) -> str:
+    """A second line when validation is still near a uniform guess over the vocabulary: a run on a
+    slow or busy machine (11 steps in a minute) wrote noise, and nothing said why."""
+    if e.val_loss is None or not vocab_size or vocab_size < 2 or e.val_loss < 0.9 * math.log(vocab_size):
+        return ""
+    return (f"\nthe model has barely learnt yet: a uniform guess over its {vocab_size} characters scores "
+            f"{math.log(vocab_size):.2f}; train it for longer (--time, or --resume to go on)")
 
 
 OVERFIT_MARGIN = 0.02  # nats/char: more than the run-to-run noise of the validation slice
@@ -211,7 +222,7 @@ class LiveProgress:
             self.finished = True  # no ETA: nothing is left to wait for
             self.live.update(self.render(), refresh=True)
             self.live.stop()  # the summary line goes under the final panel, not above it
-            self.console.print(describe_done(e), highlight=False)
+            self.console.print(describe_done(e, self.start.vocab_size if self.start else None), highlight=False)
 
     def render(self):
         s = self.step
