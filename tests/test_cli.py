@@ -1146,7 +1146,7 @@ def test_the_printed_epoch_limit_resumes_to_the_same_step():
 
     from tfcli.cli import resume_limits
     from tfcli.config import TrainConfig
-    from tfcli.trainer import Done
+    from tfcli.events import Done
     epochs = 200 * 4096 / 22976  # auto's 200-step floor on a 23K-character text, as passes
     flag = resume_limits(Done(10, None, None, 5.0, Path("r"), "interrupted"), TrainConfig(epochs=epochs))
     printed = float(flag.split("--epochs ")[1])

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from tfcli.render.progress import Eta, LiveProgress, describe_done
-from tfcli.trainer import Done, Step
+from tfcli.events import Done, Step
 
 
 def test_done_line_points_to_the_best_model_when_validation_rose_well_after_it(tmp_path):
@@ -68,7 +68,7 @@ def test_dashboard_figures_break_between_items_never_inside_one(width):
 
     from rich.console import Console
 
-    from tfcli.trainer import Eval
+    from tfcli.events import Eval
     console = Console(file=io.StringIO(), width=width, color_system=None)
     view = LiveProgress(console)
     view(Step(step=1234, loss=2.5612, lr=6e-3, tokens_per_s=12345.0, elapsed=75.0, progress=0.25))
@@ -84,7 +84,7 @@ def test_the_start_line_counts_one_epoch_in_the_singular():
 
     from tfcli.config import ModelConfig, TrainConfig
     from tfcli.render.progress import describe_start
-    from tfcli.trainer import Start
+    from tfcli.events import Start
 
     def line(epochs):
         return describe_start(Start(Path("runs/x"), 1000, ModelConfig(), TrainConfig(epochs=epochs), "cpu",

@@ -22,8 +22,8 @@ _EXPORTS = {
     "attention": "inspect", "evaluate": "evaluation", "TfcliError": "errors", "UsageError": "errors",
     "errors": None,
     # what train's on_event hears
-    "Start": "trainer", "Step": "trainer", "Eval": "trainer", "Sample": "trainer", "Notice": "trainer",
-    "Done": "trainer",
+    "Start": "events", "Step": "events", "Eval": "events", "Sample": "events", "Notice": "events",
+    "Done": "events",
 }
 
 

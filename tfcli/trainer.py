@@ -32,6 +32,7 @@ from .device import autocast, compile_model, keep_freed_memory, pick_device, pic
 from .distributed import World, agree, mean, process_group, wrap
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
+from .events import Done, Eval, Event, Notice, Sample, Start, Step
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import generate
@@ -40,72 +41,6 @@ from .tokens import release
 
 MIN_CONTEXT = 8  # below this a "language model" can only learn character frequencies
 VAL_PIECES = 8  # a long val split is sampled as this many stretches spread across it
-
-
-# -- events ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Start:
-    run_dir: Path
-    n_params: int
-    model: ModelConfig
-    train: TrainConfig
-    device: str
-    dtype: str
-    train_chars: int
-    val_chars: int
-    vocab_size: int
-    start_step: int
-    compiled: bool
-    processes: int = 1  # data-parallel processes under torchrun, each on its share of every batch
-
-
-@dataclass(frozen=True)
-class Step:
-    """Progress for a display, about twice a second (and at a session's first step): loss and
-    tokens/s are means over the steps since the last one. metrics.jsonl has every step's own."""
-
-    step: int
-    loss: float
-    lr: float
-    tokens_per_s: float
-    elapsed: float
-    progress: float  # 0..1 of whichever budget ends first
-
-
-@dataclass(frozen=True)
-class Eval:
-    step: int
-    val_loss: float | None
-    train_loss: float
-    best: bool
-    elapsed: float
-
-
-@dataclass(frozen=True)
-class Sample:
-    step: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Notice:
-    message: str
-
-
-@dataclass(frozen=True)
-class Done:
-    step: int
-    val_loss: float | None
-    best_val_loss: float | None
-    elapsed: float
-    run_dir: Path
-    reason: str  # "steps" | "epochs" | "time" | "interrupted"
-    best_step: int | None = None  # where best.safetensors was saved
-    val_step: int | None = None  # where val_loss was measured: before `step` when Ctrl-C stopped the run
-
-
-Event = Start | Step | Eval | Sample | Notice | Done
 
 
 # -- pieces ------------------------------------------------------------------------------

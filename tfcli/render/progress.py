@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..checkpoint import BEST_FILE
-from ..trainer import Done, Eval, Notice, Sample, Start, Step
+from ..events import Done, Eval, Notice, Sample, Start, Step
 from . import plural
 from .heatmap import visible
 
