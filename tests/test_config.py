@@ -170,3 +170,22 @@ def test_preset_picks_for_the_device_train_would_use(monkeypatch):
     monkeypatch.setattr(device, "pick_device", lambda name="auto": torch.device("cuda"))  # (a GPU machine)
     assert config.preset(time_budget=60)[0].n_embd == PRESETS["large"]["n_embd"]
     assert config.preset(device="cpu", time_budget=60)[0].n_embd == PRESETS["small"]["n_embd"]
+
+
+def test_cache_directory_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFCLI_CACHE", str(tmp_path / "mine"))
+    assert config.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("TFCLI_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert config.cache_dir() == tmp_path / "xdg" / "tfcli"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config.cache_dir() == tmp_path / "home" / ".cache" / "tfcli"
+
+
+def test_the_token_cache_and_the_kernel_cache_agree_on_a_tilde(tmp_path, monkeypatch):
+    from tfcli import native, tokens
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TFCLI_CACHE", "~/tf")
+    assert tokens.store_for(tokens.CACHE_MIN_BYTES).root == native.cache_dir() == tmp_path / "tf"

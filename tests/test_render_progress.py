@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from tfcli.render.progress import Eta, LiveProgress, describe_done
 from tfcli.events import Done, Step
+from tfcli.render.progress import Eta, LiveProgress, describe_done
 
 
 def test_done_line_points_to_the_best_model_when_validation_rose_well_after_it(tmp_path):
@@ -83,8 +83,8 @@ def test_the_start_line_counts_one_epoch_in_the_singular():
     from pathlib import Path
 
     from tfcli.config import ModelConfig, TrainConfig
-    from tfcli.render.progress import describe_start
     from tfcli.events import Start
+    from tfcli.render.progress import describe_start
 
     def line(epochs):
         return describe_start(Start(Path("runs/x"), 1000, ModelConfig(), TrainConfig(epochs=epochs), "cpu",

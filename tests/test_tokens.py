@@ -10,7 +10,7 @@ import pytest
 from tfcli import corpus as corpus_module
 from tfcli.corpus import Vocab, load_corpus
 from tfcli.errors import TfcliError, UsageError
-from tfcli.tokens import CACHE_MIN_BYTES, MemoryStore, TokenCache, default_cache_dir, ids_dtype, release, store_for
+from tfcli.tokens import CACHE_MIN_BYTES, MemoryStore, TokenCache, ids_dtype, release, store_for
 
 TEXT = "Grüße, ÅNGSTRÖM! 你好 🙂 naïve café\n" * 40
 
@@ -152,17 +152,6 @@ def test_unwritable_cache_is_one_clear_error(tmp_path):
     blocker = write(tmp_path, "not a directory", "file")
     with pytest.raises(TfcliError, match="cannot write the token cache.*TFCLI_CACHE"):
         load_corpus([write(tmp_path, TEXT)], store=TokenCache(blocker / "cache"))
-
-
-def test_cache_directory_comes_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("TFCLI_CACHE", str(tmp_path / "mine"))
-    assert default_cache_dir() == tmp_path / "mine"
-    monkeypatch.delenv("TFCLI_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "tfcli"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_cache_dir() == tmp_path / "home" / ".cache" / "tfcli"
 
 
 def test_only_big_corpora_go_to_the_cache(monkeypatch, tmp_path):

@@ -8,8 +8,10 @@ these objects before deciding whether torch is needed at all.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -291,3 +293,12 @@ class SampleConfig:
         if self.seed is not None:
             check_seed(self.seed)
         return self
+
+
+def cache_dir() -> Path:
+    """Where tfcli keeps what it can rebuild (encoded corpora, compiled kernels): $TFCLI_CACHE, else
+    $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli. The one place that reads them, so every cache agrees."""
+    if os.environ.get("TFCLI_CACHE"):
+        return Path(os.environ["TFCLI_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "tfcli"

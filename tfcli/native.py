@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import config
+
 STALE_S = 600  # a temporary build file older than this was left by a process that died mid-build
 
 
@@ -148,13 +150,11 @@ def build(cc: str, flags: list[str], source: Path, path: Path) -> bool | None:
 
 
 def cache_dir() -> Path | None:
-    """$TFCLI_CACHE, else $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli; a private temporary directory,
+    """config.cache_dir(); a private temporary directory,
     removed at exit, when that cannot be written (a read-only home), so a build still happens, once
     per process; None when not even that can be made."""
     try:
-        root = os.environ.get("TFCLI_CACHE") or \
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfcli"
-        path = Path(root)
+        path = config.cache_dir()
         path.mkdir(parents=True, exist_ok=True)
         if os.access(path, os.W_OK):
             return path

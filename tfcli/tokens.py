@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import cache_dir as default_cache_dir
 from .errors import TfcliError
 
 CACHE_MIN_BYTES = 16 << 20  # smaller corpora encode in well under a second: kept in memory, never cached
@@ -34,14 +35,6 @@ Sink = Callable[[np.ndarray], None]  # takes the next run of ids, in order
 def ids_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned type that holds every id (the vocabulary is at most 20,000 characters)."""
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16)
-
-
-def default_cache_dir() -> Path:
-    """$TFCLI_CACHE, else $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli."""
-    if os.environ.get("TFCLI_CACHE"):
-        return Path(os.environ["TFCLI_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "tfcli"
 
 
 @dataclass(frozen=True)
