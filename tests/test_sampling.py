@@ -119,6 +119,13 @@ def test_generation_stops_before_the_stop_string(model):
     assert text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, stop=(stop,))) == cut
 
 
+def test_a_stop_string_is_read_in_the_vocabulary_s_spelling_by_the_library_too(model):
+    free = text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11))
+    assert "\n" in free and "\r" not in model.vocab.chars  # (the model writes line ends, as \n)
+    cut = free[:free.index("\n")]
+    assert text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, stop=("\r\n",))) == cut
+
+
 @pytest.mark.parametrize("bad", [{"max_new_tokens": -5}, {"num_samples": 0}, {"top_p": 5.0}])
 def test_a_notebooks_settings_are_checked_as_the_clis_flags_are(model, bad):
     with pytest.raises(UsageError):

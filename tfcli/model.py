@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -330,7 +329,6 @@ class GPT(nn.Module):
         if wrong := sorted(set(settings) - fields):
             raise UsageError(f"generate() has no setting {', '.join(wrong)}; it takes {', '.join(sorted(fields))}")
         cfg = SampleConfig(max_new_tokens=max_new_tokens, **settings)
-        cfg = replace(cfg, stop=tuple(vocab.spelt_as_known(s) for s in cfg.stop))  # (as the prompt is)
         texts = [[] for _ in range(cfg.num_samples)]
         for step in generate(self, vocab, vocab.fit(prompt, unknown)[0], cfg):
             for parts, new in zip(texts, step):

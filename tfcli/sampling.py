@@ -318,7 +318,8 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprob
     logits = decoder.prefill(ids)
     pos, keep, rows = len(ids), max(penalty_window(cfg, T), 1), np.arange(B)
     history = np.repeat(ids[None, -keep:], B, axis=0) if _has_penalties(cfg) else None
-    matchers = [StopMatcher(cfg.stop) for _ in range(B)]
+    stops = tuple(vocab.spelt_as_known(s) for s in cfg.stop)  # (spelt as the prompt is: \r\n as \n, NFC or NFD)
+    matchers = [StopMatcher(stops) for _ in range(B)]
     for _ in range(cfg.max_new_tokens):
         nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, rng)
         lps = log_softmax(logits)[rows, nxt].tolist() if logprobs else None
