@@ -93,3 +93,15 @@ def test_a_gpu_index_this_machine_lacks_is_named_with_the_ones_it_has(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match="--device cuda:1 asked for, but this PyTorch sees no CUDA GPU"):
         pick_device("cuda:1")
+
+
+def test_bf16_is_picked_on_a_cpu_only_where_it_computes_bf16_natively(monkeypatch):
+    from tfcli import native
+    from tfcli.device import pick_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: False)
+    assert pick_dtype(cpu) == torch.float32  # (bf16 emulated on AVX2 is many times slower)
+    monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: True)
+    assert pick_dtype(cpu) == torch.bfloat16
+    assert pick_dtype(cpu, "float32") == torch.float32

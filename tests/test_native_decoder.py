@@ -99,7 +99,7 @@ def test_bfloat16_rounds_to_nearest_even_as_pytorch_does():
 
 def test_rotary_tables_are_the_models(monkeypatch):
     from tfcli.model import rotary_tables
-    cos, sin = native_decoder.rotary_tables(1000, 7, 16)
+    cos, sin = native_decoder.rotary_tables(7, 16, start=1000)
     theirs = rotary_tables(7, 16, "cpu", start=1000)
     torch.testing.assert_close(torch.from_numpy(cos), theirs[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.from_numpy(sin), theirs[1], atol=1e-6, rtol=0)

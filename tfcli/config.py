@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .errors import UsageError
 
+ROPE_BASE = 10_000.0  # rotary positions' base wavelength, shared by every implementation of the model
+
 
 @dataclass(frozen=True)
 class ModelConfig:

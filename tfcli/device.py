@@ -15,8 +15,8 @@ import shutil
 
 import torch
 
+from . import native
 from .errors import UsageError
-from .native import cpu_has_native_bf16  # noqa: F401 - (where callers have long found it)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -46,7 +46,7 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and native.cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 

@@ -21,9 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import causal_attention, decode_attention, decode_matmul
-from .config import ModelConfig
-
-ROPE_BASE = 10_000.0
+from .config import ROPE_BASE, ModelConfig
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -267,6 +265,17 @@ class Block(nn.Module):
         return x + causal_attention.dropout(self.mlp(rms_norm(x)), p), weights
 
 
+def weights_key(model: torch.nn.Module, tag) -> tuple | None:
+    """What identifies the model's current weights, for caches of copies made from them (`tag`: what
+    the copy is, e.g. its dtype): tensors count their in-place writes in `_version`, and a move to
+    another device or a new `.data` changes where they live (.to() and .data= keep the version).
+    None for weights made under inference_mode, which count no writes: those copies are remade."""
+    params = list(model.parameters())
+    if any(p.is_inference() for p in params):
+        return None
+    return tag, tuple((p._version, p.data_ptr()) for p in params)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -367,14 +376,9 @@ class GPT(nn.Module):
     def inference_weights(self, dtype: torch.dtype, packed_for: int | None = None) -> tuple:
         """(embedding, per-layer (qkv, proj, fc, out), head) in `dtype`, with the sqrt(d) of each
         RMSNorm folded into the weights that read its output (see `unit`). Made once per dtype
-        and kept until a parameter changes (tensors count their in-place writes in `_version`; a
-        move to another device or a new `.data` changes where they live),
-        so that generations reuse them and a compiled step stays valid. With `packed_for`, the
+        and kept until a parameter changes (`weights_key`), so that generations reuse them and a compiled step stays valid. With `packed_for`, the
         same matrices laid out for oneDNN steps of that many rows (`packed`), kept alongside."""
-        params = list(self.parameters())
-        # weights made under inference_mode count no writes: for those, make them every time
-        key = None if any(p.is_inference() for p in params) else (  # (.to() and .data= keep the version,
-            dtype, tuple((p._version, p.data_ptr()) for p in params))  # but not the storage)
+        key = weights_key(self, dtype)
         if key is None or self.__dict__.get("_weights_key") != key:
             root_d = self.config.n_embd ** 0.5
 

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from . import native
-from .config import ModelConfig
+from .config import ROPE_BASE, ModelConfig
 
 MATMUL_SOURCE = Path(__file__).with_name("decode_matmul.c")
 ATTENTION_SOURCE = Path(__file__).with_name("decode_attention.c")
 MANY_ROWS = 128  # past this many rows, decode_matmul.c's bfloat16 and float32 kernels lose to oneDNN's
 KINDS = {"float16": 0, "float32": 1, "bfloat16": 2}  # decode_step's `kind`
 FEATURES = {"float16": 1, "float32": 1, "bfloat16": 2}  # features() bits that build each kernel
-ROPE_BASE = 10_000.0
 # kind, wte, weights, idx, L, B, C, F, V, x, work, logits, attention, ring, ring_layer, rkv, rb, rh, cos, sin,
 # slot, n, H, scale, threads
 STEP_ARGS = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5 + \
@@ -171,7 +170,7 @@ class Decoder:
         self.addresses = (ctypes.c_void_p * len(weights.matrices))(*(m.ctypes.data for m in weights.matrices))
         self.attention = attention_step(kv_dtype(weights.dtype))
         self.fn, self.kind = step_library().decode_step, KINDS[weights.dtype]
-        self.first, self.cos, self.sin = 0, *rotary_tables(0, 4 * self.T, cfg.head_dim)
+        self.first, self.cos, self.sin = 0, *rotary_tables(4 * self.T, cfg.head_dim)
         self.scale = cfg.head_dim ** 0.5  # keys are cached unit-length (see tfcli.model.cached_step)
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
@@ -214,7 +213,7 @@ class Decoder:
         runs past them (tables that grew with the position would take ~1 KB a character)."""
         if not self.first <= pos < self.first + len(self.cos):
             self.first = pos
-            self.cos, self.sin = rotary_tables(pos, 4 * self.T, self.weights.config.head_dim)
+            self.cos, self.sin = rotary_tables(4 * self.T, self.weights.config.head_dim, start=pos)
         return self.cos[pos - self.first], self.sin[pos - self.first]
 
 
@@ -223,7 +222,7 @@ def rms_norm(x: np.ndarray) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.finfo(np.float32).eps)
 
 
-def rotary_tables(start: int, n: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(n: int, head_dim: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Rows (n, head_dim) of positions from `start`: cos|cos and -sin|sin (the kernels rotate
     a head's two halves with them), angles computed in float64 so far positions stay exact."""
     inv_freq = ROPE_BASE ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -262,7 +261,7 @@ class NativeModel:
         `tfcli.model.GPT`'s explicit-softmax path in numpy float32, for `inspect-attention`."""
         cfg, w = self.config, self.state
         T, H, D = len(ids), cfg.n_head, cfg.head_dim
-        cos, sin = rotary_tables(0, T, D)  # (T, D): cos|cos, -sin|sin
+        cos, sin = rotary_tables(T, D)  # (T, D): cos|cos, -sin|sin
         causal = np.tril(np.ones((T, T), dtype=bool))
         x = np.asarray(w["wte.weight"], dtype=np.float32)[np.asarray(ids)]
         states, maps = [x], []

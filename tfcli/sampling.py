@@ -165,11 +165,12 @@ def new_decoder(model, batch: int, cfg: SampleConfig, decodes: bool = True):
 
 def native_weights(model, dtype: str) -> native_decoder.Weights:
     """The model's weights laid out for the native decoder, made once per dtype and kept until a
-    parameter changes (tensors count their in-place writes in `_version`)."""
+    parameter changes (`model.weights_key`)."""
     if isinstance(model, native_decoder.NativeModel):
         return model.weights(dtype)
-    params = list(model.parameters())
-    key = None if any(p.is_inference() for p in params) else (dtype, tuple((p._version, p.data_ptr()) for p in params))
+    from .model import weights_key
+
+    key = weights_key(model, dtype)
     kept = model.__dict__.get("_native_weights")
     if key is None or kept is None or kept[0] != key:
         state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
