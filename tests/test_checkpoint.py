@@ -281,6 +281,14 @@ def test_default_run_dir_never_reuses_an_existing_run(tmp_path):
     assert ckpt.default_run_dir([corpus], root) == root / "poems-3"
 
 
+def test_default_run_dir_goes_past_a_file_of_the_run_s_name(tmp_path):
+    root, corpus = tmp_path / "runs", tmp_path / "poems.txt"
+    corpus.write_text("x")
+    root.mkdir()
+    (root / "poems").write_text("my notes")  # (not a run: `train poems.txt` must neither refuse nor touch it)
+    assert ckpt.default_run_dir([corpus], root) == root / "poems-2"
+
+
 def test_default_run_dir_of_a_directory_is_named_after_it(tmp_path):
     (tmp_path / "books").mkdir()
     assert ckpt.default_run_dir([tmp_path / "books"], tmp_path / "runs") == tmp_path / "runs" / "books"

@@ -367,10 +367,12 @@ def run_name(corpus_paths: list[Path]) -> str:
 
 
 def default_run_dir(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
-    """runs/<corpus name>, or runs/<name>-2, -3... so an earlier run is never overwritten."""
+    """runs/<corpus name>, or runs/<name>-2, -3... so an earlier run (or a file of that name) is never
+    overwritten."""
     stem = run_name(corpus_paths)
     candidate, n = root / stem, 1
-    while (candidate / MODEL_FILE).exists() or (candidate / STATE_FILE).exists() or in_use(candidate):
+    while (candidate.exists() and not candidate.is_dir()) or (candidate / MODEL_FILE).exists() \
+            or (candidate / STATE_FILE).exists() or in_use(candidate):
         n += 1
         candidate = root / f"{stem}-{n}"
     return candidate

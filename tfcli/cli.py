@@ -327,8 +327,6 @@ def train(
         run_dir = ckpt.default_run_dir(corpus)
     else:
         ckpt.refuse_finished_run(run_dir)  # (train() checks too, but only after the corpus is read)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
 
     # flags that are wrong whatever the text: said before a large corpus is read, not after
     device_type = pick_device(device).type
