@@ -86,6 +86,18 @@ def test_training_mode_is_restored():
     assert model.training
 
 
+def test_training_mode_is_restored_when_an_evaluation_is_interrupted():
+    model = make_model(VOCAB)
+    model.train()
+
+    def interrupt(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, ids_of(500), on_progress=interrupt)
+    assert model.training  # (dropout would otherwise stay off for the rest of a notebook's training)
+
+
 def test_a_single_character_cannot_be_evaluated():
     with pytest.raises(UsageError, match="at least two characters"):
         evaluate(make_model(VOCAB, block_size=8), ids_of(1))

@@ -94,7 +94,7 @@ def _open(path: Path, framework: str = "pt"):
         raise UsageError(f"{path}: no such checkpoint file")
     try:
         return safe_open(str(path), framework=framework, device="cpu")
-    except (SafetensorError, OSError, ValueError, Exception) as e:  # noqa: BLE001 - any parse failure means "not ours"
+    except Exception as e:  # noqa: BLE001 - any parse failure (SafetensorError, OSError, ...) means "not ours"
         if _looks_pickled(path):
             raise TfcliError(f"{path}: a pickle (what torch.save writes to .pt files), not safetensors; "
                              "tfcli never loads pickled files, since unpickling can run code") from None

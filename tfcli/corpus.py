@@ -1,4 +1,4 @@
-"""Corpus text, its character vocabulary, the train/val split and batches.
+"""Corpus text, its character vocabulary and the train/val split.
 
 A character is a Unicode code point, not a byte, so any language works. The
 vocabulary is the sorted set of characters in the training text; it travels

@@ -22,10 +22,3 @@ class TfcliError(Exception):
 class UsageError(TfcliError):
     def __init__(self, message: str):
         super().__init__(message, USAGE)
-
-
-class Interrupted(TfcliError):
-    """Training stopped on a signal after saving; exit code is 128 + the signal number."""
-
-    def __init__(self, message: str, signum: int = 2):
-        super().__init__(message, 128 + signum)

@@ -56,24 +56,26 @@ def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: 
         raise UsageError("need at least two characters to evaluate")
     was_training = model.training
     model.eval()
-    full = n // T
-    total = 0.0
-    for start in range(0, full, batch_size):
-        rows = min(batch_size, full - start)
-        chunk = _long(data[start * T: (start + rows) * T + 1])
-        x = chunk[:-1].view(rows, T).to(device)
-        y = chunk[1:].view(rows, T).to(device)
-        total += _summed_loss(model, x, y, device, dtype)
-        if on_progress:
-            on_progress(rows * T)
-    rest = n - full * T
-    if rest:
-        chunk = _long(data[full * T:])
-        x, y = chunk[:-1].view(1, rest).to(device), chunk[1:].view(1, rest).to(device)
-        total += _summed_loss(model, x, y, device, dtype)
-        if on_progress:
-            on_progress(rest)
-    model.train(was_training)
+    try:
+        full = n // T
+        total = 0.0
+        for start in range(0, full, batch_size):
+            rows = min(batch_size, full - start)
+            chunk = _long(data[start * T: (start + rows) * T + 1])
+            x = chunk[:-1].view(rows, T).to(device)
+            y = chunk[1:].view(rows, T).to(device)
+            total += _summed_loss(model, x, y, device, dtype)
+            if on_progress:
+                on_progress(rows * T)
+        rest = n - full * T
+        if rest:
+            chunk = _long(data[full * T:])
+            x, y = chunk[:-1].view(1, rest).to(device), chunk[1:].view(1, rest).to(device)
+            total += _summed_loss(model, x, y, device, dtype)
+            if on_progress:
+                on_progress(rest)
+    finally:  # (an interrupt, or a callback's error, leaves the model as it was)
+        model.train(was_training)
     return EvalResult(n, total / n)
 
 

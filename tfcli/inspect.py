@@ -20,9 +20,9 @@ import numpy as np
 from .errors import UsageError
 from .native_decoder import NativeModel
 
+GENERATE_TEMPERATURE = 0.8  # what the model writes for itself to be looked at: sample's default
 # Specific patterns first: a head matching one of them is labelled by it even if the
 # broad "local" pattern (which contains previous and current) scores higher.
-GENERATE_TEMPERATURE = 0.8  # what the model writes for itself to be looked at: sample's default
 SPECIFIC = ("previous", "current", "first", "duplicate", "induction")
 PATTERNS = (*SPECIFIC, "local")
 LOCAL_WINDOW = 4  # keys q-3..q

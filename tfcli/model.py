@@ -376,8 +376,9 @@ class GPT(nn.Module):
     def inference_weights(self, dtype: torch.dtype, packed_for: int | None = None) -> tuple:
         """(embedding, per-layer (qkv, proj, fc, out), head) in `dtype`, with the sqrt(d) of each
         RMSNorm folded into the weights that read its output (see `unit`). Made once per dtype
-        and kept until a parameter changes (`weights_key`), so that generations reuse them and a compiled step stays valid. With `packed_for`, the
-        same matrices laid out for oneDNN steps of that many rows (`packed`), kept alongside."""
+        and kept until a parameter changes (`weights_key`), so that generations reuse them and a
+        compiled step stays valid. With `packed_for`, the same matrices laid out for oneDNN steps
+        of that many rows (`packed`), kept alongside."""
         key = weights_key(self, dtype)
         if key is None or self.__dict__.get("_weights_key") != key:
             root_d = self.config.n_embd ** 0.5

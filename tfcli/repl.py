@@ -22,6 +22,7 @@ from dataclasses import replace
 from .config import SampleConfig, check_seed
 from .corpus import show_char
 from .errors import TfcliError, UsageError
+from .render.heatmap import eighths_bar
 
 # kinds: "prompt" (the starting text), "typed" (a line joining the text), "generated", "listing" (what a
 # command shows), "info" (a remark), "error" (a one-line refusal; the session goes on)
@@ -44,7 +45,6 @@ Ctrl-C stops the model; Ctrl-C or Ctrl-D at the prompt quits.
   /show          print the whole text
   /help, /quit"""
 BAR_WIDTH = 20
-EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 class Session:
@@ -95,12 +95,12 @@ class Session:
             self._set(self.text + text)
         self.generate()
 
-    def generate(self) -> str:
+    def generate(self) -> None:
         """One continuation, streamed through `write`; Ctrl-C ends it early and keeps what came."""
         from .sampling import generate_pieces
 
         if self.cfg.max_new_tokens == 0:
-            return ""
+            return
         cfg = replace(self.cfg, seed=self.next_seed)
         self.next_seed = self.rng.getrandbits(31)
         out: list[str] = []
@@ -113,7 +113,6 @@ class Session:
             self.write("info", "stopped", None)
         if out:
             self._set(self.text + "".join(out))
-        return "".join(out)
 
     def _set(self, text: str) -> None:
         self.undo_stack.append(self.text)
@@ -185,7 +184,7 @@ class Session:
         width = max(len("char"), *(len(show_char(c)) for c, _, _ in rows))
         lines = [f"{'char':<{width}}  model  sampled  (sampled: after penalties, filters and temperature "
                  f"{self.cfg.temperature})"]
-        lines += [f"{show_char(c):<{width}}  {p:.3f}  {q:.3f}    {bar(p)}" for c, p, q in rows]
+        lines += [f"{show_char(c):<{width}}  {p:.3f}  {q:.3f}    {eighths_bar(p, BAR_WIDTH)}" for c, p, q in rows]
         self.write("listing", "\n".join(lines) + "\n", None)
 
     def cmd_undo(self) -> None:
@@ -218,12 +217,6 @@ def _number(name: str, text: str, kind: type) -> int | float:
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise UsageError(f"/{name} needs {what}, got {text!r}") from None
-
-
-def bar(p: float) -> str:
-    """p in [0, 1] as a bar of BAR_WIDTH cells, to an eighth of a cell."""
-    eighths = round(p * BAR_WIDTH * 8)
-    return "█" * (eighths // 8) + EIGHTHS[eighths % 8].strip()
 
 
 def read_lines(prompt: str = "", before: Callable[[], None] = lambda: None) -> Iterator[str]:

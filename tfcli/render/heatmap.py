@@ -22,7 +22,7 @@ from rich.text import Text
 # Viridis sampled at 0, .25, .5, .75, 1: perceptually uniform and readable on dark/light themes.
 _STOPS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=float)
 _SHADES = " ░▒▓█"
-_EIGHTHS = " ▏▎▍▌▋▊▉█"
+_EIGHTHS = " ▏▎▍▌▋▊▉"
 MASKED = "·"
 INVISIBLE = "◌"  # Unicode's own placeholder for a character with no form of its own (not MASKED: a learner
 # reading a header must not take a zero-width joiner for the masked future)
@@ -258,12 +258,15 @@ def grid_view(
     return Group(*lines)
 
 
+def eighths_bar(p: float, width: int) -> str:
+    """p in [0, 1] as up to `width` cells of █, to an eighth of a cell (unpadded)."""
+    full, part = divmod(round(min(max(float(p), 0.0), 1.0) * width * 8), 8)
+    return "█" * full + _EIGHTHS[part].strip()
+
+
 def _bar(weight: float, color: bool) -> Text:
-    """A bar of ``_BAR_WIDTH`` cells on the fixed 0..1 scale, with 1/8-cell resolution."""
-    eighths = round(min(max(float(weight), 0.0), 1.0) * _BAR_WIDTH * 8)
-    full, part = divmod(eighths, 8)
-    body = "█" * full + (_EIGHTHS[part] if part else "")
-    return Text(body.ljust(_BAR_WIDTH), style=_rgb(weight) if color else "")
+    """A bar of ``_BAR_WIDTH`` cells on the fixed 0..1 scale."""
+    return Text(eighths_bar(weight, _BAR_WIDTH).ljust(_BAR_WIDTH), style=_rgb(weight) if color else "")
 
 
 def _ranked(row: np.ndarray, at: int, top: int) -> list[int]:
