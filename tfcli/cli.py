@@ -27,7 +27,7 @@ from rich.text import Text
 
 from . import stopping
 from .config import DEFAULT_CPU_TIME, PRESET_NAMES, SampleConfig, TrainConfig, parse_duration, with_overrides
-from .errors import INTERRUPTED, TfcliError, UsageError
+from .errors import INTERRUPTED, USAGE, TfcliError, UsageError
 
 
 def _no_value_shown_for_flags() -> None:
@@ -78,7 +78,8 @@ def process_age() -> float:
 
 
 def torchrun_rank() -> str:
-    """This process's rank under torchrun ("0" alone, or outside it)."""
+    """This process's rank under torchrun ("0" alone, or outside it), read here rather than by
+    distributed.World, which would import torch for an error message."""
     return os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
 
 
@@ -95,7 +96,7 @@ def fail(message: str, code: int) -> None:
     """One error line, and the exit. Under torchrun a usage error is every process's (the same flags),
     so only rank 0 says it; other errors say which rank met them."""
     rank = torchrun_rank()
-    if rank != "0" and code == 2:
+    if rank != "0" and code == USAGE:
         quiet_exit_delay()
         raise typer.Exit(code)
     where = f"rank {rank}: " if rank != "0" else ""
