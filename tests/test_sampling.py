@@ -4,11 +4,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT
+from conftest import TEXT, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tfcli.config import SampleConfig
+from tfcli.corpus import Vocab
 from tfcli.errors import UsageError
 from tfcli.sampling import (
     StopMatcher,
@@ -59,6 +60,18 @@ def test_greedy_ignores_the_seed(model):
     a = text_of(model, "he", SampleConfig(max_new_tokens=40, temperature=0.0, seed=1))
     b = text_of(model, "he", SampleConfig(max_new_tokens=40, temperature=0.0, seed=2))
     assert a == b
+
+
+def test_top_k_keeps_exactly_k_where_logits_tie_the_lowest_ids_first_as_greedy_does():
+    tied = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 2.0, 2.0, 2.0]], dtype=np.float32)
+    assert [kept(row[None]) for row in filter_logits(tied, SampleConfig(top_k=2))] == [[0, 1], [1, 2]]
+    assert [kept(row[None]) for row in filter_logits(tied, SampleConfig(top_k=1))] == [[0], [1]]
+
+
+def test_top_k_one_is_greedy_on_an_untrained_model_whose_logits_all_tie():
+    model = make_model(Vocab.from_text(TEXT), std=None)
+    greedy = text_of(model, "he", SampleConfig(max_new_tokens=20, temperature=0))
+    assert text_of(model, "he", SampleConfig(max_new_tokens=20, temperature=1.0, top_k=1, seed=1)) == greedy
 
 
 def test_top_k_zero_is_off_in_the_library_too():

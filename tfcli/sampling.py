@@ -42,14 +42,23 @@ def filter_logits(logits: np.ndarray, cfg: SampleConfig, history: np.ndarray | N
     if history is not None and history.size and cfg.repeat_last_n != 0 and _has_penalties(cfg):
         logits = apply_penalties(logits, history if cfg.repeat_last_n < 0 else history[:, -cfg.repeat_last_n:], cfg)
     if cfg.top_k and cfg.top_k < V:  # (0, like None, is off)
-        kth = np.partition(logits, V - cfg.top_k, axis=-1)[:, V - cfg.top_k, None]
-        logits[logits < kth] = -np.inf
+        logits[~_top_k_mask(logits, cfg.top_k)] = -np.inf
     if cfg.top_p is not None and cfg.top_p < 1.0:
         logits = _top_p(logits, cfg.top_p)
     if cfg.min_p is not None and cfg.min_p > 0.0:
         probs = softmax(logits)
         logits[probs < np.float32(cfg.min_p) * probs.max(-1, keepdims=True)] = -np.inf
     return logits
+
+
+def _top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k highest logits of each row, exactly k: ties at the k-th go to the lowest ids, as argmax
+    breaks them, so that top-k 1 is greedy even where logits tie (an untrained model's all do)."""
+    V = logits.shape[-1]
+    kth = np.partition(logits, V - k, axis=-1)[:, V - k, None]
+    above, tied = logits > kth, logits == kth
+    room = k - above.sum(-1, keepdims=True)
+    return above | (tied & (np.cumsum(tied, axis=-1) <= room))
 
 
 def penalty_window(cfg: SampleConfig, block_size: int) -> int:
