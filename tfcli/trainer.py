@@ -306,7 +306,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     logged: list[dict] = []  # steps' metrics not yet written
     max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
     steps_left = max_steps - start_step if max_steps else None
-    stop = False
+    stop, clock = False, StepClock()
     model.train()
     while True:
         elapsed, stop = agree(world, device, time.monotonic() - session_start, stop)
@@ -316,8 +316,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         progress = run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)
         if max_steps and run.step >= max_steps:
             break
-        if budget is not None and elapsed >= budget:
-            reason = "time"
+        if budget is not None and elapsed + clock.next_step(elapsed, run.step - start_step) >= budget:
+            reason = "time"  # (no step is begun that would end past the budget)
             break
         lr = lr_at(progress, run.step, cfg)
         for group in opt.param_groups:
@@ -373,6 +373,22 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
                 run.val_step)
     on_event(done)
     return done
+
+
+class StepClock:
+    """What the next step will take, from the last few steps' times (between the processes' agreed
+    clocks, so every process decides alike): the least of the last three, since one may hold a
+    validation; nothing for a session's first two steps, whose first one is the compile."""
+
+    def __init__(self):
+        self.last: float | None = None
+        self.times: list[float] = []
+
+    def next_step(self, elapsed: float, steps_done: int) -> float:
+        if self.last is not None and steps_done >= 2:
+            self.times = [*self.times[-2:], elapsed - self.last]
+        self.last = elapsed
+        return min(self.times, default=0.0)
 
 
 def schedule_progress(prior: float, elapsed: float, budget: float | None, steps: int, steps_left: int | None) -> float:
