@@ -26,7 +26,7 @@ from .device import autocast, compile_model, keep_freed_memory, pick_device, pic
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import decode_dtype, generate, kernel_decodes, matmul_dtypes
-from .trainer import train_step
+from .trainer import grad_scaler, train_step
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,10 @@ def train_speed(shape: Shape, device, dtype, compile: bool, seconds: float = 6.0
     x = torch.randint(VOCAB, (shape.batch_size, shape.block_size), device=device)
     y = torch.randint(VOCAB, (shape.batch_size, shape.block_size), device=device)
 
+    scaler = grad_scaler(device, dtype)  # (a GPU without bf16 trains in float16, scaled)
+
     def step():
-        train_step(step_fn, model, opt, x, y, device, dtype, 1.0)
+        train_step(step_fn, model, opt, x, y, device, dtype, 1.0, scaler)
 
     for _ in range(3):  # warm-up: allocator, compile, autotuning
         step()

@@ -101,6 +101,11 @@ def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * (1.0 - math.sqrt(frac)))
 
 
+def grad_scaler(device: torch.device, dtype: torch.dtype):
+    """A GradScaler for float16 (see train_step), else None."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
 def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float, scaler=None,
                accum: int = 1) -> float:
     """One optimizer step; returns the loss. `step_fn` is the model, or its compiled form.
@@ -235,7 +240,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
            device: torch.device) -> Done:
     model_cfg = fit_context(replace(model_cfg, vocab_size=len(corpus.vocab)).validate(), corpus, on_event)
     dtype = pick_dtype(device, cfg.dtype)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    scaler = grad_scaler(device, dtype)
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     opt = make_optimizer(model, cfg, device)
