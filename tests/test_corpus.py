@@ -54,6 +54,13 @@ def test_closest_known_character(char, closest):
     assert Vocab.from_text("a be").closest(char) == closest
 
 
+def test_typographic_punctuation_is_replaced_by_what_a_keyboard_types():
+    vocab = Vocab.from_text("it's a \"b\" - c.")
+    assert vocab.fit("it’s “b” – c…", "replace") == ("it's \"b\" - c.", {"’": "'", "“": '"', "”": '"', "–": "-",
+                                                                        "…": "."})
+    assert Vocab.from_text("it's").closest("“") == "'"  # (no " known: the nearest quote)
+
+
 def test_fit_applies_the_unknown_policy_and_says_what_it_changed():
     vocab = Vocab.from_text("a be")
     assert vocab.fit("Abe€ a", "replace") == ("abe a", {"A": "a", "€": ""})  # (€ has no close character)

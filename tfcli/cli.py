@@ -586,7 +586,8 @@ def sample(
     num_samples: int = typer.Option(1, help="Samples to generate, as one batch."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", metavar="STR",
                                              help="Stop at this string (repeatable; not printed; with -i: kept)."),
-    unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip or replace."),
+    unknown: str = typer.Option("error", help="Unknown prompt characters: error, skip (drop them) or replace "
+                                "(by the closest known one: other case, no accent, ' for ’, - for –)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print characters as they come."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample: prompt, text, seed, "
                                  "index (in the batch), finish_reason (stop, length or interrupted), settings."),

@@ -243,6 +243,11 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
+# typographic punctuation, and what a keyboard types for it (best first)
+PLAIN_PUNCTUATION = {**dict.fromkeys("‘’‚‛′ʼ`´", "'"), **dict.fromkeys("“”„‟″«»", "\"'"),
+                     **dict.fromkeys("‐‑‒–—―−", "-"), "…": ".", "‹": "'<", "›": "'>"}
+
+
 def check_unknown(unknown: str) -> None:
     """Refuse an --unknown policy Vocab.fit lacks (the CLI checks before loading a model)."""
     if unknown not in ("error", "skip", "replace"):
@@ -346,9 +351,11 @@ class Vocab:
         return "".join(changed.get(c, c) for c in text), changed
 
     def closest(self, c: str) -> str | None:
-        """The known character most like `c` (case-folded, accent-stripped), or None."""
+        """The known character most like `c` (case-folded, accent-stripped, typographic punctuation
+        as typed on a keyboard: ’ as ', “ as ", – as -), or None."""
         base = unicodedata.normalize("NFKD", c)[:1]  # É: E, then e
-        for cand in (c.lower(), c.upper(), base, base.lower(), base.upper(), " " if c.isspace() else ""):
+        plain = PLAIN_PUNCTUATION.get(c, "")
+        for cand in (c.lower(), c.upper(), base, base.lower(), base.upper(), " " if c.isspace() else "", *plain):
             if cand and cand in self.chars:
                 return cand
         return None
