@@ -9,7 +9,7 @@ from hypothesis import settings
 
 from tfcli.config import ModelConfig
 from tfcli.corpus import Vocab
-from tfcli.model import GPT
+from tfcli.model import GPT, rms_norm, rope_angles
 
 # Property tests: no per-example deadline (a shared 2-core machine stalls at random), and in CI
 # a fixed example sequence, so a red CI always means the same thing when re-run.
@@ -57,3 +57,18 @@ def shakespeare() -> Path:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent")
     return SHAKESPEARE
+
+
+def windowed_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Reference for generation past the context: every layer attends to the last block_size positions only."""
+    T, W = idx.size(1), model.config.block_size
+    cos, sin = rope_angles(torch.arange(T), model.config.head_dim)
+    q_pos, k_pos = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    band = (k_pos <= q_pos) & (k_pos > q_pos - W)  # (T, T)
+    x = model.wte(idx)
+    for block in model.blocks:
+        q, k, v = block.attn._qkv(rms_norm(x), cos, sin)
+        w = (q @ k.transpose(-2, -1) * block.attn.scale).masked_fill(~band, float("-inf")).softmax(-1)
+        x = x + block.attn._out(w @ v)
+        x = x + block.mlp(rms_norm(x))
+    return model.logits_from_hidden(x)

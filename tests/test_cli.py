@@ -24,6 +24,7 @@ from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from tfcli.cli import app
+from tfcli.config import SampleConfig
 
 NAMES = ["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo", "ines", "jack", "kara", "liam"]
 TINY = ["--preset", "tiny", "--max-steps", "30"]
@@ -381,6 +382,8 @@ def test_sample_json_has_the_documented_keys(model):
         assert {"prompt", "text", "seed", "settings"} <= r.keys()
         assert r["prompt"] == "gina" and r["seed"] == 3 and len(r["text"]) == 30
         assert r["finish_reason"] == "length"
+        assert r["settings"].keys() == SampleConfig.__dataclass_fields__.keys()  # every setting, so it can be re-run
+        assert r["settings"]["max_new_tokens"] == 30 and r["settings"]["num_samples"] == 3
 
 
 def test_json_logprobs_align_with_the_text_even_after_a_stop(model):

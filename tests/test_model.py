@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, windowed_forward
 
 import tfcli.model as model_module
 from tfcli import causal_attention
@@ -34,21 +34,6 @@ def decode_path(request, monkeypatch):
 
 def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, len(VOCAB), (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def windowed_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """Reference for generation past the context: every layer attends to the last block_size positions only."""
-    T, W = idx.size(1), model.config.block_size
-    cos, sin = rope_angles(torch.arange(T), model.config.head_dim)
-    q_pos, k_pos = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    band = (k_pos <= q_pos) & (k_pos > q_pos - W)  # (T, T)
-    x = model.wte(idx)
-    for block in model.blocks:
-        q, k, v = block.attn._qkv(rms_norm(x), cos, sin)
-        w = (q @ k.transpose(-2, -1) * block.attn.scale).masked_fill(~band, float("-inf")).softmax(-1)
-        x = x + block.attn._out(w @ v)
-        x = x + block.mlp(rms_norm(x))
-    return model.logits_from_hidden(x)
 
 
 def test_new_model_predicts_the_uniform_distribution():

@@ -4,7 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT, make_model
+from conftest import TEXT, make_model, windowed_forward
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -119,6 +119,24 @@ def test_generation_runs_past_the_context(model):
     got = text_of(model, "hello", SampleConfig(max_new_tokens=5 * model.config.block_size, temperature=1.0, seed=5))
     assert len(got) == 5 * model.config.block_size
     assert set(got) <= set(TEXT)
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+@pytest.mark.parametrize("path", ["native", "pytorch"])
+def test_greedy_generation_past_the_context_is_the_argmax_of_sliding_window_attention(n_layer, path, monkeypatch):
+    import tfcli.sampling as sampling
+
+    model = make_model(Vocab.from_text(TEXT), n_layer=n_layer, block_size=16)
+    cfg = SampleConfig(max_new_tokens=60, temperature=0)
+    if path == "pytorch":
+        monkeypatch.setattr(sampling, "native_decodes", lambda *a: False)
+    elif not sampling.native_decodes(model, 1, cfg):
+        pytest.skip("tfcli's C decoder cannot run here")
+    ids = [int(i) for i in model.vocab.encode("he")]
+    with torch.no_grad():
+        for _ in range(60):  # (no cache: every layer attends to the last 16 positions, from scratch)
+            ids.append(int(windowed_forward(model, torch.tensor([ids]))[0, -1].argmax()))
+    assert text_of(model, "he", cfg) == model.vocab.decode(ids[2:])
 
 
 def test_zero_new_tokens_yields_nothing(model):
