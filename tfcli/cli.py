@@ -121,16 +121,18 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        term = stopping.TermAsInterrupt()
         try:
-            import_whole(builds, "torch" if torch else "safetensors.numpy")
-            return fn(*args, **kwargs)
+            with term:
+                import_whole(builds, "torch" if torch else "safetensors.numpy")
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except TfcliError as e:
             fail(e.message, e.exit_code)
-        except stopping.Terminated:
-            fail("terminated", 128 + signal.SIGTERM)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # (sample re-raises a plain one once it has shown its text)
+            if term.received or isinstance(e, stopping.Terminated):
+                fail("terminated", 128 + signal.SIGTERM)
             fail("interrupted", INTERRUPTED)
         except BrokenPipeError:
             stop_writing_stdout()
@@ -590,7 +592,8 @@ def sample(
                                 "(by the closest known one: other case, no accent, ' for ’, - for –)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print characters as they come."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample: prompt, text, seed, "
-                                 "index (in the batch), finish_reason (stop, length or interrupted), settings."),
+                                 "index (in the batch), finish_reason (stop, length or interrupted), settings; "
+                                 "with --logprobs, logprobs."),
     logprobs: bool = typer.Option(False, "--logprobs", help="With --json: each character's log-probability."),
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first): for long "
@@ -661,8 +664,7 @@ def sample(
             finish = "stop" if out.stopped else "interrupted" if interrupted else "length"  # (OpenAI's names)
             record = {"prompt": text, "text": out.text, "seed": cfg.seed, "index": i, "finish_reason": finish,
                       "settings": settings}
-            print(json.dumps(record | ({"logprobs": out.logprobs} if logprobs else {})
-                             | ({"interrupted": True} if interrupted else {})))
+            print(json.dumps(record | ({"logprobs": out.logprobs} if logprobs else {})))
     else:
         for i, out in enumerate(outs):
             if cfg.num_samples > 1:

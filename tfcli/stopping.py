@@ -62,3 +62,27 @@ class StopFlag:
                 signal.signal(s, handler)
         if self.hushed is not None:
             self.hushed.__exit__(None, None, None)
+
+
+class TermAsInterrupt:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) for a command's whole length, so that what
+    `timeout` or a service manager stops ends as a Ctrl-C does (sample prints what it made) rather
+    than at once with nothing written; `received` says it came, for the exit code (143, not 130).
+    Inside `train`, StopFlag takes SIGTERM over and gives it back."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = None
+
+    def handle(self, signum, frame) -> None:
+        self.received = True
+        raise Terminated
+
+    def __enter__(self) -> TermAsInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
