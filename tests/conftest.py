@@ -72,3 +72,17 @@ def windowed_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         x = x + block.attn._out(w @ v)
         x = x + block.mlp(rms_norm(x))
     return model.logits_from_hidden(x)
+
+
+def use_consoles(monkeypatch, stdout=None, stderr=None) -> None:
+    """Point the commands at a test's consoles: each command module binds commands.common's own."""
+    import importlib
+    import pkgutil
+
+    import tfcli.commands as commands
+
+    for found in pkgutil.iter_modules(commands.__path__):
+        module = importlib.import_module(f"tfcli.commands.{found.name}")
+        for name, console in (("stdout", stdout), ("stderr", stderr)):
+            if console is not None and hasattr(module, name):
+                monkeypatch.setattr(module, name, console)

@@ -20,10 +20,13 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from conftest import use_consoles
 from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from tfcli.cli import app
+from tfcli.commands import common
+from tfcli.commands.common import QuietConsole
 from tfcli.config import SampleConfig
 
 NAMES = ["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo", "ines", "jack", "kara", "liam"]
@@ -404,10 +407,9 @@ def test_color_by_prob_in_a_pipe_prints_the_same_text_and_no_legend_for_absent_c
 def test_color_by_prob_on_a_colour_terminal_explains_its_colours(model, monkeypatch):
     import io
 
-    from tfcli import cli
     monkeypatch.delenv("NO_COLOR", raising=False)
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, color_system="truecolor"))
+    use_consoles(monkeypatch, QuietConsole(file=screen, force_terminal=True, color_system="truecolor"))
     result = ok("sample", "-m", model, "-p", "anna", "-n", "40", "--seed", "5", "--color-by-prob", "--no-stream")
     assert "probability" in result.stderr
     assert "\x1b[" in screen.getvalue()  # and the text is coloured
@@ -453,11 +455,10 @@ def test_a_batch_on_a_terminal_shows_each_sample_growing_then_prints_them_whole(
     import io
     import re
 
-    from tfcli import cli
     args = ("sample", "-m", model, "-p", "kara", "-n", "60", "--seed", "1", "--num-samples", "3")
     piped = ok(*args).stdout
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, width=80))
+    use_consoles(monkeypatch, QuietConsole(file=screen, force_terminal=True, width=80))
     ok(*args)
     raw = screen.getvalue()
     assert all(f"{i} │ \x1b[0mkara" in raw for i in (1, 2, 3))  # a line per sample while they grow...
@@ -487,9 +488,8 @@ def test_sample_in_a_pipe_writes_the_prompt_and_text_byte_for_byte_tabs_and_esca
 
 
 def test_sample_on_an_ascii_terminal_shows_control_characters_in_caret_notation(raw_model, monkeypatch):
-    from tfcli import cli
     screen = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
-    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, width=80,
+    use_consoles(monkeypatch, QuietConsole(file=screen, force_terminal=True, width=80,
                                                         color_system=None))
     ok("sample", "-m", raw_model, "-p", "id\t\x1b[31mERR", "-n", "100", "--seed", "1")
     screen.flush()
@@ -498,11 +498,10 @@ def test_sample_on_an_ascii_terminal_shows_control_characters_in_caret_notation(
 
 
 def test_sample_on_a_terminal_shows_control_characters_as_symbols(raw_model, monkeypatch):
-    from tfcli import cli
     for flags in ((), ("--num-samples", "2"), ("--interactive",), ("--no-stream",)):  # a terminal without
         # colours: no ESC of rich's
         screen = io.StringIO()
-        monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, width=80,
+        use_consoles(monkeypatch, QuietConsole(file=screen, force_terminal=True, width=80,
                                                             color_system=None))
         ok("sample", "-m", raw_model, "-p", "id\t\x1b[31mERR\x1b[0m", "-n", "200", "--seed", "1", *flags,
            input="\x1b[31mERR\n" if flags else None)
@@ -525,7 +524,7 @@ def test_prompt_from_stdin(model):
 
 
 def test_a_prompt_read_from_a_terminal_says_how_to_end_it(monkeypatch, capsys):
-    from tfcli.cli import read_prompt
+    from tfcli.commands.common import read_prompt
 
     class Keyboard(io.StringIO):
         def isatty(self) -> bool:
@@ -538,7 +537,7 @@ def test_a_prompt_read_from_a_terminal_says_how_to_end_it(monkeypatch, capsys):
 
 
 def test_a_prompt_file_is_read_with_its_line_ends_as_written_as_stdin_is(tmp_path):
-    from tfcli.cli import read_prompt
+    from tfcli.commands.common import read_prompt
     (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa\r\nb\rc")
     assert read_prompt(None, tmp_path / "p.txt") == "a\r\nb\rc"  # (the vocabulary decides how \r reads)
 
@@ -713,7 +712,7 @@ def test_an_unexpected_error_in_a_command_reaches_the_caller_as_itself(monkeypat
 
 def test_under_torchrun_an_unknown_flag_is_said_by_rank_0_only(monkeypatch, capsys):
     from tfcli import cli
-    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0.0)
+    monkeypatch.setattr(common, "QUIET_RANK_WAIT_S", 0.0)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, said in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
@@ -760,9 +759,8 @@ def test_attention_without_a_prompt_looks_at_text_the_model_writes(model):
 
 @pytest.mark.parametrize("view, width, shown", [("grid", 40, 19), ("head", 40, 17)])
 def test_attention_without_a_prompt_writes_as_much_text_as_the_heatmap_shows(model, monkeypatch, view, width, shown):
-    from tfcli import cli
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, width=width, color_system=None))
+    use_consoles(monkeypatch, QuietConsole(file=screen, width=width, color_system=None))
     ok("inspect-attention", "-m", model, "--seed", "4", "--view", view)
     out = screen.getvalue()
     assert "showing positions" not in out  # all of it fits: its first rows are its first characters
@@ -893,14 +891,13 @@ def test_attention_export_svg_html_and_json(model, tmp_path):
 
 
 def test_attention_on_wide_characters_keeps_columns_aligned(tmp_path, monkeypatch):
-    from tfcli import cli
     corpus = tmp_path / "cjk.txt"
     corpus.write_text("你好, 世界! こんにちは\n" * 50, encoding="utf-8")
     ok("train", corpus, "--out", tmp_path / "run", "--preset", "tiny", "--max-steps", "2")
     piped = ok("inspect-attention", "-m", tmp_path / "run", "--prompt", "你好, 世界!", "--view", "head").stdout
     assert all(line == line.rstrip() for line in piped.splitlines())  # a pipe gets no padding at line ends
     screen = io.StringIO()  # a terminal (without colours) gets the rows as drawn, every one as wide
-    monkeypatch.setattr(cli, "stdout", cli.QuietConsole(file=screen, force_terminal=True, color_system=None, width=80))
+    use_consoles(monkeypatch, QuietConsole(file=screen, force_terminal=True, color_system=None, width=80))
     ok("inspect-attention", "-m", tmp_path / "run", "--prompt", "你好, 世界!", "--view", "head")
     out = screen.getvalue()
     assert [line.rstrip() for line in out.splitlines()] == piped.splitlines()
@@ -1003,7 +1000,7 @@ def test_eval_names_how_many_unseen_characters_it_does_not_list(model, tmp_path)
 
 
 def test_long_work_in_a_pipe_reports_progress_in_plain_lines(capsys):
-    from tfcli.cli import progress
+    from tfcli.commands.evaluate import progress
     with progress(1000, "eval", "char", every=0.0) as update:
         for _ in range(4):
             update(250)
@@ -1111,18 +1108,17 @@ def test_a_bad_training_flag_is_refused_before_the_corpus_is_read(tmp_path, flag
 def test_under_torchrun_a_usage_error_is_said_once_and_others_name_their_rank(monkeypatch, capsys):
     import typer
 
-    from tfcli import cli
-    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0.0)
+    monkeypatch.setattr(common, "QUIET_RANK_WAIT_S", 0.0)
     for rank, code, said in [("0", 2, "error: bad flag"), ("1", 2, ""), ("1", 1, "error: rank 1: disk full")]:
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(typer.Exit) as exited:
-            cli.fail("bad flag" if code == 2 else "disk full", code)
+            common.fail("bad flag" if code == 2 else "disk full", code)
         assert exited.value.exit_code == code
         assert capsys.readouterr().err.strip() == said
     monkeypatch.delenv("WORLD_SIZE")  # (a RANK outside torchrun means nothing to tfcli)
     with pytest.raises(typer.Exit):
-        cli.fail("bad flag", 2)
+        common.fail("bad flag", 2)
     assert capsys.readouterr().err.strip() == "error: bad flag"
 
 
@@ -1147,7 +1143,7 @@ def test_a_backslash_n_typed_in_quotes_is_explained(model):
 def test_the_printed_epoch_limit_resumes_to_the_same_step():
     import math
 
-    from tfcli.cli import resume_limits
+    from tfcli.commands.train import resume_limits
     from tfcli.config import TrainConfig
     from tfcli.events import Done
     epochs = 200 * 4096 / 22976  # auto's 200-step floor on a 23K-character text, as passes

@@ -205,7 +205,7 @@ def test_a_reader_leaving_after_the_last_step_still_gets_the_closed_pipe_code(co
 
 
 def test_ctrl_c_after_the_reader_left_is_still_a_first_ctrl_c():
-    from tfcli.cli import StopFlag
+    from tfcli.commands.train import StopFlag
     stop = StopFlag(quiet=True)
     assert not stop() and stop.exit_code == 130  # (the trainer's poll after a step: mid-run)
     stop.reader_left = True  # (what reader_gone records, without pointing this process's stdout at /dev/null)
@@ -293,7 +293,7 @@ def test_ctrl_c_or_sigterm_during_a_sample_or_batch_shows_what_was_made_then_exi
 
 
 def test_an_allocators_refusal_is_said_to_be_out_of_memory_in_words():
-    from tfcli.cli import out_of_memory
+    from tfcli.commands.common import out_of_memory
     torch_cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
                              "you tried to allocate 52428800000 bytes. Error code 12 (Cannot allocate memory)")
     assert out_of_memory(torch_cpu) == "could not allocate 48.8 GiB"

@@ -296,19 +296,20 @@ def test_cli_interactive_refuses_what_cannot_go_with_it(saved, flags, word):
 def test_a_remark_starts_its_own_line_on_a_terminal_even_with_stdin_piped(monkeypatch):
     import io
 
+    from conftest import use_consoles
     from rich.console import Console
 
-    import tfcli.cli as cli
+    from tfcli.commands import sample
     screen, remarks = io.StringIO(), io.StringIO()
-    monkeypatch.setattr(cli, "stdout", Console(file=screen, force_terminal=True, no_color=True))
-    monkeypatch.setattr(cli, "stderr", Console(file=remarks, force_terminal=True, no_color=True))
+    use_consoles(monkeypatch, Console(file=screen, force_terminal=True, no_color=True),
+                 Console(file=remarks, force_terminal=True, no_color=True))
     monkeypatch.setattr("sys.stdin.isatty", lambda: False)
-    out = cli.ReplOutput(color_by_prob=False)
+    out = sample.ReplOutput(color_by_prob=False)
     out("generated", "and so")
     out("info", "undone: 27 → 7 characters", None)
     assert screen.getvalue() == "and so\n" and "undone" in remarks.getvalue()
-    monkeypatch.setattr(cli, "stdout", Console(file=io.StringIO(), force_terminal=False))  # a pipe: the text as made
-    piped = cli.ReplOutput(color_by_prob=False)
+    use_consoles(monkeypatch, Console(file=io.StringIO(), force_terminal=False))  # a pipe: the text as made
+    piped = sample.ReplOutput(color_by_prob=False)
     piped("generated", "and so")
     piped("info", "stopped", None)
-    assert cli.stdout.file.getvalue() == "and so"
+    assert sample.stdout.file.getvalue() == "and so"

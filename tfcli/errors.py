@@ -1,7 +1,7 @@
 """The one exception users see.
 
 Problems are raised where they are found, as a `TfcliError` carrying a one-line
-message and an exit code; only `cli.py` turns it into text, so the library stays
+message and an exit code; only the CLI (commands/common.py) turns it into text, so the library stays
 usable from a notebook (where a traceback is the right thing to show).
 """
 

@@ -1,0 +1,70 @@
+"""`tfcli bench`: training and sampling speed on this machine, for the shapes of tfcli/bench.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Optional
+
+import typer
+
+from ..errors import UsageError
+from .common import handle_errors, print_view, stderr, stdout
+
+
+@handle_errors
+def bench(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="torch.compile the training step \\[default: as train does]."),
+    shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="SHAPE",
+                                              help="Only these shapes: 0.8M, 4.8M, 10.7M."),
+    seconds: float = typer.Option(6.0, help="Timed seconds per training shape (after warm-up)."),
+) -> None:
+    """Training tokens/s and sampling chars/s at nanoGPT's three model shapes."""
+    from .. import bench as b
+
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--seconds must be a positive number of seconds, got {seconds}")
+    unknown = [s for s in shape or [] if s not in b.SHAPES]
+    if unknown:
+        raise UsageError(f"unknown --shape {unknown[0]!r}; choose from {', '.join(b.SHAPES)}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    def stage(what: str) -> None:
+        stderr.print(f"bench: {what}…", style="dim", highlight=False)
+    result = b.run(device, dtype, compile_, shape or None, seconds, on_stage=stage)
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich import box
+    from rich.table import Table
+
+    plain = not stdout.is_terminal  # (a pipe or file: columns without a box, none of them cut to 80)
+    t = Table(title=f"tfcli bench: {result['device']}; training in {result['dtype']}"
+                    f"{', compiled' if result['compile'] else ''}; peak {result['peak_gflops']:.0f} GFLOP/s (probed)",
+              box=None if plain else box.HEAVY_HEAD, title_justify="left" if plain else "center",
+              caption_justify="left" if plain else "center")
+    for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s (weights)",
+                "--compile chars/s", "16 samples (x one's time)", "first char"):
+        t.add_column(col, justify="right")
+    for name, r in result["train"].items():
+        s = result["sample"].get(name, {})
+        rate = f"{s['chars_per_s']:,.0f} ({s['dtype']})" if s else "–"
+        compiled = f"{s['compiled_chars_per_s']:,.0f}" if "compiled_chars_per_s" in s else "–"
+        batch = f"{s['num_samples_16_cost']:.1f}x" if "num_samples_16_cost" in s else "–"
+        if s.get("num_samples_16_dtype", s.get("dtype")) != s.get("dtype"):  # (a batch's own weights)
+            batch += f" ({s['num_samples_16_dtype']})"
+        first = f"{s['first_char_s']:.2f} s" if "first_char_s" in s else "–"
+        t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
+                  f"{r['peak_fraction']:.0%}", rate, compiled, batch, first)
+    if result["sample"]:
+        t.caption = ("sampling attends through tfcli's C kernel (float16 keys and values with half weights)"
+                     if result["decode_kernel"]
+                     else "sampling attends through PyTorch (tfcli's C kernel is off or could not be built)")
+        if result.get("decode_matmul"):
+            t.caption += f"; half weights multiply in C ({', '.join(result['decode_matmul'])})"
+        t.caption += "; –: not measured (--compile is measured only where it is used: no C kernel, --compile on)"
+    print_view(t, width=200)  # (in a pipe: plain columns, none cut to 80, no padding at line ends)
