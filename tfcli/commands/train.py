@@ -132,44 +132,25 @@ def train(
     from ..corpus import load_corpus
     from ..device import pick_device
 
-    run_dir, vocab, base_model, base_train = out, None, None, None
-    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory for the run")
+    vocab, base_model, base_train = None, None, None
     if resume:
-        if run_dir is None:  # the text's latest run (runs/poems-2 over runs/poems), named as the loaders do
-            run_dir = ckpt.latest_run_of(corpus)
-            stderr.print(f"using {run_dir}", style="dim", highlight=False, markup=False)
-        stored = ckpt.load_checkpoint(ckpt.resolve_model_path(run_dir)) if (run_dir / ckpt.MODEL_FILE).exists() \
-            else None
-        if stored is None:
-            raise UsageError(f"{run_dir}: no run to resume there; drop --resume to start one")
-        vocab, base_model = stored.vocab, stored.config
-        if preset != "auto":
-            stderr.print(f"warning: --preset {preset} does not apply to a resumed run, which keeps its model",
-                         highlight=False, markup=False)
-        if seed is not None:  # (its generators' state is restored: a new seed would change nothing)
-            stderr.print(f"warning: --seed {seed} does not apply to a resumed run, which goes on with its own "
-                         "random state", highlight=False, markup=False)
-            seed = None
-        saved = {"optimizer": "adamw", **stored.summary.get("train", {})}  # (runs from before Muon: AdamW)
-        base_train = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-    elif run_dir is None:
+        run_dir, stored = _run_to_resume(out, corpus)
+        vocab, base_model, base_train = stored.vocab, stored.config, _saved_settings(stored)
+        _warn_of_settings_a_resume_ignores(preset, seed)
+        seed = None  # (its generators' state is restored)
+    elif out is None:
         run_dir = ckpt.default_run_dir(corpus)
     else:
+        run_dir = out
         ckpt.refuse_finished_run(run_dir)  # (train() checks too, but only after the corpus is read)
 
     # flags that are wrong whatever the text: said before a large corpus is read, not after
     device_type = pick_device(device).type
-    shape = base_model or preset_configs(preset, device_type, budget)[0]
-    given = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size)
-    try:
-        with_overrides(shape, **given, dropout=dropout).validate()
-    except UsageError as e:  # name what the user did not type: "--n-head (4)" came from the preset
-        implied = [f"--{k.replace('_', '-')} {getattr(shape, k)}" for k, v in given.items()
-                   if v is None and f"--{k.replace('_', '-')} (" in e.message]
-        source = "the resumed model" if base_model else f"--preset {preset}"
-        raise UsageError(e.message + (f" ({', '.join(implied)} comes from {source}; give it too)" if implied
-                                      else "")) from None
+    _check_shape(base_model or preset_configs(preset, device_type, budget)[0],
+                 dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size), dropout,
+                 "the resumed model" if base_model else f"--preset {preset}")
     with_overrides(TrainConfig(), batch_size=batch_size, lr=lr, eval_interval=eval_interval, eval_steps=eval_steps,
                    grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, time_budget=budget, dtype=dtype,
                    optimizer=optimizer, seed=seed).validate()
@@ -220,6 +201,47 @@ def train(
         raise typer.Exit(stop.exit_code)
     if stop():  # the run had ended (its final validation) when Ctrl-C came or the reader left: a shell
         raise typer.Exit(stop.exit_code)  # still learns of the signal, and a pipe's output was cut
+
+
+def _run_to_resume(out: Path | None, corpus: list[Path]):
+    """The run `--resume` goes on with (`--out`, else the text's latest: runs/poems-2 over runs/poems,
+    named as the loaders do) and its checkpoint."""
+    from .. import checkpoint as ckpt
+
+    run_dir = out
+    if run_dir is None:
+        run_dir = ckpt.latest_run_of(corpus)
+        stderr.print(f"using {run_dir}", style="dim", highlight=False, markup=False)
+    if not (run_dir / ckpt.MODEL_FILE).exists():
+        raise UsageError(f"{run_dir}: no run to resume there; drop --resume to start one")
+    return run_dir, ckpt.load_checkpoint(ckpt.resolve_model_path(run_dir))
+
+
+def _saved_settings(stored) -> TrainConfig:
+    saved = {"optimizer": "adamw", **stored.summary.get("train", {})}  # (runs from before Muon: AdamW)
+    return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def _warn_of_settings_a_resume_ignores(preset: str, seed: int | None) -> None:
+    """A resumed run keeps its model and its random state: --preset and --seed would change nothing."""
+    if preset != "auto":
+        stderr.print(f"warning: --preset {preset} does not apply to a resumed run, which keeps its model",
+                     highlight=False, markup=False)
+    if seed is not None:
+        stderr.print(f"warning: --seed {seed} does not apply to a resumed run, which goes on with its own "
+                     "random state", highlight=False, markup=False)
+
+
+def _check_shape(shape, given: dict, dropout: float | None, source: str) -> None:
+    """The model flags checked against the shape they change, naming what the user did not type:
+    "--n-head (4)" came from the preset (or the resumed model)."""
+    try:
+        with_overrides(shape, **given, dropout=dropout).validate()
+    except UsageError as e:
+        implied = [f"--{k.replace('_', '-')} {getattr(shape, k)}" for k, v in given.items()
+                   if v is None and f"--{k.replace('_', '-')} (" in e.message]
+        raise UsageError(e.message + (f" ({', '.join(implied)} comes from {source}; give it too)" if implied
+                                      else "")) from None
 
 
 def _within(a: Path, b: Path) -> bool:
