@@ -102,6 +102,20 @@ def _write_export(path: Path, renderable, record: dict, width: int) -> None:
     stderr.print(f"wrote {path}", style="dim", highlight=False, markup=False)
 
 
+def _export_record(view: str, att, window: tuple[int, int], layers: list[int], heads: list[int]) -> dict:
+    """The weights drawn, for --export: queries as rows (from text[first_query] on), as columns every
+    key they saw. --range cuts a head or grid view's keys as it cuts its queries; focus, summary and
+    lens views keep all the keys before (their rows then sum to 1); a generated view is all its text."""
+    start, stop = window
+    first, text, weights, offset = 0, att.text[start:stop], att.weights[..., start:stop, start:stop], att.offset + start
+    if view == "generated":
+        text, weights, offset = att.text, att.weights, att.offset
+    elif view in ("focus", "summary", "lens"):
+        text, weights, offset, first = att.text[:stop], att.weights[..., start:stop, :stop], att.offset, start
+    return {"text": text, "offset": offset, "first_query": first, "layers": layers, "heads": heads,
+            "weights": weights[layers][:, heads].round(6).tolist()}
+
+
 def _summary_view(model, att, start: int, stop: int, layers: list[int], color: bool, width: int):
     """Head patterns scored on the queries in [start, stop) of the text the model saw, each over
     all the keys it saw (a --range picks queries; cutting keys skewed every score)."""
@@ -259,13 +273,5 @@ def inspect_attention(
         stderr.print(f"note: --range shows the keys from position {offset} on; attention to earlier ones is not "
                      "drawn, so a row's shares can add up to less than 1", highlight=False)
     if export is not None:  # in colour wherever stdout goes: a file is looked at elsewhere
-        # the weights drawn: queries as rows (from text[first_query] on), every key they saw as columns
-        first = 0
-        if view == "generated":
-            chars, weights, offset = att.text, att.weights, att.offset
-        elif view in ("focus", "summary", "lens"):  # --range picks their queries; their keys are all before
-            chars, weights, offset, first = att.text[:stop], att.weights[..., start:stop, :stop], att.offset, start
         heads = list(range(H)) if hi is None or aggregate_ else [hi]
-        record = {"text": chars, "offset": offset, "first_query": first, "layers": shown, "heads": heads,
-                  "weights": weights[shown][:, heads].round(6).tolist()}
-        _write_export(export, draw(True), record, width)
+        _write_export(export, draw(True), _export_record(view, att, (start, stop), shown, heads), width)
