@@ -1150,3 +1150,22 @@ def test_the_printed_epoch_limit_resumes_to_the_same_step():
     flag = resume_limits(Done(10, None, None, 5.0, Path("r"), "interrupted"), TrainConfig(epochs=epochs))
     printed = float(flag.split("--epochs ")[1])
     assert math.ceil(printed * 22976 / 4096) == 200  # (35.6546 made it 201)
+
+
+def test_nanogpt_s_knobs_and_names_reach_the_run(tmp_path):
+    write_names(tmp_path / "names.txt")
+    run = tmp_path / "run"
+    ok("train", tmp_path / "names.txt", "--preset", "tiny", "--max-iters", "10", "--learning-rate", "0.004",
+       "--warmup-steps", "0", "--weight-decay", "0", "--grad-clip", "0", "--eval-steps", "5", "--out", run)
+    summary = json.loads(ok("info", "-m", run, "--json").stdout)["summary"]
+    want = dict(max_steps=10, lr=0.004, warmup_steps=0, weight_decay=0.0, grad_clip=0.0, eval_steps=5,
+                eval_interval=None)  # (--eval-steps alone: validation at those steps, whatever the speed)
+    assert {k: summary["train"][k] for k in want} == want
+    vals = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert vals == [5, 10]
+
+
+@pytest.mark.parametrize("flag, value", [("--weight-decay", "-0.1"), ("--grad-clip", "nan"), ("--warmup-steps", "-1")])
+def test_a_negative_tuning_knob_is_refused(flag, value, tmp_path):
+    write_names(tmp_path / "names.txt")
+    assert flag in refused(2, "train", tmp_path / "names.txt", flag, value, "--out", tmp_path / "run")

@@ -703,3 +703,16 @@ def test_metrics_log_every_step_s_own_loss_the_same_in_two_runs_of_one_seed(tmp_
         logs.append([(r["step"], r["loss"], r["lr"]) for r in records if "loss" in r])
     assert [step for step, _, _ in logs[0]] == list(range(1, 13))  # (it logged half-second means, where it fell)
     assert logs[0] == logs[1]
+
+
+def test_no_clipping_when_grad_clip_is_zero(monkeypatch):
+    from tfcli import trainer
+
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a[1]))
+    model = GPT(MODEL)
+    opt = trainer.make_optimizer(model, TRAIN, torch.device("cpu"))
+    x = torch.randint(MODEL.vocab_size, (2, MODEL.block_size))
+    for clip in (1.0, 0.0):
+        trainer.train_step(model, model, opt, x, x, torch.device("cpu"), torch.float32, clip)
+    assert calls == [1.0]

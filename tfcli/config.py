@@ -86,8 +86,9 @@ class TrainConfig:
     max_steps: int | None = None
     epochs: float | None = None  # passes over the training text; the run ends at whichever limit comes first
     time_budget: float | None = None  # seconds of wall clock, start-up and evaluation included
-    eval_interval: float = 30.0  # seconds between validations (time-based: step rates vary 100x across models)
+    eval_interval: float | None = 30.0  # seconds between validations (step rates vary 100x across models);
     eval_steps: int | None = 250  # ...or this many steps, if sooner: on a GPU 30 s can be dozens of epochs
+    # (eval_interval None: every eval_steps steps only, nanoGPT's way, so runs validate at the same steps)
     eval_tokens: int = 16384  # fixed val subset scored during training; the full pass is `tfcli eval`
     # (16K characters cost a 3.2M model 0.6 s on 2 cores: 2% of a 5-minute run over its ten evaluations)
     sample_chars: int = 80
@@ -110,10 +111,17 @@ class TrainConfig:
             raise UsageError(f"--epochs must be positive, got {self.epochs}")
         if self.time_budget is not None and not self.time_budget > 0:  # (nan is not > 0 either)
             raise UsageError("--time must be positive")
-        if not self.eval_interval > 0:
+        if self.eval_interval is not None and not self.eval_interval > 0:
             raise UsageError(f"--eval-interval must be positive (seconds), got {self.eval_interval}")
         if self.eval_steps is not None and self.eval_steps <= 0:
             raise UsageError(f"--eval-steps must be positive, got {self.eval_steps}")
+        if self.eval_interval is None and self.eval_steps is None:
+            raise UsageError("validation needs --eval-interval or --eval-steps")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
         if self.optimizer not in ("adamw", "muon"):
             raise UsageError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -128,12 +128,14 @@ def train_step(step_fn, model: GPT, opt, x, y, device, dtype, grad_clip: float, 
         (loss if scaler is None else scaler.scale(loss)).backward()
         total += loss.detach()
     if scaler is None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if grad_clip:  # (0: off, as in nanoGPT)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
     else:
         for o in opt.optimizers:
             scaler.unscale_(o)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         for o in opt.optimizers:  # skipped, and the scale lowered, when a gradient overflowed
             scaler.step(o)
         scaler.update()
@@ -434,15 +436,15 @@ def steps_to_repay_compile(cfg: TrainConfig, corpus: Corpus, model_cfg: ModelCon
     return None if limit is None else max(0, limit - done)
 
 
-def validation_due(since_last: float, elapsed: float, budget: float | None, interval: float,
+def validation_due(since_last: float, elapsed: float, budget: float | None, interval: float | None,
                    steps_since: int = 0, every_steps: int | None = None) -> bool:
     """Every `interval` seconds or every `every_steps` steps, whichever comes first, except within
     half an interval of the time budget's end, where the final validation is about to score the
     model anyway. Seconds pace a CPU run; the step count is for fast devices, where 30 s can be
     dozens of passes over a small corpus and the best model comes and goes between two validations
     (an H200 ran 1,700 steps before its first one)."""
-    near_end = budget is not None and budget - elapsed < interval / 2
-    due = since_last >= interval or (every_steps is not None and steps_since >= every_steps)
+    near_end = budget is not None and budget - elapsed < (interval or 0.0) / 2
+    due = (interval is not None and since_last >= interval) or (every_steps is not None and steps_since >= every_steps)
     return due and not near_end
 
 

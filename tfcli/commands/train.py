@@ -86,7 +86,8 @@ def train(
                                                  "\\[default: 0.1; none with --val]."),
     time_: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget: 300, 90s, 5m, 1h30m "
                                         "\\[default: 5m, unless --max-steps or --epochs is given]."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", "--max-iters",
+                                            help="Stop after this many optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the training text "
                                            "\\[default: 10 where auto sees a small text, else none]."),
     preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} "
@@ -100,8 +101,13 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Sequences per step."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per step: the same step in less memory "
                                              "\\[default: 1]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate \\[default: the preset's; 0.002 with "
+    lr: Optional[float] = typer.Option(None, "--lr", "--learning-rate",
+                                       help="Peak learning rate \\[default: the preset's; 0.002 with "
                                        "--optimizer adamw]."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warmup; it also ends a tenth of the way "
+                                               "through the budget \\[default: 30]."),
+    weight_decay: Optional[float] = typer.Option(None, help="On the hidden matrices only \\[default: 0.1]."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradients' norm to this; 0: off \\[default: 1]."),
     seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and batches) \\[default: 1337; "
                                        "a resumed run keeps its own]."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
@@ -109,8 +115,10 @@ def train(
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                             help="torch.compile the model \\[default: for runs of 3 minutes or "
                                                  "2,000 steps and more, where a compiler is found]."),
-    eval_interval: Optional[float] = typer.Option(None, help="Seconds between validations \\[default: 30]."),
-    eval_steps: Optional[int] = typer.Option(None, help="...or steps between them, if sooner \\[default: 250]."),
+    eval_interval: Optional[float] = typer.Option(None, help="Seconds between validations \\[default: 30; "
+                                                  "none when only --eval-steps is given]."),
+    eval_steps: Optional[int] = typer.Option(None, help="...or steps between them, if sooner (nanoGPT's "
+                                             "eval_interval) \\[default: 250]."),
     optimizer: Optional[str] = typer.Option(None, help="muon (Muon for hidden matrices + AdamW) or adamw."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out up to the budget now given."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files."),
@@ -151,9 +159,10 @@ def train(
     _check_shape(base_model or preset_configs(preset, device_type, budget)[0],
                  dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size), dropout,
                  "the resumed model" if base_model else f"--preset {preset}")
-    with_overrides(TrainConfig(), batch_size=batch_size, lr=lr, eval_interval=eval_interval, eval_steps=eval_steps,
-                   grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, time_budget=budget, dtype=dtype,
-                   optimizer=optimizer, seed=seed).validate()
+    tuning = dict(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+                  eval_interval=eval_interval, eval_steps=eval_steps)
+    with_overrides(TrainConfig(), batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+                   time_budget=budget, dtype=dtype, optimizer=optimizer, seed=seed, **tuning).validate()
     from ..distributed import World
 
     world = World.from_env()  # under torchrun: only rank 0 speaks
@@ -168,8 +177,9 @@ def train(
         base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
-    train_cfg = with_overrides(base_train, batch_size=batch_size, lr=lr, eval_interval=eval_interval,
-                               eval_steps=eval_steps, grad_accum=grad_accum, epochs=epochs)
+    train_cfg = with_overrides(base_train, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, **tuning)
+    if eval_steps is not None and eval_interval is None:  # (validation at the same steps whatever the speed)
+        train_cfg = replace(train_cfg, eval_interval=None)
     train_cfg = with_overrides(train_cfg, seed=seed, device=device, dtype=dtype, compile=compile_,
                                optimizer=optimizer)
     # every limit comes from this command: a resumed run goes on to the limits given now, not its old ones
