@@ -362,13 +362,6 @@ def test_learning_rate_warms_up_holds_then_cools_down_to_the_floor_as_one_minus_
     assert lr_at(1.0, 100, cfg) == pytest.approx(0.05)
 
 
-def test_warmup_ends_a_tenth_of_the_way_through_however_few_its_steps():
-    cfg = TrainConfig(lr=1.0, warmup_steps=30)
-    assert lr_at(0.05, 2, cfg) == pytest.approx(0.5)  # slow steps: half-way through a warmup of 10% of the budget
-    assert lr_at(0.1, 2, cfg) == 1.0
-    assert lr_at(0.01, 29, cfg) == 1.0  # fast steps: its 30 steps come first
-
-
 def test_batches_from_a_memory_map_equal_those_from_memory(tmp_path):
     ids = np.arange(1000, dtype=np.uint16) % 251
     ids.tofile(tmp_path / "ids")

@@ -90,16 +90,11 @@ def val_loss(model: GPT, sample: list[np.ndarray], dtype: torch.dtype) -> float 
     return sum(r.loss * r.chars for r in results) / sum(r.chars for r in results) if results else None
 
 
-WARMUP_SHARE = 0.1  # of the schedule: warmup ends there if its steps have not all come by then
-
-
 def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
     """Warmup, stable, then a cooldown shaped 1 - sqrt(fraction done): the lr halves in the first
     quarter of the cooldown and lingers near the floor. At the 5-minute tinyshakespeare budget
-    it beat a linear cooldown (see README, "Training"). Warmup lasts warmup_steps steps or a
-    tenth of the schedule, whichever ends first: a big model on a slow CPU, seconds a step, made
-    a minute's run of warmup alone."""
-    warm = min(1.0, max((step + 1) / max(cfg.warmup_steps, 1), progress / WARMUP_SHARE))
+    it beat a linear cooldown (see README, "Training")."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     if progress < 1.0 - cfg.cooldown:
         return cfg.lr * warm
     frac = min(1.0, (progress - (1.0 - cfg.cooldown)) / max(cfg.cooldown, 1e-9))
