@@ -315,3 +315,21 @@ def test_sample_that_runs_out_of_memory_says_so_and_what_to_ask_for(corpus, tmp_
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "error: out of memory: could not allocate 97.7 GiB" in result.stderr
     assert "; ask for less (fewer --num-samples, or a smaller model)" in result.stderr
+
+
+@pytest.mark.parametrize("n", ["10000000", "5"])  # SIGTERM while it generates, and at its prompt
+def test_sigterm_ends_an_interactive_session_with_143(corpus, tmp_path, n):
+    trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    proc = subprocess.Popen(tfcli("sample", "-m", tmp_path / "run", "-i", "-p", "anna", "-n", n, "--seed", "1"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        assert proc.stdout.read(6).startswith(b"anna")  # generating
+        time.sleep(1)  # (with -n 5, waiting for a line by now)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143  # (Ctrl-C would only stop the text: SIGTERM ends the session)
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -59,6 +59,7 @@ def test_typographic_punctuation_is_replaced_by_what_a_keyboard_types():
     assert vocab.fit("it’s “b” – c…", "replace") == ("it's \"b\" - c.", {"’": "'", "“": '"', "”": '"', "–": "-",
                                                                         "…": "."})
     assert Vocab.from_text("it's").closest("“") == "'"  # (no " known: the nearest quote)
+    assert Vocab.from_text("it's a").closest("´") == "'"  # (not its compatibility form, a space and an accent)
 
 
 def test_fit_applies_the_unknown_policy_and_says_what_it_changed():

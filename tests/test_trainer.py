@@ -324,19 +324,20 @@ def test_a_notebooks_config_is_checked_as_the_clis_flags_are(tmp_path, bad, mess
 def test_time_budget_ends_the_run(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
     done = train(corpus, MODEL, replace(TRAIN, max_steps=None, time_budget=3.0), tmp_path / "run")
-    assert done.reason == "time" and done.step > 0  # (1 s was all start-up on a loaded 2-core host)
-    assert done.elapsed < 6.0
+    assert done.reason == "time" and done.elapsed < 6.0  # (steps: see the test below; a loaded host's start-up
+    # alone can take the 2.5 s this leaves them)
 
 
-def test_no_step_is_begun_that_would_end_past_the_time_budget(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step_s, steps", [(0.4, 3), (0.9, 1)])
+def test_no_step_is_begun_that_would_end_past_the_time_budget(tmp_path, monkeypatch, step_s, steps):
     from tfcli import trainer
 
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(trainer, "time", SimpleNamespace(monotonic=lambda: clock.now))
     real_step, real_val = trainer.train_step, trainer.val_loss
 
-    def slow_step(*args, **kwargs):  # every step takes 0.4 s of this clock, a validation 0.5
-        clock.now += 0.4
+    def slow_step(*args, **kwargs):  # every step takes step_s of this clock, a validation 0.5 s
+        clock.now += step_s
         return real_step(*args, **kwargs)
 
     def slow_validation(*args, **kwargs):
@@ -346,10 +347,11 @@ def test_no_step_is_begun_that_would_end_past_the_time_budget(tmp_path, monkeypa
     monkeypatch.setattr(trainer, "train_step", slow_step)
     monkeypatch.setattr(trainer, "val_loss", slow_validation)
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])
-    cfg = replace(TRAIN, max_steps=None, time_budget=2.0, eval_interval=100.0)
+    cfg = replace(TRAIN, max_steps=None, time_budget=2.0, eval_interval=100.0, compile=False)
     done = train(corpus, MODEL, cfg, tmp_path / "run", started_at=0.0)
-    # 0.5 s is kept for the final validation: steps end at 0.4, 0.8, 1.2, and a fourth would end at 1.6
-    assert done.reason == "time" and done.step == 3 and done.elapsed <= cfg.time_budget
+    # 0.5 s is kept for the final validation, so steps may end by 1.5 s: 0.4, 0.8 and 1.2 (a fourth would end
+    # at 1.6); or one of 0.9 s (known from the first: a second would end at 1.8)
+    assert done.reason == "time" and done.step == steps and done.elapsed <= cfg.time_budget
 
 
 def test_learning_rate_warms_up_holds_then_cools_down_to_the_floor_as_one_minus_sqrt():

@@ -355,7 +355,7 @@ class Vocab:
         as typed on a keyboard: ’ as ', “ as ", – as -), or None."""
         base = unicodedata.normalize("NFKD", c)[:1]  # É: E, then e
         plain = PLAIN_PUNCTUATION.get(c, "")
-        for cand in (c.lower(), c.upper(), base, base.lower(), base.upper(), " " if c.isspace() else "", *plain):
+        for cand in (c.lower(), c.upper(), *plain, base, base.lower(), base.upper(), " " if c.isspace() else ""):
             if cand and cand in self.chars:
                 return cand
         return None

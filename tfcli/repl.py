@@ -23,6 +23,7 @@ from .config import SampleConfig, check_seed
 from .corpus import show_char
 from .errors import TfcliError, UsageError
 from .render.heatmap import eighths_bar
+from .stopping import Terminated
 
 # kinds: "prompt" (the starting text), "typed" (a line joining the text), "generated", "listing" (what a
 # command shows), "info" (a remark), "error" (a one-line refusal; the session goes on)
@@ -109,6 +110,8 @@ class Session:
                 if piece.chars[0]:  # the raw characters: a stop string stays in the text
                     out.append(piece.chars[0])
                     self.write("generated", piece.chars[0], piece.logprobs[0])
+        except Terminated:
+            raise  # (SIGTERM, from `timeout` or a service manager, ends the session: exit 143)
         except KeyboardInterrupt:
             self.write("info", "stopped", None)
         if out:
@@ -231,6 +234,8 @@ def read_lines(prompt: str = "", before: Callable[[], None] = lambda: None) -> I
         before()
         try:
             yield input(prompt).removesuffix("\r")  # (lines piped from a Windows file end \r\n: input() keeps the \r)
+        except Terminated:
+            raise
         except (EOFError, KeyboardInterrupt):
             if prompt:  # the cursor is after the prompt: the shell's own prompt starts a line of its own
                 sys.stdout.write("\n")

@@ -313,7 +313,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     logged: list[dict] = []  # steps' metrics not yet written
     max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
     steps_left = max_steps - start_step if max_steps else None
-    stop, clock = False, StepClock()
+    stop, clock = False, StepClock(compiled)
     model.train()
     while True:
         elapsed, stop = agree(world, device, time.monotonic() - session_start, stop)
@@ -385,14 +385,15 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
 class StepClock:
     """What the next step will take, from the last few steps' times (between the processes' agreed
     clocks, so every process decides alike): the least of the last three, since one may hold a
-    validation; nothing for a session's first two steps, whose first one is the compile."""
+    validation. A compiled session's first step is the compile, and tells nothing of the rest."""
 
-    def __init__(self):
+    def __init__(self, compiled: bool):
         self.last: float | None = None
         self.times: list[float] = []
+        self.first_counted = 2 if compiled else 1
 
     def next_step(self, elapsed: float, steps_done: int) -> float:
-        if self.last is not None and steps_done >= 2:
+        if self.last is not None and steps_done >= self.first_counted:
             self.times = [*self.times[-2:], elapsed - self.last]
         self.last = elapsed
         return min(self.times, default=0.0)

@@ -104,7 +104,10 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
         try:
             with term:
                 import_whole(builds, "torch" if torch else "safetensors.numpy")
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+            if term.received:  # (a command that took SIGTERM's KeyboardInterrupt as its own Ctrl-C)
+                raise stopping.Terminated
+            return result
         except typer.Exit:
             raise
         except TfcliError as e:

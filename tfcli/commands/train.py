@@ -104,8 +104,7 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", "--learning-rate",
                                        help="Peak learning rate \\[default: the preset's; 0.002 with "
                                        "--optimizer adamw]."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warmup; it also ends a tenth of the way "
-                                               "through the budget \\[default: 30]."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warmup \\[default: 30]."),
     weight_decay: Optional[float] = typer.Option(None, help="On the hidden matrices only \\[default: 0.1]."),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the gradients' norm to this; 0: off \\[default: 1]."),
     seed: Optional[int] = typer.Option(None, help="Random seed (initialisation and batches) \\[default: 1337; "
