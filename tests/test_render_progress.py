@@ -100,3 +100,20 @@ def test_sample_line_shows_control_and_bidi_characters_as_symbols_and_keeps_join
     assert "\x1b" not in line and "\u202e" not in line and "\t" not in line
     assert line.startswith("␛[31mERROR␛[0m ok")
     assert " ⏎ next" in line and "👩\u200d👧" in line and not line.endswith("⏎ ")
+
+
+def test_a_plain_log_s_validation_line_has_the_recent_train_loss_beside_it():
+    import io
+
+    from rich.console import Console
+
+    from tfcli.events import Eval
+    from tfcli.render.progress import PlainProgress
+
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    log = PlainProgress(console)
+    log(Eval(step=250, val_loss=1.6123, train_loss=1.5012, best=True, elapsed=70.0))
+    log(Eval(step=0, val_loss=4.17, train_loss=float("nan"), best=True, elapsed=1.0))  # (a resumed run's first)
+    first, second = console.file.getvalue().splitlines()
+    assert first == "step    250  val 1.6123 (2.326 bits/char)  train 1.5012  best"  # (the gap: overfitting)
+    assert "train" not in second

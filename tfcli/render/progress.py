@@ -120,7 +120,8 @@ class PlainProgress:
             out(f"step {e.step:>6}  loss {e.loss:.4f}  {fmt_count(e.tokens_per_s)} tok/s  lr {e.lr:.2e}  "
                 f"{fmt_time(e.elapsed)}" + (f"  eta {fmt_time(left)}" if left is not None else ""), highlight=False)
         elif isinstance(e, Eval) and e.val_loss is not None:
-            out(f"step {e.step:>6}  val {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char)"
+            recent = f"  train {e.train_loss:.4f}" if math.isfinite(e.train_loss) else ""  # (its recent steps' mean)
+            out(f"step {e.step:>6}  val {e.val_loss:.4f} ({e.val_loss / LN2:.3f} bits/char){recent}"
                 + ("  best" if e.best else ""), highlight=False)
         elif isinstance(e, Sample):
             out(f"sample: {sample_line(e.text)[:100]}", highlight=False, markup=False)
