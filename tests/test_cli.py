@@ -1169,3 +1169,15 @@ def test_nanogpt_s_knobs_and_names_reach_the_run(tmp_path):
 def test_a_negative_tuning_knob_is_refused(flag, value, tmp_path):
     write_names(tmp_path / "names.txt")
     assert flag in refused(2, "train", tmp_path / "names.txt", flag, value, "--out", tmp_path / "run")
+
+
+def test_a_run_without_its_model_keeps_its_other_checkpoints_from_a_fresh_run(tmp_path):
+    write_names(tmp_path / "names.txt")
+    run = tmp_path / "run"
+    ok("train", tmp_path / "names.txt", "--preset", "tiny", "--max-steps", "2", "--out", run)
+    (run / "model.safetensors").unlink()  # (a save cut between its files, or a hand's mistake)
+    kept = {name: (run / name).read_bytes() for name in ("best.safetensors", "state.safetensors")}
+    assert "are kept" in refused(2, "train", tmp_path / "names.txt", "--out", run, "--resume", "--max-steps", "3")
+    message = refused(2, "train", tmp_path / "names.txt", "--preset", "tiny", "--max-steps", "1", "--out", run)
+    assert "earlier run's state.safetensors and best.safetensors" in message  # (following the first's advice)
+    assert all((run / name).read_bytes() == data for name, data in kept.items())

@@ -228,6 +228,13 @@ def refuse_finished_run(run_dir: Path, resume: str = "add --resume to continue i
         hint = (f"{resume}, or {other}" if (run_dir / STATE_FILE).exists()
                 else f"it has no {STATE_FILE} to resume from, so {other}")
         raise UsageError(f"{run_dir} already holds a run; {hint}")
+    if left := earlier_files(run_dir):  # (without a model: not resumable, yet the weights are there)
+        raise UsageError(f"{run_dir} holds an earlier run's {' and '.join(left)}; {other}, or move them away")
+
+
+def earlier_files(run_dir: Path) -> list[str]:
+    """Checkpoints an earlier run left in `run_dir` besides its model (a save cut between its files)."""
+    return [name for name in (STATE_FILE, BEST_FILE) if (run_dir / name).exists()]
 
 
 def _create(run_dir: Path) -> None:
@@ -372,7 +379,7 @@ def default_run_dir(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
     stem = run_name(corpus_paths)
     candidate, n = root / stem, 1
     while (candidate.exists() and not candidate.is_dir()) or (candidate / MODEL_FILE).exists() \
-            or (candidate / STATE_FILE).exists() or in_use(candidate):
+            or earlier_files(candidate) or in_use(candidate):
         n += 1
         candidate = root / f"{stem}-{n}"
     return candidate

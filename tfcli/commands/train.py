@@ -222,6 +222,9 @@ def _run_to_resume(out: Path | None, corpus: list[Path]):
         run_dir = ckpt.latest_run_of(corpus)
         stderr.print(f"using {run_dir}", style="dim", highlight=False, markup=False)
     if not (run_dir / ckpt.MODEL_FILE).exists():
+        if left := ckpt.earlier_files(run_dir):
+            raise UsageError(f"{run_dir}: no {ckpt.MODEL_FILE} to resume from (its {' and '.join(left)} are kept); "
+                             "train into another --out")
         raise UsageError(f"{run_dir}: no run to resume there; drop --resume to start one")
     return run_dir, ckpt.load_checkpoint(ckpt.resolve_model_path(run_dir))
 
