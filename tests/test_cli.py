@@ -1181,3 +1181,16 @@ def test_a_run_without_its_model_keeps_its_other_checkpoints_from_a_fresh_run(tm
     message = refused(2, "train", tmp_path / "names.txt", "--preset", "tiny", "--max-steps", "1", "--out", run)
     assert "earlier run's state.safetensors and best.safetensors" in message  # (following the first's advice)
     assert all((run / name).read_bytes() == data for name, data in kept.items())
+
+
+@pytest.mark.parametrize("name", ["a.json", "a.html"])
+def test_a_failed_export_leaves_an_earlier_file_whole(model, tmp_path, monkeypatch, name):
+    import tfcli.checkpoint
+
+    (tmp_path / name).write_text("keep me")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(tfcli.checkpoint.os, "fsync", full)
+    refused(1, "inspect-attention", "-m", model, "--prompt", "anna", "--export", tmp_path / name)
+    assert (tmp_path / name).read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == [name]

@@ -90,11 +90,12 @@ def _check_export(path: Path | None) -> None:
 
 
 def _write_export(path: Path, renderable, record: dict, width: int) -> None:
+    from ..checkpoint import atomic_write
     from ..render.attention_views import export
 
     try:
         if path.suffix.lower() == ".json":
-            path.write_text(json.dumps(record), encoding="utf-8")
+            atomic_write(path, json.dumps(record).encode("utf-8"))
         else:
             export(renderable, path, width=width, title=f"tfcli inspect-attention: {record['text'][:40]}")
     except OSError as e:  # (the request was checked before the work: this is the disk's answer)

@@ -17,6 +17,7 @@ from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
+from ..checkpoint import atomic_write
 from ..inspect import DIFFUSE_ENTROPY, GENERATE_TEMPERATURE, LOCAL_WINDOW, PATTERNS, Generation, HeadPattern, Lens
 from .heatmap import _fit, _header_glyph, _line, _prose, _rgb, visible
 
@@ -173,4 +174,4 @@ def export(renderable: RenderableType, path: Path, *, width: int, title: str) ->
         text = console.export_svg(title=title)
     else:  # rich's page has no <title>, which HTML requires
         text = console.export_html().replace("<head>", f"<head>\n<title>{html.escape(title)}</title>", 1)
-    path.write_text(text, encoding="utf-8")
+    atomic_write(path, text.encode("utf-8"))  # (a full disk leaves an earlier file whole)
