@@ -711,3 +711,15 @@ def test_no_clipping_when_grad_clip_is_zero(monkeypatch):
     for clip in (1.0, 0.0):
         trainer.train_step(model, model, opt, x, x, torch.device("cpu"), torch.float32, clip)
     assert calls == [1.0]
+
+
+def test_a_resume_drops_the_metrics_of_steps_its_checkpoint_does_not_hold(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    run = tmp_path / "run"
+    train(corpus, MODEL, replace(TRAIN, max_steps=3), run)
+    with open(run / "metrics.jsonl", "a") as f:  # a session that logged steps 4 and 5, then failed to save
+        f.write('{"step": 4, "loss": 9.0}\n{"step": 5, "loss": 9.0}\n')
+    train(corpus, MODEL, replace(TRAIN, max_steps=6), run, resume=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] != 9.0 for r in records if "loss" in r)

@@ -202,22 +202,44 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, state
 
 
-def make_run_dir(run_dir: Path, fresh: bool = True) -> None:
+def make_run_dir(run_dir: Path, fresh: bool = True, resumed_at: int | None = None) -> None:
     """Create the run directory, or say in one line why it cannot hold a run (before any training).
 
     A fresh run in a directory whose earlier run never saved (stopped before its first
     checkpoint) moves that run's metrics aside (metrics.jsonl.prev1, 2...), so one log holds one run;
-    one whose earlier run did save is refused (`refuse_finished_run`): its model is not overwritten."""
+    one whose earlier run did save is refused (`refuse_finished_run`): its model is not overwritten.
+    A run resumed at step `resumed_at` drops the metrics of later steps: a session that failed
+    before its save (a full disk) had logged steps the checkpoint does not hold, which this
+    session logs again."""
     if fresh:
         refuse_finished_run(run_dir, resume="pass resume=True to continue it", other="train into another directory")
     _create(run_dir)
     metrics = run_dir / METRICS_FILE
+    if resumed_at is not None and metrics.is_file():
+        _trim_metrics(metrics, resumed_at)
     if fresh and metrics.exists():
         aside = next(p for n in itertools.count(1) if not (p := metrics.with_name(f"{METRICS_FILE}.prev{n}")).exists())
         try:
             metrics.rename(aside)
         except OSError as e:
             raise TfcliError(f"cannot move aside the old {metrics}: {e.strerror or e}") from None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        try:
+            atomic_write(path, "".join(kept).encode("utf-8"))
+        except OSError as e:
+            raise TfcliError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are untouched") from None
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):  # (a line cut by a crash: kept as it is)
+        return 0
 
 
 def refuse_finished_run(run_dir: Path, resume: str = "add --resume to continue it",

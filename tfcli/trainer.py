@@ -256,7 +256,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's {rows.stop - rows.start} "
                          f"sequences evenly; pick a divisor of it")
     if world.is_main:
-        ckpt.make_run_dir(run_dir, fresh=not resume)
+        ckpt.make_run_dir(run_dir, fresh=not resume, resumed_at=run.step if resume else None)
     if device.type == "cpu":
         warn_slow_steps(model, cfg.batch_size, on_event)
     val_ids = val_sample(corpus.val, cfg.eval_tokens)
