@@ -382,3 +382,17 @@ def test_resume_without_out_goes_on_with_the_text_s_latest_run(tmp_path):
         os.utime(root / name / ckpt.STATE_FILE, (1000 + i, 1000 + i))
     os.utime(root / "poems-2" / ckpt.STATE_FILE, (5000, 5000))  # the one saved last
     assert ckpt.latest_run_of([text], root) == root / "poems-2"  # (it resumed runs/poems, the oldest)
+
+
+def test_a_fifo_given_as_the_model_is_refused_at_once_not_read(tmp_path):
+    fifo = tmp_path / "m.safetensors"
+    os.mkfifo(fifo)  # (opening it to read would wait for a writer for ever)
+    with pytest.raises(UsageError, match="not a regular file"):
+        ckpt.resolve_model_path(fifo)
+    with pytest.raises(UsageError, match="not a regular file"):
+        ckpt.load_checkpoint(fifo)
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / ckpt.MODEL_FILE)
+    with pytest.raises(UsageError, match="not a regular file"):
+        ckpt.resolve_model_path(run)

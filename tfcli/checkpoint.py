@@ -91,7 +91,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
 def _open(path: Path, framework: str = "pt"):
     """`path` opened for reading, its tensors as PyTorch's ("pt") or numpy's ("np")."""
     if not path.is_file():
-        raise UsageError(f"{path}: no such checkpoint file")
+        raise UsageError(f"{path}: {'not a regular file' if path.exists() else 'no such checkpoint file'}")
     try:
         return safe_open(str(path), framework=framework, device="cpu")
     except Exception as e:  # noqa: BLE001 - any parse failure (SafetensorError, OSError, ...) means "not ours"
@@ -343,6 +343,8 @@ def resolve_model_path(path: Path | None) -> Path:
             raise UsageError("no trained model found under ./runs; train one with `tfcli train FILE` or pass -m PATH")
         return found
     if path.is_dir():
+        if (path / MODEL_FILE).exists() and not (path / MODEL_FILE).is_file():
+            raise UsageError(f"{path / MODEL_FILE}: not a regular file")
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
         if (path / METRICS_FILE).is_file():  # a run that had not reached its first save
@@ -353,6 +355,8 @@ def resolve_model_path(path: Path | None) -> Path:
         raise UsageError(f"{path}: holds no {MODEL_FILE}; is it a run directory?")
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint")
+    if not path.is_file():  # (a FIFO or a device: reading its first bytes would wait for ever)
+        raise UsageError(f"{path}: not a regular file; -m takes a run directory or a .safetensors file")
     named = path.suffix.lower() == ".safetensors"  # (then damage is reported as damage)
     if not (named or _looks_safetensors(path) or _looks_pickled(path)):  # a corpus, a log: the wrong file
         raise UsageError(f"{path}: not a checkpoint; -m takes a run directory or a .safetensors file")
