@@ -57,7 +57,7 @@ def test_dropout_outside_unit_interval_is_refused(dropout):
         ModelConfig(dropout=dropout).validate()
 
 
-@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan")])
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), 1e300])
 def test_non_positive_lr_is_refused(lr):
     with pytest.raises(UsageError, match="--lr must be positive"):
         TrainConfig(lr=lr).validate()

@@ -294,11 +294,15 @@ def test_repeat_last_n_minus_one_penalises_the_whole_context(model):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(presence_penalty=float("nan")), "--presence-penalty must be a finite"),
-    (dict(frequency_penalty=float("inf")), "--frequency-penalty must be a finite"),
-    (dict(presence_penalty=float("-inf")), "--presence-penalty must be a finite"),
+    (dict(presence_penalty=float("nan")), "--presence-penalty must be a number within"),
+    (dict(frequency_penalty=float("inf")), "--frequency-penalty must be a number within"),
+    (dict(presence_penalty=float("-inf")), "--presence-penalty must be a number within"),
+    (dict(presence_penalty=1e39), "--presence-penalty must be a number within"),  # (inf as a float32)
+    (dict(frequency_penalty=-1e39), "--frequency-penalty must be a number within"),
+    (dict(repeat_penalty=1e300), "--repeat-penalty must be positive"),
     (dict(repeat_last_n=-2), "--repeat-last-n must be >= -1"),
-    (dict(temperature=float("inf")), "--temperature must be a finite"),
+    (dict(temperature=float("inf")), "--temperature must be a number from 0"),
+    (dict(temperature=1e300), "--temperature must be a number from 0"),
     (dict(top_k=-1), r"--top-k must be >= 0 \(0: off\)"),
 ])
 def test_sampling_settings_that_would_lose_every_logit_are_refused(changes, message):

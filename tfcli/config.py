@@ -103,8 +103,8 @@ class TrainConfig:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
         if self.grad_accum <= 0:
             raise UsageError(f"--grad-accum must be positive, got {self.grad_accum}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not (_float32(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be positive (and within float32's range), got {self.lr}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -278,19 +278,20 @@ class SampleConfig:
     def validate(self) -> SampleConfig:
         if self.max_new_tokens < 0:
             raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not (_float32(self.temperature) and self.temperature >= 0):
+            raise UsageError(f"--temperature must be a number from 0 to 3.4e38, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         for name in ("top_p", "min_p"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-        if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0):
-            raise UsageError(f"--repeat-penalty must be positive, got {self.repeat_penalty}")
+        if not (_float32(self.repeat_penalty) and self.repeat_penalty > 0):
+            raise UsageError(f"--repeat-penalty must be positive (at most 3.4e38), got {self.repeat_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):  # (inf x a count of 0 is NaN: every logit lost)
-            if not math.isfinite(getattr(self, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+            if not _float32(getattr(self, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be a number within ±3.4e38 (float32's range), "
+                                 f"got {getattr(self, name)}")
         if self.repeat_last_n < -1:
             raise UsageError(f"--repeat-last-n must be >= -1 (-1: the whole context; 0: penalties off), "
                              f"got {self.repeat_last_n}")
@@ -312,3 +313,12 @@ def cache_dir() -> Path:
         return Path(os.environ["TFCLI_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "tfcli"
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(x: float) -> bool:
+    """Finite as the float32 it is computed in: 1e39 passed as finite, became inf in the logits' dtype,
+    and 0 * inf made NaN of every logit."""
+    return math.isfinite(x) and abs(x) <= FLOAT32_MAX
