@@ -143,8 +143,10 @@ def test_checkpoint_from_a_newer_version_asks_for_an_upgrade(saved):
      r"damaged tfcli checkpoint \(its config: .*\"n_head\": \"2\""),
     ({"config": json.dumps({"vocab_size": len(VOCAB), "n_layer": 2, "n_head": 2, "n_embd": 32.0, "block_size": 8})},
      r"damaged tfcli checkpoint \(its config: .*32\.0"),
+    ({"vocab": "123"}, r"damaged tfcli checkpoint \(its vocab must be a string"),
+    ({"summary": "[1, 2]"}, r"damaged tfcli checkpoint \(its vocab must be a string and its summary an object"),
 ], ids=["bad-version", "no-config", "short-vocab", "wrong-weights", "wrong-width", "heads-do-not-divide", "no-context",
-        "text-for-a-number", "float-width"])
+        "text-for-a-number", "float-width", "number-for-a-vocab", "list-for-a-summary"])
 def test_damaged_metadata_is_refused(saved, meta, message):
     _, path = saved
     ck = ckpt.load_checkpoint(path)

@@ -270,6 +270,9 @@ def test_unknown_encoding_is_a_usage_error(tmp_path):
     (tmp_path / "x.txt").write_text("abc")
     with pytest.raises(UsageError, match="unknown encoding 'klingon'"):
         read_text([tmp_path / "x.txt"], encoding="klingon")
+    for codec in ("rot13", "base64"):  # (codecs, but of bytes to bytes: a TypeError deep in decoding)
+        with pytest.raises(UsageError, match=f"'{codec}' is not a text encoding"):
+            read_text([tmp_path / "x.txt"], encoding=codec)
 
 
 def test_empty_file_is_refused(tmp_path):

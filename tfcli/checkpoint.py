@@ -152,8 +152,10 @@ def load_checkpoint(path: Path, framework: str = "pt") -> Checkpoint:
                              f"give its run directory or {MODEL_FILE}")
         try:
             config = ModelConfig.from_dict(json.loads(meta["config"]))
-            vocab = Vocab(json.loads(meta["vocab"]))
-            summary = json.loads(meta.get("summary", "{}"))
+            chars, summary = json.loads(meta["vocab"]), json.loads(meta.get("summary", "{}"))
+            if not isinstance(chars, str) or not isinstance(summary, dict):
+                raise TypeError("its vocab must be a string and its summary an object")
+            vocab = Vocab(chars)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (KeyError, ValueError, TypeError, SafetensorError) as e:
             raise TfcliError(f"{path}: damaged tfcli checkpoint ({e})") from None

@@ -202,10 +202,12 @@ def _decoder(encoding: str, errors: str) -> io.IncrementalNewlineDecoder:
     (Windows editors write one): as a character it would be learnt, sampled mid-text and refused in
     prompts."""
     try:
-        utf8 = codecs.lookup(encoding).name == "utf-8"
-        inner = codecs.getincrementaldecoder("utf-8-sig" if utf8 else encoding)(errors)
+        codec = codecs.lookup(encoding)
     except LookupError:
         raise UsageError(f"unknown encoding {encoding!r}") from None
+    if not getattr(codec, "_is_text_encoding", True):  # rot13, base64, zlib: bytes to bytes, not text
+        raise UsageError(f"{encoding!r} is not a text encoding (try utf-8, latin-1, utf-16, cp1252)")
+    inner = codecs.getincrementaldecoder("utf-8-sig" if codec.name == "utf-8" else encoding)(errors)
     return io.IncrementalNewlineDecoder(inner, translate=True)
 
 
