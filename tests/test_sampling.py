@@ -490,3 +490,9 @@ def test_a_gpu_step_that_cannot_be_recorded_runs_eagerly_and_a_prefill_only_deco
     torch.testing.assert_close(torch.as_tensor(decoder.decode(np.array([4]), 3)),
                                model(torch.as_tensor([[1, 2, 3, 4]]))[0][:, -1], atol=1e-5, rtol=0)
     assert sampling.TorchDecoder(model, 1, SampleConfig(), decodes=False).step is None and asked == [False]
+
+
+def test_a_batch_larger_than_the_machine_s_memory_is_refused_before_it_is_made(model):
+    with pytest.raises(UsageError, match=r"--num-samples 100,000,000 needs about [\d,.]+ GiB .* \(at most about"):
+        next(generate_pieces(model, model.vocab, "he", SampleConfig(num_samples=10**8, seed=1)))
+    assert next(generate_pieces(model, model.vocab, "he", SampleConfig(num_samples=64, seed=1)))  # (a fair one runs)

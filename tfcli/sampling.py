@@ -23,6 +23,7 @@ import numpy as np
 from . import native_decoder
 from .config import SampleConfig
 from .corpus import Vocab
+from .errors import UsageError
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -317,10 +318,35 @@ class Piece:
     stopped: tuple[bool, ...] = ()  # whether each sample has met a stop string (and shows no more)
 
 
+PER_SAMPLE_OVERHEAD = 4096  # bytes of Python objects a sample keeps besides its cache (matchers, text, ...)
+
+
+def batch_bytes(config, num_samples: int) -> int:
+    """What a batch of samples holds at least: each one's keys and values for every layer and
+    position (in float32 at most), its logits, and its Python objects."""
+    per_sample = 4 * (2 * config.n_layer * config.block_size * config.n_embd + 4 * config.vocab_size)
+    return num_samples * (per_sample + PER_SAMPLE_OVERHEAD)
+
+
+def check_batch_fits(config, num_samples: int) -> None:
+    """Refuse a batch larger than this machine's memory, before any of it is made (10^8 samples
+    grew to gigabytes with nothing said, until the kernel killed the process)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # (not POSIX: no figure to compare with)
+        return
+    need = batch_bytes(config, num_samples)
+    if need > memory:
+        most = max(1, num_samples * memory // need)
+        raise UsageError(f"--num-samples {num_samples:,} needs about {need / 2**30:,.1f} GiB for its caches; this "
+                         f"machine has {memory / 2**30:,.1f} GiB (at most about {most:,} samples)")
+
+
 def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:
     """Prefill the prompt's last block_size characters, then one cached decode step per character.
     `logprobs=False` leaves Piece.logprobs None (a small model's step costs less than computing it)."""
     cfg.validate()  # (a notebook's settings: the CLI has checked its own)
+    check_batch_fits(model.config, cfg.num_samples)
     rng = new_rng(cfg.seed if cfg.seed is not None else new_seed())
     B, T = cfg.num_samples, model.config.block_size
     ids = context_ids(vocab, prompt, T)

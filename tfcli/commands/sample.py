@@ -93,7 +93,7 @@ def sample(
     """
     from ..corpus import check_unknown
     from ..render.sample import prob_legend, styled
-    from ..sampling import collect, generate_pieces, is_greedy, native_decodes, new_seed
+    from ..sampling import check_batch_fits, collect, generate_pieces, is_greedy, native_decodes, new_seed
 
     check_unknown(unknown)
     if interactive:
@@ -107,6 +107,7 @@ def sample(
                        tuple(stop or ()), compile_, dtype).validate()
     text = read_prompt(prompt, prompt_file)
     model = load_sampler(model_path, device, cfg)
+    check_batch_fits(model.config, cfg.num_samples)  # (before a row per sample is made)
     text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
     cfg = with_overrides(cfg, stop=tuple(model.vocab.spelt_as_known(s) for s in cfg.stop))  # (as the prompt)
     warn_unmatchable_stops(cfg.stop, model.vocab)
