@@ -931,7 +931,8 @@ def test_attention_and_info_show_a_joiner_as_invisible_not_as_the_masked_dot(tmp
     (["--view", "head", "--aggregate", "max", "--head", "1"], "--head"),
     (["--generate", "0"], "--generate"),
     (["--export", "out.pdf"], "suffix"),
-    (["--export", "/no/such/dir/out.svg"], "no such directory"),
+    (["--export", "/no/such/dir/out.svg"], "/no/such/dir does not exist"),
+    (["--export", f"{__file__}/out.svg"], "test_cli.py is not a directory"),
 ])
 def test_attention_out_of_range_is_named(model, flags, word):
     message = refused(2, "inspect-attention", "-m", model, "--prompt", "anna", *flags)

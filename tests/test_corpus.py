@@ -394,3 +394,21 @@ def test_load_corpus_takes_a_path_as_a_string_too(tmp_path):
     (tmp_path / "t.txt").write_text("abcabc" * 10)
     assert load_corpus(str(tmp_path / "t.txt")).vocab.chars == load_corpus([tmp_path / "t.txt"]).vocab.chars == "abc"
     assert load_corpus([str(tmp_path / "t.txt")], val_paths=[str(tmp_path / "t.txt")]).n_chars == 120
+
+
+def test_a_link_to_nothing_is_said_to_be_one(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")  # (a loop)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere.txt")
+    for link in ("a", "gone"):
+        with pytest.raises(UsageError, match="a symbolic link to nothing that exists"):
+            load_corpus([tmp_path / link])
+
+
+def test_text_whose_every_character_is_skipped_is_not_called_empty(tmp_path):
+    from collections import Counter
+
+    from tfcli.corpus import encode_text
+    (tmp_path / "x.txt").write_text("xxxx")
+    with pytest.raises(UsageError, match="every character was skipped"):
+        encode_text([tmp_path / "x.txt"], Vocab.from_text("ab"), skipped=Counter())

@@ -63,6 +63,8 @@ def list_files(paths: list[Path], skipped: list[Path] | None = None, nul_free: b
             files.append(p)
         elif p.exists():
             raise UsageError(f"{p}: not a regular file")
+        elif p.is_symlink():
+            raise UsageError(f"{p}: a symbolic link to nothing that exists (or a loop of links)")
         else:
             raise UsageError(f"{p}: no such file or directory")
     return files
@@ -123,6 +125,8 @@ def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors
                 out[n:n + len(ids)] = ids
                 n += len(ids)
                 bar.update(n_bytes)
+    if n == 0 and skipped:
+        raise UsageError(f"{source_names(paths)}: every character was skipped (none is in the model's vocabulary)")
     if n == 0:
         raise UsageError(f"{source_names(paths)}: empty corpus, no text to read")
     return out[:n]

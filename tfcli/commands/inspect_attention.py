@@ -84,7 +84,8 @@ def _check_export(path: Path | None) -> None:
     if path.suffix.lower() not in EXPORT_SUFFIXES:
         raise UsageError(f"--export {path}: unknown suffix; use {', '.join(EXPORT_SUFFIXES)}")
     if not path.parent.is_dir():
-        raise UsageError(f"--export {path}: no such directory {path.parent}")
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UsageError(f"--export {path}: {path.parent} {what}")
     if path.is_dir():
         raise UsageError(f"--export {path} is a directory: name a file in it")
 
