@@ -398,3 +398,13 @@ def test_a_fifo_given_as_the_model_is_refused_at_once_not_read(tmp_path):
     os.mkfifo(run / ckpt.MODEL_FILE)
     with pytest.raises(UsageError, match="not a regular file"):
         ckpt.resolve_model_path(run)
+
+
+def test_resuming_trims_only_later_steps_and_keeps_every_other_line_byte_for_byte(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [b'{"step": 1, "loss": 2.0}\n', b'{"step": 2, "val_loss": 1.9, "note": "\xff"}\n',  # (not UTF-8)
+             b'{"step": 1e999}\n', b'{"elapsed": 3}\n', b'{"step": 3, "lo', b'{"step": 4, "loss": 1.0}\n']
+    (run / ckpt.METRICS_FILE).write_bytes(b"".join(lines[:4] + [lines[4] + b"\n", lines[5]]))
+    ckpt.make_run_dir(run, fresh=False, resumed_at=2)
+    assert (run / ckpt.METRICS_FILE).read_bytes() == b"".join(lines[:4] + [lines[4] + b"\n"])

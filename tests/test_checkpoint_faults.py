@@ -61,3 +61,20 @@ def test_sigkill_during_saves_never_leaves_a_torn_checkpoint(tmp_path):
     assert torn >= 3, f"only {torn} of 10 kills landed mid-write: the test did not test what it claims"
     atomic_write(path, path.read_bytes())  # the next save sweeps the temp files killed writers left
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_atomic_write_keeps_a_private_file_private_writes_through_a_link_and_takes_long_names(tmp_path):
+    private = tmp_path / "notes.json"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    atomic_write(private, b"new")
+    assert private.read_bytes() == b"new" and (private.stat().st_mode & 0o777) == 0o600
+    (tmp_path / "pub").mkdir()
+    target, link = tmp_path / "pub" / "page.json", tmp_path / "link.json"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    atomic_write(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    long = tmp_path / ("a" * 250 + ".json")  # (a temporary name made by adding to it would pass 255)
+    atomic_write(long, b"x")
+    assert long.read_bytes() == b"x" and sorted(p.name for p in tmp_path.iterdir())[0] == long.name

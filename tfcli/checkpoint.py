@@ -19,6 +19,7 @@ import glob
 import itertools
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,11 +44,14 @@ RUNS_DIR = Path("runs")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the new one, never a torn one."""
+    """Write, fsync, rename: readers see the old file or the new one, never a torn one. Through a
+    symbolic link to where it points, and with the mode of the file it replaces (a private file
+    stays private)."""
+    path = path.resolve() if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")  # (names <= 255)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,7 +60,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
+    for stale in path.parent.glob(f".{glob.escape(path.name[:64])}.*.tmp"):  # left by a writer killed mid-save
         stale.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -228,19 +232,19 @@ def make_run_dir(run_dir: Path, fresh: bool = True, resumed_at: int | None = Non
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)  # (bytes: what is kept stays as it was written)
     kept = [line for line in lines if _step_of(line) <= step]
     if len(kept) < len(lines):
         try:
-            atomic_write(path, "".join(kept).encode("utf-8"))
+            atomic_write(path, b"".join(kept))
         except OSError as e:
             raise TfcliError(f"cannot write {path}: {e.strerror or e}; earlier checkpoints are untouched") from None
 
 
-def _step_of(line: str) -> int:
+def _step_of(line: bytes) -> int:
     try:
         return int(json.loads(line).get("step", 0))
-    except (ValueError, TypeError, AttributeError):  # (a line cut by a crash: kept as it is)
+    except (ValueError, TypeError, AttributeError, OverflowError):  # (a line cut by a crash: kept as it is)
         return 0
 
 
@@ -351,7 +355,7 @@ def resolve_model_path(path: Path | None) -> Path:
             return path / MODEL_FILE
         if (path / METRICS_FILE).is_file():  # a run that had not reached its first save
             raise UsageError(f"{path}: a run with no model saved yet (a run saves at its first validation, "
-                             "after about 30 s, and when it ends)")
+                             "by default after 30 s or 250 steps, and when it ends)")
         if (found := latest_run(path)) is not None:  # a directory of runs, as ./runs is by default
             return found
         raise UsageError(f"{path}: holds no {MODEL_FILE}; is it a run directory?")

@@ -135,7 +135,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     With Muon, the input embedding learns at EMBEDDING_LR_SCALE x --lr (as in the modded-nanogpt
     speedrun, whose embedding lr is 12x Muon's): its rows start at unit scale and each moves only
     when its character is in the batch. At the 5-minute tinyshakespeare budget, one run each:
-    5x 1.495, 10x 1.493, 20x 1.502, against 1.506-1.508 at 1x; five runs at 10x: 1.495-1.504.
+    5x 1.495, 10x 1.493, 20x 1.502, against 1.506-1.508 at 1x; five more runs at 10x: 1.495-1.504.
     The trainer multiplies each group's scheduled lr by its `lr_scale`.
     """
     fused = device.type in ("cpu", "cuda")
