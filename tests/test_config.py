@@ -189,3 +189,25 @@ def test_the_token_cache_and_the_kernel_cache_agree_on_a_tilde(tmp_path, monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("TFCLI_CACHE", "~/tf")
     assert tokens.store_for(tokens.CACHE_MIN_BYTES).root == native.cache_dir() == tmp_path / "tf"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(seed=None), r"TrainConfig.seed must be int, got None"),
+    (dict(max_steps="50"), r"TrainConfig.max_steps must be int or None, got '50'"),
+    (dict(lr="1e-3"), r"TrainConfig.lr must be float"),
+    (dict(batch_size=8.0), r"TrainConfig.batch_size must be int, got 8.0"),
+    (dict(min_lr_ratio=-1.0), r"min_lr_ratio must be in \[0, 1\]"),  # (a negative lr: gradient ascent)
+    (dict(cooldown=1.5), r"cooldown must be in \[0, 1\]"),
+    (dict(sample_chars=-1), r"sample_chars must be >= 0"),
+])
+def test_a_notebook_s_train_config_is_checked_with_its_field_names(changes, message):
+    with pytest.raises(UsageError, match=message):
+        replace(TrainConfig(), **changes).validate()
+    assert TrainConfig(lr=1, eval_interval=None).validate()  # (an int for a float; None for step-only validation)
+
+
+def test_preset_with_a_step_limit_alone_has_no_time_limit_as_the_cli_s_has_none():
+    assert config.preset("tiny", "cpu", max_steps=100)[1].time_budget is None
+    assert config.preset("tiny", "cpu")[1].time_budget == config.DEFAULT_CPU_TIME
+    with pytest.raises(UsageError, match="optimizer must be muon or adamw"):
+        config.preset("tiny", "cpu", optimizer="AdamW")

@@ -723,3 +723,31 @@ def test_a_resume_drops_the_metrics_of_steps_its_checkpoint_does_not_hold(tmp_pa
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] != 9.0 for r in records if "loss" in r)
+
+
+def test_train_leaves_the_garbage_collector_as_it_found_it(tmp_path):
+    import gc
+
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    before = gc.get_freeze_count()
+    train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run")  # (it freezes at step 3)
+    assert gc.get_freeze_count() == before
+
+
+def test_a_resume_with_nothing_left_to_train_says_so_and_logs_no_second_validation(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    run = tmp_path / "run"
+    train(corpus, MODEL, replace(TRAIN, max_steps=4), run)
+    events = []
+    done = train(corpus, MODEL, replace(TRAIN, max_steps=3), run, events.append, resume=True)
+    assert done.step == 4 and any("nothing to train" in getattr(e, "message", "") for e in events)
+    text = (run / "metrics.jsonl").read_text()
+    assert "NaN" not in text and sum('"val_loss"' in line for line in text.splitlines()) == 1
+
+
+def test_train_names_a_corpus_or_configs_in_the_wrong_place(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    with pytest.raises(UsageError, match="train takes a Corpus"):
+        train(str(tmp_path / "x.txt"), MODEL, TRAIN, tmp_path / "run")
+    with pytest.raises(UsageError, match="a ModelConfig, then a TrainConfig"):
+        train(corpus, TRAIN, MODEL, tmp_path / "run")

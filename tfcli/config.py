@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -99,6 +100,13 @@ class TrainConfig:
     optimizer: str = "muon"  # muon (Muon for hidden matrices, AdamW for the rest) | adamw
 
     def validate(self) -> TrainConfig:
+        check_types(self)
+        for name in ("min_lr_ratio", "cooldown"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.sample_chars < 0 or self.eval_tokens <= 0:
+            raise UsageError(f"sample_chars must be >= 0 and eval_tokens positive, got {self.sample_chars} and "
+                             f"{self.eval_tokens}")
         if self.batch_size <= 0:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
         if self.grad_accum <= 0:
@@ -187,17 +195,25 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
 ADAMW_LR = 2e-3
 
 
-def preset(name: str = "auto", device: str | None = None, time_budget: float | None = DEFAULT_CPU_TIME,
+def preset(name: str = "auto", device: str | None = None, time_budget: float | None = None,
            train_chars: int | None = None, max_steps: int | None = None,
            optimizer: str = "muon") -> tuple[ModelConfig, TrainConfig]:
     """The model and training settings `tfcli train --preset NAME` starts from, as a notebook's
     `tfcli.train` wants them: `auto` picks by device, budget (seconds) and the training text's
     length in characters (a short text gets dropout and an epoch limit); the budget and step limit
-    come along. Each field can then be changed with `dataclasses.replace`. `device`: cpu, cuda...
-    (None: the one `train` would use). The lr is the preset's for Muon, ADAMW_LR for AdamW."""
+    come along. Without either, the budget is 5 minutes, as `tfcli train`'s; with max_steps alone
+    there is no time limit, as with `tfcli train --max-steps`. Each field can then be changed with
+    `dataclasses.replace`. `device`: cpu, cuda, cuda:N or mps (None: the one `train` would use). The
+    lr is the preset's for Muon, ADAMW_LR for AdamW."""
+    if optimizer not in ("muon", "adamw"):
+        raise UsageError(f"optimizer must be muon or adamw, got {optimizer!r}")
     if device is None:
         from .device import pick_device
         device = pick_device("auto").type
+    elif device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if time_budget is None and max_steps is None:
+        time_budget = DEFAULT_CPU_TIME
     picked = resolve_preset(name, device, time_budget, train_chars, max_steps)
     lr = picked.pop("lr")
     if optimizer == "adamw":
@@ -276,6 +292,7 @@ class SampleConfig:
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
 
     def validate(self) -> SampleConfig:
+        check_types(self)
         if self.max_new_tokens < 0:
             raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if not (_float32(self.temperature) and self.temperature >= 0):
@@ -322,3 +339,27 @@ def _float32(x: float) -> bool:
     """Finite as the float32 it is computed in: 1e39 passed as finite, became inf in the logits' dtype,
     and 0 * inf made NaN of every logit."""
     return math.isfinite(x) and abs(x) <= FLOAT32_MAX
+
+
+def check_types(config) -> None:
+    """Each field of a config dataclass holds its annotated type (an int where a float is asked is
+    fine; a bool is not an int): a notebook's "1e-3" or 8.0 failed deep inside torch or numpy."""
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if not any(_is(value, kind) for kind in allowed):
+            names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
+            raise UsageError(f"{type(config).__name__}.{f.name} must be {names}, got {value!r}")
+
+
+def _is(value, kind) -> bool:
+    import typing
+
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(kind) or kind)

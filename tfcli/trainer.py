@@ -197,6 +197,10 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     """
     started_at = time.monotonic() if started_at is None else started_at
     run_dir = Path(run_dir)  # (a notebook passes a string)
+    if not isinstance(corpus, Corpus):
+        raise UsageError(f"train takes a Corpus (tfcli.load_corpus([path])), got {type(corpus).__name__}")
+    if not isinstance(model_cfg, ModelConfig) or not isinstance(cfg, TrainConfig):
+        raise UsageError("train takes a ModelConfig, then a TrainConfig (tfcli.preset() gives both)")
     cfg.validate()  # (the CLI's flags are checked already; a notebook's config is checked here)
     if cfg.max_steps is None and cfg.time_budget is None and cfg.epochs is None:
         raise UsageError("give a budget: --time, --max-steps and/or --epochs")
@@ -210,9 +214,12 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     flag = StopFlag(alone=not world.is_distributed) if should_stop is None else contextlib.nullcontext(should_stop)
     # the run seeds torch's generators (cfg.seed); the caller's (a notebook's) get their state back
     cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-    with process_group(world, device), lock, flag as should_stop, torch.random.fork_rng(devices=cuda):
-        done = _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume, should_stop,
-                      started_at, world, device)
+    try:
+        with process_group(world, device), lock, flag as should_stop, torch.random.fork_rng(devices=cuda):
+            done = _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume,
+                          should_stop, started_at, world, device)
+    finally:
+        gc.unfreeze()  # (the run froze what was alive at its third step: a notebook's objects get collected again)
     if done.reason == "interrupted" and isinstance(flag, StopFlag):  # (a loop of runs stops at one Ctrl-C)
         raise KeyboardInterrupt(f"training stopped at step {done.step} and saved in {run_dir}; "
                                 "train(..., resume=True) goes on")
@@ -293,7 +300,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         save(reason)
         if best:
             ckpt.save_model(run_dir / ckpt.BEST_FILE, model, corpus.vocab, {"step": run.step, "val_loss": val})
-        ckpt.append_metrics(run_dir, *logged, {"step": run.step, "val_loss": val, "train_loss": train_loss,
+        ckpt.append_metrics(run_dir, *logged, {"step": run.step, "val_loss": val,
+                                               "train_loss": train_loss if math.isfinite(train_loss) else None,
                                                "elapsed": round(time.monotonic() - started_at, 2)})
         logged.clear()
         on_event(Eval(run.step, val, train_loss, best, time.monotonic() - started_at))
@@ -313,6 +321,9 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     logged: list[dict] = []  # steps' metrics not yet written
     max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
     steps_left = max_steps - start_step if max_steps else None
+    if steps_left is not None and steps_left <= 0:
+        on_event(Notice(f"the run is at step {start_step:,} already, at or past this session's step limit "
+                        f"({max_steps:,}): nothing to train"))
     stop, clock = False, StepClock(compiled)
     model.train()
     while True:
@@ -369,7 +380,9 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             if budget is not None and took > reserve:  # (a loaded machine: keep what one really takes)
                 budget, reserve = budget - (took - reserve), took
             stop = should_stop()  # (a Ctrl-C during it stops here, not after one more step)
-    if world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
+    if world.is_main and reason != "interrupted" and run.step == start_step and run.val_step == run.step:
+        pass  # a resumed run with nothing left to train: its checkpoint already holds this model, validated
+    elif world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
         # Ctrl-C: save and go at once (validation comes with the next session's steps), or the
         # budget ran out just after a validation, and the same model needs no second one
         ckpt.append_metrics(run_dir, *logged)
