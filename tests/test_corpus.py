@@ -412,3 +412,13 @@ def test_text_whose_every_character_is_skipped_is_not_called_empty(tmp_path):
     (tmp_path / "x.txt").write_text("xxxx")
     with pytest.raises(UsageError, match="every character was skipped"):
         encode_text([tmp_path / "x.txt"], Vocab.from_text("ab"), skipped=Counter())
+
+
+def test_one_validation_file_may_be_named_as_a_string_and_no_thread_is_left_behind(tmp_path):
+    import threading
+
+    (tmp_path / "t.txt").write_text("hello world, " * 20)
+    (tmp_path / "v.txt").write_text("hello there")
+    before = {t.name for t in threading.enumerate()}
+    corpus = load_corpus(str(tmp_path / "t.txt"), val_paths=str(tmp_path / "v.txt"))
+    assert len(corpus.val) == len("hello there") and {t.name for t in threading.enumerate()} == before

@@ -111,3 +111,13 @@ def test_result_dict_has_the_derived_figures():
 def test_text_rather_than_ids_is_refused_with_the_call_that_works():
     with pytest.raises(UsageError, match=r"model.vocab.encode\(text\)"):
         evaluate(make_model(VOCAB, block_size=8), "abc")
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([0, 1, 500], r"token ids must be in \[0, 7\)"), ([0, -1, 2], r"token ids must be in \[0, 7\)"),
+    (np.zeros((2, 50), dtype=np.int64), "1-D sequence of integer token ids"),
+    (np.array([0.0, 1.0, 2.0]), "1-D sequence of integer token ids"),
+])
+def test_ids_outside_the_vocabulary_or_of_the_wrong_shape_are_refused_in_words(ids, message):
+    with pytest.raises(UsageError, match=message):
+        evaluate(make_model(VOCAB), ids)

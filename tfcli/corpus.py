@@ -391,6 +391,8 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if isinstance(paths, (str, Path)):  # (a notebook's load_corpus("input.txt"): one file, not its letters)
         paths = [paths]
+    if isinstance(val_paths, (str, Path)):
+        val_paths = [val_paths]
     paths, val_paths = [Path(p) for p in paths], val_paths and [Path(p) for p in val_paths]
     skipped: list[Path] = []
     nul_free = _nul_free(encoding)
@@ -477,6 +479,7 @@ class _Source:
 
 def _bar(total: int, desc: str) -> tqdm:
     """A progress bar on stderr, only on a terminal and only for work that lasts over a second."""
+    tqdm.monitor_interval = 0  # (no monitor thread left running: a notebook's thread list stays its own)
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, delay=1.0,
                 disable=None)
 

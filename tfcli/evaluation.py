@@ -51,6 +51,12 @@ def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: 
     if not isinstance(ids, (np.ndarray, torch.Tensor)):  # (a list of ids, from a notebook)
         ids = np.asarray(ids, dtype=np.int64)
     data = ids if isinstance(ids, np.ndarray) else ids.long()  # (numpy ids widen a batch at a time)
+    if data.ndim != 1 or (isinstance(data, np.ndarray) and data.dtype.kind not in "iu"):
+        raise UsageError(f"evaluate takes a 1-D sequence of integer token ids, got {data.dtype} of shape "
+                         f"{tuple(data.shape)}")
+    if len(data) and not 0 <= int(data.min()) <= int(data.max()) < model.config.vocab_size:
+        raise UsageError(f"token ids must be in [0, {model.config.vocab_size}), the model's vocabulary; got "
+                         f"{int(data.min())}..{int(data.max())}")
     n = len(data) - 1
     if n < 1:
         raise UsageError("need at least two characters to evaluate")
