@@ -224,3 +224,12 @@ def test_aggregate_mean_and_max_over_heads():
     np.testing.assert_allclose(aggregate(w, "max", 0), [0.6, 0.8])
     with pytest.raises(UsageError):
         aggregate(w, "sum", 0)
+
+
+def test_attention_says_what_it_takes_when_given_ids_or_a_model_without_a_vocabulary():
+    model = make_model(Vocab.from_text("anna bob"))
+    with pytest.raises(UsageError, match="takes the text itself"):
+        attention(model, model.vocab.encode("anna"))
+    del model.vocab
+    with pytest.raises(UsageError, match="no vocabulary"):
+        attention(model, "anna")

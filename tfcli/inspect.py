@@ -69,6 +69,10 @@ def _ids(model, text: str) -> np.ndarray:
 
 def attention(model, text: str) -> Attention:
     """Attention weights of every head for `text` (its last block_size characters)."""
+    if not isinstance(text, str):
+        raise UsageError(f"attention takes the text itself (a str), got {type(text).__name__}")
+    if getattr(model, "vocab", None) is None:
+        raise UsageError("this model has no vocabulary: get it from tfcli.load, or set model.vocab = corpus.vocab")
     if not text:
         raise UsageError("the prompt is empty: attention needs at least one character")
     offset = max(0, len(text) - model.config.block_size)
