@@ -751,7 +751,8 @@ def test_attention_without_a_prompt_looks_at_text_the_model_writes(model):
     assert "looking at text the model wrote (seed 4;" in first.stderr
     assert first.stdout == ok("inspect-attention", "-m", model, "--seed", "4", "--view", "summary").stdout
     assert first.stdout != ok("inspect-attention", "-m", model, "--seed", "5", "--view", "summary").stdout
-    assert "--seed does not apply" in refused(2, "inspect-attention", "-m", model, "-p", "anna", "--seed", "4")
+    assert "--seed does nothing with --prompt" in refused(2, "inspect-attention", "-m", model, "-p", "anna", "--seed",
+                                                          "4")
     assert "seed" in ok("inspect-attention", "-m", model).stderr  # (a random one, printed)
     bad = invoke("inspect-attention", "-m", model, "--layer", "7")
     assert bad.exit_code == 2 and "--layer 7 is out of range" in bad.stderr and "wrote" not in bad.stderr

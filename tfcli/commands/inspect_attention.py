@@ -38,6 +38,9 @@ def _pick_view(view: str | None, given: dict[str, object]) -> str:
     if view not in VIEWS:
         raise UsageError(f"--view must be one of {', '.join(VIEWS)}, got {view!r}")
     for flag, value in given.items():
+        if flag == "--seed" and value is not None and view != "generated":  # (given only with a prompt)
+            raise UsageError("--seed does nothing with --prompt: it picks the text the model writes when no prompt "
+                             "is given, or what --view generated writes")
         if value is not None and view not in APPLIES[flag]:
             raise UsageError(f"{flag} does not apply to --view {view} (only to {' and '.join(APPLIES[flag])})")
     return view
