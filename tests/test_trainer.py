@@ -111,7 +111,9 @@ def test_events_start_first_then_steps_then_the_final_eval_and_sample(trained):
     assert events[0].start_step == 0 and events[0].model.vocab_size == 4 and events[0].device == "cpu"
     assert events[0].processes == 1
     steps = [e.step for e in events if isinstance(e, Step)]
-    assert steps[0] == 1 and steps == sorted(steps)
+    assert steps[0] == 1 and steps == sorted(steps) and steps[-1] == 100  # (the last step's own figures)
+    last_step = max(i for i, e in enumerate(events) if isinstance(e, Step))
+    assert isinstance(events[last_step + 1], Eval)  # (so a display shows the final validation beside it)
     tail = [e for e in events if not isinstance(e, Done)][-2:]  # Done, once emitted, comes after them
     assert isinstance(tail[0], Eval) and tail[0].step == 100 and tail[0].val_loss == done.val_loss
     assert isinstance(tail[1], Sample) and tail[1].step == 100 and set(tail[1].text) <= set(PATTERN)

@@ -30,7 +30,7 @@ class Start:
 
 @dataclass(frozen=True)
 class Step:
-    """Progress for a display, about twice a second (and at a session's first step): loss and
+    """Progress for a display, about twice a second (and at a session's first and last steps): loss and
     tokens/s are means over the steps since the last one. metrics.jsonl has every step's own."""
 
     step: int

@@ -380,6 +380,11 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             if budget is not None and took > reserve:  # (a loaded machine: keep what one really takes)
                 budget, reserve = budget - (took - reserve), took
             stop = should_stop()  # (a Ctrl-C during it stops here, not after one more step)
+    if world.is_main and window_n:  # the last steps' figures, so the final validation shows beside its own step
+        now = time.monotonic()
+        on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
+                      now - started_at, run.progress))
+        train_loss, window_loss, window_n = window_loss / window_n, 0.0, 0
     if world.is_main and reason != "interrupted" and run.step == start_step and run.val_step == run.step:
         pass  # a resumed run with nothing left to train: its checkpoint already holds this model, validated
     elif world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
