@@ -11,6 +11,7 @@ import math
 import os
 import re
 import types
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -344,8 +345,6 @@ def _float32(x: float) -> bool:
 def check_types(config) -> None:
     """Each field of a config dataclass holds its annotated type (an int where a float is asked is
     fine; a bool is not an int): a notebook's "1e-3" or 8.0 failed deep inside torch or numpy."""
-    import typing
-
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
@@ -356,8 +355,6 @@ def check_types(config) -> None:
 
 
 def _is(value, kind) -> bool:
-    import typing
-
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
