@@ -428,3 +428,18 @@ def test_positions_shown_is_what_the_head_and_grid_views_draw_whatever_the_label
     assert "showing positions" not in render(grid_view(stack(1, 4, n), "x" * n, layer_labels=[3]))
     assert "showing positions" in render(grid_view(stack(1, 4, n + 1), "x" * (n + 1), layer_labels=[3]))
     assert positions_shown("focus", 0, 4, 80) is None
+
+
+def test_a_hindi_header_and_rows_keep_their_columns_on_a_terminal():
+    import unicodedata
+
+    def on_a_terminal(line: str) -> int:  # (wcwidth gives a spacing mark a cell; rich gives it none)
+        return cell_len(line) + sum(unicodedata.category(c) == "Mc" for c in line)
+
+    text = "हिंदी भारत की"  # (ि ी ा: spacing marks, 0 cells to rich and 1 to a terminal)
+    n = len(text)
+    w = np.tril(np.ones((n, n)))
+    console = Console(file=io.StringIO(), width=32, color_system=None)
+    console.print(head_view(w / w.sum(-1, keepdims=True), text, color=False, max_width=32))
+    lines = console.file.getvalue().splitlines()[:n + 1]  # the header, then a row per character
+    assert len({on_a_terminal(line) for line in lines}) == 1

@@ -145,8 +145,15 @@ def _header_glyph(c: str) -> str:
     """Two cells: narrow glyphs padded, anything wider cropped to one cell. A right-to-left letter
     is followed by a left-to-right mark: a terminal that applies bidi would otherwise show a header
     of Arabic or Hebrew letters (separated only by spaces) reversed, each over another's column."""
-    glyph = set_cell_size(visible(c), 2)
+    glyph = visible(c)
+    glyph = set_cell_size(glyph, 2 - spacing_marks(glyph))
     return glyph + LRM if unicodedata.bidirectional(c) in ("R", "AL", "AN") else glyph
+
+
+def spacing_marks(s: str) -> int:
+    """Spacing combining marks in `s` (Devanagari's ि, ी, ा...): rich measures each as 0 cells where a
+    terminal draws 1, so a cell count must add them (else a Hindi header drifts a column per sign)."""
+    return sum(unicodedata.category(c) == "Mc" for c in s)
 
 
 def head_view(
