@@ -389,6 +389,18 @@ def test_sample_json_has_the_documented_keys(model):
         assert r["settings"]["max_new_tokens"] == 30 and r["settings"]["num_samples"] == 3
 
 
+def test_every_sample_flag_reaches_the_settings_it_names(model):
+    """Each flag given a value unlike every other's default, so a dropped or swapped one shows."""
+    record = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "7", "--temp", "0.7", "--top-k", "5",
+                           "--top-p", "0.9", "--min-p", "0.02", "--repeat-penalty", "1.3", "--repeat-last-n", "11",
+                           "--presence-penalty", "0.25", "--frequency-penalty", "0.5", "--seed", "9",
+                           "--stop", "zz", "--dtype", "float32", "--json").stdout)
+    assert record["settings"] == dict(
+        max_new_tokens=7, temperature=0.7, top_k=5, top_p=0.9, min_p=0.02, repeat_penalty=1.3, repeat_last_n=11,
+        presence_penalty=0.25, frequency_penalty=0.5, seed=9, num_samples=1, stop=["zz"], compile=False,
+        dtype="float32")
+
+
 def test_json_logprobs_align_with_the_text_even_after_a_stop(model):
     record = json.loads(ok("sample", "-m", model, "-p", "anna", "-n", "200", "--seed", "5", "--json",
                            "--logprobs", "--stop", "\n").stdout)

@@ -102,9 +102,11 @@ def sample(
         raise UsageError("--logprobs goes with --json (use --color-by-prob to see probabilities as colours)")
     if color_by_prob and as_json:  # (it was silently ignored)
         raise UsageError("--color-by-prob colours text on a terminal; with --json, --logprobs gives the numbers")
-    cfg = SampleConfig(max_new_tokens, temperature, top_k or None, top_p, min_p, repeat_penalty, repeat_last_n,
-                       presence_penalty, frequency_penalty, None if seed == -1 else seed, num_samples,
-                       tuple(stop or ()), compile_, dtype).validate()
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                       min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                       seed=None if seed == -1 else seed, num_samples=num_samples, stop=tuple(stop or ()),
+                       compile=compile_, dtype=dtype).validate()
     text = read_prompt(prompt, prompt_file)
     model = load_sampler(model_path, device, cfg)
     check_batch_fits(model.config, cfg.num_samples)  # (before a row per sample is made)
