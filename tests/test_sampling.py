@@ -159,9 +159,10 @@ def test_a_stop_string_is_read_in_the_vocabulary_s_spelling_by_the_library_too(m
     assert text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, stop=("\r\n",))) == cut
 
 
-@pytest.mark.parametrize("bad", [{"max_new_tokens": -5}, {"num_samples": 0}, {"top_p": 5.0}])
-def test_a_notebooks_settings_are_checked_as_the_clis_flags_are(model, bad):
-    with pytest.raises(UsageError):
+@pytest.mark.parametrize("bad, flag", [({"max_new_tokens": -5}, "--max-new-tokens"),
+                                       ({"num_samples": 0}, "--num-samples"), ({"top_p": 5.0}, "--top-p")])
+def test_a_notebooks_settings_are_checked_as_the_clis_flags_are(model, bad, flag):
+    with pytest.raises(UsageError, match=flag):
         next(generate(model, model.vocab, "h", SampleConfig(seed=1, **bad)))
 
 
@@ -454,7 +455,7 @@ def test_pick_draws_each_token_with_its_tempered_probability(temperature):
     assert np.abs(freq - expected).max() < 0.01  # 4 standard errors at n = 40,000
 
 
-def test_aligned_pairs_shown_text_with_its_logprobs_in_linear_time():
+def test_aligned_pairs_shown_text_with_its_logprobs_and_keeps_a_long_row_whole():
     from tfcli.sampling import Aligned
     row = Aligned()
     assert row.text == "" and row.add("", "a", -1.0) == []  # held back (a possible stop string)
