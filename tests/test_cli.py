@@ -20,6 +20,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+import typer
 from conftest import use_consoles
 from rich.cells import cell_len
 from typer.testing import CliRunner
@@ -134,6 +135,20 @@ def test_version_needs_no_command():
     from importlib.metadata import version
     result = ok("--version")
     assert result.stdout == f"tfcli {version('tfcli')}\n"
+
+
+def test_an_interrupt_that_arrives_wrapped_is_an_interruption(capsys):
+    from tfcli.commands.common import handle_errors
+
+    @handle_errors(torch=False)
+    def command():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:  # (as Python 3.11 wraps one raised in a class's __set_name__)
+            raise RuntimeError("Error calling __set_name__ on 'cached_property' instance") from e
+    with pytest.raises(typer.Exit) as exited:
+        command()
+    assert exited.value.exit_code == 130 and "error: interrupted" in capsys.readouterr().err
 
 
 def test_no_arguments_shows_usage():

@@ -106,16 +106,23 @@ def test_the_printed_resume_command_resumes_the_run_when_pasted(corpus, tmp_path
 
 def test_ctrl_c_while_the_program_loads_is_an_interruption_not_a_crash(corpus, tmp_path):
     # early signals land in the middle of imports (typer, rich, torch, numpy): each must end as 'interrupted'
-    for delay in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
-        proc = subprocess.Popen(tfcli("train", corpus, "--preset", "tiny", "--max-steps", "5", "--out", tmp_path / "r"),
+    codes = []
+    for delay in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):  # (each in a run directory of its own)
+        out = tmp_path / f"r{delay}"
+        proc = subprocess.Popen(tfcli("train", corpus, "--preset", "tiny", "--max-steps", "5", "--out", out),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         stderr = proc.communicate(timeout=60)[1]
+        codes.append(proc.returncode)
         if proc.returncode == 0:  # it finished first
             continue
+        if "KeyboardInterrupt" in stderr and f"{os.sep}tfcli{os.sep}" not in stderr:
+            continue  # CPython's start-up, before a line of tfcli ran (runpy finding the package; seen at 0.05 s
+            # on a loaded host): an interpreter's traceback no program can catch
         assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, stderr)  # (-2: before Python ran)
         assert "Traceback" not in stderr and "Error" not in stderr, (delay, stderr)
+    assert 130 in codes, codes  # (torch's import alone outlasts the longest delay: some landed in Python)
 
 
 def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 60.0) -> None:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tfcli.stopping import StopFlag, Terminated
+from tfcli.stopping import StopFlag, Terminated, interrupt_behind
 
 
 def test_the_first_signal_after_a_step_raises_the_flag_and_the_second_quits():
@@ -56,3 +56,17 @@ def test_a_handler_python_cannot_put_back_is_left_alone(monkeypatch):
     with StopFlag() as stop:
         pass
     assert calls == [stop.handle, stop.handle]  # installed for SIGINT and SIGTERM; None is not "put back"
+
+
+def test_a_ctrl_c_that_python_wrapped_in_another_error_is_found_behind_it():
+    class Interrupted:  # what a Ctrl-C during an import's `class` statement with a cached_property does
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+    with pytest.raises(BaseException) as caught:
+        type("Defined", (), {"attribute": Interrupted()})  # (Python 3.11: a RuntimeError over it)
+    assert isinstance(interrupt_behind(caught.value), KeyboardInterrupt)
+    assert interrupt_behind(ValueError("no")) is None
+    looped = ValueError("a")
+    looped.__context__ = RuntimeError("b")
+    looped.__context__.__context__ = looped
+    assert interrupt_behind(looped) is None  # (a cycle of contexts ends the walk)

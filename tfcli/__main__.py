@@ -12,8 +12,17 @@ def main() -> None:
         from .cli import run
         run()  # (a Ctrl-C before a command starts, while typer builds its commands, lands here too)
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        sys.exit(130)
+        interrupted()
+    except Exception as e:
+        from .stopping import interrupt_behind
+        if interrupt_behind(e) is None:
+            raise
+        interrupted()
+
+
+def interrupted() -> None:
+    sys.stderr.write("error: interrupted\n")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,19 @@ class Terminated(KeyboardInterrupt):
     """A second SIGTERM: stop at once, like a second Ctrl-C, but exit 143 as a shell expects."""
 
 
+def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C that `e` was raised over, if any. Python 3.11 wraps whatever interrupts a class's
+    `__set_name__` in a RuntimeError: a Ctrl-C during an import that defines a `cached_property`
+    (ipaddress's, under typer) reached the user as that RuntimeError's traceback."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class StopFlag:
     """A `should_stop` raised by the first SIGINT or SIGTERM; the second raises KeyboardInterrupt
     (Terminated for SIGTERM) at once, which loses nothing: saves are atomic.

@@ -113,13 +113,13 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
         except TfcliError as e:
             fail(e.message, e.exit_code)
         except KeyboardInterrupt as e:  # (sample re-raises a plain one once it has shown its text)
-            if term.received or isinstance(e, stopping.Terminated):
-                fail("terminated", 128 + signal.SIGTERM)
-            fail("interrupted", INTERRUPTED)
+            interrupted(e, term)
         except BrokenPipeError:
             stop_writing_stdout()
             raise typer.Exit(0) from None
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            if (interrupt := stopping.interrupt_behind(e)) is not None:
+                interrupted(interrupt, term)
             if _debug:
                 raise
             if (short := out_of_memory(e)) is not None:
@@ -128,6 +128,13 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
                 fail(f"out of memory: {short}; ask for less ({less.get(fn.__name__, 'a smaller model')})", 1)
             fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)
     return wrapper
+
+
+def interrupted(e: KeyboardInterrupt, term: stopping.TermAsInterrupt) -> None:
+    """The exit for a Ctrl-C, or for SIGTERM (which `term` turned into one)."""
+    if term.received or isinstance(e, stopping.Terminated):
+        fail("terminated", 128 + signal.SIGTERM)
+    fail("interrupted", INTERRUPTED)
 
 
 def out_of_memory(e: BaseException) -> str | None:
