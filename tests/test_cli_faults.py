@@ -340,3 +340,13 @@ def test_sigterm_ends_an_interactive_session_with_143(corpus, tmp_path, n):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_output_encoding_without_tfcli_s_symbols_escapes_them(corpus, tmp_path):
+    """An ASCII locale or a cp1252 console: the sample line's ⏎ ended training at its first validation."""
+    env = {**ENV, "PYTHONIOENCODING": "ascii"}
+    run = subprocess.run(tfcli("train", corpus, "--preset", "tiny", "--max-steps", "4", "--eval-steps", "2",
+                               "--out", tmp_path / "r"), capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0 and "\\u23ce" in run.stdout, run.stderr  # (the sample line's line ends)
+    info = subprocess.run(tfcli("info", "-m", tmp_path / "r"), capture_output=True, text=True, env=env)
+    assert info.returncode == 0 and "vocabulary: \\u23ce\\u2423" in info.stdout, info.stderr

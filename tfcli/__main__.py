@@ -1,11 +1,15 @@
 """`tfcli` and `python -m tfcli`. A Ctrl-C while the CLI's modules load is an interruption
-like any other (one line, exit 130), not a traceback from the middle of an import."""
+like any other (one line, exit 130), not a traceback from the middle of an import; output that
+its encoding cannot hold is escaped, not a crash."""
 
 import os
 import sys
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a character the encoding lacks (⏎ in an ASCII locale, a
+        if hasattr(stream, "reconfigure"):  # cp1252 console) prints escaped rather than ending the run
+            stream.reconfigure(errors="backslashreplace")
     if sys.stdout is None or not sys.stdout.isatty():  # help piped or saved: click's plain text, not rich's
         os.environ.setdefault("TYPER_USE_RICH", "0")  # boxes (typer reads this when it is imported)
     try:
