@@ -350,3 +350,17 @@ def test_an_output_encoding_without_tfcli_s_symbols_escapes_them(corpus, tmp_pat
     assert run.returncode == 0 and "\\u23ce" in run.stdout, run.stderr  # (the sample line's line ends)
     info = subprocess.run(tfcli("info", "-m", tmp_path / "r"), capture_output=True, text=True, env=env)
     assert info.returncode == 0 and "vocabulary: \\u23ce\\u2423" in info.stdout, info.stderr
+
+
+def test_a_closed_stdin_reads_as_an_empty_one(corpus, tmp_path):
+    """`<&-` left sys.stdin None: every command that reads it said AttributeError."""
+    subprocess.run(tfcli("train", corpus, "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r"),
+                   check=True, capture_output=True, env=ENV)
+
+    def closed_stdin(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(tfcli(*args), capture_output=True, text=True, env=ENV,
+                              preexec_fn=lambda: os.close(0))
+    evaluated = closed_stdin("eval", "-", "-m", tmp_path / "r")
+    assert (evaluated.returncode, evaluated.stderr) == (2, "error: stdin: empty corpus, no text to read\n")
+    session = closed_stdin("sample", "-m", tmp_path / "r", "-i", "-p", "anna", "-n", "5", "--seed", "1")
+    assert session.returncode == 0 and session.stdout.startswith("anna"), session.stderr  # (ends as at EOF)

@@ -10,6 +10,8 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):  # a character the encoding lacks (⏎ in an ASCII locale, a
         if hasattr(stream, "reconfigure"):  # cp1252 console) prints escaped rather than ending the run
             stream.reconfigure(errors="backslashreplace")
+    if sys.stdin is None:  # started with stdin closed (`<&-`): an empty stream, as from /dev/null
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the life of the process
     if sys.stdout is None or not sys.stdout.isatty():  # help piped or saved: click's plain text, not rich's
         os.environ.setdefault("TYPER_USE_RICH", "0")  # boxes (typer reads this when it is imported)
     try:
