@@ -176,6 +176,16 @@ def test_train_output_in_a_pipe_is_plain_lines(trained, tmp_path):
     assert "step " in result.stdout and "\r" not in result.stdout
 
 
+def test_train_on_a_dumb_terminal_logs_plain_lines(trained, tmp_path, monkeypatch):
+    """TERM=dumb (Emacs' shell, some IDE consoles) redraws nothing: a dashboard stayed blank till the end."""
+    monkeypatch.setenv("TERM", "dumb")
+    screen = io.StringIO()
+    use_consoles(monkeypatch, QuietConsole(file=screen, force_terminal=True, width=80))
+    ok("train", trained / "names.txt", "--preset", "tiny", "--max-steps", "3", "--out", tmp_path / "r")
+    lines = screen.getvalue().splitlines()
+    assert lines[0].startswith("corpus: ") and any(line.startswith("step      1  loss") for line in lines)
+
+
 def test_train_with_a_validation_file_says_how_much_each_file_holds(tmp_path):
     write_names(tmp_path / "train.txt", 80)
     (tmp_path / "val.txt").write_text("anna bob\n" * 10)

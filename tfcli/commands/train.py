@@ -189,7 +189,8 @@ def train(
     from ..trainer import train as run_training
 
     view = (NullProgress() if not world.is_main else
-            LiveProgress(stdout, warnings=stderr) if stdout.is_terminal else PlainProgress(stdout, warnings=stderr))
+            LiveProgress(stdout, warnings=stderr) if stdout.is_terminal and not stdout.is_dumb_terminal  # (no redraws)
+            else PlainProgress(stdout, warnings=stderr))
     try:
         with StopFlag(quiet=not world.is_main, alone=not world.is_distributed) as stop, view:
             done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume,
