@@ -588,6 +588,43 @@ def test_compile_on_trains_through_the_compiled_model(tmp_path, monkeypatch):
     assert start.compiled and len(compiled) == 1
 
 
+def test_a_compiler_that_cannot_build_leaves_the_run_uncompiled_and_otherwise_the_same(tmp_path, monkeypatch):
+    """A g++ that is there but does not work (macOS without its tools, no Python headers) failed
+    the whole run at its first step."""
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    def broken(*args, **kwargs):
+        raise InductorError(InvalidCxxCompiler(), None)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: broken)
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: True)
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    events = []
+    done = train(corpus, MODEL, replace(TRAIN, max_steps=3, compile=True), tmp_path / "run", events.append)
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert any(n.startswith("torch.compile could not build this model (InvalidCxxCompiler: No working C++")
+               and n.endswith("training uncompiled") for n in notices), notices
+    eager = train(corpus, MODEL, replace(TRAIN, max_steps=3, compile=False), tmp_path / "eager")
+    assert done.step == 3 and done.val_loss == eager.val_loss
+
+    def other(*args, **kwargs):  # anything else the model raises is not the compiler's, and is not hidden
+        raise ValueError("a bug")
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: other)
+    with pytest.raises(ValueError, match="a bug"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=3, compile=True), tmp_path / "third")
+
+
+def test_compiling_asked_for_without_a_compiler_says_it_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: False)
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    events = []
+    train(corpus, MODEL, replace(TRAIN, max_steps=2, compile=True), tmp_path / "run", events.append)
+    assert not next(e for e in events if isinstance(e, Start)).compiled
+    assert any("none was found; training uncompiled" in e.message for e in events if isinstance(e, Notice))
+    events.clear()
+    train(corpus, MODEL, replace(TRAIN, max_steps=2, compile=None), tmp_path / "default", events.append)
+    assert not any(isinstance(e, Notice) and "compil" in e.message for e in events)  # (not asked: nothing to say)
+
+
 def test_a_resumed_timed_run_takes_the_schedule_on_from_where_it_stopped(tmp_path, clock):
     clock.step_s, clock.val_s = 0.05, 0.2
     corpus = load_corpus([write(tmp_path, PATTERN * 20)])

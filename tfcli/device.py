@@ -85,6 +85,18 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model)
 
 
+def compile_failure(e: BaseException) -> str | None:
+    """Why torch.compile could not build a graph, in one line, where `e` is that failure; else None.
+    A C++ compiler can be there and not work (macOS without its command-line tools; no Python
+    headers), which `can_compile` does not see: the first compiled step finds out."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    if not isinstance(e, BackendCompilerFailed):
+        return None
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
 def can_compile() -> bool:
     """torch.compile on CPU needs a C++ compiler for its generated kernels."""
     return shutil.which("g++") is not None or shutil.which("c++") is not None or shutil.which("clang++") is not None

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import native
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
-from .device import autocast, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
+from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .distributed import World, agree, mean, process_group, wrap
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
@@ -274,6 +274,9 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
     compiled = should_compile(device, cfg.compile, cfg.time_budget, steps_to_repay_compile(cfg, corpus, model_cfg,
                                                                                          run.step, device))
     step_fn = compile_model(net) if compiled else net
+    if cfg.compile and not compiled and device.type == "cpu":  # (asked for, so not dropped in silence)
+        on_event(Notice("compiling was asked for, but torch.compile needs a C++ compiler on a CPU (g++, c++ or "
+                        "clang++) and none was found; training uncompiled"))
     on_event(Start(run_dir, model.num_params(), model_cfg, cfg, str(device), str(dtype).replace("torch.", ""),
                    len(corpus.train), len(corpus.val), len(corpus.vocab), run.step, compiled, world.size))
 
@@ -342,8 +345,16 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             group["lr"] = lr * group.get("lr_scale", 1.0)
         step_started = time.monotonic()
         x, y = get_batch(corpus.train, cfg.batch_size, model_cfg.block_size, gen, device, rows)
-        loss_value = mean(world, device, train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler,
-                                                    cfg.grad_accum))
+        try:
+            step_loss = train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler, cfg.grad_accum)
+        except Exception as e:  # noqa: BLE001 - only torch.compile's own failures are caught
+            if step_fn is net or (why := compile_failure(e)) is None:
+                raise
+            on_event(Notice(f"torch.compile could not build this model ({why}); training uncompiled"))
+            step_fn = net
+            opt.zero_grad(set_to_none=True)  # (whatever a backward got to before it failed)
+            step_loss = train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler, cfg.grad_accum)
+        loss_value = mean(world, device, step_loss)
         if not math.isfinite(loss_value):
             raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
         run.step += 1
