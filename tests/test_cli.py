@@ -1136,6 +1136,9 @@ def test_sample_compile_says_when_the_c_kernel_makes_it_pointless(model, monkeyp
     monkeypatch.setattr("tfcli.model.GPT.compiled_decoder", lambda self, cache: self.decode)  # no seconds compiling
     assert "--compile is not used" not in ok("sample", "-m", model, "-p", "kara", "-n", "5", "--seed", "1",
                                              "--compile").stderr
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: False)
+    assert "none was found: sampling uncompiled" in ok("sample", "-m", model, "-p", "kara", "-n", "5", "--seed", "1",
+                                                       "--compile").stderr
 
 
 @pytest.mark.parametrize("flag", [("--dropout", "1.0"), ("--lr", "-1"), ("--eval-interval", "nan")])

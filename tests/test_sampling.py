@@ -497,3 +497,28 @@ def test_a_batch_larger_than_the_machine_s_memory_is_refused_before_it_is_made(m
     with pytest.raises(UsageError, match=r"--num-samples 100,000,000 needs about [\d,.]+ GiB .* \(at most about"):
         next(generate_pieces(model, model.vocab, "he", SampleConfig(num_samples=10**8, seed=1)))
     assert next(generate_pieces(model, model.vocab, "he", SampleConfig(num_samples=64, seed=1)))  # (a fair one runs)
+
+
+def test_a_compiled_step_that_cannot_be_built_samples_uncompiled(model, torch_path, monkeypatch):
+    """--compile where a C++ compiler is there but does not work failed after printing the prompt."""
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    def unbuildable(cache):
+        def step(*args):
+            raise InductorError(InvalidCxxCompiler(), None)
+        return step
+    cfg = SampleConfig(max_new_tokens=30, temperature=1.0, seed=4)
+    eager = text_of(model, "he", cfg)
+    monkeypatch.setattr("tfcli.sampling.kernel_decodes", lambda device: False)  # (where compiling is used)
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: True)
+    monkeypatch.setattr(type(model), "compiled_decoder", lambda self, cache: unbuildable(cache))
+    assert text_of(model, "he", replace(cfg, compile=True)) == eager
+
+
+def test_compiling_is_not_tried_on_a_cpu_without_a_compiler(model, monkeypatch):
+    from tfcli.sampling import compiles
+    monkeypatch.setattr("tfcli.sampling.kernel_decodes", lambda device: False)
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: True)
+    assert compiles(SampleConfig(compile=True), 1, model)
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: False)
+    assert not compiles(SampleConfig(compile=True), 1, model)

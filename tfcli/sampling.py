@@ -222,7 +222,14 @@ class TorchDecoder:
     def decode(self, ids: np.ndarray, pos: int) -> np.ndarray:
         with self.torch.inference_mode():
             idx = self.torch.as_tensor(np.asarray(ids, dtype=np.int64), device=self.device)
-            return self.step(idx, pos, self.cache).float().cpu().numpy()
+            try:
+                return self.step(idx, pos, self.cache).float().cpu().numpy()
+            except Exception as e:  # noqa: BLE001 - only torch.compile's own failures are caught
+                from .device import compile_failure
+                if self.step == self.model.decode or compile_failure(e) is None:
+                    raise
+                self.step = self.model.decode  # (a compiler that is there but cannot build: as uncompiled)
+                return self.step(idx, pos, self.cache).float().cpu().numpy()
 
 
 def new_cache(model, batch: int, cfg: SampleConfig):
@@ -247,7 +254,11 @@ def compiles(cfg: SampleConfig, batch: int, model) -> bool:
     at 3.2M); and on a CPU the eager step through that kernel outran the compiled one (2,000
     characters of the 0.8M shape: 2,317 / 3,049 vs 1,172 / 2,379 chars/s; at context 128: 2,468 /
     2,960 vs 2,268 / 2,082)."""
-    return cfg.compile and batch == 1 and not kernel_decodes(model.head.weight.device)
+    device = model.head.weight.device
+    if not (cfg.compile and batch == 1 and not kernel_decodes(device)):
+        return False
+    from .device import can_compile
+    return device.type != "cpu" or can_compile()  # (a CPU compiles its kernels with a C++ compiler)
 
 
 def kernel_decodes(device) -> bool:

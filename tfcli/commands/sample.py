@@ -93,7 +93,7 @@ def sample(
     """
     from ..corpus import check_unknown
     from ..render.sample import prob_legend, styled
-    from ..sampling import check_batch_fits, collect, generate_pieces, is_greedy, native_decodes, new_seed
+    from ..sampling import check_batch_fits, collect, generate_pieces, is_greedy, new_seed
 
     check_unknown(unknown)
     if interactive:
@@ -124,12 +124,8 @@ def sample(
         stderr.print(f"note: --color-by-prob has no colours to show ({why}): plain text", style="dim",
                      highlight=False)
         color_by_prob = False  # (its styled text would be the terminal's: symbols for control characters)
-    if compile_ and num_samples > 1:
-        stderr.print("note: --compile applies to single samples; a batch decodes faster uncompiled",
-                     style="dim", highlight=False)
-    elif compile_ and native_decodes(model, 1, cfg):
-        stderr.print("note: --compile is not used on a CPU where tfcli's C decode kernel runs: it is faster "
-                     "uncompiled", style="dim", highlight=False)
+    if compile_ and (why := compile_unused(model, cfg, device)):
+        stderr.print(f"note: {why}", style="dim", highlight=False)
     if interactive:
         run_interactive(model, cfg, text, unknown, color_by_prob)
         return
@@ -175,6 +171,21 @@ def collect_watched(prompt: str, pieces, n: int):
         return batch_progress(prompt, [row.tail(width) for row in rows], width, height)
     with Live(console=stdout, transient=True, refresh_per_second=8, get_renderable=view):
         return collect(pieces, n, rows)
+
+
+def compile_unused(model, cfg, device: str) -> str | None:
+    """Why --compile will not be used, if it will not."""
+    from ..sampling import native_decodes
+
+    if cfg.num_samples > 1:
+        return "--compile applies to single samples; a batch decodes faster uncompiled"
+    if native_decodes(model, 1, cfg):
+        return "--compile is not used on a CPU where tfcli's C decode kernel runs: it is faster uncompiled"
+    from ..device import can_compile  # (imports torch, which a compiled step needs anyway)
+    if device == "cpu" and not can_compile():
+        return ("--compile needs a C++ compiler on a CPU (g++, c++ or clang++) and none was found: "
+                "sampling uncompiled")
+    return None
 
 
 def warn_unmatchable_stops(stops: tuple[str, ...], vocab) -> None:
