@@ -47,15 +47,42 @@ def test_a_build_that_could_not_finish_is_tried_again_next_time(fresh_build, mon
     if native.compiler() is None:
         pytest.skip("no C compiler here")
 
-    def timed_out(*args, **kwargs):
-        raise native.subprocess.TimeoutExpired(args[0], 120)
+    def killed(*args, **kwargs):
+        return native.subprocess.CompletedProcess(args[0], -9)
     real_run = native.subprocess.run
-    monkeypatch.setattr(native.subprocess, "run", timed_out)
+    monkeypatch.setattr(native.subprocess, "run", killed)
     assert native.load(SOURCE) is None
     assert list(fresh_build.iterdir()) == []  # no marker, no temporary file
     monkeypatch.setattr(native.subprocess, "run", real_run)
     native.load.cache_clear()
     assert native.load(SOURCE) is not None
+
+
+def test_a_compiler_that_hangs_is_waited_for_once(fresh_build, monkeypatch):
+    """Each flag set waited out the timeout, and again after `prepare` had: 12 minutes, then the
+    same in every later process."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+    runs = []
+
+    def hangs(*args, **kwargs):
+        runs.append(args[0])
+        raise native.subprocess.TimeoutExpired(args[0], native.BUILD_TIMEOUT_S)
+    monkeypatch.setattr(native.subprocess, "run", hangs)
+    assert native.load(SOURCE) is None and len(runs) == 1
+    assert {p.suffix for p in fresh_build.iterdir()} == {".failed"}
+    native.load.cache_clear()  # the next process
+    assert native.load(SOURCE) is None and len(runs) == 1
+
+
+def test_cc_may_be_a_command_line(fresh_build, monkeypatch):
+    cc = native.compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("CC", f"env {cc}")  # (as "ccache gcc" is)
+    assert native.compiler() == f"env {cc}" and native.load(SOURCE) is not None
+    monkeypatch.setenv("CC", "'unbalanced")
+    assert native.compiler() is None
 
 
 def test_tfcli_no_kernel_turns_it_off(fresh_build, monkeypatch):

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -78,17 +79,18 @@ def built(source: Path) -> Iterator[Path]:
     if where is None:
         return
     remove_stale(where)
-    for flags in flag_sets():
-        path = where / f"{source.stem}-{build_key(cc, flags, source)}.so"
-        failed = path.with_suffix(".failed")
+    paths = [where / f"{source.stem}-{build_key(cc, flags, source)}.so" for flags in flag_sets()]
+    for flags, path in zip(flag_sets(), paths):
         if not path.exists():
-            if failed.exists():
+            if path.with_suffix(".failed").exists():
                 continue
             done = build(cc, flags, source, path)
-            if done is not True:
-                if done is False:  # the compiler said no: remember; a timeout or a kill may pass next time
-                    with contextlib.suppress(OSError):
-                        failed.touch()
+            # remember a refusal; a kill or a full disk may pass next time; a compiler that hung
+            # would hang for every flag set, each waiting out the timeout
+            for refused in {"refused": [path], "hung": paths}.get(done, []):
+                with contextlib.suppress(OSError):
+                    refused.with_suffix(".failed").touch()
+            if done != "built":
                 continue
         yield path
 
@@ -122,29 +124,41 @@ def remove_stale(where: Path) -> None:
 
 
 def compiler() -> str | None:
-    """$CC, else the system's cc, gcc or clang."""
+    """$CC (a command line, as make takes it: "ccache gcc"), else the system's cc, gcc or clang."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    return cc if cc and shutil.which(cc) else None
+    return cc if cc and shutil.which(program(cc)) else None
 
 
-def build(cc: str, flags: list[str], source: Path, path: Path) -> bool | None:
+def program(cc: str) -> str:
+    try:
+        return (shlex.split(cc) or [""])[0]
+    except ValueError:  # (unbalanced quotes: taken as one name, which will not be found)
+        return cc
+
+
+BUILD_TIMEOUT_S = 120  # a build takes about a second; a compiler still going after this is stuck
+
+
+def build(cc: str, flags: list[str], source: Path, path: Path) -> str:
     """Compile into a temporary file beside `path`, then rename it: concurrent first uses never load
-    half a library, and an interrupted build leaves nothing behind. True when built, False when the
-    compiler rejected it, None when it could not run to the end (killed, timed out, no space)."""
+    half a library, and an interrupted build leaves nothing behind. "built"; "refused" (the compiler
+    said no); "hung" (it ran past the timeout); "unfinished" (killed, no space)."""
     try:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
     except OSError:
-        return None
+        return "unfinished"
     try:
-        done = subprocess.run([cc, *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"],
-                              capture_output=True, timeout=120)
+        done = subprocess.run([*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"],
+                              capture_output=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode == 0:
             os.replace(tmp, path)
-            return True
-        return False if done.returncode > 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+            return "built"
+        return "refused" if done.returncode > 0 else "unfinished"
+    except subprocess.TimeoutExpired:
+        return "hung"
+    except (OSError, subprocess.SubprocessError, ValueError):  # (ValueError: shlex on unbalanced quotes)
+        return "unfinished"
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -172,7 +186,7 @@ def build_key(cc: str, flags: list[str], source: Path) -> str:
     """Source, compiler (its file: an upgrade is a new key), flags and CPU: -march=native code is
     only valid on the CPU it was built for."""
     h = hashlib.sha256(source.read_bytes())
-    compiler = os.stat(shutil.which(cc) or cc)
+    compiler = os.stat(shutil.which(program(cc)) or program(cc))
     for part in (cc, str(compiler.st_mtime_ns), str(compiler.st_size), " ".join(flags), platform.machine(),
                  cpu_flags()):
         h.update(part.encode() + b"\0")
