@@ -1,3 +1,4 @@
+import os
 from dataclasses import replace
 
 import pytest
@@ -181,6 +182,18 @@ def test_cache_directory_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert config.cache_dir() == tmp_path / "home" / ".cache" / "tfcli"
+
+
+@pytest.mark.parametrize("variable, value", [("HOME", ""), ("HOME", "relative"), ("XDG_CACHE_HOME", "relative")])
+def test_an_empty_or_relative_home_is_not_taken_for_a_directory_here(monkeypatch, variable, value):
+    import pwd
+
+    monkeypatch.delenv("TFCLI_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", pwd.getpwuid(os.getuid()).pw_dir)
+    expected = config.cache_dir()
+    monkeypatch.setenv(variable, value)  # (HOME="" wrote the cache to ./.cache, at / to /.cache)
+    assert config.cache_dir() == expected and expected.is_absolute()
 
 
 def test_the_token_cache_and_the_kernel_cache_agree_on_a_tilde(tmp_path, monkeypatch):

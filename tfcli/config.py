@@ -329,8 +329,23 @@ def cache_dir() -> Path:
     $XDG_CACHE_HOME/tfcli, else ~/.cache/tfcli. The one place that reads them, so every cache agrees."""
     if os.environ.get("TFCLI_CACHE"):
         return Path(os.environ["TFCLI_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "tfcli"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # (a relative one is to be ignored, says the XDG spec)
+        return Path(xdg) / "tfcli"
+    return home() / ".cache" / "tfcli"
+
+
+def home() -> Path:
+    """$HOME, else the account's home directory: HOME="" made the cache ./.cache, wherever the
+    command ran (at / it wrote to /.cache)."""
+    if os.path.isabs(os.environ.get("HOME", "")):
+        return Path(os.environ["HOME"])
+    try:
+        import pwd
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except (ImportError, KeyError):  # (no such account: a container's arbitrary uid)
+        import tempfile
+        return Path(tempfile.gettempdir())
 
 
 FLOAT32_MAX = 3.4028234663852886e38
