@@ -151,6 +151,16 @@ def test_an_interrupt_that_arrives_wrapped_is_an_interruption(capsys):
     assert exited.value.exit_code == 130 and "error: interrupted" in capsys.readouterr().err
 
 
+def test_an_argument_an_ascii_locale_mangled_is_read_as_the_utf_8_it_was_typed_in():
+    from tfcli.commands.common import from_argv
+    from tfcli.errors import UsageError
+
+    assert from_argv("caf\udcc3\udca9", "--prompt") == "café"  # (LC_ALL=C without UTF-8 mode)
+    assert from_argv("café", "--prompt") == "café"
+    with pytest.raises(UsageError, match="--stop is not valid UTF-8"):
+        from_argv("caf\udce9", "--stop")  # (Latin-1 bytes)
+
+
 def test_no_arguments_shows_usage():
     result = invoke()
     assert result.exit_code == 2 and "Usage" in result.output and "train" in result.output

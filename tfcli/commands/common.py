@@ -188,7 +188,18 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
             raise UsageError(f"{prompt_file}: cannot read prompt ({getattr(e, 'strerror', None) or e})") from None
     if prompt == "-":
         return read_stdin()
-    return prompt or ""
+    return from_argv(prompt or "", "--prompt")
+
+
+def from_argv(text: str, flag: str) -> str:
+    """A command-line argument as the UTF-8 it was typed in: in a locale Python reads as ASCII (LC_ALL=C
+    without UTF-8 mode) "café" arrived as "caf\udcc3\udca9", and was called characters the model lacks."""
+    if not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} is not valid UTF-8 (the terminal's encoding?)") from None
 
 
 def stdin_hint(what: str) -> None:

@@ -22,6 +22,7 @@ from ..errors import UsageError
 from .common import (
     MODEL_HELP,
     fit_prompt,
+    from_argv,
     handle_errors,
     load,
     load_native,
@@ -105,8 +106,8 @@ def sample(
     cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                        min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                       seed=None if seed == -1 else seed, num_samples=num_samples, stop=tuple(stop or ()),
-                       compile=compile_, dtype=dtype).validate()
+                       seed=None if seed == -1 else seed, num_samples=num_samples,
+                       stop=tuple(from_argv(s, "--stop") for s in stop or ()), compile=compile_, dtype=dtype).validate()
     text = read_prompt(prompt, prompt_file)
     model = load_sampler(model_path, device, cfg)
     check_batch_fits(model.config, cfg.num_samples)  # (before a row per sample is made)
