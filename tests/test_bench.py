@@ -32,13 +32,14 @@ def test_bench_json_reports_every_figure_the_issue_names(monkeypatch):
 
 
 def test_bench_table_has_a_column_per_figure(monkeypatch):
-    monkeypatch.setattr(bench, "run", lambda *a, **k: {
+    report = {
         "device": "cpu", "dtype": "bfloat16", "compile": True, "peak_gflops": 400.0,
         "train": {"0.8M": {"tokens_per_s": 20000.0, "gflops": 100.0, "params": 800000, "peak_fraction": 0.25}},
         "sample": {"0.8M": {"chars_per_s": 2100.0, "dtype": "float32", "num_samples_16_cost": 2.0,
                             "num_samples_16_dtype": "bfloat16", "compiled_chars_per_s": 2800.0,
                             "first_char_s": 0.47}}, "decode_kernel": True,
-        "decode_matmul": ["float16", "bfloat16"]})
+        "decode_matmul": ["float16", "bfloat16"]}
+    monkeypatch.setattr(bench, "run", lambda *a, **k: report)
     result = CliRunner().invoke(app, ["bench"])  # (not a terminal: plain columns, none cut to 80)
     assert result.exit_code == 0, result.output
     assert not set("┃━│─┏┗") & set(result.output)
@@ -48,6 +49,9 @@ def test_bench_table_has_a_column_per_figure(monkeypatch):
         assert figure in row
     assert "(float16, bfloat16)" in " ".join(result.output.split())  # the caption names the C matmuls' dtypes
     assert "sampling attends through tfcli's C kernel" in result.output
+    assert "training in bfloat16, compiled; peak 400 GFLOP/s" in result.output
+    monkeypatch.setattr(bench, "run", lambda *a, **k: {**report, "compile": False})
+    assert "training in bfloat16, uncompiled; peak" in CliRunner().invoke(app, ["bench"]).output  # (said nothing)
 
 
 def test_sample_speed_takes_batch_sizes_in_turn_and_reports_paired_ratios(monkeypatch):
