@@ -43,8 +43,8 @@ def bench(
     from rich.table import Table
 
     plain = not stdout.is_terminal  # (a pipe or file: columns without a box, none of them cut to 80)
-    compiled = "compiled" if result["compile"] else "uncompiled"
-    t = Table(title=f"tfcli bench: {result['device']}; training in {result['dtype']}, {compiled}; "
+    how = "compiled" if result["compile"] else "uncompiled"
+    t = Table(title=f"tfcli bench: {result['device']}; training in {result['dtype']}, {how}; "
                     f"peak {result['peak_gflops']:.0f} GFLOP/s (probed)",
               box=None if plain else box.HEAVY_HEAD, title_justify="left" if plain else "center",
               caption_justify="left" if plain else "center")
