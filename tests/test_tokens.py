@@ -154,6 +154,16 @@ def test_unwritable_cache_is_one_clear_error(tmp_path):
         load_corpus([write(tmp_path, TEXT)], store=TokenCache(blocker / "cache"))
 
 
+def test_a_big_corpus_whose_cache_cannot_be_written_is_encoded_in_memory_and_says_so(monkeypatch, tmp_path):
+    blocker = write(tmp_path, "not a directory", "file")
+    monkeypatch.setenv("TFCLI_CACHE", str(blocker / "cache"))  # (a read-only home: it refused the run)
+    monkeypatch.setattr("tfcli.tokens.CACHE_MIN_BYTES", 10)
+    corpus = load_corpus([write(tmp_path, TEXT)])
+    assert corpus.uncached == blocker / "cache" and len(corpus.train) + len(corpus.val) == len(TEXT)
+    monkeypatch.setenv("TFCLI_CACHE", str(tmp_path / "fine"))
+    assert load_corpus([write(tmp_path, TEXT)]).uncached is None and (tmp_path / "fine").is_dir()
+
+
 def test_only_big_corpora_go_to_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TFCLI_CACHE", str(tmp_path))
     assert isinstance(store_for(CACHE_MIN_BYTES - 1), MemoryStore)

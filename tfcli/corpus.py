@@ -376,6 +376,7 @@ class Corpus:
     n_chars: int
     skipped: tuple[Path, ...] = ()  # binary files found under the directories given, and left out
     val_split: bool = False  # the validation text was cut from the training text's end (no --val files)
+    uncached: Path | None = None  # the token cache this big corpus could not be written to (encoded in memory)
 
 
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
@@ -412,7 +413,7 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
         encoded = _with_vocab(encoded, vocab, store, key)
     ids = encoded.ids
     return Corpus(Vocab(encoded.vocab), ids[:encoded.cut], ids[encoded.cut:], encoded.digest, len(ids),
-                  tuple(skipped), val_split=not val_paths)
+                  tuple(skipped), val_split=not val_paths, uncached=getattr(store, "unwritable", None))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,11 @@ class Encoded:
 
 
 class MemoryStore:
-    """Ids in an in-memory array, for corpora too small to be worth a cache file."""
+    """Ids in an in-memory array, for corpora too small to be worth a cache file, or any corpus
+    where the cache directory (`unwritable`) cannot be written."""
+
+    def __init__(self, unwritable: Path | None = None):
+        self.unwritable = unwritable
 
     def lock(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -74,6 +78,14 @@ class TokenCache:
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.tokens", self.root / f"{key}.json"
+
+    def writable(self) -> bool:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "lock").open("a").close()
+            return True
+        except OSError:
+            return False
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -155,5 +167,9 @@ def release(ids: np.ndarray) -> None:
 
 
 def store_for(n_bytes: int) -> MemoryStore | TokenCache:
-    """Memory for small corpora; the cache directory for those worth encoding only once."""
-    return TokenCache() if n_bytes >= CACHE_MIN_BYTES else MemoryStore()
+    """Memory for small corpora; the cache directory for those worth encoding only once, where it
+    can be written (else memory again: a read-only home should not stop a run)."""
+    if n_bytes < CACHE_MIN_BYTES:
+        return MemoryStore()
+    cache = TokenCache()
+    return cache if cache.writable() else MemoryStore(unwritable=cache.root)

@@ -323,6 +323,10 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) 
         line = (f"corpus: {listed(paths)}: {plural(data.n_chars, 'char')}, vocab {len(data.vocab)}; "
                 f"train {len(data.train):,} / val {len(data.val):,}")
     stdout.print(line, highlight=False, markup=False)
+    if data.uncached:
+        stderr.print(f"note: the token cache in {data.uncached} cannot be written, so this corpus is encoded in "
+                     "memory, again on every run (set TFCLI_CACHE to a writable directory)", highlight=False,
+                     markup=False)
     if data.skipped:
         more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
         from ..corpus import wide_text
