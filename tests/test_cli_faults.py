@@ -364,3 +364,15 @@ def test_a_closed_stdin_reads_as_an_empty_one(corpus, tmp_path):
     assert (evaluated.returncode, evaluated.stderr) == (2, "error: stdin: empty corpus, no text to read\n")
     session = closed_stdin("sample", "-m", tmp_path / "r", "-i", "-p", "anna", "-n", "5", "--seed", "1")
     assert session.returncode == 0 and session.stdout.startswith("anna"), session.stderr  # (ends as at EOF)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["sample", "--help"]])
+def test_help_to_a_reader_already_gone_is_not_a_failure(args):
+    """`tfcli --help | true`: click exits 1 when the pipe is closed; `sample | head` is 0, and so is this."""
+    read, write = os.pipe()
+    os.close(read)  # (gone before a byte is written: the write fails every time, not by a race)
+    try:
+        done = subprocess.run(tfcli(*args), stdout=write, stderr=subprocess.PIPE, text=True, env=ENV, timeout=60)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")

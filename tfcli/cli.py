@@ -84,6 +84,10 @@ def run() -> None:
     _plain_help()
     try:
         code = app(standalone_mode=False)
+    except SystemExit as e:  # click's exit 1 when help meets a closed pipe (`tfcli --help | true`): the
+        if e.code != 1 or not isinstance(e.__context__, BrokenPipeError):  # reader is done, as for `sample`
+            raise
+        code = 0
     except click.exceptions.ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # its message is the help: rich has printed it, plain has not
             if e.format_message():
