@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -122,3 +123,36 @@ def test_two_processes_take_the_same_steps_as_one_with_the_whole_batch(runs):
         # rounding flips its sign (3% of a 64x64 matrix's move); a process that missed the other's gradients
         # would differ in many
         assert (split[k] - whole).norm() < 5e-2 * moved, k
+
+
+def test_a_corpus_only_one_machine_lacks_is_said_and_ends_the_job_at_once(tmp_path):
+    """Rank 1's missing file: no process said it (a usage error was rank 0's to say), and rank 0, waiting
+    in C++ for rank 1 to join, heard torchrun's SIGTERM only as its SIGKILL 30 s later."""
+    corpus = _write(tmp_path, PATTERN * 40)
+    launcher = tmp_path / "per_rank.sh"  # (each rank's own corpus path, as on two machines)
+    launcher.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && c={tmp_path}/absent.txt || c={corpus}\n'
+                        f'exec {sys.executable} -m tfcli train "$c" "$@"\n')
+    launcher.chmod(0o755)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "--no-python", str(launcher), *ARGS, "--out", str(tmp_path / "r")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert f"error: rank 1: {tmp_path}/absent.txt: no such file or directory" in done.stderr
+    assert "forcefully exiting via 9" not in done.stderr  # (torchrun's SIGKILL, 30 s on: rank 0 ended at its SIGTERM)
+
+
+def test_joining_the_others_leaves_signals_their_default_action_and_then_puts_back_ours():
+    from tfcli.distributed import default_signals
+
+    def ours(signum, frame):
+        pass
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with default_signals():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -74,12 +76,29 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     if not world.is_distributed or dist.is_initialized():
         yield
         return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
+    with default_signals():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
     try:
         yield
         dist.barrier()  # rank 0's final validation and save end before any process leaves
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def default_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the process while it waits for the others to join: that wait is in
+    C++, where a Python handler never runs, so torchrun's SIGTERM (another process failed) went
+    unheard until its SIGKILL 30 s later. Before the group is joined there is nothing to save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:

@@ -67,17 +67,23 @@ QUIET_RANK_WAIT_S = 1.0
 
 def quiet_exit_delay() -> None:
     """A rank that leaves rank 0 to say the error waits a moment first: torchrun stops every process
-    once one exits, and could cut rank 0 off before it has said it."""
+    once one exits (it looks every 0.1 s), and could cut rank 0 off before it has said it. Its
+    signal ends this wait, and the process, without a word (rank 0 has the word)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
     time.sleep(QUIET_RANK_WAIT_S)
 
 
 def fail(message: str, code: int) -> None:
-    """One error line, and the exit. Under torchrun a usage error is every process's (the same flags),
-    so only rank 0 says it; other errors say which rank met them."""
+    """One error line, and the exit. Under torchrun a usage error from the flags is every process's,
+    so rank 0 says it and torchrun ends the others while they wait; a rank still here after the wait
+    met one of its own (a file only its machine lacks) and says it, naming its rank, as for other errors."""
     rank = torchrun_rank()
     if rank != "0" and code == USAGE:
         quiet_exit_delay()
-        raise typer.Exit(code)
     where = f"rank {rank}: " if rank != "0" else ""
     stderr.print(Text.assemble(("error:", "bold red"), " ", where + message.replace("\n", " ")), soft_wrap=True)
     raise typer.Exit(code)
