@@ -235,6 +235,14 @@ def test_nul_bytes_mean_not_text(tmp_path):
         read_text([tmp_path / "x.bin"])
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_file_with_a_utf_16_or_32_byte_order_mark_is_named_as_such(tmp_path, encoding):
+    (tmp_path / "wide.txt").write_text("hello\n", encoding=encoding)  # (with its byte-order mark)
+    with pytest.raises(UsageError, match="wide.txt: is UTF-16/32 text .*pass --encoding utf-16 or utf-32"):
+        read_text([tmp_path / "wide.txt"])  # (it was "probably not a text file")
+    assert read_text([tmp_path / "wide.txt"], encoding=encoding) == "hello\n"
+
+
 def test_a_compressed_file_is_named_as_such(tmp_path):
     import bz2
     import gzip

@@ -166,6 +166,9 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
                     if offset == 0 and (packed := compressed(raw)):
                         raise UsageError(f"{f}: is {packed}-compressed; decompress it first, and give the text")
                     if (nul := raw.find(b"\x00")) >= 0 and _is_utf8(encoding):
+                        if offset == 0 and wide_text(f):  # (its byte-order mark says so)
+                            raise UsageError(f"{f}: is UTF-16/32 text (it starts with that byte-order mark); "
+                                             "pass --encoding utf-16 or utf-32")
                         raise UsageError(f"{f}: contains NUL bytes (the first at byte {offset + nul:,}), so it is "
                                          "probably not a text file (use --encoding if it is UTF-16/32 text)")
                     yield len(raw), _decode(decoder, raw, f, offset, encoding)
