@@ -1097,6 +1097,15 @@ def test_info_names_the_best_validation_when_it_came_before_the_end(model, tmp_p
     assert "best" not in ok("info", "-m", tmp_path / "m.safetensors").stdout.split("  trained ")[1]
 
 
+def test_info_shortens_a_big_vocabulary_to_a_line_and_says_how_many_more():
+    from tfcli.commands.info import SHOWN_CHARS, vocabulary_line
+
+    chars = "".join(chr(0x4E00 + i) for i in range(5000))  # (a CJK corpus: one 15,000-cell line)
+    line = vocabulary_line(chars)
+    assert line == chars[:SHOWN_CHARS] + f" … and {5000 - SHOWN_CHARS:,} more (--json lists them all)"
+    assert vocabulary_line("ab\u200b") == "ab◌ (◌: U+200B)"  # (a format character, named by code point)
+
+
 def test_info_json(model):
     record = json.loads(ok("info", "-m", model, "--json").stdout)
     n, v = 32, len(record["vocab"])  # tiny: 2 layers, 32 wide; embeddings tied or not, at least this many

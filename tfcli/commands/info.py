@@ -38,14 +38,11 @@ def info(
         print(json.dumps(record))
         return
     from ..render import plural
-    from ..render.heatmap import INVISIBLE, visible
     c, s = model.config, model.summary
     stdout.print(Text(str(model.path), style="bold"))
     stdout.print(f"  {model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
                  f"context {c.block_size}, vocabulary {c.vocab_size}")
-    hidden = [f"U+{ord(ch):04X}" for ch in model.vocab.chars if visible(ch) == INVISIBLE]  # (format characters)
-    stdout.print("  vocabulary: " + "".join(visible(ch) for ch in model.vocab.chars)
-                 + (f" ({INVISIBLE}: {', '.join(hidden)})" if hidden else ""), markup=False)
+    stdout.print("  vocabulary: " + vocabulary_line(model.vocab.chars), markup=False)
     if s.get("step") is not None:
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""
         val += f" at step {s['val_step']}" if val and s.get("val_step") not in (None, s["step"]) else ""
@@ -57,3 +54,17 @@ def info(
         stdout.print(f"  trained {', '.join(done)}{val}", markup=False)
         if "train" in s:
             stdout.print(f"  with {training_settings(s)}", markup=False, highlight=False)
+
+
+SHOWN_CHARS = 200  # a CJK or many-script vocabulary of 10,000 characters made one 43,000-character line
+
+
+def vocabulary_line(chars: str) -> str:
+    """The characters as they would print, format characters named by code point; a big vocabulary's
+    first SHOWN_CHARS and how many more (`--json` has them all)."""
+    from ..render.heatmap import INVISIBLE, visible
+
+    shown = chars[:SHOWN_CHARS]
+    hidden = [f"U+{ord(ch):04X}" for ch in shown if visible(ch) == INVISIBLE]  # (format characters)
+    more = f" … and {len(chars) - SHOWN_CHARS:,} more (--json lists them all)" if len(chars) > SHOWN_CHARS else ""
+    return "".join(visible(ch) for ch in shown) + more + (f" ({INVISIBLE}: {', '.join(hidden)})" if hidden else "")
