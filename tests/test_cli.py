@@ -161,6 +161,22 @@ def test_an_argument_an_ascii_locale_mangled_is_read_as_the_utf_8_it_was_typed_i
         from_argv("caf\udce9", "--stop")  # (Latin-1 bytes)
 
 
+def test_under_torchrun_a_peer_gone_from_a_collective_is_one_plain_line(monkeypatch, capsys):
+    from tfcli.commands.common import handle_errors
+
+    @handle_errors(torch=False)
+    def command():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:56479. This is typically caused by a remote worker crashing.")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(typer.Exit) as exited:
+        command()
+    assert exited.value.exit_code == 1
+    assert capsys.readouterr().err.strip() == ("error: rank 1: another process of this torchrun job has ended "
+                                               "(its error, if it met one, is above)")
+
+
 def test_no_arguments_shows_usage():
     result = invoke()
     assert result.exit_code == 2 and "Usage" in result.output and "train" in result.output

@@ -132,8 +132,15 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
                 less = {"sample": "fewer --num-samples, or a smaller model", "eval_": "a smaller --batch-size",
                         "train": "a smaller --batch-size or model", "bench": "fewer --shape"}
                 fail(f"out of memory: {short}; ask for less ({less.get(fn.__name__, 'a smaller model')})", 1)
+            if "WORLD_SIZE" in os.environ and any(gone in str(e) for gone in PEER_GONE):  # (under torchrun)
+                fail("another process of this torchrun job has ended (its error, if it met one, is above)", 1)
             fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)
     return wrapper
+
+
+# what gloo and NCCL say when the process at the other end of a collective has gone (a two-line
+# RuntimeError naming a C++ source line, "This is typically caused by a remote worker crashing")
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
 def interrupted(e: KeyboardInterrupt, term: stopping.TermAsInterrupt) -> None:
