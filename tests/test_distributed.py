@@ -56,7 +56,7 @@ def test_shares_of_a_batch_are_disjoint_and_cover_it():
 
 def test_batch_that_does_not_split_evenly_is_refused_before_training(tmp_path):
     corpus = load_corpus([_write(tmp_path, PATTERN * 20)])
-    with pytest.raises(UsageError, match="--batch-size 9 does not split evenly over 2 processes"):
+    with pytest.raises(UsageError, match="batch of 9 rows .* over 2 processes; pass --batch-size with a multiple"):
         train(corpus, MODEL, replace(TRAIN, batch_size=9), tmp_path / "run", world=World(0, 0, 2))
     assert not (tmp_path / "run").exists()
 

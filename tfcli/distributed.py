@@ -64,8 +64,9 @@ class World:
     def share(self, batch_size: int) -> slice:
         """This process's rows of a global batch of `batch_size` (which must split evenly)."""
         if batch_size % self.size:
-            raise UsageError(f"--batch-size {batch_size} does not split evenly over {self.size} processes; "
-                             f"use a multiple of {self.size}")
+            raise UsageError(f"a batch of {batch_size} rows (--batch-size, the preset's or the resumed run's) does "
+                             f"not split evenly over {self.size} processes; pass --batch-size with a multiple of "
+                             f"{self.size}")
         rows = batch_size // self.size
         return slice(self.rank * rows, (self.rank + 1) * rows)
 
