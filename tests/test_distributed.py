@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -140,19 +139,3 @@ def test_a_corpus_only_one_machine_lacks_is_said_and_ends_the_job_at_once(tmp_pa
     assert done.returncode != 0
     assert f"error: rank 1: {tmp_path}/absent.txt: no such file or directory" in done.stderr
     assert "forcefully exiting via 9" not in done.stderr  # (torchrun's SIGKILL, 30 s on: rank 0 ended at its SIGTERM)
-
-
-def test_joining_the_others_leaves_signals_their_default_action_and_then_puts_back_ours():
-    from tfcli.distributed import default_signals
-
-    def ours(signum, frame):
-        pass
-    before = signal.signal(signal.SIGTERM, ours)
-    try:
-        with default_signals():
-            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
-        assert signal.getsignal(signal.SIGTERM) is ours
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGTERM, before)

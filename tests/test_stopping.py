@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tfcli.stopping import StopFlag, Terminated, interrupt_behind
+from tfcli.stopping import StopFlag, Terminated, default_signals, interrupt_behind
 
 
 def test_the_first_signal_after_a_step_raises_the_flag_and_the_second_quits():
@@ -70,3 +70,17 @@ def test_a_ctrl_c_that_python_wrapped_in_another_error_is_found_behind_it():
     looped.__context__ = RuntimeError("b")
     looped.__context__.__context__ = looped
     assert interrupt_behind(looped) is None  # (a cycle of contexts ends the walk)
+
+
+def test_joining_the_others_leaves_signals_their_default_action_and_then_puts_back_ours():
+    def ours(signum, frame):
+        pass
+    before, interrupt = signal.signal(signal.SIGTERM, ours), signal.getsignal(signal.SIGINT)
+    try:
+        with default_signals():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, before)

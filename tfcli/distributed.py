@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -21,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UsageError
+from .stopping import default_signals
 
 
 @dataclass(frozen=True)
@@ -84,22 +83,6 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         dist.barrier()  # rank 0's final validation and save end before any process leaves
     finally:
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def default_signals() -> Iterator[None]:
-    """Ctrl-C and SIGTERM end the process while it waits for the others to join: that wait is in
-    C++, where a Python handler never runs, so torchrun's SIGTERM (another process failed) went
-    unheard until its SIGKILL 30 s later. Before the group is joined there is nothing to save."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:

@@ -6,9 +6,11 @@ run ends between steps, where its state is whole. The CLI and a notebook's `tfcl
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import warnings
+from collections.abc import Iterator
 
 
 class Terminated(KeyboardInterrupt):
@@ -99,3 +101,20 @@ class TermAsInterrupt:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+@contextlib.contextmanager
+def default_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the process at once for a while, whatever handles them outside. For
+    a torchrun process waiting for the others to join: that wait is in C++, where a Python handler
+    never runs, so torchrun's SIGTERM (another process failed) went unheard until its SIGKILL 30 s
+    later; before the group is joined there is nothing to save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.signal(signum, signal.SIG_DFL) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

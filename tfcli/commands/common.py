@@ -69,12 +69,8 @@ def quiet_exit_delay() -> None:
     """A rank that leaves rank 0 to say the error waits a moment first: torchrun stops every process
     once one exits (it looks every 0.1 s), and could cut rank 0 off before it has said it. Its
     signal ends this wait, and the process, without a word (rank 0 has the word)."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
-    time.sleep(QUIET_RANK_WAIT_S)
+    with stopping.default_signals():
+        time.sleep(QUIET_RANK_WAIT_S)
 
 
 def fail(message: str, code: int) -> None:
