@@ -314,7 +314,6 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         model.train()
 
     reserve = _final_reserve(model, val_ids)
-    val_steps = sum(len(piece) for piece in val_ids) / (cfg.batch_size * model_cfg.block_size)  # (in steps' tokens)
     session_start = time.monotonic()
     prior_seconds, prior_progress = run.train_seconds, run.progress
     budget = (cfg.time_budget - (session_start - started_at) - reserve) if cfg.time_budget else None
@@ -338,11 +337,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         progress = run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)
         if max_steps and run.step >= max_steps:
             break
-        next_step = clock.next_step(elapsed, run.step - start_step)
-        # (no step is begun that would end past the budget, nor leave the final validation less time than
-        # its text is worth in steps: the estimate alone kept 0.9 s where a loaded host's took 14)
-        if budget is not None and elapsed + next_step + max(0.0, next_step * val_steps - reserve) >= budget:
-            reason = "time"
+        if budget is not None and elapsed + clock.next_step(elapsed, run.step - start_step) >= budget:
+            reason = "time"  # (no step is begun that would end past the budget)
             break
         lr = lr_at(progress, run.step, cfg)
         for group in opt.param_groups:
