@@ -605,6 +605,7 @@ def test_a_compiler_that_cannot_build_leaves_the_run_uncompiled_and_otherwise_th
                and n.endswith("training uncompiled") for n in notices), notices
     eager = train(corpus, MODEL, replace(TRAIN, max_steps=3, compile=False), tmp_path / "eager")
     assert done.step == 3 and done.val_loss == eager.val_loss
+    assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["compiled"] is False
 
     def other(*args, **kwargs):  # anything else the model raises is not the compiler's, and is not hidden
         raise ValueError("a bug")

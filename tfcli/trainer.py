@@ -351,7 +351,7 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
             if step_fn is net or (why := compile_failure(e)) is None:
                 raise
             on_event(Notice(f"torch.compile could not build this model ({why}); training uncompiled"))
-            step_fn = net
+            step_fn, compiled = net, False  # (the summary saved says how the run really trained)
             opt.zero_grad(set_to_none=True)  # (whatever a backward got to before it failed)
             step_loss = train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler, cfg.grad_accum)
         loss_value = mean(world, device, step_loss)
