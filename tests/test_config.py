@@ -196,6 +196,20 @@ def test_an_empty_or_relative_home_is_not_taken_for_a_directory_here(monkeypatch
     assert config.cache_dir() == expected and expected.is_absolute()
 
 
+def test_with_no_home_to_be_found_the_cache_is_a_private_directory_not_a_shared_one(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.delenv("TFCLI_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.setitem(sys.modules, "pwd", None)  # (as on Windows, or a uid with no account)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    home = config.home()
+    assert home.parent == tmp_path and home.name.startswith("tfcli-")  # (made by mkdtemp: 0700, this process's)
+    assert oct(home.stat().st_mode & 0o777) == "0o700"
+
+
 def test_the_token_cache_and_the_kernel_cache_agree_on_a_tilde(tmp_path, monkeypatch):
     from tfcli import native, tokens
 

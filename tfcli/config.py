@@ -336,16 +336,20 @@ def cache_dir() -> Path:
 
 
 def home() -> Path:
-    """$HOME, else the account's home directory: HOME="" made the cache ./.cache, wherever the
-    command ran (at / it wrote to /.cache)."""
+    """$HOME, else the account's home directory (Windows: the profile's): HOME="" made the cache
+    ./.cache, wherever the command ran (at / it wrote to /.cache). Failing all, a directory of this
+    process's own: never a shared one, where another user could plant the kernels tfcli loads."""
     if os.path.isabs(os.environ.get("HOME", "")):
         return Path(os.environ["HOME"])
     try:
         import pwd
         return Path(pwd.getpwuid(os.getuid()).pw_dir)
-    except (ImportError, KeyError):  # (no such account: a container's arbitrary uid)
-        import tempfile
-        return Path(tempfile.gettempdir())
+    except (ImportError, KeyError):  # (Windows; or no such account: a container's arbitrary uid)
+        pass
+    if os.path.isabs(profile := os.path.expanduser("~")):
+        return Path(profile)
+    import tempfile
+    return Path(tempfile.mkdtemp(prefix="tfcli-"))
 
 
 FLOAT32_MAX = 3.4028234663852886e38
