@@ -125,7 +125,7 @@ def sample(
         stderr.print(f"note: --color-by-prob has no colours to show ({why}): plain text", style="dim",
                      highlight=False)
         color_by_prob = False  # (its styled text would be the terminal's: symbols for control characters)
-    if compile_ and (why := compile_unused(model, cfg, device)):
+    if compile_ and (why := compile_unused(model, cfg)):
         stderr.print(f"note: {why}", style="dim", highlight=False)
     if interactive:
         run_interactive(model, cfg, text, unknown, color_by_prob)
@@ -174,16 +174,16 @@ def collect_watched(prompt: str, pieces, n: int):
         return collect(pieces, n, rows)
 
 
-def compile_unused(model, cfg, device: str) -> str | None:
+def compile_unused(model, cfg) -> str | None:
     """Why --compile will not be used, if it will not."""
-    from ..sampling import native_decodes
+    from ..sampling import native_decodes, on_cpu
 
     if cfg.num_samples > 1:
         return "--compile applies to single samples; a batch decodes faster uncompiled"
     if native_decodes(model, 1, cfg):
         return "--compile is not used on a CPU where tfcli's C decode kernel runs: it is faster uncompiled"
     from ..device import can_compile  # (imports torch, which a compiled step needs anyway)
-    if device == "cpu" and not can_compile():
+    if on_cpu(model) and not can_compile():  # (the model's device: --device auto picks the CPU too)
         return ("--compile needs a C++ compiler on a CPU (g++, c++ or clang++) and none was found: "
                 "sampling uncompiled")
     return None
