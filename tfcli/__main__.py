@@ -18,15 +18,15 @@ def main() -> None:
         from .cli import run
         run()  # (a Ctrl-C before a command starts, while typer builds its commands, lands here too)
     except KeyboardInterrupt:
-        interrupted()
+        exit_interrupted()
     except Exception as e:
         from .stopping import interrupt_behind
         if interrupt_behind(e) is None:
             raise
-        interrupted()
+        exit_interrupted()
 
 
-def interrupted() -> None:
+def exit_interrupted() -> None:
     sys.stderr.write("error: interrupted\n")
     sys.exit(130)
 

@@ -87,12 +87,20 @@ def built(source: Path) -> Iterator[Path]:
             done = build(cc, flags, source, path)
             # remember a refusal; a kill or a full disk may pass next time; a compiler that hung
             # would hang for every flag set, each waiting out the timeout
-            for refused in {"refused": [path], "hung": paths}.get(done, []):
-                with contextlib.suppress(OSError):
-                    refused.with_suffix(".failed").touch()
+            if done == "refused":
+                mark_failed([path])
+            elif done == "hung":
+                mark_failed(paths)
             if done != "built":
                 continue
         yield path
+
+
+def mark_failed(paths: list[Path]) -> None:
+    """Builds not to try again on this machine (delete the .failed files to retry them)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.with_suffix(".failed").touch()
 
 
 load.cache_clear = _load.cache_clear  # (tests: as on a machine that has not looked yet)
