@@ -376,3 +376,15 @@ def test_help_to_a_reader_already_gone_is_not_a_failure(args):
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_sampled_text_the_output_encoding_cannot_hold_is_refused_not_escaped(corpus, tmp_path):
+    """Escaped, what sample makes would be other text with exit 0: one line naming the fix instead."""
+    (tmp_path / "accents.txt").write_text("un café noir\n" * 200)
+    subprocess.run(tfcli("train", tmp_path / "accents.txt", "--preset", "tiny", "--max-steps", "2", "--out",
+                         tmp_path / "r"), check=True, capture_output=True, env=ENV)
+    done = subprocess.run(tfcli("sample", "-m", tmp_path / "r", "-p", "café", "-n", "5", "--seed", "1"),
+                          capture_output=True, text=True, env={**ENV, "PYTHONIOENCODING": "ascii"})
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == ("error: the output's encoding (ascii) cannot write '\\xe9'; set PYTHONIOENCODING=utf-8 "
+                           "or use a UTF-8 locale\n")

@@ -128,6 +128,9 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
                 less = {"sample": "fewer --num-samples, or a smaller model", "eval_": "a smaller --batch-size",
                         "train": "a smaller --batch-size or model", "bench": "fewer --shape"}
                 fail(f"out of memory: {short}; ask for less ({less.get(fn.__name__, 'a smaller model')})", 1)
+            if isinstance(e, UnicodeEncodeError) and e.encoding.replace("-", "").lower() != "utf8":
+                fail(f"the output's encoding ({e.encoding}) cannot write {e.object[e.start:e.end]!r}; "
+                     "set PYTHONIOENCODING=utf-8 or use a UTF-8 locale", 1)
             if "WORLD_SIZE" in os.environ and any(gone in str(e) for gone in PEER_GONE):  # (under torchrun)
                 fail("another process of this torchrun job has ended (its error, if it met one, is above)", 1)
             fail(f"{type(e).__name__}: {e} (rerun as 'tfcli --debug ...' for the traceback)", 1)

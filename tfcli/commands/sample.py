@@ -97,6 +97,8 @@ def sample(
     from ..sampling import check_batch_fits, collect, generate_pieces, is_greedy, new_seed
 
     check_unknown(unknown)
+    if hasattr(sys.stdout, "reconfigure"):  # the text is what the command makes: an error, not escapes,
+        sys.stdout.reconfigure(errors="strict")  # where the output's encoding cannot hold it (see __main__)
     if interactive:
         check_interactive(num_samples, as_json, stream, prompt, prompt_file)
     if logprobs and not as_json:
