@@ -65,3 +65,17 @@ def test_sample_speed_takes_batch_sizes_in_turn_and_reports_paired_ratios(monkey
     one, three = bench.sample_speed(bench.Shape(1, 1, 16, 8, 2), "cpu", n_chars=5, reps=3, batches=(1, 3))
     assert order == [1, 3] * 3  # (a drift in the host's speed weighs on both alike)
     assert one["cost"] == 1.0 and three["cost"] > 0 and one["chars_per_s"] > 0 and three["chars_per_s"] > 0
+
+
+def test_a_compiler_that_cannot_build_is_benched_as_train_runs_then_uncompiled(monkeypatch):
+    import torch
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    def unbuildable(*args, **kwargs):
+        raise InductorError(InvalidCxxCompiler(), None)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: unbuildable)
+    monkeypatch.setattr("tfcli.device.can_compile", lambda: True)
+    stages = []
+    report = bench.run("cpu", "float32", None, ["4.8M"], seconds=0.3, on_stage=stages.append)
+    assert report["compile"] is False and report["train"]["4.8M"]["tokens_per_s"] > 0
+    assert any(s.startswith("torch.compile could not build (InvalidCxxCompiler") for s in stages), stages

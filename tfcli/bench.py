@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelConfig, SampleConfig
 from .corpus import Vocab
-from .device import autocast, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
+from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import decode_dtype, generate, kernel_decodes, matmul_dtypes
@@ -165,7 +165,14 @@ def run(device_name: str = "auto", dtype_name: str = "auto", compile: bool | Non
               "decode_matmul": matmul_dtypes(device), "freed_memory_kept": kept}
     for name in shapes or list(SHAPES):
         on_stage(f"training {name}" + (" (compiling first)" if compile else ""))
-        r = train_speed(SHAPES[name], device, dtype, compile, seconds)
+        try:
+            r = train_speed(SHAPES[name], device, dtype, compile, seconds)
+        except Exception as e:  # noqa: BLE001 - only torch.compile's own failures are caught
+            if not compile or (why := compile_failure(e)) is None:
+                raise
+            compile = result["compile"] = False  # (as train does: what it would run is uncompiled)
+            on_stage(f"torch.compile could not build ({why}): training {name} uncompiled")
+            r = train_speed(SHAPES[name], device, dtype, compile, seconds)
         r["peak_fraction"] = r["gflops"] / peak
         result["train"][name] = r
     for name in ("0.8M", "10.7M"):
