@@ -1280,3 +1280,15 @@ def test_a_failed_export_leaves_an_earlier_file_whole(model, tmp_path, monkeypat
     monkeypatch.setattr(tfcli.checkpoint.os, "fsync", full)
     refused(1, "inspect-attention", "-m", model, "--prompt", "anna", "--export", tmp_path / name)
     assert (tmp_path / name).read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_the_stop_flag_says_its_notice_through_a_dashboard_that_takes_one():
+    import signal
+
+    from tfcli.commands.train import StopFlag
+
+    heard = []
+    flag = StopFlag()
+    flag.watching(type("View", (), {"say_soon": lambda self, m: heard.append(m), "__call__": lambda s, e: None})())
+    flag.stopping(signal.SIGINT)
+    assert heard == ["stopping after this step (Ctrl-C again quits at once)…"]

@@ -117,3 +117,21 @@ def test_a_plain_log_s_validation_line_has_the_recent_train_loss_beside_it():
     first, second = console.file.getvalue().splitlines()
     assert first == "step    250  val 1.6123 (2.326 bits/char)  train 1.5012  best"  # (the gap: overfitting)
     assert "train" not in second
+
+
+def test_a_line_said_soon_is_shown_above_the_dashboard_with_the_next_event(tmp_path):
+    """Ctrl-C's 'stopping after this step' printed from the signal handler, mid-redraw, was lost."""
+    import io
+
+    from rich.console import Console
+
+    screen, said = io.StringIO(), io.StringIO()
+    with LiveProgress(Console(file=screen, force_terminal=True, width=100),
+                      warnings=Console(file=said, width=100)) as view:
+        view(Step(step=1, loss=2.0, lr=1e-3, tokens_per_s=1e4, elapsed=1.0, progress=0.1))
+        view.say_soon("stopping after this step (Ctrl-C again quits at once)…")
+        assert said.getvalue() == ""  # (not from the handler)
+        view(Step(step=2, loss=2.0, lr=1e-3, tokens_per_s=1e4, elapsed=2.0, progress=0.2))
+        assert said.getvalue() == "stopping after this step (Ctrl-C again quits at once)…\n"
+        view(Done(step=2, val_loss=None, best_val_loss=None, elapsed=2.1, run_dir=tmp_path, reason="interrupted"))
+    assert said.getvalue().count("stopping") == 1

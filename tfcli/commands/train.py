@@ -40,6 +40,7 @@ class StopFlag(stopping.StopFlag):
         super().__init__(alone)
         self.reader_left = False
         self.quiet = quiet  # torchrun's other ranks: rank 0 speaks for them
+        self.soon = None  # the view's way to show a line between its redraws, if it has one
 
     def __call__(self) -> bool:
         return super().__call__() or self.reader_left
@@ -51,7 +52,11 @@ class StopFlag(stopping.StopFlag):
     def stopping(self, signum: int) -> None:
         if not self.quiet:
             again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
-            stderr.print(f"\nstopping after this step ({again} again quits at once)…", highlight=False)
+            message = f"stopping after this step ({again} again quits at once)…"
+            if self.soon is not None:  # (a dashboard: shown above it when the step ends)
+                self.soon(message)
+            else:
+                stderr.print("\n" + message, highlight=False)
 
     def reader_gone(self) -> None:
         """stdout's reader went away: stop and save as after Ctrl-C, rather than lose the run to the
@@ -63,6 +68,7 @@ class StopFlag(stopping.StopFlag):
 
     def watching(self, view):
         """`view` as an event sink whose broken pipe stops the run instead of ending the process."""
+        self.soon = getattr(view, "say_soon", None)
         def on_event(event) -> None:
             try:
                 view(event)

@@ -195,7 +195,13 @@ class LiveProgress:
         self.sample = ""
         self.eta = Eta()
         self.finished = False
+        self.soon: list[str] = []
         self.live = Live(console=console, refresh_per_second=4, transient=False, get_renderable=self.render)
+
+    def say_soon(self, message: str) -> None:
+        """A line to show above the dashboard with the next event. For a signal handler: printed from
+        there, while the dashboard was mid-redraw, the line was lost and a border drawn twice."""
+        self.soon.append(message)
 
     def __enter__(self):
         self.live.__enter__()
@@ -205,6 +211,8 @@ class LiveProgress:
         return self.live.__exit__(*exc)
 
     def __call__(self, e) -> None:
+        while self.soon:
+            self.warnings.print(self.soon.pop(0), highlight=False)
         if isinstance(e, Start):
             self.start = e
             self.console.print(describe_start(e), highlight=False)
