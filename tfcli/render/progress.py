@@ -210,9 +210,15 @@ class LiveProgress:
     def __exit__(self, *exc):
         return self.live.__exit__(*exc)
 
+    def show_above(self, line) -> None:
+        """A warning or note above the dashboard. Where stderr is the same screen, through the
+        dashboard's own console: written to stderr directly, the next redraw wrote over it."""
+        console = self.console if self.warnings.is_terminal and self.console.is_terminal else self.warnings
+        console.print(line, highlight=False)
+
     def __call__(self, e) -> None:
         while self.soon:
-            self.warnings.print(self.soon.pop(0), highlight=False)
+            self.show_above(self.soon.pop(0))
         if isinstance(e, Start):
             self.start = e
             self.console.print(describe_start(e), highlight=False)
@@ -223,7 +229,7 @@ class LiveProgress:
         elif isinstance(e, Sample):
             self.sample = e.text
         elif isinstance(e, Notice):
-            self.warnings.print(Text.assemble(("warning:", "yellow"), f" {e.message}"), highlight=False)
+            self.show_above(Text.assemble(("warning:", "yellow"), f" {e.message}"))
         elif isinstance(e, Done):
             if self.step is not None:  # an interrupted run's bar stays where it stopped
                 self.step = replace(self.step, step=e.step,
