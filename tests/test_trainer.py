@@ -363,6 +363,26 @@ def test_no_step_is_begun_that_would_end_past_the_time_budget(tmp_path, clock, s
     assert done.reason == "time" and done.step == steps and done.elapsed <= cfg.time_budget
 
 
+def test_a_ctrl_c_during_the_final_validation_cuts_it_short_and_saves_the_run_as_interrupted(tmp_path, monkeypatch):
+    """It was heard only after the validation and its sample, and the run then said it had finished."""
+    from tfcli import trainer
+
+    asked = SimpleNamespace(stop=False, stretches=0)
+    real = trainer.evaluate
+
+    def evaluating(*args, **kwargs):
+        asked.stop, asked.stretches = True, asked.stretches + 1  # (the Ctrl-C lands in the first stretch)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer, "evaluate", evaluating)
+    corpus = load_corpus([write(tmp_path, PATTERN * 200)])
+    events = []
+    cfg = replace(TRAIN, max_steps=3, eval_steps=None, eval_interval=1e6, eval_tokens=64)
+    done = train(corpus, MODEL, cfg, tmp_path / "run", events.append, should_stop=lambda: asked.stop)
+    assert done.reason == "interrupted" and done.step == 3 and asked.stretches == 1  # (of 8)
+    assert not any(isinstance(e, (Eval, Sample)) for e in events)
+    assert ckpt.load_checkpoint(tmp_path / "run" / ckpt.MODEL_FILE).summary["step"] == 3  # saved, to --resume
+
+
 def test_learning_rate_warms_up_holds_then_cools_down_to_the_floor_as_one_minus_sqrt():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, cooldown=0.4, min_lr_ratio=0.05)
     assert lr_at(0.0, 0, cfg) == pytest.approx(0.1)

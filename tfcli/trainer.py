@@ -84,9 +84,19 @@ def val_sample(val: np.ndarray, n_tokens: int, pieces: int = VAL_PIECES) -> list
     return [val[s:s + size] for s in np.linspace(0, len(val) - size, pieces).astype(np.int64)]
 
 
-def val_loss(model: GPT, sample: list[np.ndarray], dtype: torch.dtype) -> float | None:
-    """Mean loss per character over the stretches of a validation sample."""
-    results = [evaluate(model, piece, dtype=dtype) for piece in sample]
+class ValidationStopped(Exception):
+    """A Ctrl-C during the final validation: it is cut short, and the run saved as interrupted."""
+
+
+def val_loss(model: GPT, sample: list[np.ndarray], dtype: torch.dtype,
+             should_stop: Callable[[], bool] = lambda: False) -> float | None:
+    """Mean loss per character over the stretches of a validation sample; `should_stop` is asked
+    between stretches."""
+    results = []
+    for piece in sample:
+        if should_stop():
+            raise ValidationStopped
+        results.append(evaluate(model, piece, dtype=dtype))
     return sum(r.loss * r.chars for r in results) / sum(r.chars for r in results) if results else None
 
 
@@ -293,7 +303,8 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)
 
     def validate(train_loss: float, reason: str = "running") -> None:
-        val = val_loss(model, val_ids, dtype)
+        # (the final one stops at a Ctrl-C: it was heard only after the validation and its sample)
+        val = val_loss(model, val_ids, dtype, should_stop if reason != "running" else lambda: False)
         if val is not None and not math.isfinite(val):  # blown up by the last step: keep the last good save
             raise _diverged(f"validation loss is {val}", run.step, cfg, run_dir)
         best = val is not None and (run.best_val is None or val < run.best_val)
@@ -308,9 +319,10 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
                                                "elapsed": round(time.monotonic() - started_at, 2)})
         logged.clear()
         on_event(Eval(run.step, val, train_loss, best, time.monotonic() - started_at))
-        text = "".join(p[0] for p in generate(model, corpus.vocab, "", SampleConfig(
-            max_new_tokens=cfg.sample_chars, temperature=0.8, seed=run.step)))
-        on_event(Sample(run.step, text))
+        if reason == "running" or not should_stop():
+            text = "".join(p[0] for p in generate(model, corpus.vocab, "", SampleConfig(
+                max_new_tokens=cfg.sample_chars, temperature=0.8, seed=run.step)))
+            on_event(Sample(run.step, text))
         model.train()
 
     reserve = _final_reserve(model, val_ids)
@@ -404,7 +416,12 @@ def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pa
         ckpt.append_metrics(run_dir, *logged)
         save(reason)
     elif world.is_main:
-        validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
+        try:
+            validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
+        except ValidationStopped:
+            reason = "interrupted"
+            ckpt.append_metrics(run_dir, *logged)
+            save(reason)
     done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason, run.best_step,
                 run.val_step)
     on_event(done)
