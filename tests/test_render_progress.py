@@ -135,3 +135,21 @@ def test_a_line_said_soon_is_shown_above_the_dashboard_with_the_next_event(tmp_p
         assert said.getvalue() == "stopping after this step (Ctrl-C again quits at once)…\n"
         view(Done(step=2, val_loss=None, best_val_loss=None, elapsed=2.1, run_dir=tmp_path, reason="interrupted"))
     assert said.getvalue().count("stopping") == 1
+
+
+def test_the_dashboard_s_eta_never_runs_past_the_time_budget(tmp_path):
+    """'24% 0:23 elapsed eta 0:42' of a 1:00 budget: the pace of a slow first minute overshot the budget."""
+    import io
+
+    from rich.console import Console
+
+    from tfcli.config import ModelConfig, TrainConfig
+    from tfcli.events import Start
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    view = LiveProgress(console)
+    view(Start(tmp_path, 1000, ModelConfig(), TrainConfig(time_budget=60.0), "cpu", "float32", 100, 10, 5, 0, False))
+    view(Step(step=1, loss=3.0, lr=1e-3, tokens_per_s=1e4, elapsed=10.0, progress=0.0))
+    view.render()  # (a redraw: the pace counts from the first step shown)
+    view(Step(step=9, loss=2.0, lr=1e-3, tokens_per_s=1e4, elapsed=23.0, progress=0.24))  # (pace: 0:41 left)
+    console.print(view.render())
+    assert "0:23 elapsed eta 0:37" in console.file.getvalue()

@@ -244,6 +244,9 @@ class LiveProgress:
         if s is None:
             return Text("starting…", style="dim")
         left = None if self.finished else self.eta(s.progress, s.elapsed)
+        budget = self.start.train.time_budget if self.start else None
+        if left is not None and budget:  # (never past the --time budget, which counts from the same start)
+            left = min(left, max(0.0, budget - s.elapsed))
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=1.0, completed=min(s.progress, 1.0), width=30),
                     f"{s.progress:4.0%}", f"{fmt_time(s.elapsed)} elapsed",
