@@ -153,3 +153,26 @@ def test_the_dashboard_s_eta_never_runs_past_the_time_budget(tmp_path):
     view(Step(step=9, loss=2.0, lr=1e-3, tokens_per_s=1e4, elapsed=23.0, progress=0.24))  # (pace: 0:41 left)
     console.print(view.render())
     assert "0:23 elapsed eta 0:37" in console.file.getvalue()
+
+
+def test_the_dashboard_stops_the_terminal_echoing_ctrl_c_and_puts_it_back(monkeypatch):
+    """The ^C a terminal echoes at the cursor moved the next redraw down a line: a stray border."""
+    import os
+
+    termios = pytest.importorskip("termios")
+    from tfcli.render.progress import quiet_control_echo, restore_echo
+
+    leader, follower = os.openpty()
+    try:
+        with os.fdopen(os.dup(follower)) as tty:
+            monkeypatch.setattr("sys.stdin", tty)
+            assert termios.tcgetattr(follower)[3] & termios.ECHOCTL  # (a terminal's default)
+            echo = quiet_control_echo()
+            assert not termios.tcgetattr(follower)[3] & termios.ECHOCTL
+            restore_echo(echo)
+            assert termios.tcgetattr(follower)[3] & termios.ECHOCTL
+        monkeypatch.setattr("sys.stdin", None)  # (stdin closed, or not a terminal: nothing to do)
+        assert quiet_control_echo() is None
+    finally:
+        os.close(leader)
+        os.close(follower)

@@ -7,7 +7,9 @@ so a log file stays readable and free of control codes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
 from dataclasses import replace
 
@@ -183,6 +185,32 @@ def figures(width: int, *items: tuple[str, str, str]) -> Text:
     return out
 
 
+def quiet_control_echo():
+    """Stop the terminal echoing ^C while the dashboard is up (what to give `restore_echo`): the two
+    characters it wrote at the cursor moved the dashboard's next redraw down a line, leaving a stray
+    border above it after every Ctrl-C."""
+    try:
+        import termios
+    except ImportError:  # (not POSIX)
+        return None
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHOCTL  # (lflag)
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        return fd, saved
+    except (AttributeError, ValueError, OSError, termios.error):  # stdin not a terminal, closed or replaced
+        return None
+
+
+def restore_echo(echo) -> None:
+    if echo is not None:
+        import termios
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcsetattr(echo[0], termios.TCSANOW, echo[1])
+
+
 class LiveProgress:
     """The dashboard: a progress bar, the latest numbers and a sample line, redrawn 4 times a second."""
 
@@ -204,11 +232,15 @@ class LiveProgress:
         self.soon.append(message)
 
     def __enter__(self):
+        self.echo = quiet_control_echo()
         self.live.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.live.__exit__(*exc)
+        try:
+            return self.live.__exit__(*exc)
+        finally:
+            restore_echo(self.echo)
 
     def show_above(self, line) -> None:
         """A warning or note above the dashboard. Where stderr is the same screen, through the
