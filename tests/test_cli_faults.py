@@ -238,6 +238,28 @@ def test_ctrl_c_during_the_final_validation_of_a_finished_run_still_exits_130(co
     assert "reached --max-steps" in result.output and (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_ctrl_c_before_the_first_step_says_in_one_line_what_is_on_disk(corpus, tmp_path, monkeypatch):
+    from tfcli import trainer
+    real = trainer.train
+
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt  # what the first Ctrl-C does before a step has ended (a compile, say)
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "train", interrupted_at_once)
+    result = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2", "--out", str(out)])
+    assert result.exit_code == 130
+    assert [line for line in result.output.splitlines() if "interrupt" in line] == [
+        "error: interrupted before anything was saved: start it again, without --resume"]
+    monkeypatch.setattr(trainer, "train", real)
+    assert CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
+                                    "--out", str(out)]).exit_code == 0
+    monkeypatch.setattr(trainer, "train", interrupted_at_once)
+    result = CliRunner().invoke(app, ["train", str(corpus), "--max-steps", "4", "--out", str(out), "--resume"])
+    assert result.exit_code == 130
+    assert [line for line in result.output.splitlines() if "interrupt" in line] == [
+        f"error: interrupted before a step: {out} is as the last session saved it"]
+
+
 def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):
     trained = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
                                        "--out", str(tmp_path / "run")])

@@ -146,7 +146,7 @@ def interrupted(e: KeyboardInterrupt, term: stopping.TermAsInterrupt) -> None:
     """The exit for a Ctrl-C, or for SIGTERM (which `term` turned into one)."""
     if term.received or isinstance(e, stopping.Terminated):
         fail("terminated", 128 + signal.SIGTERM)
-    fail("interrupted", INTERRUPTED)
+    fail(str(e) or "interrupted", INTERRUPTED)  # (what a command adds: what was left on disk)
 
 
 def out_of_memory(e: BaseException) -> str | None:
