@@ -175,7 +175,7 @@ def train(
         warn_val_in_corpus(val, corpus)
     data = load_corpus(corpus, val, 0.1 if val_fraction is None else val_fraction, encoding, errors, vocab=vocab)
     if world.is_main:
-        print_corpus_report(corpus, data, val)
+        print_corpus_report(corpus, data, val, replaced=errors == "replace")
     if base_model is None:
         base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps,
                                                 optimizer or TrainConfig.optimizer)
@@ -316,7 +316,15 @@ def resume_limits(done, cfg) -> str:
     return flags + (f" --epochs {short if float(short) == cfg.epochs else repr(cfg.epochs)}" if cfg.epochs else "")
 
 
-def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) -> None:
+def count_of(token: int, *arrays) -> int:
+    """How often `token` occurs, a slice at a time: a corpus of gigabytes compared at once would
+    want a boolean array as large."""
+    step = 1 << 24
+    return sum(int((ids[i:i + step] == token).sum()) for ids in arrays for i in range(0, len(ids), step))
+
+
+def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None, replaced: bool = False) -> None:
+    """`replaced`: --errors replace was given, so the text may hold U+FFFD for bytes that did not decode."""
     from ..render import plural
 
     def listed(ps: list[Path]) -> str:
@@ -333,6 +341,10 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None) 
         stderr.print(f"note: the token cache in {data.uncached} cannot be written, so this corpus is encoded in "
                      "memory, again on every run (set TFCLI_CACHE to a writable directory)", highlight=False,
                      markup=False)
+    if replaced and "\ufffd" in data.vocab.chars:  # how much of the text was not text: a few bytes, or all
+        count = count_of(data.vocab.chars.index("\ufffd"), data.train, data.val)
+        stderr.print(f"note: {count:,} of the {plural(data.n_chars, 'char')} are U+FFFD, put for bytes that did "
+                     "not decode (--errors replace)", highlight=False, markup=False)
     if data.skipped:
         more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
         from ..corpus import wide_text
