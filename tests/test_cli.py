@@ -249,6 +249,21 @@ def test_train_ends_after_epochs_and_a_resume_goes_on_to_the_limits_given_then(t
     assert json.loads(ok("info", "-m", out, "--json").stdout)["summary"]["step"] == ended + 2
 
 
+def test_train_gives_auto_the_users_dropout_which_decides_the_epoch_limit(tmp_path, monkeypatch):
+    from tfcli import trainer
+    corpus = write_names(tmp_path / "names.txt", lines=30_000)  # ~330K characters: ~8 passes in 5 minutes
+    settings = []
+
+    def configs_only(data, model_cfg, train_cfg, *args, **kwargs):
+        settings.append((model_cfg.dropout, train_cfg.epochs))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "train", configs_only)
+    for flags in ([], ["--dropout", "0.1"], ["--dropout", "0"], ["--dropout", "0", "--epochs", "7"]):
+        assert invoke("train", corpus, "--out", tmp_path / "r", *flags).exit_code == 130
+    # auto's dropout and 10 passes; the user's dropout, still 10; none: 4 passes, or the user's 7
+    assert settings == [(0.2, 10.0), (0.1, 10.0), (0.0, 4.0), (0.0, 7.0)]
+
+
 def test_train_refuses_existing_run_without_resume_and_leaves_it_untouched(trained, model):
     before = (model / "model.safetensors").read_bytes()
     message = refused(2, "train", trained / "names.txt", *TINY, "--out", model)

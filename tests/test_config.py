@@ -105,15 +105,30 @@ def test_auto_preset_depends_on_device_and_budget(device, budget, name):
 
 
 def test_auto_regularises_runs_that_would_pass_over_a_small_text_many_times():
-    # 5 CPU minutes of the medium preset read ~2.5M characters: 2.5 passes over tinyshakespeare's 1M
-    assert resolve_preset("auto", "cpu", 300.0, train_chars=1_000_000) == PRESETS["medium"]
+    # 5 CPU minutes of the medium preset read ~2.5M characters: 2.5 passes over tinyshakespeare's 1M,
+    # so no dropout, and a faster host stops after 4 rather than memorising the text
+    assert resolve_preset("auto", "cpu", 300.0, train_chars=1_000_000) == {**PRESETS["medium"], "epochs": 4.0}
     small = resolve_preset("auto", "cpu", 300.0, train_chars=100_000)  # ~25 passes
     assert small == {**PRESETS["medium"], "dropout": 0.2, "epochs": 10.0}
     assert resolve_preset("auto", "cuda", 300.0, train_chars=1_000_000)["epochs"] == 10.0  # a GPU reads far more
     assert "dropout" not in resolve_preset("auto", "cuda", 300.0, train_chars=10**10)
+    assert resolve_preset("auto", "cuda", 300.0, train_chars=10**10)["epochs"] == 4.0
     tiny = resolve_preset("auto", "cpu", 300.0, train_chars=2000)  # 10 passes would be 5 steps: 200 instead
     medium = PRESETS["medium"]
     assert tiny["epochs"] * 2000 == pytest.approx(200 * medium["batch_size"] * medium["block_size"])
+
+
+def test_auto_limits_the_passes_by_the_dropout_the_run_will_have():
+    medium = PRESETS["medium"]
+    # the user's dropout decides: none on a small text stops at 4 passes, some on a large text is not limited
+    assert resolve_preset("auto", "cpu", 300.0, 300_000, dropout=0.0) == {**medium, "dropout": 0.0, "epochs": 4.0}
+    assert resolve_preset("auto", "cpu", 300.0, 1_000_000, dropout=0.1) == {**medium, "dropout": 0.1}
+    assert resolve_preset("auto", "cpu", 300.0, 100_000, dropout=0.1) == {**medium, "dropout": 0.1, "epochs": 10.0}
+    assert resolve_preset("medium", "cpu", 300.0, 100_000, dropout=0.1) == {**medium, "dropout": 0.1}
+    assert resolve_preset("auto", "cpu", 300.0, dropout=0.3)["dropout"] == 0.3  # (no text yet: the shape alone)
+    assert config.preset("auto", "cpu", 300.0, 1_000_000, dropout=0.1)[0].dropout == 0.1
+    few = resolve_preset("auto", "cpu", 300.0, 2000, dropout=0.0)  # 4 passes would be 2 steps: 200 instead
+    assert few["epochs"] * 2000 == pytest.approx(200 * medium["batch_size"] * medium["block_size"])
 
 
 def test_auto_counts_passes_exactly_for_max_steps_and_leaves_the_step_count_alone():

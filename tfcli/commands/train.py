@@ -95,7 +95,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", "--max-iters",
                                             help="Stop after this many optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the training text "
-                                           "\\[default: 10 where auto sees a small text, else none]."),
+                                           "\\[default with auto: 4 without dropout, 10 with it on a small text]."),
     preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} "
                                "(auto: by device, --time and the text's size)."),
     n_layer: Optional[int] = typer.Option(None, help="Transformer blocks."),
@@ -178,7 +178,7 @@ def train(
         print_corpus_report(corpus, data, val, replaced=errors == "replace")
     if base_model is None:
         base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps,
-                                                optimizer or TrainConfig.optimizer)
+                                                optimizer or TrainConfig.optimizer, dropout)
         base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
