@@ -257,175 +257,239 @@ def _ignore(event: Event) -> None:
 def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, on_event: Callable[[Event], None],
            resume: bool, should_stop: Callable[[], bool], started_at: float, world: World,
            device: torch.device) -> Done:
-    model_cfg = fit_context(replace(model_cfg, vocab_size=len(corpus.vocab)).validate(), corpus, on_event)
-    dtype = pick_dtype(device, cfg.dtype)
-    scaler = grad_scaler(device, dtype)
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
-    opt = make_optimizer(model, cfg, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    run = _Run()
-    chash = config_hash(model_cfg, corpus)
-    if resume:
-        run = _load_resume(run_dir, chash, model, opt, gen, cfg)
-    rows = world.share(cfg.batch_size)
-    if (rows.stop - rows.start) % cfg.grad_accum:
-        raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's {rows.stop - rows.start} "
-                         f"sequences evenly; pick a divisor of it")
-    if world.is_main:
-        ckpt.make_run_dir(run_dir, fresh=not resume, resumed_at=run.step if resume else None)
-    if device.type == "cpu":
-        warn_slow_steps(model, cfg.batch_size, on_event)
-    val_ids = val_sample(corpus.val, cfg.eval_tokens)
-    if not val_ids:
-        why = "none held out" if len(corpus.val) == 0 else "too short"
-        on_event(Notice(f"no validation text ({why}); training without validation"))
-    net = wrap(model, world, device)
-    compiled = should_compile(device, cfg.compile, cfg.time_budget, steps_to_repay_compile(cfg, corpus, model_cfg,
-                                                                                         run.step, device))
-    step_fn = compile_model(net) if compiled else net
-    if cfg.compile and not compiled and device.type == "cpu":  # (asked for, so not dropped in silence)
-        on_event(Notice("compiling was asked for, but torch.compile needs a C++ compiler on a CPU (g++, c++ or "
-                        "clang++) and none was found; training uncompiled"))
-    on_event(Start(run_dir, model.num_params(), model_cfg, cfg, str(device), str(dtype).replace("torch.", ""),
-                   len(corpus.train), len(corpus.val), len(corpus.vocab), run.step, compiled, world.size))
+    session = _Session(corpus, model_cfg, cfg, run_dir, on_event, resume, should_stop, started_at, world, device)
+    return session.finish(session.loop())
 
-    def save(reason: str) -> None:
+
+@dataclass
+class _Window:
+    """The steps since the display last showed one, whose mean loss and token rate it shows next."""
+    start: float
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+
+    def mean(self, otherwise: float) -> float:
+        return self.loss / self.steps if self.steps else otherwise
+
+    def rate(self, now: float) -> float:
+        return self.tokens / max(now - self.start, 1e-9)
+
+    def restart(self, now: float) -> None:
+        self.loss, self.steps, self.tokens, self.start = 0.0, 0, 0, now
+
+
+class _Session:
+    """One call of `train`: the model, its optimizer and the run's bookkeeping, with this session's
+    clock and limits (each resumed session has its own, and goes on from the run's step and schedule)."""
+
+    def __init__(self, corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path,
+                 on_event: Callable[[Event], None], resume: bool, should_stop: Callable[[], bool],
+                 started_at: float, world: World, device: torch.device):
+        self.corpus, self.cfg, self.run_dir, self.on_event = corpus, cfg, run_dir, on_event
+        self.should_stop, self.started_at, self.world, self.device = should_stop, started_at, world, device
+        self.model_cfg = fit_context(replace(model_cfg, vocab_size=len(corpus.vocab)).validate(), corpus, on_event)
+        self.dtype = pick_dtype(device, cfg.dtype)
+        self.scaler = grad_scaler(device, self.dtype)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(self.model_cfg).to(device)
+        self.opt = make_optimizer(self.model, cfg, device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.chash = config_hash(self.model_cfg, corpus)
+        self.run = _load_resume(run_dir, self.chash, self.model, self.opt, self.gen, cfg) if resume else _Run()
+        self.rows = world.share(cfg.batch_size)
+        if (self.rows.stop - self.rows.start) % cfg.grad_accum:
+            raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's "
+                             f"{self.rows.stop - self.rows.start} sequences evenly; pick a divisor of it")
+        if world.is_main:
+            ckpt.make_run_dir(run_dir, fresh=not resume, resumed_at=self.run.step if resume else None)
+        if device.type == "cpu":
+            warn_slow_steps(self.model, cfg.batch_size, on_event)
+        self.val_ids = val_sample(corpus.val, cfg.eval_tokens)
+        if not self.val_ids:
+            why = "none held out" if len(corpus.val) == 0 else "too short"
+            on_event(Notice(f"no validation text ({why}); training without validation"))
+        self.net = wrap(self.model, world, device)
+        self.compiled = should_compile(device, cfg.compile, cfg.time_budget,
+                                       steps_to_repay_compile(cfg, corpus, self.model_cfg, self.run.step, device))
+        self.step_fn = compile_model(self.net) if self.compiled else self.net
+        if cfg.compile and not self.compiled and device.type == "cpu":  # (asked for, so not dropped in silence)
+            on_event(Notice("compiling was asked for, but torch.compile needs a C++ compiler on a CPU (g++, c++ or "
+                            "clang++) and none was found; training uncompiled"))
+        on_event(Start(run_dir, self.model.num_params(), self.model_cfg, cfg, str(device),
+                       str(self.dtype).replace("torch.", ""), len(corpus.train), len(corpus.val), len(corpus.vocab),
+                       self.run.step, self.compiled, world.size))
+        self.logged: list[dict] = []  # steps' metrics not yet written
+        self.train_loss, self.lr = float("nan"), 0.0  # (the display's last figures)
+
+    def save(self, reason: str) -> None:
+        run = self.run
         summary = {"step": run.step, "tokens": run.tokens, "seconds": round(run.train_seconds, 1),
                    "progress": run.progress, "val_loss": run.last_val, "best_val_loss": run.best_val,
                    "best_step": run.best_step, "val_step": run.val_step,
-                   "params": model.num_params(), "ended": reason, "config_hash": chash, "train": cfg.to_dict(),
+                   "params": self.model.num_params(), "ended": reason, "config_hash": self.chash,
+                   "train": self.cfg.to_dict(),
                    # what "auto" came to this session (train keeps the settings as given, for --resume)
-                   "device": str(device), "dtype": str(dtype).replace("torch.", ""), "compiled": compiled,
-                   "processes": world.size}
+                   "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                   "compiled": self.compiled, "processes": self.world.size}
         # state first: a run directory that holds a model always holds the state to --resume it
-        ckpt.save_state(run_dir / ckpt.STATE_FILE, _state_tensors(model, opt, gen), summary)
-        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, corpus.vocab, summary)
+        ckpt.save_state(self.run_dir / ckpt.STATE_FILE, _state_tensors(self.model, self.opt, self.gen), summary)
+        ckpt.save_model(self.run_dir / ckpt.MODEL_FILE, self.model, self.corpus.vocab, summary)
 
-    def validate(train_loss: float, reason: str = "running") -> None:
+    def write_metrics(self) -> None:
+        ckpt.append_metrics(self.run_dir, *self.logged)
+        self.logged.clear()
+
+    def validate(self, train_loss: float, reason: str = "running") -> None:
+        run, model = self.run, self.model
         # (the final one stops at a Ctrl-C: it was heard only after the validation and its sample)
-        val = val_loss(model, val_ids, dtype, should_stop if reason != "running" else lambda: False)
+        val = val_loss(model, self.val_ids, self.dtype, self.should_stop if reason != "running" else lambda: False)
         if val is not None and not math.isfinite(val):  # blown up by the last step: keep the last good save
-            raise _diverged(f"validation loss is {val}", run.step, cfg, run_dir)
+            raise _diverged(f"validation loss is {val}", run.step, self.cfg, self.run_dir)
         best = val is not None and (run.best_val is None or val < run.best_val)
         run.last_val, run.val_step = val, run.step
         if best:
             run.best_val, run.best_step = val, run.step
-        save(reason)
+        self.save(reason)
         if best:
-            ckpt.save_model(run_dir / ckpt.BEST_FILE, model, corpus.vocab, {"step": run.step, "val_loss": val})
-        ckpt.append_metrics(run_dir, *logged, {"step": run.step, "val_loss": val,
-                                               "train_loss": train_loss if math.isfinite(train_loss) else None,
-                                               "elapsed": round(time.monotonic() - started_at, 2)})
-        logged.clear()
-        on_event(Eval(run.step, val, train_loss, best, time.monotonic() - started_at))
-        if reason == "running" or not should_stop():
-            text = "".join(p[0] for p in generate(model, corpus.vocab, "", SampleConfig(
-                max_new_tokens=cfg.sample_chars, temperature=0.8, seed=run.step)))
-            on_event(Sample(run.step, text))
+            ckpt.save_model(self.run_dir / ckpt.BEST_FILE, model, self.corpus.vocab,
+                            {"step": run.step, "val_loss": val})
+        self.logged.append({"step": run.step, "val_loss": val,
+                            "train_loss": train_loss if math.isfinite(train_loss) else None,
+                            "elapsed": round(time.monotonic() - self.started_at, 2)})
+        self.write_metrics()
+        self.on_event(Eval(run.step, val, train_loss, best, time.monotonic() - self.started_at))
+        if reason == "running" or not self.should_stop():
+            text = "".join(p[0] for p in generate(model, self.corpus.vocab, "", SampleConfig(
+                max_new_tokens=self.cfg.sample_chars, temperature=0.8, seed=run.step)))
+            self.on_event(Sample(run.step, text))
         model.train()
 
-    reserve = _final_reserve(model, val_ids)
-    session_start = time.monotonic()
-    prior_seconds, prior_progress = run.train_seconds, run.progress
-    budget = (cfg.time_budget - (session_start - started_at) - reserve) if cfg.time_budget else None
-    last_eval, last_eval_step = session_start, run.step
-    start_step = run.step
-    window_loss, window_n, window_t, window_tokens = 0.0, 0, session_start, 0
-    train_loss = float("nan")
-    logged: list[dict] = []  # steps' metrics not yet written
-    max_steps, reason = step_limit(cfg, len(corpus.train), model_cfg.block_size)
-    steps_left = max_steps - start_step if max_steps else None
-    if steps_left is not None and steps_left <= 0:
-        on_event(Notice(f"the run is at step {start_step:,} already, at or past this session's step limit "
-                        f"({max_steps:,}): nothing to train"))
-    stop, clock = False, StepClock(compiled)
-    model.train()
-    while True:
-        elapsed, stop = agree(world, device, time.monotonic() - session_start, stop)
-        if stop:
-            reason = "interrupted"
-            break
-        progress = run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)
-        if max_steps and run.step >= max_steps:
-            break
-        if budget is not None and elapsed + clock.next_step(elapsed, run.step - start_step) >= budget:
-            reason = "time"  # (no step is begun that would end past the budget)
-            break
-        lr = lr_at(progress, run.step, cfg)
-        for group in opt.param_groups:
+    def step(self, lr: float) -> tuple[float, int]:
+        """One optimizer step at `lr`: its loss (the processes' mean) and the tokens it read."""
+        for group in self.opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        step_started = time.monotonic()
-        x, y = get_batch(corpus.train, cfg.batch_size, model_cfg.block_size, gen, device, rows)
+        cfg, device = self.cfg, self.device
+        x, y = get_batch(self.corpus.train, cfg.batch_size, self.model_cfg.block_size, self.gen, device, self.rows)
         try:
-            step_loss = train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler, cfg.grad_accum)
+            loss = train_step(self.step_fn, self.model, self.opt, x, y, device, self.dtype, cfg.grad_clip,
+                              self.scaler, cfg.grad_accum)
         except Exception as e:  # noqa: BLE001 - only torch.compile's own failures are caught
-            if step_fn is net or (why := compile_failure(e)) is None:
+            if self.step_fn is self.net or (why := compile_failure(e)) is None:
                 raise
-            on_event(Notice(f"torch.compile could not build this model ({why}); training uncompiled"))
-            step_fn, compiled = net, False  # (the summary saved says how the run really trained)
-            opt.zero_grad(set_to_none=True)  # (whatever a backward got to before it failed)
-            step_loss = train_step(step_fn, model, opt, x, y, device, dtype, cfg.grad_clip, scaler, cfg.grad_accum)
-        loss_value = mean(world, device, step_loss)
+            self.on_event(Notice(f"torch.compile could not build this model ({why}); training uncompiled"))
+            self.step_fn, self.compiled = self.net, False  # (the summary saved says how the run really trained)
+            self.opt.zero_grad(set_to_none=True)  # (whatever a backward got to before it failed)
+            loss = train_step(self.step_fn, self.model, self.opt, x, y, device, self.dtype, cfg.grad_clip,
+                              self.scaler, cfg.grad_accum)
+        loss_value = mean(self.world, device, loss)
         if not math.isfinite(loss_value):
-            raise _diverged(f"loss is {loss_value}", run.step + 1, cfg, run_dir)
-        run.step += 1
-        run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)  # (saved)
-        stop = should_stop()  # (as soon as a step ends: from the first one's end, Ctrl-C waits for a save)
-        step_tokens = x.numel() * world.size
-        run.tokens += step_tokens
-        run.train_seconds = prior_seconds + time.monotonic() - session_start
-        window_loss, window_n, window_tokens = window_loss + loss_value, window_n + 1, window_tokens + step_tokens
-        if run.step == 3:
-            gc.freeze()  # everything alive now lives for the whole run; spare the collector from walking it
-        now = time.monotonic()
+            raise _diverged(f"loss is {loss_value}", self.run.step + 1, cfg, self.run_dir)
+        return loss_value, x.numel() * self.world.size
+
+    def loop(self) -> str:
+        """Steps until a limit or a stop; returns which ("steps", "epochs", "time" or "interrupted")."""
+        run, cfg, world = self.run, self.cfg, self.world
+        reserve = _final_reserve(self.model, self.val_ids)
+        session_start = time.monotonic()
+        prior_seconds, prior_progress = run.train_seconds, run.progress
+        budget = (cfg.time_budget - (session_start - self.started_at) - reserve) if cfg.time_budget else None
+        last_eval, start_step = session_start, run.step
+        self.start_step = self.last_eval_step = start_step
+        self.window = _Window(session_start)
+        max_steps, limit = step_limit(cfg, len(self.corpus.train), self.model_cfg.block_size)
+        steps_left = max_steps - start_step if max_steps else None
+        if steps_left is not None and steps_left <= 0:
+            self.on_event(Notice(f"the run is at step {start_step:,} already, at or past this session's step limit "
+                                 f"({max_steps:,}): nothing to train"))
+        stop, clock = False, StepClock(self.compiled)
+        self.model.train()
+        while True:
+            elapsed, stop = agree(world, self.device, time.monotonic() - session_start, stop)
+            if stop:
+                return "interrupted"
+            progress = run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step,
+                                                        steps_left)
+            if max_steps and run.step >= max_steps:
+                return limit
+            if budget is not None and elapsed + clock.next_step(elapsed, run.step - start_step) >= budget:
+                return "time"  # (no step is begun that would end past the budget)
+            self.lr = lr_at(progress, run.step, cfg)
+            step_started = time.monotonic()
+            loss, tokens = self.step(self.lr)
+            run.step += 1
+            run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)
+            stop = self.should_stop()  # (as soon as a step ends: from the first one's end, Ctrl-C waits for a save)
+            run.tokens += tokens
+            run.train_seconds = prior_seconds + time.monotonic() - session_start
+            self.window.add(loss, tokens)
+            if run.step == 3:
+                gc.freeze()  # everything alive now lives for the whole run; spare the collector from walking it
+            now = time.monotonic()
+            self.report(loss, tokens, now - step_started, now, progress)
+            last_step = max_steps is not None and run.step >= max_steps  # the final validation follows at once
+            if world.is_main and not (last_step or stop) and validation_due(
+                    now - last_eval, now - session_start, budget, cfg.eval_interval, run.step - self.last_eval_step,
+                    cfg.eval_steps):
+                validated_at = time.monotonic()
+                self.validate(self.window.mean(self.train_loss))
+                last_eval, self.last_eval_step = time.monotonic(), run.step
+                took = last_eval - validated_at
+                self.window.start += took  # (tokens/s counts the steps' time, not the validation's)
+                if budget is not None and took > reserve:  # (a loaded machine: keep what one really takes)
+                    budget, reserve = budget - (took - reserve), took
+                stop = self.should_stop()  # (a Ctrl-C during it stops here, not after one more step)
+
+    def report(self, loss: float, tokens: int, step_s: float, now: float, progress: float) -> None:
+        """The step's own figures into the metrics and, twice a second, the window's mean to the display."""
+        if not self.world.is_main:
+            return
+        run, window = self.run, self.window
         # every step's own figures (two runs of one seed log the same losses, step by step), written a
         # window at a time: a file opened per step cost a GPU run's millisecond steps a few percent
-        logged += [{"step": run.step, "loss": round(loss_value, 5), "lr": lr,
-                    "tokens_per_s": round(step_tokens / max(now - step_started, 1e-9), 1),
-                    "elapsed": round(now - started_at, 2)}] if world.is_main else []
-        if world.is_main and (now - window_t >= 0.5 or run.step == start_step + 1):  # (the display: a mean)
-            ckpt.append_metrics(run_dir, *logged)
-            logged.clear()
-            on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
-                          now - started_at, progress))
-            train_loss = window_loss / window_n
-            window_loss, window_n, window_t, window_tokens = 0.0, 0, now, 0
-        last_step = max_steps is not None and run.step >= max_steps  # the final validation follows at once
-        if world.is_main and not (last_step or stop) and validation_due(now - last_eval, now - session_start, budget,
-                                                              cfg.eval_interval, run.step - last_eval_step,
-                                                              cfg.eval_steps):
-            validated_at = time.monotonic()
-            validate(window_loss / window_n if window_n else train_loss)
-            last_eval, last_eval_step = time.monotonic(), run.step
-            took = last_eval - validated_at
-            window_t += took  # (tokens/s counts the steps' time, not the validation's)
-            if budget is not None and took > reserve:  # (a loaded machine: keep what one really takes)
-                budget, reserve = budget - (took - reserve), took
-            stop = should_stop()  # (a Ctrl-C during it stops here, not after one more step)
-    if world.is_main and window_n:  # the last steps' figures, so the final validation shows beside its own step
-        now = time.monotonic()
-        on_event(Step(run.step, window_loss / window_n, lr, window_tokens / max(now - window_t, 1e-9),
-                      now - started_at, run.progress))
-        train_loss, window_loss, window_n = window_loss / window_n, 0.0, 0
-    if world.is_main and reason != "interrupted" and run.step == start_step and run.val_step == run.step:
-        pass  # a resumed run with nothing left to train: its checkpoint already holds this model, validated
-    elif world.is_main and (reason == "interrupted" or last_eval_step == run.step > start_step):
-        # Ctrl-C: save and go at once (validation comes with the next session's steps), or the
-        # budget ran out just after a validation, and the same model needs no second one
-        ckpt.append_metrics(run_dir, *logged)
-        save(reason)
-    elif world.is_main:
-        try:
-            validate(window_loss / window_n if window_n else train_loss, reason)  # also the final save
-        except ValidationStopped:
-            reason = "interrupted"
-            ckpt.append_metrics(run_dir, *logged)
-            save(reason)
-    done = Done(run.step, run.last_val, run.best_val, time.monotonic() - started_at, run_dir, reason, run.best_step,
-                run.val_step)
-    on_event(done)
-    return done
+        self.logged.append({"step": run.step, "loss": round(loss, 5), "lr": self.lr,
+                            "tokens_per_s": round(tokens / max(step_s, 1e-9), 1),
+                            "elapsed": round(now - self.started_at, 2)})
+        if now - window.start >= 0.5 or run.step == self.start_step + 1:
+            self.write_metrics()
+            self.show_window(now, progress)
+
+    def show_window(self, now: float, progress: float) -> None:
+        self.train_loss = self.window.mean(self.train_loss)
+        self.on_event(Step(self.run.step, self.train_loss, self.lr, self.window.rate(now), now - self.started_at,
+                           progress))
+        self.window.restart(now)
+
+    def finish(self, reason: str) -> Done:
+        """The last save (with a final validation unless stopped, or just validated) and the Done event."""
+        run = self.run
+        if self.world.is_main:
+            if self.window.steps:  # the last steps' figures, so the final validation shows beside its own step
+                self.show_window(time.monotonic(), run.progress)
+            if reason == "interrupted" or run.step > self.start_step or run.val_step != run.step:
+                reason = self.final_save(reason)  # (else a resumed run with nothing left: saved and validated)
+        done = Done(run.step, run.last_val, run.best_val, time.monotonic() - self.started_at, self.run_dir, reason,
+                    run.best_step, run.val_step)
+        self.on_event(done)
+        return done
+
+    def final_save(self, reason: str) -> str:
+        """Ctrl-C saves and goes at once (validation comes with the next session's steps), as does a run
+        whose budget ran out just after a validation (the same model needs no second one); others
+        validate, which saves. Returns the reason the run ended, "interrupted" if a Ctrl-C cut its
+        final validation short."""
+        if reason != "interrupted" and not self.last_eval_step == self.run.step > self.start_step:
+            try:
+                self.validate(self.train_loss, reason)
+                return reason
+            except ValidationStopped:
+                reason = "interrupted"
+        self.write_metrics()
+        self.save(reason)
+        return reason
 
 
 class StepClock:
