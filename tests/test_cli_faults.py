@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from tfcli.checkpoint import load_checkpoint, load_state
 from tfcli.cli import app
+from tfcli.stopping import Terminated
 
 NAMES = ["anna", "bob", "carla", "dave", "eve", "frank", "gina", "hugo", "ines", "jack", "kara", "liam"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
@@ -238,26 +239,27 @@ def test_ctrl_c_during_the_final_validation_of_a_finished_run_still_exits_130(co
     assert "reached --max-steps" in result.output and (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_ctrl_c_before_the_first_step_says_in_one_line_what_is_on_disk(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal_, code", [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_a_stop_before_the_first_step_says_in_one_line_what_is_on_disk(corpus, tmp_path, monkeypatch, signal_, code):
     from tfcli import trainer
     real = trainer.train
 
-    def interrupted_at_once(*args, **kwargs):
-        raise KeyboardInterrupt  # what the first Ctrl-C does before a step has ended (a compile, say)
+    def stopped_at_once(*args, **kwargs):
+        raise signal_  # what the first Ctrl-C or SIGTERM does before a step has ended (a compile, say)
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer, "train", interrupted_at_once)
+    monkeypatch.setattr(trainer, "train", stopped_at_once)
     result = CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2", "--out", str(out)])
-    assert result.exit_code == 130
-    assert [line for line in result.output.splitlines() if "interrupt" in line] == [
-        "error: interrupted before anything was saved: start it again, without --resume"]
+    assert result.exit_code == code
+    assert [line for line in result.output.splitlines() if "error" in line] == [
+        "error: stopped before anything was saved: start it again, without --resume"]
     monkeypatch.setattr(trainer, "train", real)
     assert CliRunner().invoke(app, ["train", str(corpus), "--preset", "tiny", "--max-steps", "2",
                                     "--out", str(out)]).exit_code == 0
-    monkeypatch.setattr(trainer, "train", interrupted_at_once)
+    monkeypatch.setattr(trainer, "train", stopped_at_once)
     result = CliRunner().invoke(app, ["train", str(corpus), "--max-steps", "4", "--out", str(out), "--resume"])
-    assert result.exit_code == 130
-    assert [line for line in result.output.splitlines() if "interrupt" in line] == [
-        f"error: interrupted before a step: {out} is as the last session saved it"]
+    assert result.exit_code == code
+    assert [line for line in result.output.splitlines() if "error" in line] == [
+        f"error: stopped before a step: {out} is as the last session saved it"]
 
 
 def test_sample_into_a_closed_pipe_exits_quietly(corpus, tmp_path):

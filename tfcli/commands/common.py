@@ -143,10 +143,11 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 
 def interrupted(e: KeyboardInterrupt, term: stopping.TermAsInterrupt) -> None:
-    """The exit for a Ctrl-C, or for SIGTERM (which `term` turned into one)."""
+    """The exit for a Ctrl-C, or for SIGTERM (which `term` turned into one); `e`'s message, if it has
+    one, is what the command adds (what it left on disk)."""
     if term.received or isinstance(e, stopping.Terminated):
-        fail("terminated", 128 + signal.SIGTERM)
-    fail(str(e) or "interrupted", INTERRUPTED)  # (what a command adds: what was left on disk)
+        fail(str(e) or "terminated", 128 + signal.SIGTERM)
+    fail(str(e) or "interrupted", INTERRUPTED)
 
 
 def out_of_memory(e: BaseException) -> str | None:

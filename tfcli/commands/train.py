@@ -201,11 +201,11 @@ def train(
         with StopFlag(quiet=not world.is_main, alone=not world.is_distributed) as stop, view:
             done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume,
                                 should_stop=stop, started_at=started_at, world=world)
-    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the first step: say what is left
-        if not (run_dir / ckpt.MODEL_FILE).is_file():
-            raise KeyboardInterrupt("interrupted before anything was saved: start it again, without --resume") from e
+    except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM, or one before the first step: say what is left
+        if not (run_dir / ckpt.MODEL_FILE).is_file():  # (its type kept: SIGTERM's exits 143)
+            raise type(e)("stopped before anything was saved: start it again, without --resume") from e
         if not stop.polled:
-            raise KeyboardInterrupt(f"interrupted before a step: {run_dir} is as the last session saved it") from e
+            raise type(e)(f"stopped before a step: {run_dir} is as the last session saved it") from e
         raise
     if done.reason == "interrupted":
         if world.is_main:
