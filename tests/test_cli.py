@@ -372,7 +372,7 @@ def test_invalid_utf8_is_refused_and_errors_replace_trains(tmp_path):
     assert "utf-8" in message and "--errors replace" in message
     trained = ok("train", path, "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r", "--errors", "replace")
     chars = len(path.read_bytes())  # (ASCII, and each bad byte one U+FFFD)
-    assert f"note: 2 of the {chars:,} chars are U+FFFD, put for bytes that did not decode" in trained.stderr
+    assert f"note: 2 of the {chars:,} chars are U+FFFD, which --errors replace puts for each byte" in trained.stderr
     assert "U+FFFD" not in ok("train", write_names(tmp_path / "good.txt", 100), "--preset", "tiny", "--max-steps", "2",
                               "--out", tmp_path / "r2", "--errors", "replace").stderr  # (none replaced: nothing said)
 

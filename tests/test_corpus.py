@@ -109,6 +109,13 @@ def test_split_holds_out_the_last_fraction(tmp_path):
     assert corpus.n_chars == 100
 
 
+def test_count_finds_a_character_in_both_splits(tmp_path):
+    (tmp_path / "t.txt").write_text("a\ufffdb" * 30 + "\ufffd" * 7)
+    corpus = load_corpus([tmp_path / "t.txt"], val_fraction=0.1)
+    assert corpus.count("\ufffd") == 37 and corpus.count("a") == 30 and corpus.count("z") == 0
+    assert int((corpus.val == corpus.vocab.chars.index("\ufffd")).sum()) > 0  # (some in each split)
+
+
 def test_zero_val_fraction_trains_on_everything(tmp_path):
     (tmp_path / "t.txt").write_text("abcdef")
     corpus = load_corpus([tmp_path / "t.txt"], val_fraction=0.0)

@@ -381,6 +381,15 @@ class Corpus:
     val_split: bool = False  # the validation text was cut from the training text's end (no --val files)
     uncached: Path | None = None  # the token cache this big corpus could not be written to (encoded in memory)
 
+    def count(self, char: str) -> int:
+        """How often `char` occurs in the training and validation text, a slice at a time: a corpus
+        of gigabytes compared at once would want a boolean array as large."""
+        if char not in self.vocab.chars:
+            return 0
+        token, step = self.vocab.chars.index(char), 1 << 24
+        return sum(int((ids[i:i + step] == token).sum()) for ids in (self.train, self.val)
+                   for i in range(0, len(ids), step))
+
 
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
                 encoding: str = "utf-8", errors: str = "strict", vocab: Vocab | None = None,

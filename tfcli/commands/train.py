@@ -307,20 +307,13 @@ def resume_args(corpus: list[Path], run_dir: Path, *, val: list[Path] | None, va
 def resume_limits(done, cfg) -> str:
     """The flags that finish an interrupted run as it was set to run: the time it had left (a
     resumed run's schedule goes on from where it stopped), and its step and epoch limits, which
-    count from the run's start (`auto` may have set the epochs for a small text)."""
+    count from the run's start (`auto` may have set the epochs)."""
     flags = f" --time {max(1, math.ceil(cfg.time_budget - done.elapsed))}s" if cfg.time_budget else ""
     flags += f" --max-steps {cfg.max_steps}" if cfg.max_steps else ""
     # (the float exactly, in its shortest form: auto's limit of 200 steps was 35.65459610027855 passes,
     # and 35.6546 made 201)
     short = f"{cfg.epochs:g}" if cfg.epochs else ""
     return flags + (f" --epochs {short if float(short) == cfg.epochs else repr(cfg.epochs)}" if cfg.epochs else "")
-
-
-def count_of(token: int, *arrays) -> int:
-    """How often `token` occurs, a slice at a time: a corpus of gigabytes compared at once would
-    want a boolean array as large."""
-    step = 1 << 24
-    return sum(int((ids[i:i + step] == token).sum()) for ids in arrays for i in range(0, len(ids), step))
 
 
 def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None, replaced: bool = False) -> None:
@@ -341,10 +334,9 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None, 
         stderr.print(f"note: the token cache in {data.uncached} cannot be written, so this corpus is encoded in "
                      "memory, again on every run (set TFCLI_CACHE to a writable directory)", highlight=False,
                      markup=False)
-    if replaced and "\ufffd" in data.vocab.chars:  # how much of the text was not text: a few bytes, or all
-        count = count_of(data.vocab.chars.index("\ufffd"), data.train, data.val)
-        stderr.print(f"note: {count:,} of the {plural(data.n_chars, 'char')} are U+FFFD, put for bytes that did "
-                     "not decode (--errors replace)", highlight=False, markup=False)
+    if replaced and (count := data.count("\ufffd")):  # how much of the text was not text: a few bytes, or all
+        stderr.print(f"note: {count:,} of the {plural(data.n_chars, 'char')} are U+FFFD, which --errors replace "
+                     "puts for each byte that does not decode", highlight=False, markup=False)
     if data.skipped:
         more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
         from ..corpus import wide_text
