@@ -256,12 +256,35 @@ def test_train_gives_auto_the_users_dropout_which_decides_the_epoch_limit(tmp_pa
 
     def configs_only(data, model_cfg, train_cfg, *args, **kwargs):
         settings.append((model_cfg.dropout, train_cfg.epochs))
+        chars.append(len(data.train))
         raise KeyboardInterrupt
     monkeypatch.setattr(trainer, "train", configs_only)
-    for flags in ([], ["--dropout", "0.1"], ["--dropout", "0"], ["--dropout", "0", "--epochs", "7"]):
+    chars = []
+    for flags in ([], ["--dropout", "0.1"], ["--dropout", "0"], ["--dropout", "0", "--epochs", "7"],
+                  ["--dropout", "0", "--batch-size", "128"]):
         assert invoke("train", corpus, "--out", tmp_path / "r", *flags).exit_code == 130
     # auto's dropout and 10 passes; the user's dropout, still 10; none: 4 passes, or the user's 7
-    assert settings == [(0.2, 10.0), (0.1, 10.0), (0.0, 4.0), (0.0, 7.0)]
+    assert settings[:4] == [(0.2, 10.0), (0.1, 10.0), (0.0, 4.0), (0.0, 7.0)]
+    assert settings[4][1] * chars[4] == pytest.approx(200 * 128 * 256)  # (4 passes of 128 rows: under 200 steps)
+
+
+def test_a_run_ended_by_autos_epoch_limit_says_so_and_how_to_lift_it(tmp_path):
+    corpus = write_names(tmp_path / "names.txt", lines=1000)
+    small = ["--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+             "--no-compile", "--time", "60"]
+    ended = ok("train", corpus, *small, "--dropout", "0", "--out", tmp_path / "r")
+    assert "(reached its epoch limit)" in ended.stdout
+    assert ("note: it stopped at auto's limit of 4 passes over the text, after which a model without dropout learns "
+            "it by heart; --epochs N sets another") in ended.stderr
+    assert "note: it stopped" not in ok("train", corpus, *small, "--epochs", "1", "--out", tmp_path / "r2").stderr
+
+
+def test_autos_limit_is_explained_by_which_limit_it_was():
+    from tfcli.commands.train import auto_limit
+    assert auto_limit(4.0, 0.0).startswith("it stopped at auto's limit of 4 passes over the text, after which")
+    assert auto_limit(10.0, 0.2) == "it stopped at auto's limit of 10 passes over this small text"
+    short = "it stopped at auto's limit for a text this short, 200 steps"
+    assert auto_limit(409.6, 0.2) == auto_limit(6.5, 0.0) == short
 
 
 def test_train_refuses_existing_run_without_resume_and_leaves_it_untouched(trained, model):

@@ -129,6 +129,11 @@ def test_auto_limits_the_passes_by_the_dropout_the_run_will_have():
     assert config.preset("auto", "cpu", 300.0, 1_000_000, dropout=0.1)[0].dropout == 0.1
     few = resolve_preset("auto", "cpu", 300.0, 2000, dropout=0.0)  # 4 passes would be 2 steps: 200 instead
     assert few["epochs"] * 2000 == pytest.approx(200 * medium["batch_size"] * medium["block_size"])
+    # ...counted in the user's batches: 4 passes of 128 x 256 over 1M characters would be 123 steps
+    big = resolve_preset("auto", "cpu", 300.0, 1_000_000, batch_size=128, block_size=256)
+    assert big["batch_size"] == 128 and big["epochs"] * 1_000_000 == pytest.approx(200 * 128 * 256)
+    model, train = config.preset("auto", "cpu", 300.0, 1_000_000, batch_size=128, block_size=64)
+    assert (train.batch_size, model.block_size, train.epochs) == (128, 64, 4.0)
 
 
 def test_auto_counts_passes_exactly_for_max_steps_and_leaves_the_step_count_alone():

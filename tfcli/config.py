@@ -163,22 +163,21 @@ MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5
 
 
 def resolve_preset(name: str, device: str, time_budget: float | None, train_chars: int | None = None,
-                   max_steps: int | None = None, dropout: float | None = None) -> dict:
+                   max_steps: int | None = None, dropout: float | None = None, batch_size: int | None = None,
+                   block_size: int | None = None) -> dict:
     """Pick the preset that trains best in the budget: small models win short CPU runs.
 
     `auto` also fits the regime to the text (unless --max-steps sets the length). A run that would
     pass over it more than MANY_PASSES times gets dropout and ends after SMALL_DATA's epochs or
     MIN_STEPS steps, whichever is longer; one without dropout (as `dropout`, the user's, may also
     say) ends after MANY_PASSES passes, so a host faster than NOMINAL_TOKENS_PER_S stops early
-    rather than memorising its text.
-    On 100K characters a 3.2M model without them was best after 4 passes and then memorised
-    the text (validation 2.34, then 4.48 at 5 minutes); with them it was still improving at 10.
-    On tinyshakespeare, whose 5-minute run passes 2.6 times at the nominal speed and 3.5-7 times on
-    faster hosts, the same model scored 1.461 after 3.5 passes, 1.470 after 4.3 and 1.506 after 7.
+    rather than memorising its text (README, "Small texts", has the measurements). `dropout`,
+    `batch_size` and `block_size` are the user's, which the limits are fitted to.
     """
     if name not in PRESET_NAMES:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
-    given = {} if dropout is None else {"dropout": dropout}
+    given = {k: v for k, v in dict(dropout=dropout, batch_size=batch_size, block_size=block_size).items()
+             if v is not None}
     if name != "auto":
         return dict(PRESETS[name], **given)
     if device.startswith("cuda"):
@@ -208,16 +207,19 @@ ADAMW_LR = 2e-3
 
 
 def preset(name: str = "auto", device: str | None = None, time_budget: float | None = None,
-           train_chars: int | None = None, max_steps: int | None = None,
-           optimizer: str = "muon", dropout: float | None = None) -> tuple[ModelConfig, TrainConfig]:
+           train_chars: int | None = None, max_steps: int | None = None, optimizer: str = "muon",
+           dropout: float | None = None, batch_size: int | None = None,
+           block_size: int | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The model and training settings `tfcli train --preset NAME` starts from, as a notebook's
     `tfcli.train` wants them: `auto` picks by device, budget (seconds) and the training text's
     length in characters (a run without dropout ends after MANY_PASSES passes over its text, a short
-    text gets dropout and a longer limit; `dropout`, when given, is used and decides which); the
-    budget and step limit come along. Without either, the budget is 5 minutes, as `tfcli train`'s; with max_steps alone
-    there is no time limit, as with `tfcli train --max-steps`. Each field can then be changed with
-    `dataclasses.replace`. `device`: cpu, cuda, cuda:N or mps (None: the one `train` would use). The
-    lr is the preset's for Muon, ADAMW_LR for AdamW."""
+    text gets dropout and a longer limit; `dropout`, `batch_size` and `block_size`, when given, are
+    used, and the limit fitted to them); the budget and step limit come along. Without either, the
+    budget is 5 minutes, as `tfcli train`'s; with max_steps alone there is no time limit, as with
+    `tfcli train --max-steps`. Each field can then be changed with `dataclasses.replace` (a longer
+    budget given that way still ends at auto's `epochs`: give it to `preset`, or replace both).
+    `device`: cpu, cuda, cuda:N or mps (None: the one `train` would use). The lr is the preset's for
+    Muon, ADAMW_LR for AdamW."""
     if optimizer not in ("muon", "adamw"):
         raise UsageError(f"optimizer must be muon or adamw, got {optimizer!r}")
     if device is None:
@@ -227,7 +229,7 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
         raise UsageError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
     if time_budget is None and max_steps is None:
         time_budget = DEFAULT_CPU_TIME
-    picked = resolve_preset(name, device, time_budget, train_chars, max_steps, dropout)
+    picked = resolve_preset(name, device, time_budget, train_chars, max_steps, dropout, batch_size, block_size)
     lr = picked.pop("lr")
     if optimizer == "adamw":
         lr = ADAMW_LR

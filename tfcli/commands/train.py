@@ -17,7 +17,16 @@ from typing import Optional
 import typer
 
 from .. import stopping
-from ..config import DEFAULT_CPU_TIME, PRESET_NAMES, TrainConfig, parse_duration, with_overrides
+from ..config import (
+    DEFAULT_CPU_TIME,
+    MANY_PASSES,
+    MIN_STEPS,
+    PRESET_NAMES,
+    SMALL_DATA,
+    TrainConfig,
+    parse_duration,
+    with_overrides,
+)
 from ..errors import UsageError
 from .common import handle_errors, stderr, stdout, stop_writing_stdout
 
@@ -95,7 +104,8 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", "--max-iters",
                                             help="Stop after this many optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the training text "
-                                           "\\[default with auto: 4 without dropout, 10 with it on a small text]."),
+                                           "\\[default with auto: 4 without dropout; with it, 10 on a small "
+                                           "text, else none; at least 200 steps]."),
     preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} "
                                "(auto: by device, --time and the text's size)."),
     n_layer: Optional[int] = typer.Option(None, help="Transformer blocks."),
@@ -178,7 +188,7 @@ def train(
         print_corpus_report(corpus, data, val, replaced=errors == "replace")
     if base_model is None:
         base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps,
-                                                optimizer or TrainConfig.optimizer, dropout)
+                                                optimizer or TrainConfig.optimizer, dropout, batch_size, block_size)
         base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
@@ -215,8 +225,21 @@ def train(
                          f"  {launcher} {args}{resume_limits(done, train_cfg)}",
                          highlight=False, markup=False)
         raise typer.Exit(stop.exit_code)
+    if done.reason == "epochs" and epochs is None and world.is_main:  # a limit the user never asked for
+        stderr.print(f"note: {auto_limit(train_cfg.epochs, model_cfg.dropout)}; --epochs N sets another",
+                     highlight=False, markup=False)
     if stop():  # the run had ended (its final validation) when Ctrl-C came or the reader left: a shell
         raise typer.Exit(stop.exit_code)  # still learns of the signal, and a pipe's output was cut
+
+
+def auto_limit(epochs: float, dropout: float) -> str:
+    """What ended a run at the epoch limit `--preset auto` set, and why it set one."""
+    if epochs > (SMALL_DATA["epochs"] if dropout else MANY_PASSES):  # (the floor: that many passes is too few steps)
+        return f"it stopped at auto's limit for a text this short, {MIN_STEPS} steps"
+    if dropout:
+        return f"it stopped at auto's limit of {epochs:g} passes over this small text"
+    return (f"it stopped at auto's limit of {epochs:g} passes over the text, after which a model without dropout "
+            "learns it by heart")
 
 
 def _run_to_resume(out: Path | None, corpus: list[Path]):
