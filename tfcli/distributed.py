@@ -110,3 +110,15 @@ def mean(world: World, device: torch.device, value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / world.size
+
+
+def first_differing(world: World, device: torch.device, digest: str) -> int | None:
+    """The first process whose `digest` (hex) is not rank 0's, the same answer in every process; None
+    when all agree. Each process reads its own copy of the text, on its own machine, so copies that
+    differ would train one model on several texts, or fail in DDP with a message about shapes."""
+    if not world.is_distributed:
+        return None
+    mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=device)  # (60 bits fit an int64)
+    everyone = [torch.zeros_like(mine) for _ in range(world.size)]
+    dist.all_gather(everyone, mine)
+    return next((rank for rank, d in enumerate(everyone) if d.item() != everyone[0].item()), None)

@@ -29,7 +29,7 @@ from . import native
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
 from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
-from .distributed import World, agree, mean, process_group, wrap
+from .distributed import World, agree, first_differing, mean, process_group, wrap
 from .errors import TfcliError, UsageError
 from .evaluation import evaluate
 from .events import Done, Eval, Event, Notice, Sample, Start, Step
@@ -299,6 +299,9 @@ class _Session:
         self.opt = make_optimizer(self.model, cfg, device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.chash = config_hash(self.model_cfg, corpus)
+        if (rank := first_differing(world, device, self.chash)) is not None:
+            raise UsageError(f"rank {rank}'s text or model settings differ from rank 0's: every process of a "
+                             "torchrun job must read the same text, with the same flags")
         self.run = _load_resume(run_dir, self.chash, self.model, self.opt, self.gen, cfg) if resume else _Run()
         self.rows = world.share(cfg.batch_size)
         if (self.rows.stop - self.rows.start) % cfg.grad_accum:
