@@ -283,8 +283,10 @@ def test_autos_limit_is_explained_by_which_limit_it_was():
     from tfcli.commands.train import auto_limit
     assert auto_limit(4.0, 0.0).startswith("it stopped at auto's limit of 4 passes over the text, after which")
     assert auto_limit(10.0, 0.2) == "it stopped at auto's limit of 10 passes over this small text"
-    short = "it stopped at auto's limit for a text this short, 200 steps"
-    assert auto_limit(409.6, 0.2) == auto_limit(6.5, 0.0) == short
+    short = "passes over this short text (at least 200 steps)"
+    assert auto_limit(409.6, 0.2) == f"it stopped at auto's limit of 410 {short}"
+    assert auto_limit(6.5, 0.0) == f"it stopped at auto's limit of 6.5 {short}"
+    assert auto_limit(9102.4, 0.2) == f"it stopped at auto's limit of 9,102 {short}"
 
 
 def test_train_refuses_existing_run_without_resume_and_leaves_it_untouched(trained, model):
@@ -395,7 +397,7 @@ def test_invalid_utf8_is_refused_and_errors_replace_trains(tmp_path):
     assert "utf-8" in message and "--errors replace" in message
     trained = ok("train", path, "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r", "--errors", "replace")
     chars = len(path.read_bytes())  # (ASCII, and each bad byte one U+FFFD)
-    assert f"note: 2 of the {chars:,} chars are U+FFFD, which --errors replace puts for each byte" in trained.stderr
+    assert f"note: 2 of the {chars:,} chars are U+FFFD, which --errors replace puts where bytes" in trained.stderr
     assert "U+FFFD" not in ok("train", write_names(tmp_path / "good.txt", 100), "--preset", "tiny", "--max-steps", "2",
                               "--out", tmp_path / "r2", "--errors", "replace").stderr  # (none replaced: nothing said)
 

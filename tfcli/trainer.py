@@ -327,6 +327,8 @@ class _Session:
                        self.run.step, self.compiled, world.size))
         self.logged: list[dict] = []  # steps' metrics not yet written
         self.train_loss, self.lr = float("nan"), 0.0  # (the display's last figures)
+        self.window = _Window(start=0.0)  # (the loop starts it)
+        self.start_step = self.last_eval_step = self.run.step  # this session's first step, and its last validation
 
     def save(self, reason: str) -> None:
         run = self.run
@@ -343,6 +345,7 @@ class _Session:
         ckpt.save_model(self.run_dir / ckpt.MODEL_FILE, self.model, self.corpus.vocab, summary)
 
     def write_metrics(self) -> None:
+        """The steps' records kept since the last write (a file opened per step slowed fast steps)."""
         ckpt.append_metrics(self.run_dir, *self.logged)
         self.logged.clear()
 
@@ -371,10 +374,13 @@ class _Session:
             self.on_event(Sample(run.step, text))
         model.train()
 
-    def step(self, lr: float) -> tuple[float, int]:
-        """One optimizer step at `lr`: its loss (the processes' mean) and the tokens it read."""
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
         for group in self.opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def step(self) -> tuple[float, int]:
+        """One optimizer step: its loss (the processes' mean) and the tokens it read."""
         cfg, device = self.cfg, self.device
         x, y = get_batch(self.corpus.train, cfg.batch_size, self.model_cfg.block_size, self.gen, device, self.rows)
         try:
@@ -401,7 +407,6 @@ class _Session:
         prior_seconds, prior_progress = run.train_seconds, run.progress
         budget = (cfg.time_budget - (session_start - self.started_at) - reserve) if cfg.time_budget else None
         last_eval, start_step = session_start, run.step
-        self.start_step = self.last_eval_step = start_step
         self.window = _Window(session_start)
         max_steps, limit = step_limit(cfg, len(self.corpus.train), self.model_cfg.block_size)
         steps_left = max_steps - start_step if max_steps else None
@@ -420,9 +425,9 @@ class _Session:
                 return limit
             if budget is not None and elapsed + clock.next_step(elapsed, run.step - start_step) >= budget:
                 return "time"  # (no step is begun that would end past the budget)
-            self.lr = lr_at(progress, run.step, cfg)
+            self.set_lr(lr_at(progress, run.step, cfg))
             step_started = time.monotonic()
-            loss, tokens = self.step(self.lr)
+            loss, tokens = self.step()
             run.step += 1
             run.progress = schedule_progress(prior_progress, elapsed, budget, run.step - start_step, steps_left)
             stop = self.should_stop()  # (as soon as a step ends: from the first one's end, Ctrl-C waits for a save)
@@ -461,6 +466,7 @@ class _Session:
             self.show_window(now, progress)
 
     def show_window(self, now: float, progress: float) -> None:
+        """The steps since the last Step event as one, their mean loss the train loss shown from now on."""
         self.train_loss = self.window.mean(self.train_loss)
         self.on_event(Step(self.run.step, self.train_loss, self.lr, self.window.rate(now), now - self.started_at,
                            progress))
@@ -473,18 +479,19 @@ class _Session:
             if self.window.steps:  # the last steps' figures, so the final validation shows beside its own step
                 self.show_window(time.monotonic(), run.progress)
             if reason == "interrupted" or run.step > self.start_step or run.val_step != run.step:
-                reason = self.final_save(reason)  # (else a resumed run with nothing left: saved and validated)
+                reason = self.save_at_end(reason)  # (else a resumed run with nothing left: saved and validated)
         done = Done(run.step, run.last_val, run.best_val, time.monotonic() - self.started_at, self.run_dir, reason,
                     run.best_step, run.val_step)
         self.on_event(done)
         return done
 
-    def final_save(self, reason: str) -> str:
+    def save_at_end(self, reason: str) -> str:
         """Ctrl-C saves and goes at once (validation comes with the next session's steps), as does a run
         whose budget ran out just after a validation (the same model needs no second one); others
         validate, which saves. Returns the reason the run ended, "interrupted" if a Ctrl-C cut its
         final validation short."""
-        if reason != "interrupted" and not self.last_eval_step == self.run.step > self.start_step:
+        just_validated = self.last_eval_step == self.run.step > self.start_step
+        if reason != "interrupted" and not just_validated:
             try:
                 self.validate(self.train_loss, reason)
                 return reason

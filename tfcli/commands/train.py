@@ -235,7 +235,8 @@ def train(
 def auto_limit(epochs: float, dropout: float) -> str:
     """What ended a run at the epoch limit `--preset auto` set, and why it set one."""
     if epochs > (SMALL_DATA["epochs"] if dropout else MANY_PASSES):  # (the floor: that many passes is too few steps)
-        return f"it stopped at auto's limit for a text this short, {MIN_STEPS} steps"
+        passes = f"{epochs:{',.0f' if epochs >= 100 else '.3g'}}"  # (as the model line prints them)
+        return f"it stopped at auto's limit of {passes} passes over this short text (at least {MIN_STEPS} steps)"
     if dropout:
         return f"it stopped at auto's limit of {epochs:g} passes over this small text"
     return (f"it stopped at auto's limit of {epochs:g} passes over the text, after which a model without dropout "
@@ -359,7 +360,7 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None, 
                      markup=False)
     if replaced and (count := data.count("\ufffd")):  # how much of the text was not text: a few bytes, or all
         stderr.print(f"note: {count:,} of the {plural(data.n_chars, 'char')} are U+FFFD, which --errors replace "
-                     "puts for each byte that does not decode", highlight=False, markup=False)
+                     "puts where bytes do not decode", highlight=False, markup=False)
     if data.skipped:
         more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
         from ..corpus import wide_text
