@@ -269,9 +269,9 @@ def test_train_gives_auto_the_users_dropout_which_decides_the_epoch_limit(tmp_pa
 
 
 def test_a_run_ended_by_autos_epoch_limit_says_so_and_how_to_lift_it(tmp_path):
-    corpus = write_names(tmp_path / "names.txt", lines=1000)
+    corpus = write_names(tmp_path / "names.txt", lines=400)  # ~3.6K characters to train on: 4 passes, ~225 steps
     small = ["--n-layer", "1", "--n-head", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-             "--no-compile", "--time", "60"]
+             "--no-compile", "--time", "600"]  # (a budget only a stalled host would reach)
     ended = ok("train", corpus, *small, "--dropout", "0", "--out", tmp_path / "r")
     assert "(reached its epoch limit)" in ended.stdout
     assert ("note: it stopped at auto's limit of 4 passes over the text, after which a model without dropout learns "
