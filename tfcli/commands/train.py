@@ -212,9 +212,9 @@ def train(
             done = run_training(data, model_cfg, train_cfg, run_dir, stop.watching(view), resume=resume,
                                 should_stop=stop, started_at=started_at, world=world)
     except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM, or one before the first step: say what is left
-        if not (run_dir / ckpt.MODEL_FILE).is_file():  # (its type kept: SIGTERM's exits 143)
+        if world.is_main and not (run_dir / ckpt.MODEL_FILE).is_file():  # (its type kept: SIGTERM's exits 143)
             raise type(e)("stopped before anything was saved: start it again, without --resume") from e
-        if not stop.polled:
+        if world.is_main and not stop.polled:  # (only rank 0 writes: another machine's directory tells nothing)
             raise type(e)(f"stopped before a step: {run_dir} is as the last session saved it") from e
         raise
     if done.reason == "interrupted":
