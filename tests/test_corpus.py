@@ -6,7 +6,7 @@ import pytest
 
 from tfcli import corpus as corpus_module
 from tfcli.corpus import MAX_VOCAB, Vocab, iter_text, load_corpus, read_text
-from tfcli.errors import USAGE, TfcliError, UsageError
+from tfcli.errors import USAGE, TfcliError, UsageError, command_line
 
 MIXED = "Grüße, ÅNGSTRÖM! 你好，世界。 🙂🚀 naïve café\tend\n"
 
@@ -67,9 +67,14 @@ def test_fit_applies_the_unknown_policy_and_says_what_it_changed():
     assert vocab.fit("Abe€ a", "replace") == ("abe a", {"A": "a", "€": ""})  # (€ has no close character)
     assert vocab.fit("Abe€ a", "skip") == ("be a", {"A": "", "€": ""})
     assert vocab.fit("abe", "error") == ("abe", {})
-    with pytest.raises(UsageError, match="has no A €;"):
+    way_out = r' \(or pass unknown="skip" or "replace"\)$'
+    with pytest.raises(UsageError, match="has no A €; remove those characters" + way_out):
         vocab.fit("Abe€", "error")
-    with pytest.raises(UsageError, match="--unknown must be error, skip or replace"):
+    with command_line(), pytest.raises(UsageError, match="has no A €; remove those characters$"):  # (the CLI says how)
+        vocab.fit("Abe€", "error")
+    with pytest.raises(UsageError, match="^unknown must be error, skip or replace"):
+        vocab.fit("abe", "guess")
+    with command_line(), pytest.raises(UsageError, match="^--unknown must be error, skip or replace"):
         vocab.fit("abe", "guess")
 
 
@@ -126,7 +131,7 @@ def test_zero_val_fraction_trains_on_everything(tmp_path):
 @pytest.mark.parametrize("fraction", [1.0, -0.1])
 def test_val_fraction_outside_range_is_refused(tmp_path, fraction):
     (tmp_path / "t.txt").write_text("abcdef")
-    with pytest.raises(UsageError, match="--val-fraction"):
+    with pytest.raises(UsageError, match="^val_fraction must be in"):
         load_corpus([tmp_path / "t.txt"], val_fraction=fraction)
 
 

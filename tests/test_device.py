@@ -83,15 +83,19 @@ def test_compile_is_the_default_only_when_every_limit_given_is_long_enough(monke
 
 def test_a_gpu_index_this_machine_lacks_is_named_with_the_ones_it_has(monkeypatch):
     from tfcli.device import pick_device
-    from tfcli.errors import UsageError
+    from tfcli.errors import UsageError, command_line
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(UsageError, match=r"--device cuda:5: this machine has 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+    with pytest.raises(UsageError, match=r"device='cuda:5': this machine has 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+        pick_device("cuda:5")
+    with command_line(), pytest.raises(UsageError, match=r"^--device cuda:5: this machine has 2 CUDA GPUs"):
         pick_device("cuda:5")
     assert pick_device("cuda:1") == torch.device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UsageError, match="--device cuda:1 asked for, but this PyTorch sees no CUDA GPU"):
+    with pytest.raises(UsageError, match="^device='cuda:1' asked for, but this .* use device='cpu'$"):
+        pick_device("cuda:1")
+    with command_line(), pytest.raises(UsageError, match="--device cuda:1 asked for, .* use --device cpu$"):
         pick_device("cuda:1")
 
 

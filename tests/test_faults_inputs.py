@@ -150,9 +150,9 @@ def test_divergence_never_replaces_the_last_good_checkpoint(trained, run, tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--n-head", "3"], "must be divisible by --n-head (3)"),  # against the preset `auto` picks here
+    (["--n-head", "3"], "must be divisible by --n-head 3"),  # against the preset `auto` picks here
     (["--preset", "tiny", "--n-embd", "34", "--n-head", "2"], "must be even"),
-    (["--preset", "tiny", "--n-embd", "33"], "--n-head (2) (--n-head 2 comes from --preset tiny; give it too)"),
+    (["--preset", "tiny", "--n-embd", "33"], "--n-head 2 (--n-head 2 comes from --preset tiny; give it too)"),
     (["--device", "nosuch"], "device"),
 ])
 def test_flags_wrong_whatever_the_text_are_refused_before_it_is_read(tmp_path, monkeypatch, flags, message):

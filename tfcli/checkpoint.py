@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .corpus import Vocab
-from .errors import TfcliError, UsageError
+from .errors import TfcliError, UsageError, command_line
 
 if TYPE_CHECKING:  # (imported where used: sampling reads checkpoints without PyTorch)
     import torch
@@ -167,9 +167,10 @@ def load_checkpoint(path: Path, framework: str = "pt") -> Checkpoint:
     if not all(type(getattr(config, name)) is int for name in sizes) or type(config.dropout) not in (int, float):
         raise TfcliError(f"{path}: damaged tfcli checkpoint (its config: {meta['config'][:100]})")
     try:
-        config.validate()  # (a shape no model has: it would sample garbage, or fail mid-step)
+        with command_line(on=False):
+            config.validate()  # (a shape no model has: it would sample garbage, or fail mid-step)
     except UsageError as e:
-        raise TfcliError(f"{path}: damaged tfcli checkpoint (its config: {e.message.replace('--', '')})") from None
+        raise TfcliError(f"{path}: damaged tfcli checkpoint (its config: {e.message})") from None
     if config.vocab_size != len(vocab):
         raise TfcliError(f"{path}: damaged tfcli checkpoint (vocabulary does not match config)")
     bad = non_finite(tensors)

@@ -15,7 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, setting
 
 ROPE_BASE = 10_000.0  # rotary positions' base wavelength, shared by every implementation of the model
 
@@ -35,13 +35,13 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise UsageError(f"{setting(name)} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise UsageError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+            raise UsageError(f"{setting('n_embd', self.n_embd)} must be divisible by {setting('n_head', self.n_head)}")
         if (self.n_embd // self.n_head) % 2:
             raise UsageError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary positions)")
         if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"{setting('dropout')} must be in [0, 1), got {self.dropout}")
         return self
 
     @property
@@ -69,7 +69,7 @@ class ModelConfig:
 def check_seed(seed: int) -> None:
     """PyTorch's generators take 64-bit seeds; a larger one was a ValueError deep in a run."""
     if not -2**63 <= seed < 2**64:
-        raise UsageError(f"--seed must fit in 64 bits ({-2**63} to {2**64 - 1}), got {seed}")
+        raise UsageError(f"{setting('seed')} must fit in 64 bits ({-2**63} to {2**64 - 1}), got {seed}")
 
 
 @dataclass(frozen=True)
@@ -109,32 +109,32 @@ class TrainConfig:
             raise UsageError(f"sample_chars must be >= 0 and eval_tokens positive, got {self.sample_chars} and "
                              f"{self.eval_tokens}")
         if self.batch_size <= 0:
-            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UsageError(f"{setting('batch_size')} must be positive, got {self.batch_size}")
         if self.grad_accum <= 0:
-            raise UsageError(f"--grad-accum must be positive, got {self.grad_accum}")
+            raise UsageError(f"{setting('grad_accum')} must be positive, got {self.grad_accum}")
         if not (_float32(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be positive (and within float32's range), got {self.lr}")
+            raise UsageError(f"{setting('lr')} must be positive (and within float32's range), got {self.lr}")
         if self.max_steps is not None and self.max_steps <= 0:
-            raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
+            raise UsageError(f"{setting('max_steps')} must be positive, got {self.max_steps}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise UsageError(f"--epochs must be positive, got {self.epochs}")
+            raise UsageError(f"{setting('epochs')} must be positive, got {self.epochs}")
         if self.time_budget is not None and not self.time_budget > 0:  # (nan is not > 0 either)
-            raise UsageError("--time must be positive")
+            raise UsageError(f"{setting('time_budget', flag='--time')} must be positive")
         if self.eval_interval is not None and not self.eval_interval > 0:
-            raise UsageError(f"--eval-interval must be positive (seconds), got {self.eval_interval}")
+            raise UsageError(f"{setting('eval_interval')} must be positive (seconds), got {self.eval_interval}")
         if self.eval_steps is not None and self.eval_steps <= 0:
-            raise UsageError(f"--eval-steps must be positive, got {self.eval_steps}")
+            raise UsageError(f"{setting('eval_steps')} must be positive, got {self.eval_steps}")
         if self.eval_interval is None and self.eval_steps is None:
-            raise UsageError("validation needs --eval-interval or --eval-steps")
+            raise UsageError(f"validation needs {setting('eval_interval')} or {setting('eval_steps')}")
         for name in ("weight_decay", "grad_clip"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+                raise UsageError(f"{setting(name)} must be 0 or more, got {getattr(self, name)}")
         if self.warmup_steps < 0:
-            raise UsageError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+            raise UsageError(f"{setting('warmup_steps')} must be 0 or more, got {self.warmup_steps}")
         if self.optimizer not in ("adamw", "muon"):
-            raise UsageError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+            raise UsageError(f"{setting('optimizer')} must be adamw or muon, got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise UsageError(f"{setting('dtype')} must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         check_seed(self.seed)
         return self
 
@@ -309,30 +309,32 @@ class SampleConfig:
     def validate(self) -> SampleConfig:
         check_types(self)
         if self.max_new_tokens < 0:
-            raise UsageError(f"-n/--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+            raise UsageError(f"{setting('max_new_tokens', flag='-n/--max-new-tokens')} must be >= 0, "
+                             f"got {self.max_new_tokens}")
         if not (_float32(self.temperature) and self.temperature >= 0):
-            raise UsageError(f"--temperature must be a number from 0 to 3.4e38, got {self.temperature}")
+            raise UsageError(f"{setting('temperature')} must be a number from 0 to 3.4e38, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
+            raise UsageError(f"{setting('top_k')} must be >= 0 (0: off), got {self.top_k}")
         for name in ("top_p", "min_p"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+                raise UsageError(f"{setting(name)} must be in [0, 1], got {v}")
         if not (_float32(self.repeat_penalty) and self.repeat_penalty > 0):
-            raise UsageError(f"--repeat-penalty must be positive (at most 3.4e38), got {self.repeat_penalty}")
+            raise UsageError(f"{setting('repeat_penalty')} must be positive (at most 3.4e38), "
+                             f"got {self.repeat_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):  # (inf x a count of 0 is NaN: every logit lost)
             if not _float32(getattr(self, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must be a number within ±3.4e38 (float32's range), "
+                raise UsageError(f"{setting(name)} must be a number within ±3.4e38 (float32's range), "
                                  f"got {getattr(self, name)}")
         if self.repeat_last_n < -1:
-            raise UsageError(f"--repeat-last-n must be >= -1 (-1: the whole context; 0: penalties off), "
+            raise UsageError(f"{setting('repeat_last_n')} must be >= -1 (-1: the whole context; 0: penalties off), "
                              f"got {self.repeat_last_n}")
         if self.num_samples <= 0:
-            raise UsageError(f"--num-samples must be positive, got {self.num_samples}")
+            raise UsageError(f"{setting('num_samples')} must be positive, got {self.num_samples}")
         if any(not s for s in self.stop):
-            raise UsageError("--stop strings must not be empty")
+            raise UsageError(f"{setting('stop')} strings must not be empty")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise UsageError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+            raise UsageError(f"{setting('dtype')} must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.seed is not None:
             check_seed(self.seed)
         return self

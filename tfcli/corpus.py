@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import UsageError
+from .errors import UsageError, at_command_line, setting
 from .tokens import FORMAT, Encoded, MemoryStore, Sink, TokenCache, ids_dtype, store_for
 
 MAX_VOCAB = 20_000  # more distinct characters than any natural-language text needs: likely not text
@@ -260,7 +260,7 @@ PLAIN_PUNCTUATION = {**dict.fromkeys("‘’‚‛′ʼ`´", "'"), **dict.fromke
 def check_unknown(unknown: str) -> None:
     """Refuse an --unknown policy Vocab.fit lacks (the CLI checks before loading a model)."""
     if unknown not in ("error", "skip", "replace"):
-        raise UsageError(f"--unknown must be error, skip or replace, got {unknown!r}")
+        raise UsageError(f"{setting('unknown')} must be error, skip or replace, got {unknown!r}")
 
 
 def show_char(c: str) -> str:
@@ -318,12 +318,14 @@ class Vocab:
         """Token ids (uint16/int32) for `text`; raises naming any character the model never saw."""
         ids = self.ids(text)
         if ids is None:
-            missing = self.unknown(text)
-            shown = " ".join(show_char(c) for c in missing[:10])
-            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise UsageError(f"the model's vocabulary has no {shown}{more}; "
-                             "remove those characters")
+            raise UsageError(self._lacks(self.unknown(text)))
         return ids
+
+    @staticmethod
+    def _lacks(missing: list[str]) -> str:
+        shown = " ".join(show_char(c) for c in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        return f"the model's vocabulary has no {shown}{more}; remove those characters"
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -355,7 +357,8 @@ class Vocab:
         text = self.spelt_as_known(text)
         missing = self.unknown(text)
         if missing and unknown == "error":
-            self.encode(text)  # raises, naming them
+            hint = "" if at_command_line() else ' (or pass unknown="skip" or "replace")'  # (the CLI adds its own)
+            raise UsageError(self._lacks(missing) + hint)
         changed = {c: "" if unknown == "skip" else self.closest(c) or "" for c in missing}
         return "".join(changed.get(c, c) for c in text), changed
 
@@ -401,7 +404,7 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
     `store` defaults to memory for small corpora and the token cache for big ones.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError(f"{setting('val_fraction')} must be in [0, 1), got {val_fraction}")
     if isinstance(paths, (str, Path)):  # (a notebook's load_corpus("input.txt"): one file, not its letters)
         paths = [paths]
     if isinstance(val_paths, (str, Path)):

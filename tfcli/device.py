@@ -16,7 +16,7 @@ import shutil
 import torch
 
 from . import native
-from .errors import UsageError
+from .errors import UsageError, setting
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -31,12 +31,14 @@ def pick_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+        raise UsageError(f"{setting('device', name)} asked for, but this PyTorch sees no CUDA GPU; use "
+                         f"{setting('device', 'cpu')}")
     if device.type == "cuda" and device.index is not None and device.index >= (n := torch.cuda.device_count()):
-        raise UsageError(f"--device {name}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} "
+        raise UsageError(f"{setting('device', name)}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} "
                          f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {name} asked for, but MPS is not available here; use --device cpu")
+        raise UsageError(f"{setting('device', name)} asked for, but MPS is not available here; use "
+                         f"{setting('device', 'cpu')}")
     return device
 
 

@@ -336,7 +336,8 @@ class GPT(nn.Module):
             raise UsageError("this model has no vocabulary: pass vocab=corpus.vocab, or get the model from tfcli.load")
         fields = set(SampleConfig.__dataclass_fields__) - {"max_new_tokens"}
         if wrong := sorted(set(settings) - fields):
-            raise UsageError(f"generate() has no setting {', '.join(wrong)}; it takes {', '.join(sorted(fields))}")
+            raise UsageError(f"generate() has no setting {', '.join(wrong)}; it takes "
+                             f"{', '.join(sorted({*fields, 'unknown', 'vocab'}))}")
         cfg = SampleConfig(max_new_tokens=max_new_tokens, **settings)
         texts = [[] for _ in range(cfg.num_samples)]
         for step in generate(self, vocab, vocab.fit(prompt, unknown)[0], cfg):

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from .config import SampleConfig, check_seed
 from .corpus import show_char
-from .errors import TfcliError, UsageError
+from .errors import TfcliError, UsageError, command_line
 from .render.heatmap import eighths_bar
 from .stopping import Terminated
 
@@ -159,8 +159,9 @@ class Session:
         value = None if args[0] == "off" and field in OPTIONAL else _number(name, args[0], kind)
         value = None if field == "top_k" and value == 0 else value  # (0: off, as in llama.cpp)
         try:
-            self.cfg = replace(self.cfg, **{field: value}).validate()
-        except UsageError as e:  # the message names the command line's flag; here it is typed as /name
+            with command_line():  # (the message names the command line's flag; here it is typed as /name)
+                self.cfg = replace(self.cfg, **{field: value}).validate()
+        except UsageError as e:
             flag = {"temperature": "--temperature", "max_new_tokens": "-n/--max-new-tokens"}.get(
                 field, "--" + field.replace("_", "-"))
             raise UsageError(e.message.replace(flag, f"/{name}")) from None
@@ -173,7 +174,8 @@ class Session:
                 from .sampling import new_seed
                 seed = new_seed()
             try:
-                check_seed(seed)
+                with command_line():
+                    check_seed(seed)
             except UsageError as e:
                 raise UsageError(e.message.replace("--seed", "/seed")) from None
             self.reseed(seed)

@@ -30,7 +30,7 @@ from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus
 from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .distributed import World, agree, first_differing, mean, process_group, wrap
-from .errors import TfcliError, UsageError
+from .errors import TfcliError, UsageError, setting
 from .evaluation import evaluate
 from .events import Done, Eval, Event, Notice, Sample, Start, Step
 from .model import GPT
@@ -213,7 +213,8 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
         raise UsageError("train takes a ModelConfig, then a TrainConfig (tfcli.preset() gives both)")
     cfg.validate()  # (the CLI's flags are checked already; a notebook's config is checked here)
     if cfg.max_steps is None and cfg.time_budget is None and cfg.epochs is None:
-        raise UsageError("give a budget: --time, --max-steps and/or --epochs")
+        raise UsageError(f"give a budget: {setting('time_budget', flag='--time')}, {setting('max_steps')} "
+                         f"and/or {setting('epochs')}")
     world = World.from_env() if world is None else world
     world.share(cfg.batch_size)  # refuse an uneven split before joining the other processes
     keep_freed_memory()  # (16-25% faster CPU steps: see there)
@@ -305,7 +306,7 @@ class _Session:
         self.run = _load_resume(run_dir, self.chash, self.model, self.opt, self.gen, cfg) if resume else _Run()
         self.rows = world.share(cfg.batch_size)
         if (self.rows.stop - self.rows.start) % cfg.grad_accum:
-            raise UsageError(f"--grad-accum {cfg.grad_accum} does not split each process's "
+            raise UsageError(f"{setting('grad_accum', cfg.grad_accum)} does not split each process's "
                              f"{self.rows.stop - self.rows.start} sequences evenly; pick a divisor of it")
         if world.is_main:
             ckpt.make_run_dir(run_dir, fresh=not resume, resumed_at=self.run.step if resume else None)
@@ -566,7 +567,7 @@ def validation_due(since_last: float, elapsed: float, budget: float | None, inte
 
 def _diverged(what: str, step: int, cfg: TrainConfig, run_dir: Path) -> TfcliError:
     kept = f"; the last good checkpoint in {run_dir} is kept" if (run_dir / ckpt.MODEL_FILE).exists() else ""
-    return TfcliError(f"training diverged: {what} at step {step}; lower --lr (now {cfg.lr:g}){kept}")
+    return TfcliError(f"training diverged: {what} at step {step}; lower {setting('lr')} (now {cfg.lr:g}){kept}")
 
 
 def _final_reserve(model: GPT, val_ids: list[np.ndarray]) -> float:
@@ -597,16 +598,18 @@ def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -
     state_path = run_dir / ckpt.STATE_FILE
     if not state_path.is_file():
         if (run_dir / ckpt.MODEL_FILE).is_file():
-            raise UsageError(f"{run_dir}: its model has no {ckpt.STATE_FILE} to resume from; train into a new --out")
-        raise UsageError(f"{run_dir}: nothing to resume (no {ckpt.STATE_FILE}); drop --resume to start a new run")
+            raise UsageError(f"{run_dir}: its model has no {ckpt.STATE_FILE} to resume from; train into a new "
+                             f"{setting('run_dir', flag='--out')}")
+        raise UsageError(f"{run_dir}: nothing to resume (no {ckpt.STATE_FILE}); drop {setting('resume', True)} "
+                         "to start a new run")
     tensors, state = ckpt.load_state(state_path)
     if state.get("config_hash") != chash:
         raise UsageError(f"{run_dir}: the corpus or model settings differ from the run being resumed"
                          f"{_what_differs(run_dir, model.config)}; resume with the same corpus and sizes, "
-                         "or train into a new --out")
+                         f"or train into a new {setting('run_dir', flag='--out')}")
     saved = state.get("train", {}).get("optimizer", "adamw")  # (runs from before Muon had no choice)
     if saved != cfg.optimizer:  # its saved moments are that optimizer's, and only its
-        raise UsageError(f"{run_dir}: this run trains with --optimizer {saved}, and a resumed run keeps it "
+        raise UsageError(f"{run_dir}: this run trains with {setting('optimizer', saved)}, and a resumed run keeps it "
                          f"(asked: {cfg.optimizer})")
     _restore(tensors, model, opt, gen)
     # a best scored on another validation slice (runs from before eval_tokens was 16K scored 32K

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import stopping
-from ..errors import INTERRUPTED, USAGE, TfcliError, UsageError
+from ..errors import INTERRUPTED, USAGE, TfcliError, UsageError, command_line
 
 
 class QuietConsole(Console):
@@ -104,7 +104,7 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
     def wrapper(*args, **kwargs):
         term = stopping.TermAsInterrupt()
         try:
-            with term:
+            with term, command_line():
                 import_whole(builds, "torch" if torch else "safetensors.numpy")
                 result = fn(*args, **kwargs)
             if term.received:  # (a command that took SIGTERM's KeyboardInterrupt as its own Ctrl-C)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import signal
 import time
@@ -277,12 +278,12 @@ def _warn_of_settings_a_resume_ignores(preset: str, seed: int | None) -> None:
 
 def _check_shape(shape, given: dict, dropout: float | None, source: str) -> None:
     """The model flags checked against the shape they change, naming what the user did not type:
-    "--n-head (4)" came from the preset (or the resumed model)."""
+    "--n-head 4" came from the preset (or the resumed model)."""
     try:
         with_overrides(shape, **given, dropout=dropout).validate()
     except UsageError as e:
-        implied = [f"--{k.replace('_', '-')} {getattr(shape, k)}" for k, v in given.items()
-                   if v is None and f"--{k.replace('_', '-')} (" in e.message]
+        unsaid = [f"--{k.replace('_', '-')} {getattr(shape, k)}" for k, v in given.items() if v is None]
+        implied = [flag for flag in unsaid if re.search(re.escape(flag) + r"\b", e.message)]
         raise UsageError(e.message + (f" ({', '.join(implied)} comes from {source}; give it too)" if implied
                                       else "")) from None
 
