@@ -18,10 +18,12 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
-                                            help="torch.compile the training step \\[default: as train does]."),
+                                            help="torch.compile the training step \\[default: as a 5-minute train "
+                                                 "does]."),
     shape: Optional[list[str]] = typer.Option(None, "--shape", metavar="SHAPE",
                                               help="Only these shapes: 0.8M, 4.8M, 10.7M."),
-    seconds: float = typer.Option(6.0, help="Timed seconds per training shape (after warm-up)."),
+    seconds: float = typer.Option(6.0, help="Timed seconds per training shape, after warm-up "
+                                                       "and any compile (a cold one: ~15-25 s a shape)."),
 ) -> None:
     """Training tokens/s and sampling chars/s at nanoGPT's three model shapes."""
     from .. import bench as b
