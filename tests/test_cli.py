@@ -301,6 +301,8 @@ def test_out_onto_a_file_is_refused_and_the_file_kept(trained, tmp_path):
     target.write_text("keep me")
     assert "is a file" in refused(2, "train", trained / "names.txt", *TINY, "--out", target)
     assert "is a file" in refused(2, "train", trained / "names.txt", *TINY, "--out", target, "--resume")
+    under = refused(2, "train", trained / "names.txt", *TINY, "--out", target / "run")  # (a usage error, said at once)
+    assert under.endswith(f"{target} is a file, so it cannot hold the run's directory")
     assert target.read_text() == "keep me"
 
 

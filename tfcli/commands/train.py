@@ -156,8 +156,9 @@ def train(
     from ..corpus import load_corpus
     from ..device import pick_device
 
-    if out is not None and out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a directory for the run")
+    if out is not None and (blocker := _not_a_directory(out)) is not None:
+        raise UsageError(f"--out {out} is a file; give a directory for the run" if blocker == out else
+                         f"--out {out}: {blocker} is a file, so it cannot hold the run's directory")
     vocab, base_model, base_train = None, None, None
     if resume:
         run_dir, stored = _run_to_resume(out, corpus)
@@ -286,6 +287,13 @@ def _check_shape(shape, given: dict, dropout: float | None, source: str) -> None
         implied = [flag for flag in unsaid if re.search(re.escape(flag) + r"\b", e.message)]
         raise UsageError(e.message + (f" ({', '.join(implied)} comes from {source}; give it too)" if implied
                                       else "")) from None
+
+
+def _not_a_directory(out: Path) -> Path | None:
+    """The first of `out` and its parents that exists, where it is not a directory: refused before
+    the corpus is read (a --out under a file failed only when the run's directory was made)."""
+    found = next((p for p in (out, *out.parents) if p.exists()), None)
+    return None if found is None or found.is_dir() else found
 
 
 def _within(a: Path, b: Path) -> bool:
