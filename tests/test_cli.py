@@ -771,6 +771,13 @@ def test_prompt_file_saved_with_a_byte_order_mark_reads_without_it(model, tmp_pa
     assert ok("sample", "-m", model, "--prompt-file", prompt, "-n", "20", "--seed", "3", "--json").stdout == plain
 
 
+def test_prompt_file_that_is_not_utf8_is_said_to_be_so_with_the_first_bad_byte(model, tmp_path):
+    prompt = tmp_path / "latin1.txt"
+    prompt.write_bytes("café".encode("latin-1"))
+    message = refused(2, "sample", "-m", model, "--prompt-file", prompt)
+    assert message.endswith("latin1.txt: the prompt is not utf-8 text (byte 0xe9 at offset 3); save it as utf-8")
+
+
 def test_prompt_on_stdin_that_is_not_utf8_is_said_to_be_so(model):
     done = subprocess.run([sys.executable, "-m", "tfcli", "sample", "-m", str(model), "-p", "-", "-n", "3"],
                           input=b"\xff\xfeab", capture_output=True)

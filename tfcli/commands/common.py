@@ -197,8 +197,11 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         try:  # line ends as written: the vocabulary decides how \r reads (`Vocab.spelt_as_known`), as on stdin
             with prompt_file.open(encoding="utf-8-sig", newline="") as f:
                 return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{prompt_file}: cannot read prompt ({getattr(e, 'strerror', None) or e})") from None
+        except UnicodeDecodeError as e:  # (Python's own words named a codec and a "continuation byte")
+            raise UsageError(f"{prompt_file}: the prompt is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                             f"{e.start:,}); save it as UTF-8") from None
+        except OSError as e:
+            raise UsageError(f"{prompt_file}: cannot read prompt ({e.strerror or e})") from None
     if prompt == "-":
         return read_stdin()
     return from_argv(prompt or "", "--prompt")
