@@ -797,6 +797,14 @@ def test_typer_s_own_usage_errors_are_one_line_too():
         assert "--help" in done.stderr and done.stdout == ""
 
 
+@pytest.mark.parametrize("command", ["sample", "inspect-attention"])
+def test_a_prompt_given_as_an_argument_is_pointed_to_p(command):
+    # (`eval -` reads stdin, so a user tried `echo hi | tfcli sample -`)
+    done = subprocess.run([sys.executable, "-m", "tfcli", command, "-"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.endswith("(a prompt goes after -p, as in -p 'ROMEO:', and -p - reads it from stdin)\n")
+
+
 def fake_app(error: BaseException):
     import typer
     fake = typer.Typer()

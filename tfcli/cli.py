@@ -74,6 +74,9 @@ def _plain_help() -> None:
                 option.help = option.help.replace("\\[", "[")
 
 
+PROMPTED = ("sample", "inspect-attention")  # commands whose text is an option's (-p), not an argument
+
+
 def run() -> None:
     """The `tfcli` command. Typer's own usage errors (an unknown option, a missing argument) come
     out as one line, like tfcli's, rather than in its four-line box."""
@@ -95,6 +98,8 @@ def run() -> None:
         elif torchrun_rank() == "0":  # (under torchrun rank 0 says what is wrong with the flags)
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            if ctx is not None and ctx.info_name in PROMPTED and "unexpected extra argument" in e.format_message():
+                hint = " (a prompt goes after -p, as in -p 'ROMEO:', and -p - reads it from stdin)"
             stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
         else:
             quiet_exit_delay()
