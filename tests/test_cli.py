@@ -669,7 +669,9 @@ def test_a_prompt_and_a_stop_string_are_read_in_the_spelling_the_vocabulary_know
 
 def test_unknown_skip_drops_and_replace_maps(model):
     skipped = ok("sample", "-m", model, "--prompt", "anQna", "-n", "5", "--seed", "1", "--unknown", "skip")
-    assert skipped.stdout.startswith("anna") and "Q" in skipped.stderr
+    assert skipped.stdout.startswith("anna") and "Q" in skipped.stderr and "starts from nothing" not in skipped.stderr
+    emptied = ok("sample", "-m", model, "--prompt", "QQ", "-n", "5", "--seed", "1", "--unknown", "skip")
+    assert "dropped unknown characters: Q (all the prompt had: the text starts from nothing)" in emptied.stderr
     replaced = ok("sample", "-m", model, "--prompt", "ANNA", "-n", "5", "--seed", "1", "--unknown", "replace")
     assert replaced.stdout.startswith("anna") and "A→a" in replaced.stderr
 

@@ -238,8 +238,9 @@ def read_stdin() -> str:
     return text
 
 
-def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
-    """Apply the --unknown policy (Vocab.fit), warning on stderr of what it dropped or replaced."""
+def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "", starts_text: bool = False) -> str:
+    """Apply the --unknown policy (Vocab.fit), warning on stderr of what it dropped or replaced
+    (`starts_text`: and that the text starts from nothing, where that was the whole prompt)."""
     escape = typed_escape(prompt, vocab)
     try:
         prompt, changed = vocab.fit(prompt, unknown)
@@ -249,7 +250,8 @@ def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "") -> str:
         return prompt
     from ..corpus import show_char
     if unknown == "skip":
-        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in changed)}{escape}",
+        left = " (all the prompt had: the text starts from nothing)" if starts_text and not prompt else ""
+        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in changed)}{left}{escape}",
                      markup=False)
     else:
         stderr.print("warning: replaced unknown characters: " + ", ".join(

@@ -113,7 +113,7 @@ def sample(
     text = read_prompt(prompt, prompt_file)
     model = load_sampler(model_path, device, cfg)
     check_batch_fits(model.config, cfg.num_samples)  # (before a row per sample is made)
-    text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)")
+    text = fit_prompt(model.vocab, text, unknown, " (or pass --unknown skip|replace)", starts_text=True)
     cfg = with_overrides(cfg, stop=tuple(model.vocab.spelt_as_known(s) for s in cfg.stop))  # (as the prompt)
     warn_unmatchable_stops(cfg.stop, model.vocab)
     if cfg.seed is None:
