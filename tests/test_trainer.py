@@ -25,6 +25,7 @@ from tfcli.trainer import (
     Sample,
     Start,
     Step,
+    StepClock,
     get_batch,
     lr_at,
     step_limit,
@@ -802,3 +803,22 @@ def test_train_names_a_corpus_or_configs_in_the_wrong_place(tmp_path):
         train(str(tmp_path / "x.txt"), MODEL, TRAIN, tmp_path / "run")
     with pytest.raises(UsageError, match="a ModelConfig, then a TrainConfig"):
         train(corpus, TRAIN, MODEL, tmp_path / "run")
+
+
+@pytest.mark.parametrize("warms_up", [False, True])
+def test_the_step_clock_leaves_out_a_warm_up_step_and_then_expects_the_least_of_the_last_three(warms_up):
+    clock = StepClock(warms_up)
+    ends = [0.0, 4.0, 4.1, 4.3, 4.35, 5.0]  # a first step of 4 s (a GPU loading its kernels, or a compile), then fast
+    expected = [clock.next_step(t, done) for done, t in enumerate(ends)]
+    first = [] if warms_up else [4.0]
+    assert expected[:2] == [0.0, 0.0 if warms_up else 4.0]  # (counted, the first step stops a run with < 4 s left)
+    assert expected[2:] == pytest.approx([min([*first, 0.1][-3:]), min([*first, 0.1, 0.2][-3:]), 0.05, 0.05])
+
+
+def test_the_time_kept_for_the_final_validation_is_a_gpus_where_the_model_is_on_one():
+    from tfcli.trainer import _final_reserve
+
+    model = GPT(ModelConfig(vocab_size=65, n_layer=6, n_head=6, n_embd=384, block_size=256))  # (the 10.7M shape)
+    val = [np.zeros(16384, dtype=np.int64)]
+    on_cpu, on_gpu = _final_reserve(model, val, torch.device("cpu")), _final_reserve(model, val, torch.device("cuda"))
+    assert 5 < on_cpu < 6.5 and 0.5 < on_gpu < 0.6  # (a GPU kept 5.7 s: a 15 s run there had no time for a step)

@@ -403,7 +403,7 @@ class _Session:
     def loop(self) -> str:
         """Steps until a limit or a stop; returns which ("steps", "epochs", "time" or "interrupted")."""
         run, cfg, world = self.run, self.cfg, self.world
-        reserve = _final_reserve(self.model, self.val_ids)
+        reserve = _final_reserve(self.model, self.val_ids, self.device)
         session_start = time.monotonic()
         prior_seconds, prior_progress = run.train_seconds, run.progress
         budget = (cfg.time_budget - (session_start - self.started_at) - reserve) if cfg.time_budget else None
@@ -414,7 +414,7 @@ class _Session:
         if steps_left is not None and steps_left <= 0:
             self.on_event(Notice(f"the run is at step {start_step:,} already, at or past this session's step limit "
                                  f"({max_steps:,}): nothing to train"))
-        stop, clock = False, StepClock(self.compiled)
+        stop, clock = False, StepClock(warms_up=self.compiled or self.device.type == "cuda")
         self.model.train()
         while True:
             elapsed, stop = agree(world, self.device, time.monotonic() - session_start, stop)
@@ -506,12 +506,14 @@ class _Session:
 class StepClock:
     """What the next step will take, from the last few steps' times (between the processes' agreed
     clocks, so every process decides alike): the least of the last three, since one may hold a
-    validation. A compiled session's first step is the compile, and tells nothing of the rest."""
+    validation. A session that `warms_up` spends its first step on it, which tells nothing of the
+    rest: a compile, or a GPU loading its kernels and libraries (an H200's 15 s run of a 3.2M
+    model, whose steps take milliseconds once warm, stopped after its first)."""
 
-    def __init__(self, compiled: bool):
+    def __init__(self, warms_up: bool):
         self.last: float | None = None
         self.times: list[float] = []
-        self.first_counted = 2 if compiled else 1
+        self.first_counted = 2 if warms_up else 1
 
     def next_step(self, elapsed: float, steps_done: int) -> float:
         if self.last is not None and steps_done >= self.first_counted:
@@ -570,10 +572,16 @@ def _diverged(what: str, step: int, cfg: TrainConfig, run_dir: Path) -> TfcliErr
     return TfcliError(f"training diverged: {what} at step {step}; lower {setting('lr')} (now {cfg.lr:g}){kept}")
 
 
-def _final_reserve(model: GPT, val_ids: list[np.ndarray]) -> float:
+RESERVE_S_PER_PARAM_TOKEN = {"cpu": 3e-11, "cuda": 3e-13}  # a validation's forward pass, with room to spare
+
+
+def _final_reserve(model: GPT, val_ids: list[np.ndarray], device: torch.device) -> float:
     """Seconds to keep for the final validation and save, so --time is the whole run's length: an
-    estimate, raised to what a validation took if one took longer (on a busy host, 15x longer)."""
-    return 0.5 + 3e-11 * model.num_params() * sum(len(piece) for piece in val_ids)
+    estimate, raised to what a validation took if one took longer (on a busy host, 15x longer).
+    A GPU's is far less than a CPU's: kept at the CPU's 5.7 s for the 10.7M model, an H200's run
+    of `--time 15` (7-8 s of it starting up) had no time left for a single step."""
+    rate = RESERVE_S_PER_PARAM_TOKEN["cuda" if device.type == "cuda" else "cpu"]
+    return 0.5 + rate * model.num_params() * sum(len(piece) for piece in val_ids)
 
 
 def _what_differs(run_dir: Path, asked: ModelConfig) -> str:
