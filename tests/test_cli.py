@@ -7,6 +7,7 @@ and every other command runs against it. Bad input must give exit code 2 (usage)
 
 from __future__ import annotations
 
+import codecs
 import errno
 import io
 import json
@@ -302,8 +303,11 @@ def test_out_onto_a_file_is_refused_and_the_file_kept(trained, tmp_path):
     assert "is a file" in refused(2, "train", trained / "names.txt", *TINY, "--out", target)
     assert "is a file" in refused(2, "train", trained / "names.txt", *TINY, "--out", target, "--resume")
     under = refused(2, "train", trained / "names.txt", *TINY, "--out", target / "run")  # (a usage error, said at once)
-    assert under.endswith(f"{target} is a file, so it cannot hold the run's directory")
+    assert under.endswith(f"{target} is a file, so it cannot hold the run's directory".lower())
     assert target.read_text() == "keep me"
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # (mkdir would say "File exists", after the corpus)
+    assert "gone is a broken symbolic link, so it" in refused(2, "train", trained / "names.txt", *TINY, "--out",
+                                                               tmp_path / "gone" / "run")
 
 
 def test_validation_on_training_text_is_warned_about(trained, tmp_path):
@@ -672,6 +676,8 @@ def test_unknown_skip_drops_and_replace_maps(model):
     assert skipped.stdout.startswith("anna") and "Q" in skipped.stderr and "starts from nothing" not in skipped.stderr
     emptied = ok("sample", "-m", model, "--prompt", "QQ", "-n", "5", "--seed", "1", "--unknown", "skip")
     assert "dropped unknown characters: Q (all the prompt had: the text starts from nothing)" in emptied.stderr
+    emptied = ok("sample", "-m", model, "--prompt", "€", "-n", "5", "--seed", "1", "--unknown", "replace")
+    assert "replaced unknown characters: €→(dropped) (all the prompt had: the text starts" in emptied.stderr
     replaced = ok("sample", "-m", model, "--prompt", "ANNA", "-n", "5", "--seed", "1", "--unknown", "replace")
     assert replaced.stdout.startswith("anna") and "A→a" in replaced.stderr
 
@@ -778,6 +784,8 @@ def test_prompt_file_that_is_not_utf8_is_said_to_be_so_with_the_first_bad_byte(m
     prompt.write_bytes("café".encode("latin-1"))
     message = refused(2, "sample", "-m", model, "--prompt-file", prompt)
     assert message.endswith("latin1.txt: the prompt is not utf-8 text (byte 0xe9 at offset 3); save it as utf-8")
+    prompt.write_bytes(codecs.BOM_UTF8 + "café".encode("latin-1"))  # (the offset counts the mark's 3 bytes too)
+    assert "(byte 0xe9 at offset 6)" in refused(2, "sample", "-m", model, "--prompt-file", prompt)
 
 
 def test_prompt_on_stdin_that_is_not_utf8_is_said_to_be_so(model):
@@ -804,7 +812,24 @@ def test_a_prompt_given_as_an_argument_is_pointed_to_p(command):
     # (`eval -` reads stdin, so a user tried `echo hi | tfcli sample -`)
     done = subprocess.run([sys.executable, "-m", "tfcli", command, "-"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.endswith("(a prompt goes after -p, as in -p 'ROMEO:', and -p - reads it from stdin)\n")
+    assert done.stderr.endswith("(a prompt goes after -p, and -p - reads it from stdin)\n")
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["sample", "-"], "(a prompt goes after -p, and -p - reads it from stdin)"),
+    (["sample", "EXISTING"], "(a model goes after -m, as in -m EXISTING)"),
+    (["sample", "-m", "r", "-p", "to", "be", "or"], "(quote a prompt of several words, as in -p '... be or')"),
+    (["inspect-attention", "ROMEO"], "(a prompt goes after -p, as in -p 'ROMEO:')"),
+    (["sample", "-n", "5", "10"], None),  # (a number: no guess)
+    (["eval", "ROMEO"], None),  # (eval reads files)
+])
+def test_an_argument_too_many_is_said_to_be_what_it_most_likely_meant(argv, hint, tmp_path):
+    from tfcli.cli import stray_hint
+
+    argv = [str(tmp_path) if a == "EXISTING" else a for a in argv]
+    extra = [a for a in argv[1:] if a not in ("-m", "r", "-p", "-n", "5", "to")]
+    message = f"Got unexpected extra argument(s) ({' '.join(extra)})"
+    assert stray_hint(argv[0], message, ["tfcli", *argv]) == (hint and " " + hint.replace("EXISTING", str(tmp_path)))
 
 
 def fake_app(error: BaseException):
@@ -1355,3 +1380,11 @@ def test_the_stop_flag_says_its_notice_through_a_dashboard_that_takes_one():
     flag.watching(type("View", (), {"say_soon": lambda self, m: heard.append(m), "__call__": lambda s, e: None})())
     flag.stopping(signal.SIGINT)
     assert heard == ["stopping after this step (Ctrl-C again quits at once)…"]
+
+
+def test_a_command_s_flag_spelling_ends_with_it_however_it_ends(model, tmp_path):
+    from tfcli.errors import at_command_line
+
+    for args in (["info", "-m", model], ["train", tmp_path / "missing.txt"], ["sample", "-m", model, "--temp", "-1"]):
+        invoke(*args)
+        assert not at_command_line()  # (a notebook importing the CLI would read --flags otherwise)

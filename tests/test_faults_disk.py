@@ -83,8 +83,9 @@ def test_out_directory_under_a_regular_file_is_one_line(run):
     (run.parent / "notes.txt").write_text("keep me")
     result = tfcli("train", "names.txt", "--preset", "tiny", "--max-steps", "2", "--out", "notes.txt/run",
                    cwd=run.parent)
-    assert result.returncode == 1
-    assert one_error_line(result) == "error: cannot create run directory notes.txt/run: Not a directory"
+    assert result.returncode == 2  # (said before the corpus is read: a usage error)
+    assert one_error_line(result) == ("error: --out notes.txt/run: notes.txt is a file, so it cannot hold the run's "
+                                      "directory")
     assert (run.parent / "notes.txt").read_text() == "keep me"
 
 

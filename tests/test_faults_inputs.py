@@ -152,6 +152,7 @@ def test_divergence_never_replaces_the_last_good_checkpoint(trained, run, tmp_pa
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--n-head", "3"], "must be divisible by --n-head 3"),  # against the preset `auto` picks here
     (["--preset", "tiny", "--n-embd", "34", "--n-head", "2"], "must be even"),
+    (["--preset", "tiny", "--n-embd", "30"], "= 15, must be even (rotary positions) (--n-head 2 comes from --preset"),
     (["--preset", "tiny", "--n-embd", "33"], "--n-head 2 (--n-head 2 comes from --preset tiny; give it too)"),
     (["--device", "nosuch"], "device"),
 ])

@@ -493,8 +493,10 @@ def test_a_gpu_step_that_cannot_be_recorded_runs_eagerly_and_a_prefill_only_deco
 
 
 def test_a_batch_larger_than_the_machine_s_memory_is_refused_before_it_is_made(model):
-    with pytest.raises(UsageError, match=r"--num-samples 100,000,000 needs about [\d,.]+ GiB .* \(at most about"):
+    with command_line(), pytest.raises(UsageError, match=r"^--num-samples 100,000,000 needs about [\d,.]+ GiB .* \(at"):
         next(generate_pieces(model, model.vocab, "he", SampleConfig(num_samples=10**8, seed=1)))
+    with pytest.raises(UsageError, match=r"^num_samples 100,000,000 needs about"):  # (a notebook's: no list of 10**8
+        model.generate("he", 5, num_samples=10**8)                                 # texts is made before the check)
     assert next(generate_pieces(model, model.vocab, "he", SampleConfig(num_samples=64, seed=1)))  # (a fair one runs)
 
 

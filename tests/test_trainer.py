@@ -219,7 +219,7 @@ def test_a_fresh_run_never_overwrites_a_saved_one(tmp_path):
         train(corpus, MODEL, replace(TRAIN, max_steps=5, seed=2), str(tmp_path / "run"))  # (a string, as in notebooks)
     assert (tmp_path / "run" / ckpt.MODEL_FILE).read_bytes() == saved
     (tmp_path / "run" / ckpt.STATE_FILE).unlink()
-    with pytest.raises(UsageError, match="no state.safetensors to resume from, so train into another directory"):
+    with pytest.raises(UsageError, match="no state.safetensors to resume from, so pick another run_dir$"):
         train(corpus, MODEL, replace(TRAIN, max_steps=5), tmp_path / "run")
     assert train(corpus, MODEL, replace(TRAIN, max_steps=5), str(tmp_path / "run2")).step == 5
 
@@ -256,7 +256,7 @@ def test_resume_with_a_changed_corpus_is_refused(tmp_path):
     assert changed.vocab == corpus.vocab
     with pytest.raises(UsageError, match=r"corpus or model settings differ .*\(its model settings match: the text"):
         train(changed, MODEL, replace(TRAIN, max_steps=4), tmp_path / "run", resume=True)
-    with pytest.raises(UsageError, match=r"\(--n-layer 3, the run's 2; --dropout 0.1, the run's 0.0\)"):
+    with pytest.raises(UsageError, match=r"\(n_layer=3, the run's 2; dropout=0.1, the run's 0.0\)"):
         train(corpus, replace(MODEL, n_layer=3, dropout=0.1), replace(TRAIN, max_steps=4), tmp_path / "run",
               resume=True)
 

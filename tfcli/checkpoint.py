@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .corpus import Vocab
-from .errors import TfcliError, UsageError, command_line
+from .errors import TfcliError, UsageError, at_command_line, command_line, setting
 
 if TYPE_CHECKING:  # (imported where used: sampling reads checkpoints without PyTorch)
     import torch
@@ -219,7 +219,7 @@ def make_run_dir(run_dir: Path, fresh: bool = True, resumed_at: int | None = Non
     before its save (a full disk) had logged steps the checkpoint does not hold, which this
     session logs again."""
     if fresh:
-        refuse_finished_run(run_dir, resume="pass resume=True to continue it", other="train into another directory")
+        refuse_finished_run(run_dir)
     _create(run_dir)
     metrics = run_dir / METRICS_FILE
     if resumed_at is not None and metrics.is_file():
@@ -249,10 +249,11 @@ def _step_of(line: bytes) -> int:
         return 0
 
 
-def refuse_finished_run(run_dir: Path, resume: str = "add --resume to continue it",
-                        other: str = "pick another --out") -> None:
+def refuse_finished_run(run_dir: Path) -> None:
     """A fresh run may not start where a run has saved a model: say so in one line, with the way out
-    (in the CLI's words by default; `make_run_dir` gives the library's)."""
+    (in the reader's words: `errors.setting`)."""
+    resume = f"{'add' if at_command_line() else 'pass'} {setting('resume', True)} to continue it"
+    other = f"pick another {setting('run_dir', flag='--out')}"
     if (run_dir / MODEL_FILE).exists():
         hint = (f"{resume}, or {other}" if (run_dir / STATE_FILE).exists()
                 else f"it has no {STATE_FILE} to resume from, so {other}")
@@ -292,7 +293,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         if not _try_lock(fcntl, fd):
-            raise TfcliError(f"{run_dir} is in use by another tfcli train; wait for it to end, or pick another --out")
+            raise TfcliError(f"{run_dir} is in use by another tfcli train; wait for it to end, or pick another "
+                             f"{setting('run_dir', flag='--out')}")
         yield
     finally:
         os.close(fd)

@@ -7,7 +7,9 @@ Typer's own usage errors do too, here.
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import typer
 from rich.text import Text
@@ -77,6 +79,25 @@ def _plain_help() -> None:
 PROMPTED = ("sample", "inspect-attention")  # commands whose text is an option's (-p), not an argument
 
 
+def stray_hint(command: str | None, message: str, argv: list[str]) -> str | None:
+    """What an argument too many most likely meant, for the commands whose text comes with -p (a
+    user who knows `eval -` typed `sample -`): a model without its -m, a prompt without its -p,
+    or one of several words without quotes. None where it looks like none of these."""
+    found = re.search(r"unexpected extra argument(?:s|\(s\))? \((.*)\)$", message)
+    if command not in PROMPTED or found is None:
+        return None
+    extra = found.group(1).split(" ")
+    if extra == ["-"]:
+        return " (a prompt goes after -p, and -p - reads it from stdin)"
+    if len(extra) == 1 and Path(extra[0]).exists():
+        return f" (a model goes after -m, as in -m {extra[0]})"
+    if any(a.lstrip("-").replace(".", "", 1).isdigit() for a in extra):
+        return None  # (a number: a value given twice, or to the wrong option)
+    if "-p" in argv or "--prompt" in argv:
+        return f" (quote a prompt of several words, as in -p '... {' '.join(extra)}')"
+    return " (a prompt goes after -p, as in -p 'ROMEO:')"
+
+
 def run() -> None:
     """The `tfcli` command. Typer's own usage errors (an unknown option, a missing argument) come
     out as one line, like tfcli's, rather than in its four-line box."""
@@ -98,8 +119,7 @@ def run() -> None:
         elif torchrun_rank() == "0":  # (under torchrun rank 0 says what is wrong with the flags)
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            if ctx is not None and ctx.info_name in PROMPTED and "unexpected extra argument" in e.format_message():
-                hint = " (a prompt goes after -p, as in -p 'ROMEO:', and -p - reads it from stdin)"
+            hint = stray_hint(ctx.info_name if ctx is not None else None, e.format_message(), sys.argv) or hint
             stderr.print(Text.assemble(("error:", "bold red"), " ", e.format_message() + hint), soft_wrap=True)
         else:
             quiet_exit_delay()

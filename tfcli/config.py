@@ -39,7 +39,8 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise UsageError(f"{setting('n_embd', self.n_embd)} must be divisible by {setting('n_head', self.n_head)}")
         if (self.n_embd // self.n_head) % 2:
-            raise UsageError(f"head size n_embd/n_head = {self.n_embd // self.n_head} must be even (rotary positions)")
+            raise UsageError(f"the head size, {setting('n_embd', self.n_embd)} / {setting('n_head', self.n_head)} = "
+                             f"{self.n_embd // self.n_head}, must be even (rotary positions)")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"{setting('dropout')} must be in [0, 1), got {self.dropout}")
         return self

@@ -339,12 +339,9 @@ class GPT(nn.Module):
             raise UsageError(f"generate() has no setting {', '.join(wrong)}; it takes "
                              f"{', '.join(sorted({*fields, 'unknown', 'vocab'}))}")
         cfg = SampleConfig(max_new_tokens=max_new_tokens, **settings)
-        texts = [[] for _ in range(cfg.num_samples)]
-        for step in generate(self, vocab, vocab.fit(prompt, unknown)[0], cfg):
-            for parts, new in zip(texts, step):
-                parts.append(new)
-        texts = ["".join(parts) for parts in texts]
-        return texts if cfg.num_samples > 1 else texts[0]
+        steps = [list(step) for step in generate(self, vocab, vocab.fit(prompt, unknown)[0], cfg)]
+        texts = ["".join(parts) for parts in zip(*steps)] if steps else [""] * cfg.num_samples  # (made after
+        return texts if cfg.num_samples > 1 else texts[0]  # generate has checked that the batch fits)
 
     @torch.no_grad()
     def attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import numpy as np
 from . import native_decoder
 from .config import SampleConfig
 from .corpus import Vocab
-from .errors import UsageError
+from .errors import UsageError, setting
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -349,8 +349,8 @@ def check_batch_fits(config, num_samples: int) -> None:
     need = batch_bytes(config, num_samples)
     if need > memory:
         most = max(1, num_samples * memory // need)
-        raise UsageError(f"--num-samples {num_samples:,} needs about {need / 2**30:,.1f} GiB for its caches; this "
-                         f"machine has {memory / 2**30:,.1f} GiB (at most about {most:,} samples)")
+        raise UsageError(f"{setting('num_samples')} {num_samples:,} needs about {need / 2**30:,.1f} GiB for its "
+                         f"caches; this machine has {memory / 2**30:,.1f} GiB (at most about {most:,} samples)")
 
 
 def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:

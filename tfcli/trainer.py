@@ -585,14 +585,14 @@ def _final_reserve(model: GPT, val_ids: list[np.ndarray], device: torch.device) 
 
 
 def _what_differs(run_dir: Path, asked: ModelConfig) -> str:
-    """The model settings that differ from the run's, as flags (' (--n-layer 3, the run's 2)'), or
-    that they match and so the text must differ."""
+    """The model settings that differ from the run's (' (--n-layer 3, the run's 2)', or n_layer=3 in
+    Python), or that they match and so the text must differ."""
     try:
         stored = ckpt.load_checkpoint(run_dir / ckpt.MODEL_FILE)
     except TfcliError:
         return ""
     saved = stored.config
-    changed = [f"--{k.replace('_', '-')} {v}, the run's {getattr(saved, k)}" for k, v in asked.to_dict().items()
+    changed = [f"{setting(k, v)}, the run's {getattr(saved, k)}" for k, v in asked.to_dict().items()
                if k != "vocab_size" and getattr(saved, k) != v]
     if changed:
         return f" ({'; '.join(changed)})"
@@ -618,7 +618,7 @@ def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -
     saved = state.get("train", {}).get("optimizer", "adamw")  # (runs from before Muon had no choice)
     if saved != cfg.optimizer:  # its saved moments are that optimizer's, and only its
         raise UsageError(f"{run_dir}: this run trains with {setting('optimizer', saved)}, and a resumed run keeps it "
-                         f"(asked: {cfg.optimizer})")
+                         f"(asked: {setting('optimizer', cfg.optimizer)})")
     _restore(tensors, model, opt, gen)
     # a best scored on another validation slice (runs from before eval_tokens was 16K scored 32K
     # characters) is no yardstick: the first validation after resuming sets a new one

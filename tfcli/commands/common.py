@@ -7,6 +7,7 @@ left to tell. `handle_errors` turns every failure a user can cause into one line
 
 from __future__ import annotations
 
+import codecs
 import functools
 import io
 import os
@@ -198,8 +199,9 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
             with prompt_file.open(encoding="utf-8-sig", newline="") as f:
                 return f.read()
         except UnicodeDecodeError as e:  # (Python's own words named a codec and a "continuation byte")
+            at = e.start + bom_length(prompt_file)  # (utf-8-sig counts from after the byte-order mark)
             raise UsageError(f"{prompt_file}: the prompt is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                             f"{e.start:,}); save it as UTF-8") from None
+                             f"{at:,}); save it as UTF-8") from None
         except OSError as e:
             raise UsageError(f"{prompt_file}: cannot read prompt ({e.strerror or e})") from None
     if prompt == "-":
@@ -238,6 +240,15 @@ def read_stdin() -> str:
     return text
 
 
+def bom_length(path: Path) -> int:
+    """The bytes of a UTF-8 byte-order mark that `path` starts with (0 or 3)."""
+    try:
+        with path.open("rb") as f:
+            return len(codecs.BOM_UTF8) if f.read(3) == codecs.BOM_UTF8 else 0
+    except OSError:
+        return 0
+
+
 def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "", starts_text: bool = False) -> str:
     """Apply the --unknown policy (Vocab.fit), warning on stderr of what it dropped or replaced
     (`starts_text`: and that the text starts from nothing, where that was the whole prompt)."""
@@ -249,14 +260,13 @@ def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "", starts_text: bo
     if not changed:
         return prompt
     from ..corpus import show_char
+    left = " (all the prompt had: the text starts from nothing)" if starts_text and not prompt else ""
     if unknown == "skip":
-        left = " (all the prompt had: the text starts from nothing)" if starts_text and not prompt else ""
-        stderr.print(f"warning: dropped unknown characters: {' '.join(show_char(c) for c in changed)}{left}{escape}",
-                     markup=False)
+        said = f"dropped unknown characters: {' '.join(show_char(c) for c in changed)}"
     else:
-        stderr.print("warning: replaced unknown characters: " + ", ".join(
-            f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in changed.items()) + escape,
-            markup=False)
+        said = "replaced unknown characters: " + ", ".join(
+            f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in changed.items())
+    stderr.print(f"warning: {said}{left}{escape}", markup=False)
     return prompt
 
 

@@ -157,8 +157,9 @@ def train(
     from ..device import pick_device
 
     if out is not None and (blocker := _not_a_directory(out)) is not None:
-        raise UsageError(f"--out {out} is a file; give a directory for the run" if blocker == out else
-                         f"--out {out}: {blocker} is a file, so it cannot hold the run's directory")
+        what = "a broken symbolic link" if blocker.is_symlink() else "a file"
+        raise UsageError(f"--out {out} is {what}; give a directory for the run" if blocker == out else
+                         f"--out {out}: {blocker} is {what}, so it cannot hold the run's directory")
     vocab, base_model, base_train = None, None, None
     if resume:
         run_dir, stored = _run_to_resume(out, corpus)
@@ -290,10 +291,14 @@ def _check_shape(shape, given: dict, dropout: float | None, source: str) -> None
 
 
 def _not_a_directory(out: Path) -> Path | None:
-    """The first of `out` and its parents that exists, where it is not a directory: refused before
-    the corpus is read (a --out under a file failed only when the run's directory was made)."""
-    found = next((p for p in (out, *out.parents) if p.exists()), None)
-    return None if found is None or found.is_dir() else found
+    """The first of `out` and its parents that is there (a broken link included), where it is not a
+    directory: refused before the corpus is read (a --out under a file failed only when the run's
+    directory was made). None where it cannot tell (a directory it may not search: the make says)."""
+    try:
+        found = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
+        return None if found is None or found.is_dir() else found
+    except OSError:
+        return None
 
 
 def _within(a: Path, b: Path) -> bool:
