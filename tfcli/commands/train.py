@@ -28,7 +28,7 @@ from ..config import (
     parse_duration,
     with_overrides,
 )
-from ..errors import UsageError
+from ..errors import UsageError, setting
 from .common import handle_errors, stderr, stdout, stop_writing_stdout
 
 
@@ -284,7 +284,7 @@ def _check_shape(shape, given: dict, dropout: float | None, source: str) -> None
     try:
         with_overrides(shape, **given, dropout=dropout).validate()
     except UsageError as e:
-        unsaid = [f"--{k.replace('_', '-')} {getattr(shape, k)}" for k, v in given.items() if v is None]
+        unsaid = [setting(k, getattr(shape, k)) for k, v in given.items() if v is None]  # (as the message has them)
         implied = [flag for flag in unsaid if re.search(re.escape(flag) + r"\b", e.message)]
         raise UsageError(e.message + (f" ({', '.join(implied)} comes from {source}; give it too)" if implied
                                       else "")) from None
