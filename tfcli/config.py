@@ -156,8 +156,11 @@ DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this
 
 # Training tokens/s of each preset where it was measured (2-core Zen 4 CPU: compiled, bf16, averaged over
 # 60 s (small) and 300 s (medium) runs, start-up and validation included; an H200:
-# large with dropout, eager). Only used to guess how many times a run will pass over its text.
-NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 24e3, "medium": 8.6e3, "large": 3e3}, "gpu": 1e6}
+# large with dropout, eager; medium over 15-20 s runs, start-up included, as auto picks it only for those).
+# Only used to guess how many times a run will pass over its text.
+NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 24e3, "medium": 8.6e3, "large": 3e3},
+                        "gpu": {"medium": 2e5, "large": 1e6}}
+GPU_SHORT_BUDGET = 20.0  # seconds; a GPU run's first step comes at 7-12 s, so below this the 3.2M model learns more
 MANY_PASSES = 4.0  # beyond this many passes over the text, a model without dropout memorises it
 SMALL_DATA = dict(dropout=0.2, epochs=10.0)  # see README, "Small texts"
 MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5 steps, too few to learn anything
@@ -166,7 +169,7 @@ MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5
 def resolve_preset(name: str, device: str, time_budget: float | None, train_chars: int | None = None,
                    max_steps: int | None = None, dropout: float | None = None, batch_size: int | None = None,
                    block_size: int | None = None) -> dict:
-    """Pick the preset that trains best in the budget: small models win short CPU runs.
+    """Pick the preset that trains best in the budget: smaller models win short runs.
 
     `auto` also fits the regime to the text (unless --max-steps sets the length). A run that would
     pass over it more than MANY_PASSES times gets dropout and ends after SMALL_DATA's epochs or
@@ -182,7 +185,7 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     if name != "auto":
         return dict(PRESETS[name], **given)
     if device.startswith("cuda"):
-        name = "large"
+        name = "medium" if time_budget is not None and time_budget < GPU_SHORT_BUDGET else "large"
     elif time_budget is not None and time_budget < 240:
         name = "small"
     else:
@@ -247,7 +250,7 @@ def expected_passes(name: str, device: str, preset: dict, time_budget: float | N
     if max_steps is not None:
         tokens.append(max_steps * preset["batch_size"] * preset["block_size"])
     if time_budget is not None:
-        rate = NOMINAL_TOKENS_PER_S["gpu"] if device.startswith("cuda") else NOMINAL_TOKENS_PER_S["cpu"][name]
+        rate = NOMINAL_TOKENS_PER_S["gpu" if device.startswith("cuda") else "cpu"][name]
         tokens.append(time_budget * rate)
     return min(tokens) / train_chars if tokens else 0.0
 
