@@ -243,15 +243,19 @@ def test_several_files_are_joined_in_order(tmp_path):
 
 def test_nul_bytes_mean_not_text(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"abc\x00def")
-    with pytest.raises(UsageError, match="NUL bytes \\(the first at byte 3\\).*--encoding"):
+    with pytest.raises(UsageError, match="NUL bytes \\(the first at byte 3\\).*use encoding if"):
+        read_text([tmp_path / "x.bin"])
+    with command_line(), pytest.raises(UsageError, match="use --encoding if"):
         read_text([tmp_path / "x.bin"])
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
 def test_a_file_with_a_utf_16_or_32_byte_order_mark_is_named_as_such(tmp_path, encoding):
     (tmp_path / "wide.txt").write_text("hello\n", encoding=encoding)  # (with its byte-order mark)
-    with pytest.raises(UsageError, match="wide.txt: is UTF-16/32 text .*pass --encoding utf-16 or utf-32"):
+    with pytest.raises(UsageError, match="wide.txt: is UTF-16/32 text .*pass encoding='utf-16' \\(or utf-32\\)"):
         read_text([tmp_path / "wide.txt"])  # (it was "probably not a text file")
+    with command_line(), pytest.raises(UsageError, match="pass --encoding utf-16 \\(or utf-32\\)"):
+        read_text([tmp_path / "wide.txt"])
     assert read_text([tmp_path / "wide.txt"], encoding=encoding) == "hello\n"
 
 
@@ -278,7 +282,9 @@ def test_invalid_utf8_names_the_byte_and_the_fix(tmp_path):
     with pytest.raises(UsageError) as e:
         read_text([tmp_path / "x.txt"])
     assert "x.txt: not valid utf-8 at byte 3" in e.value.message
-    assert "--errors replace" in e.value.message
+    assert "pass the file's encoding, or errors='replace'" in e.value.message
+    with command_line(), pytest.raises(UsageError, match="pass the file's --encoding, or --errors replace"):
+        read_text([tmp_path / "x.txt"])
 
 
 def test_errors_replace_substitutes_bad_bytes(tmp_path):
@@ -396,8 +402,10 @@ def test_encode_text_reads_a_chunk_at_a_time_into_the_ids_of_the_whole_text(tmp_
     ids = corpus_module.encode_text(paths, vocab)
     assert ids.dtype == np.uint16 and vocab.decode(ids) == "héllo wörld\n" * 3 + "dlrow"
     (tmp_path / "c.txt").write_text("hélo\twörld")
-    with pytest.raises(UsageError, match=r"^\S*/c.txt: has characters the model never saw \(\\t\)"):
+    with pytest.raises(UsageError, match=r"^\S*/c.txt: has characters the model never saw \(\\t\).*a `skipped` Counter"):
         corpus_module.encode_text([tmp_path / "a.txt", tmp_path / "c.txt"], vocab)  # (the file that has it)
+    with command_line(), pytest.raises(UsageError, match="or pass --unknown skip to score the rest"):
+        corpus_module.encode_text([tmp_path / "c.txt"], vocab)
     (tmp_path / "e.txt").write_text("")
     with pytest.raises(UsageError, match="empty"):
         corpus_module.encode_text([tmp_path / "e.txt"], vocab)

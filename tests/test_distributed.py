@@ -17,7 +17,7 @@ from tfcli.cli import app
 from tfcli.config import ModelConfig, TrainConfig
 from tfcli.corpus import load_corpus
 from tfcli.distributed import World
-from tfcli.errors import UsageError
+from tfcli.errors import UsageError, command_line
 from tfcli.model import GPT
 from tfcli.trainer import train
 
@@ -44,7 +44,7 @@ def test_bad_torchrun_environment_is_a_usage_error(env):
 
 def test_more_processes_on_a_machine_than_it_has_gpus_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(UsageError, match="--nproc-per-node 1"):
+    with pytest.raises(UsageError, match="--nproc-per-node 1, or device='cpu'"):
         World(rank=1, local_rank=1, size=2).device(torch.device("cuda"))
 
 
@@ -55,7 +55,9 @@ def test_shares_of_a_batch_are_disjoint_and_cover_it():
 
 def test_batch_that_does_not_split_evenly_is_refused_before_training(tmp_path):
     corpus = load_corpus([_write(tmp_path, PATTERN * 20)])
-    with pytest.raises(UsageError, match="batch of 9 rows .* over 2 processes; pass --batch-size with a multiple"):
+    with pytest.raises(UsageError, match="batch of 9 rows .* over 2 processes; pass a batch_size that is a multiple"):
+        train(corpus, MODEL, replace(TRAIN, batch_size=9), tmp_path / "run", world=World(0, 0, 2))
+    with command_line(), pytest.raises(UsageError, match=r"9 rows \(--batch-size, .* pass a --batch-size that"):
         train(corpus, MODEL, replace(TRAIN, batch_size=9), tmp_path / "run", world=World(0, 0, 2))
     assert not (tmp_path / "run").exists()
 

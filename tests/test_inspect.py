@@ -4,7 +4,7 @@ import torch
 from conftest import make_model
 
 from tfcli.corpus import Vocab
-from tfcli.errors import UsageError
+from tfcli.errors import UsageError, command_line
 from tfcli.inspect import (
     LOCAL_WINDOW,
     aggregate,
@@ -222,7 +222,9 @@ def test_aggregate_mean_and_max_over_heads():
     w = np.array([[0.2, 0.8], [0.6, 0.4]])
     np.testing.assert_allclose(aggregate(w, "mean", 0), [0.4, 0.6])
     np.testing.assert_allclose(aggregate(w, "max", 0), [0.6, 0.8])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="^how must be mean or max, got 'sum'"):
+        aggregate(w, "sum", 0)
+    with command_line(), pytest.raises(UsageError, match="^--aggregate must be mean or max"):
         aggregate(w, "sum", 0)
 
 

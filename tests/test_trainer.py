@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tfcli import checkpoint as ckpt
 from tfcli.config import ModelConfig, SampleConfig, TrainConfig
 from tfcli.corpus import load_corpus
-from tfcli.errors import TfcliError, UsageError
+from tfcli.errors import TfcliError, UsageError, command_line
 from tfcli.evaluation import evaluate
 from tfcli.model import GPT
 from tfcli.sampling import generate
@@ -285,7 +285,9 @@ def test_hopelessly_short_corpus_is_refused(tmp_path):
 
 def test_a_short_corpus_cut_for_validation_is_told_how_to_keep_it_all(tmp_path):
     corpus = load_corpus([write(tmp_path, "abcdefghij")], val_fraction=0.1)
-    with pytest.raises(UsageError, match=r"has 9 characters once 1 is held out .* --val-fraction 0 holds none out"):
+    with pytest.raises(UsageError, match=r"has 9 characters once 1 is held out .* val_fraction=0 holds none out"):
+        train(corpus, MODEL, TRAIN, tmp_path / "run")
+    with command_line(), pytest.raises(UsageError, match=r"; --val-fraction 0 holds none out"):
         train(corpus, MODEL, TRAIN, tmp_path / "run")
     (tmp_path / "v.txt").write_text("abc")
     corpus = load_corpus([write(tmp_path, "abcdefgh")], val_paths=[tmp_path / "v.txt"])

@@ -152,7 +152,7 @@ def load_checkpoint(path: Path, framework: str = "pt") -> Checkpoint:
     with _open(path, framework) as f:
         meta = _check_meta(path, f.metadata())
         if "state" in meta and "config" not in meta:
-            raise UsageError(f"{path}: the optimizer state `train --resume` reads, not a model; "
+            raise UsageError(f"{path}: the optimizer state that resuming a run reads, not a model; "
                              f"give its run directory or {MODEL_FILE}")
         try:
             config = ModelConfig.from_dict(json.loads(meta["config"]))
@@ -205,7 +205,7 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     bad = non_finite(tensors)
     if bad is not None:  # (a damaged optimizer moment would show as a diverged loss, with wrong advice)
         raise TfcliError(f"{path}: damaged resume state (non-finite values in {bad}); its run's model is "
-                         "intact, but cannot be resumed: train into a new --out")
+                         f"intact, but cannot be resumed: train into a new {setting('run_dir', flag='--out')}")
     return tensors, state
 
 

@@ -140,8 +140,9 @@ def _known_ids(text: str, vocab: Vocab, paths: list[Path], skipped: Counter | No
     if skipped is None:
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         shown = " ".join(show_char(c) for c in missing[:10])
+        skip = "--unknown skip" if at_command_line() else "a `skipped` Counter"  # (what eval's --unknown sets)
         raise UsageError(f"{source_names(paths)}: has characters the model never saw ({shown}{more}); "
-                         "evaluate on text like its corpus, or pass --unknown skip to score the rest")
+                         f"evaluate on text like its corpus, or pass {skip} to score the rest")
     if len(missing) <= 16:  # (a scan of the text per character: fast for a few, a minute for thousands)
         skipped.update({c: text.count(c) for c in missing})
     else:
@@ -168,9 +169,9 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
                     if (nul := raw.find(b"\x00")) >= 0 and _is_utf8(encoding):
                         if offset == 0 and wide_text(f):  # (its byte-order mark says so)
                             raise UsageError(f"{f}: is UTF-16/32 text (it starts with that byte-order mark); "
-                                             "pass --encoding utf-16 or utf-32")
+                                             f"pass {setting('encoding', 'utf-16')} (or utf-32)")
                         raise UsageError(f"{f}: contains NUL bytes (the first at byte {offset + nul:,}), so it is "
-                                         "probably not a text file (use --encoding if it is UTF-16/32 text)")
+                                         f"probably not a text file (use {setting('encoding')} if it is UTF-16/32 text)")
                     yield len(raw), _decode(decoder, raw, f, offset, encoding)
                     offset += len(raw)
         except OSError as e:
@@ -227,15 +228,17 @@ def _decode(decoder: io.IncrementalNewlineDecoder, raw: bytes, f: Path, offset: 
         if offset == pending == 0 and raw.startswith(codecs.BOM_UTF8) and e.encoding.startswith("utf-8"):
             pending = -len(codecs.BOM_UTF8)  # (utf-8-sig counts from after the mark it dropped)
         raise UsageError(f"{f}: not valid {encoding} at byte {offset - pending + e.start}; "
-                         "pass --encoding NAME, or --errors replace to substitute bad bytes") from None
+                         f"pass the file's {setting('encoding')}, or {setting('errors', 'replace')} to substitute "
+                         "bad bytes") from None
     except UnicodeError as e:  # a codec's complaint about the whole stream (UTF-16 without its BOM)
-        raise UsageError(f"{f}: not valid {encoding} ({e}); pass the file's --encoding") from None
+        raise UsageError(f"{f}: not valid {encoding} ({e}); pass the file's {setting('encoding')}") from None
 
 
 def _decode_stdin(encoding: str, errors: str) -> str:
     raw = sys.stdin.buffer.read()
     if b"\x00" in raw and _is_utf8(encoding):
-        raise UsageError("stdin: contains NUL bytes, so it is probably not text (use --encoding if it is UTF-16/32)")
+        raise UsageError(f"stdin: contains NUL bytes, so it is probably not text (use {setting('encoding')} if it "
+                         "is UTF-16/32)")
     return _decode(_decoder(encoding, errors), raw, Path("stdin"), 0, encoding, final=True)
 
 

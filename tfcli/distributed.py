@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from .errors import UsageError, setting
 from .stopping import default_signals
 
 
@@ -55,7 +55,7 @@ class World:
             gpus = torch.cuda.device_count()
             if self.local_rank >= gpus:  # else CUDA's "invalid device ordinal", as a traceback per process
                 raise UsageError(f"torchrun started more processes on this machine than it has CUDA GPUs "
-                                 f"({gpus}); use --nproc-per-node {gpus}, or --device cpu")
+                                 f"({gpus}); use --nproc-per-node {gpus}, or {setting('device', 'cpu')}")
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
         return device
@@ -63,9 +63,9 @@ class World:
     def share(self, batch_size: int) -> slice:
         """This process's rows of a global batch of `batch_size` (which must split evenly)."""
         if batch_size % self.size:
-            raise UsageError(f"a batch of {batch_size} rows (--batch-size, the preset's or the resumed run's) does "
-                             f"not split evenly over {self.size} processes; pass --batch-size with a multiple of "
-                             f"{self.size}")
+            raise UsageError(f"a batch of {batch_size} rows ({setting('batch_size')}, the preset's or the resumed "
+                             f"run's) does not split evenly over {self.size} processes; pass a "
+                             f"{setting('batch_size')} that is a multiple of {self.size}")
         rows = batch_size // self.size
         return slice(self.rank * rows, (self.rank + 1) * rows)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, setting
 from .native_decoder import NativeModel
 
 GENERATE_TEMPERATURE = 0.8  # what the model writes for itself to be looked at: sample's default
@@ -232,7 +232,7 @@ def generation_attention(model, prompt: str, n: int, seed: int) -> Generation:
     from .sampling import generate
 
     if not prompt:
-        raise UsageError("the prompt is empty: --generate continues a prompt of at least one character")
+        raise UsageError("the prompt is empty: generating continues a prompt of at least one character")
     cfg = SampleConfig(max_new_tokens=n, seed=seed, temperature=GENERATE_TEMPERATURE).validate()
     text = prompt + "".join(parts[0] for parts in generate(model, model.vocab, prompt, cfg))
     T = model.config.block_size
@@ -283,4 +283,4 @@ def aggregate(weights: np.ndarray, how: str, axis: int | tuple[int, ...]) -> np.
         return np.asarray(weights).mean(axis=axis)
     if how == "max":
         return np.asarray(weights).max(axis=axis)
-    raise UsageError(f"--aggregate must be mean or max, got {how!r}")
+    raise UsageError(f"{setting('how', flag='--aggregate')} must be mean or max, got {how!r}")

@@ -53,7 +53,7 @@ def fit_context(cfg: ModelConfig, corpus: Corpus, on_event: Callable[[Event], No
     if limit < MIN_CONTEXT:
         n, held = len(corpus.train), len(corpus.val) if corpus.val_split else 0
         after = f" once {held:,} {'is' if held == 1 else 'are'} held out for validation" if held else ""
-        hint = "; --val-fraction 0 holds none out" if held and n + held >= MIN_CONTEXT + 2 else ""
+        hint = f"; {setting('val_fraction', 0)} holds none out" if held and n + held >= MIN_CONTEXT + 2 else ""
         raise UsageError(f"the training text has {n} character{'s' if n != 1 else ''}{after}: too short to train "
                          f"on (need at least {MIN_CONTEXT + 2}{hint})")
     on_event(Notice(f"the training text is shorter than the context; context shrunk to {limit}"))
@@ -247,8 +247,8 @@ def warn_slow_steps(model: GPT, batch_size: int, on_event: Callable[[Event], Non
     seconds = batch_size * model.config.block_size * model.flops_per_token() / CPU_FLOPS
     if seconds > SLOW_STEP_S:
         on_event(Notice(f"one step of this model is about {seconds / 60:,.0f} min of CPU work "
-                        f"(context {model.config.block_size:,}, batch {batch_size}); Ctrl-C and --time "
-                        "act between steps"))
+                        f"(context {model.config.block_size:,}, batch {batch_size}); Ctrl-C and "
+                        f"{setting('time_budget', flag='--time')} act between steps"))
 
 
 def _ignore(event: Event) -> None:
