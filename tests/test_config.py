@@ -102,7 +102,8 @@ def test_named_preset_is_returned_as_a_copy():
 
 
 @pytest.mark.parametrize("device, budget, name", [
-    ("cuda", None, "large"), ("cuda:1", 60.0, "large"), ("cuda", 20.0, "large"), ("cuda", 19.9, "medium"), ("cpu", 60.0, "small"), ("cpu", 239.0, "small"),
+    ("cuda", None, "large"), ("cuda:1", 60.0, "large"), ("cuda", 20.0, "large"), ("cuda", 19.9, "medium"),
+    ("cpu", 60.0, "small"), ("cpu", 239.0, "small"),
     ("cpu", 240.0, "medium"), ("cpu", None, "medium"), ("mps", 60.0, "small"),
 ])
 def test_auto_preset_depends_on_device_and_budget(device, budget, name):

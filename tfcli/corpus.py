@@ -171,7 +171,8 @@ def iter_text(files: list[Path], encoding: str = "utf-8", errors: str = "strict"
                             raise UsageError(f"{f}: is UTF-16/32 text (it starts with that byte-order mark); "
                                              f"pass {setting('encoding', 'utf-16')} (or utf-32)")
                         raise UsageError(f"{f}: contains NUL bytes (the first at byte {offset + nul:,}), so it is "
-                                         f"probably not a text file (use {setting('encoding')} if it is UTF-16/32 text)")
+                                         f"probably not a text file (use {setting('encoding')} if it is UTF-16/32 "
+                                         "text)")
                     yield len(raw), _decode(decoder, raw, f, offset, encoding)
                     offset += len(raw)
         except OSError as e:
