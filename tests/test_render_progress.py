@@ -176,3 +176,13 @@ def test_the_dashboard_stops_the_terminal_echoing_ctrl_c_and_puts_it_back(monkey
     finally:
         os.close(leader)
         os.close(follower)
+
+
+def test_the_start_line_says_several_limits_end_the_run_at_whichever_comes_first():
+    from tfcli.config import TrainConfig
+    from tfcli.render.progress import describe_limits
+
+    assert describe_limits(TrainConfig(time_budget=300.0)) == "5:00 budget"
+    assert describe_limits(TrainConfig(max_steps=600)) == "600 steps"
+    assert describe_limits(TrainConfig(epochs=4.0, time_budget=20.0)) == "up to 4 epochs or 0:20"  # (not "4 epochs, ")
+    assert describe_limits(TrainConfig(max_steps=1, epochs=2.0, time_budget=60.0)) == "up to 1 step, 2 epochs or 1:00"

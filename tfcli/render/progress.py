@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..checkpoint import BEST_FILE
+from ..config import TrainConfig
 from ..events import Done, Eval, Notice, Sample, Start, Step
 from . import plural
 from .heatmap import visible
@@ -52,13 +53,21 @@ def fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def describe_limits(t: TrainConfig) -> str:
+    """"up to 4 epochs or 5:00" where several limits are set: whichever comes first ends the run (a
+    list read as if the run would go through all of them, and a 20 s run does not reach 4 epochs)."""
+    epochs = f"{t.epochs:{',.0f' if t.epochs >= 100 else '.3g'}} epoch{'s' * (t.epochs != 1)}" if t.epochs else ""
+    limits = [plural(t.max_steps, "step") if t.max_steps else "", epochs,
+              fmt_time(t.time_budget) if t.time_budget else ""]
+    limits = [x for x in limits if x]
+    if len(limits) <= 1:
+        return "".join(limits) + (" budget" if t.time_budget else "") if limits else "no limit"
+    return "up to " + ", ".join(limits[:-1]) + " or " + limits[-1]
+
+
 def describe_start(e: Start) -> str:
     m = e.model
-    budget = ", ".join(filter(None, [plural(e.train.max_steps, "step") if e.train.max_steps else "",
-                                     f"{e.train.epochs:{',.0f' if e.train.epochs >= 100 else '.3g'}} "
-                                     f"epoch{'' if e.train.epochs == 1 else 's'}"
-                                     if e.train.epochs else "",
-                                     f"{fmt_time(e.train.time_budget)} budget" if e.train.time_budget else ""]))
+    budget = describe_limits(e.train)
     dropout = f", dropout {m.dropout:g}" if m.dropout else ""
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
     micro = f" in {e.train.grad_accum} micro-batches" if e.train.grad_accum > 1 else ""
