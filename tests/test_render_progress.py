@@ -1,5 +1,7 @@
 """The training log: its closing line and its estimate of the time left."""
 
+import os
+import sys
 from dataclasses import replace
 
 import pytest
@@ -186,3 +188,23 @@ def test_the_start_line_says_several_limits_end_the_run_at_whichever_comes_first
     assert describe_limits(TrainConfig(max_steps=600)) == "600 steps"
     assert describe_limits(TrainConfig(epochs=4.0, time_budget=20.0)) == "up to 4 epochs or 0:20"  # (not "4 epochs, ")
     assert describe_limits(TrainConfig(max_steps=1, epochs=2.0, time_budget=60.0)) == "up to 1 step, 2 epochs or 1:00"
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a POSIX terminal")
+@pytest.mark.parametrize("foreground", [True, False])
+def test_a_background_job_leaves_the_terminal_s_settings_alone(monkeypatch, foreground):
+    """`tfcli train ... &` on a terminal was stopped (SIGTTOU) as it quietened ^C's echo."""
+    import termios
+
+    from tfcli.render.progress import quiet_control_echo, restore_echo
+
+    main, side = os.openpty()
+    with os.fdopen(side) as tty, os.fdopen(main):
+        monkeypatch.setattr(sys, "stdin", tty)
+        monkeypatch.setattr(os, "tcgetpgrp", lambda fd: os.getpgrp() + (0 if foreground else 1))
+        before = termios.tcgetattr(side)
+        echo = quiet_control_echo()
+        assert (echo is not None) == foreground
+        assert (termios.tcgetattr(side)[3] & termios.ECHOCTL == 0) == foreground
+        restore_echo(echo)
+        assert termios.tcgetattr(side) == before

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -197,13 +200,16 @@ def figures(width: int, *items: tuple[str, str, str]) -> Text:
 def quiet_control_echo():
     """Stop the terminal echoing ^C while the dashboard is up (what to give `restore_echo`): the two
     characters it wrote at the cursor moved the dashboard's next redraw down a line, leaving a stray
-    border above it after every Ctrl-C."""
+    border above it after every Ctrl-C. Not from a background job (`train ... &`, or under `timeout`,
+    which runs it in a process group of its own): changing the terminal stopped it there (SIGTTOU)."""
     try:
         import termios
     except ImportError:  # (not POSIX)
         return None
     try:
         fd = sys.stdin.fileno()
+        if _in_background(fd):
+            return None
         saved = termios.tcgetattr(fd)
         quiet = list(saved)
         quiet[3] &= ~termios.ECHOCTL  # (lflag)
@@ -213,11 +219,26 @@ def quiet_control_echo():
         return None
 
 
+def _in_background(fd: int) -> bool:
+    try:
+        return os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:  # (not this process's controlling terminal, or none: no job control to stop it)
+        return False
+
+
 def restore_echo(echo) -> None:
+    """Put back what `quiet_control_echo` changed, even from a job sent to the background since
+    (Ctrl-Z, bg): there the change would stop it, unless SIGTTOU is ignored meanwhile."""
     if echo is not None:
         import termios
-        with contextlib.suppress(OSError, termios.error):
-            termios.tcsetattr(echo[0], termios.TCSANOW, echo[1])
+        ignoring = threading.current_thread() is threading.main_thread()  # (only it may set handlers)
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN) if ignoring else None
+        try:
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetattr(echo[0], termios.TCSANOW, echo[1])
+        finally:
+            if ignoring:
+                signal.signal(signal.SIGTTOU, previous)
 
 
 class LiveProgress:
