@@ -99,8 +99,12 @@ def test_random_bytes_are_refused(tmp_path):
 def test_a_file_that_is_no_checkpoint_at_all_is_a_usage_error(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("hello world\n")
-    with pytest.raises(UsageError, match="not a checkpoint; -m takes a run directory or a .safetensors file"):
+    with pytest.raises(UsageError, match="not a checkpoint; give a run directory or a .safetensors file"):
         ckpt.load_model(path)
+    with command_line(), pytest.raises(UsageError, match="not a checkpoint; -m takes a run directory or a .safe"):
+        ckpt.load_model(path)
+    with pytest.raises(UsageError, match=r"^load takes a run directory or a .safetensors file \(a str or Path\), got"):
+        ckpt.load_model(123)
 
 
 def test_a_checkpoint_is_known_by_its_content_not_its_name(saved):
@@ -251,7 +255,9 @@ def test_no_path_means_the_most_recent_run(tmp_path, monkeypatch):
 
 def test_no_runs_at_all_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match="no trained model found under ./runs; train one"):
+    with pytest.raises(UsageError, match="no trained model found under ./runs; train one with tfcli.train, or give"):
+        ckpt.resolve_model_path(None)
+    with command_line(), pytest.raises(UsageError, match="under ./runs; train one with `tfcli train FILE` or pass -m"):
         ckpt.resolve_model_path(None)
 
 

@@ -261,8 +261,33 @@ def test_a_notebook_s_train_config_is_checked_with_its_field_names(changes, mess
     assert TrainConfig(lr=1, eval_interval=None).validate()  # (an int for a float; None for step-only validation)
 
 
+@pytest.mark.parametrize("changes, message", [
+    (dict(n_embd=32.0), r"^ModelConfig.n_embd must be int, got 32.0$"),
+    (dict(n_layer="2"), r"^ModelConfig.n_layer must be int, got '2'$"),
+    (dict(dropout="0.1"), r"^ModelConfig.dropout must be float, got '0.1'$"),
+    (dict(block_size=True), r"^ModelConfig.block_size must be int, got True$"),
+])
+def test_a_notebook_s_model_config_is_checked_for_types(changes, message):
+    with pytest.raises(UsageError, match=message):  # (n_embd=32.0 failed inside torch, "2" at a comparison)
+        replace(ModelConfig(), **changes).validate()
+    assert ModelConfig(dropout=0).validate()  # (an int for a float)
+
+
 def test_preset_with_a_step_limit_alone_has_no_time_limit_as_the_cli_s_has_none():
     assert config.preset("tiny", "cpu", max_steps=100)[1].time_budget is None
     assert config.preset("tiny", "cpu")[1].time_budget == config.DEFAULT_CPU_TIME
     with pytest.raises(UsageError, match="optimizer must be muon or adamw"):
         config.preset("tiny", "cpu", optimizer="AdamW")
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(time_budget="2m"), r"^preset's time_budget must be float or None, got '2m'$"),
+    (dict(device=1), r"^preset's device must be str or None, got 1$"),
+    (dict(time_budget=-5), r"^preset's time_budget must be positive, got -5$"),
+    (dict(max_steps=0), r"^preset's max_steps must be positive, got 0$"),
+    (dict(batch_size=2.0), r"^preset's batch_size must be int or None, got 2.0$"),
+    (dict(train_chars=-5), r"^preset's train_chars must be positive"),
+])
+def test_preset_checks_a_notebook_s_arguments(given, message):
+    with pytest.raises(UsageError, match=message):  # (they failed at a comparison or .split, or came back)
+        config.preset("auto", **given)

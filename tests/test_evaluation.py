@@ -117,7 +117,14 @@ def test_text_rather_than_ids_is_refused_with_the_call_that_works():
     ([0, 1, 500], r"token ids must be in \[0, 7\)"), ([0, -1, 2], r"token ids must be in \[0, 7\)"),
     (np.zeros((2, 50), dtype=np.int64), "1-D sequence of integer token ids"),
     (np.array([0.0, 1.0, 2.0]), "1-D sequence of integer token ids"),
+    (torch.tensor([0.0, 1.5, 2.0]), "integer token ids, got torch.float32"),  # (it was truncated to ids)
 ])
 def test_ids_outside_the_vocabulary_or_of_the_wrong_shape_are_refused_in_words(ids, message):
     with pytest.raises(UsageError, match=message):
         evaluate(make_model(VOCAB), ids)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_a_batch_size_that_is_no_positive_int_is_refused(batch_size):
+    with pytest.raises(UsageError, match=r"^batch_size must be a positive int"):  # (0 was range()'s ValueError)
+        evaluate(make_model(VOCAB), [0, 1, 2], batch_size=batch_size)

@@ -235,3 +235,33 @@ def test_attention_says_what_it_takes_when_given_ids_or_a_model_without_a_vocabu
     del model.vocab
     with pytest.raises(UsageError, match="no vocabulary"):
         attention(model, "anna")
+
+
+def test_logit_lens_reads_a_long_text_through_the_window_the_query_sees(model):
+    text = "To be, or not to be"  # 19 characters, the model's context 8
+    lens = logit_lens(model, text, at=12)
+    window = logit_lens(model, text[5:14], at=7)  # (the 8 characters up to position 12, and the next)
+    assert lens.top == window.top and lens.actual == window.actual == " " and lens.actual_p == window.actual_p
+    for at in (-1, 19, 2.0, True):
+        with pytest.raises(UsageError, match=r"^at=.* is not a position in the text \(0 to 18\)$"):
+            logit_lens(model, text, at=at)
+    with pytest.raises(UsageError, match="vocabulary has no z"):
+        logit_lens(model, "To bz", at=1)  # (the next character is checked too)
+
+
+def test_attention_spells_a_text_as_generate_takes_a_prompt(model):
+    windows = Vocab.from_text("ab\nc")
+    m = make_model(windows, block_size=8)
+    got = attention(m, "ab\r\nc")  # (a Windows line end: generate reads it as \n; this refused its \r)
+    assert got.text == "ab\nc" and got.weights.shape[-1] == 4
+    with pytest.raises(UsageError, match='vocabulary has no z.*unknown="skip"'):
+        attention(m, "abz")
+    assert attention(m, "abz", unknown="skip").text == "ab"
+    with pytest.raises(UsageError, match="nothing is left of the text"):
+        attention(m, "zz", unknown="skip")
+
+
+def test_generation_attention_reads_back_a_prompt_as_generate_spelt_it():
+    m = make_model(Vocab.from_text("ab\nc"), block_size=8)
+    gen = generation_attention(m, "ab\r\n", 3, seed=1)
+    assert gen.text.startswith("ab\n") and gen.start == 3 and len(gen.steps) == 3

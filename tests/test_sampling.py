@@ -152,6 +152,24 @@ def test_generation_stops_before_the_stop_string(model):
     assert text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11, stop=(stop,))) == cut
 
 
+def test_a_notebook_is_warned_of_a_stop_string_the_model_cannot_write(model):
+    cfg = SampleConfig(max_new_tokens=10, seed=1, stop=("\n", "✓"))
+    with pytest.warns(UserWarning, match="^stop='✓' can never match: the model's vocabulary has no ✓$"):
+        text = text_of(model, "h", cfg)  # (it was accepted, and silently never matched)
+    assert text == text_of(model, "h", replace(cfg, stop=("\n",)))  # (the other stops still work)
+
+
+def test_generate_is_told_its_arguments_are_in_the_wrong_places(model):
+    with pytest.raises(UsageError, match="its Vocab, the prompt and a SampleConfig, got a Vocab and a dict"):
+        text_of(model, "h", {"seed": 1})  # (an AttributeError: 'dict' object has no attribute 'validate')
+    with pytest.raises(UsageError, match="^the prompt must be a str, got NoneType"):
+        model.generate(None, 10)
+    with pytest.raises(UsageError, match="^the prompt must be a str, got bytes"):
+        model.generate(b"he", 10)
+    with pytest.raises(UsageError, match="^vocab must be a Vocab .*, got str"):
+        model.generate("he", 10, vocab="abc")
+
+
 def test_a_stop_string_is_read_in_the_vocabulary_s_spelling_by_the_library_too(model):
     free = text_of(model, "h", SampleConfig(max_new_tokens=60, temperature=1.0, seed=11))
     assert "\n" in free and "\r" not in model.vocab.chars  # (the model writes line ends, as \n)

@@ -277,6 +277,12 @@ def test_corpus_shorter_than_the_context_shrinks_it_with_a_notice(tmp_path):
     assert ckpt.load_model(tmp_path / "run").config.block_size == 10
 
 
+def test_without_an_on_event_a_notice_is_a_python_warning(tmp_path):
+    corpus = load_corpus([write(tmp_path, PATTERN * 2)], val_fraction=0.0)
+    with pytest.warns(UserWarning, match="^the training text is shorter than the context; context shrunk to 10$"):
+        train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")
+
+
 def test_hopelessly_short_corpus_is_refused(tmp_path):
     corpus = load_corpus([write(tmp_path, "abcab")], val_fraction=0.0)
     with pytest.raises(UsageError, match="too short to train on"):

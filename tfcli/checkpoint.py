@@ -349,7 +349,8 @@ def resolve_model_path(path: Path | None) -> Path:
     if path is None:
         found = latest_run()
         if found is None:
-            raise UsageError("no trained model found under ./runs; train one with `tfcli train FILE` or pass -m PATH")
+            how = "`tfcli train FILE` or pass -m PATH" if at_command_line() else "tfcli.train, or give a path"
+            raise UsageError(f"no trained model found under ./runs; train one with {how}")
         return found
     if path.is_dir():
         if (path / MODEL_FILE).exists() and not (path / MODEL_FILE).is_file():
@@ -365,11 +366,15 @@ def resolve_model_path(path: Path | None) -> Path:
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint")
     if not path.is_file():  # (a FIFO or a device: reading its first bytes would wait for ever)
-        raise UsageError(f"{path}: not a regular file; -m takes a run directory or a .safetensors file")
+        raise UsageError(f"{path}: not a regular file; {_takes()} a run directory or a .safetensors file")
     named = path.suffix.lower() == ".safetensors"  # (then damage is reported as damage)
     if not (named or _looks_safetensors(path) or _looks_pickled(path)):  # a corpus, a log: the wrong file
-        raise UsageError(f"{path}: not a checkpoint; -m takes a run directory or a .safetensors file")
+        raise UsageError(f"{path}: not a checkpoint; {_takes()} a run directory or a .safetensors file")
     return path
+
+
+def _takes() -> str:
+    return "-m takes" if at_command_line() else "give"
 
 
 def _looks_safetensors(path: Path) -> bool:
@@ -437,6 +442,8 @@ def load_model(path: Path | str | None = None, device: str = "cpu"):
     from .device import pick_device
     from .model import GPT
 
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"load takes a run directory or a .safetensors file (a str or Path), got {path!r}")
     target = pick_device(device)  # an unavailable device is a one-line error, not a crash mid-load
     ck = load_checkpoint(resolve_model_path(Path(path) if path is not None else None))
     check_weights(ck)

@@ -33,6 +33,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def validate(self) -> ModelConfig:
+        check_types(self)  # (n_embd=32.0 failed inside torch's embedding)
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{setting(name)} must be positive, got {getattr(self, name)}")
@@ -226,6 +227,8 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
     Muon, ADAMW_LR for AdamW."""
     if optimizer not in ("muon", "adamw"):
         raise UsageError(f"optimizer must be muon or adamw, got {optimizer!r}")
+    _check_preset_args(device=(device, str), time_budget=(time_budget, float), max_steps=(max_steps, int),
+                       train_chars=(train_chars, int), batch_size=(batch_size, int), block_size=(block_size, int))
     if device is None:
         from .device import pick_device
         device = pick_device("auto").type
@@ -240,6 +243,16 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
     train = TrainConfig(batch_size=picked.pop("batch_size"), lr=lr, epochs=picked.pop("epochs", None),
                         time_budget=time_budget, max_steps=max_steps, optimizer=optimizer)
     return ModelConfig(**picked), train
+
+
+def _check_preset_args(**given: tuple) -> None:
+    """A notebook's preset("auto", time_budget="2m") failed at a comparison, device=1 at .split; and
+    time_budget=-5 came back as a config that only train refused."""
+    for name, (value, kind) in given.items():
+        if value is not None and not _is(value, kind):
+            raise UsageError(f"preset's {name} must be {kind.__name__} or None, got {value!r}")
+        if kind is not str and value is not None and value <= 0:
+            raise UsageError(f"preset's {name} must be positive, got {value!r}")
 
 
 def expected_passes(name: str, device: str, preset: dict, time_budget: float | None, max_steps: int | None,

@@ -358,6 +358,8 @@ class Vocab:
         First the text's other Unicode spelling is tried (see spelt_as_known), which changes nothing
         a reader can see."""
         check_unknown(unknown)
+        if not isinstance(text, str):  # (None or bytes failed at `"\r" in text`)
+            raise UsageError(f"the prompt must be a str, got {type(text).__name__}")
         text = self.spelt_as_known(text)
         missing = self.unknown(text)
         if missing and unknown == "error":

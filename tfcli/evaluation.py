@@ -50,8 +50,11 @@ def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: 
         raise UsageError("evaluate takes token ids: evaluate(model, model.vocab.encode(text))")
     if not isinstance(ids, (np.ndarray, torch.Tensor)):  # (a list of ids, from a notebook)
         ids = np.asarray(ids, dtype=np.int64)
-    data = ids if isinstance(ids, np.ndarray) else ids.long()  # (numpy ids widen a batch at a time)
-    if data.ndim != 1 or (isinstance(data, np.ndarray) and data.dtype.kind not in "iu"):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UsageError(f"batch_size must be a positive int, got {batch_size!r}")
+    floats = isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex())
+    data = ids if isinstance(ids, np.ndarray) or floats else ids.long()  # (numpy ids widen a batch at a time)
+    if data.ndim != 1 or floats or (isinstance(data, np.ndarray) and data.dtype.kind not in "iu"):
         raise UsageError(f"evaluate takes a 1-D sequence of integer token ids, got {data.dtype} of shape "
                          f"{tuple(data.shape)}")
     if len(data) and not 0 <= int(data.min()) <= int(data.max()) < model.config.vocab_size:

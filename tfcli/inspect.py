@@ -63,18 +63,28 @@ def logits_from_hidden(model, x: np.ndarray) -> np.ndarray:
         return model.logits_from_hidden(x).float().cpu().numpy()
 
 
+def _check_text(model, text: str, caller: str, empty: str = "") -> None:
+    if not isinstance(text, str):
+        raise UsageError(f"{caller} takes the text itself (a str), got {type(text).__name__}")
+    if getattr(model, "vocab", None) is None:
+        raise UsageError("this model has no vocabulary: get it from tfcli.load, or set model.vocab = corpus.vocab")
+    if not text:
+        raise UsageError(f"the prompt is empty: {empty or caller + ' needs at least one character'}")
+
+
 def _ids(model, text: str) -> np.ndarray:
     return model.vocab.encode(text).astype(np.int64)
 
 
-def attention(model, text: str) -> Attention:
-    """Attention weights of every head for `text` (its last block_size characters)."""
-    if not isinstance(text, str):
-        raise UsageError(f"attention takes the text itself (a str), got {type(text).__name__}")
-    if getattr(model, "vocab", None) is None:
-        raise UsageError("this model has no vocabulary: get it from tfcli.load, or set model.vocab = corpus.vocab")
+def attention(model, text: str, unknown: str = "error") -> Attention:
+    """Attention weights of every head for `text` (its last block_size characters), spelt as the
+    model's vocabulary spells it, as `generate` takes a prompt (line ends, Unicode forms: a \r\n
+    that generate took was refused here); `unknown`: error, skip or replace for characters the
+    model never saw. `Attention.text` is what was read."""
+    _check_text(model, text, "attention")
+    text = model.vocab.fit(text, unknown)[0]
     if not text:
-        raise UsageError("the prompt is empty: attention needs at least one character")
+        raise UsageError("nothing is left of the text once its unknown characters are dropped")
     offset = max(0, len(text) - model.config.block_size)
     seen = text[offset:]
     logits, weights, _ = forward(model, _ids(model, seen))
@@ -186,14 +196,20 @@ class Lens:
 
 
 def logit_lens(model, text: str, at: int, k: int = 5) -> Lens:
-    """Next-character guesses at query `at` read off the residual stream after each block."""
-    states = forward(model, _ids(model, text), states=True)[2]
+    """Next-character guesses at query `at` (0 to len(text) - 1) read off the residual stream after
+    each block; the query sees the block_size characters up to it, as when sampling."""
+    _check_text(model, text, "logit_lens")
+    ids = _ids(model, text)
+    if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < len(text):
+        raise UsageError(f"at={at!r} is not a position in the text (0 to {len(text) - 1})")
+    start = max(0, at + 1 - model.config.block_size)  # (a longer text failed inside the model)
+    states = forward(model, ids[start:at + 1], states=True)[2]
     vocab = model.vocab.chars
     stages = ["embed", *(f"L{i}" for i in range(len(states) - 1))]
     actual = text[at + 1] if at + 1 < len(text) else None
     top, actual_p = [], []
     for x in states:
-        probs = _softmax(logits_from_hidden(model, x[at]).astype(np.float64))
+        probs = _softmax(logits_from_hidden(model, x[at - start]).astype(np.float64))
         order = np.argsort(-probs, kind="stable")[:k]
         top.append([(vocab[i], float(probs[i])) for i in order])
         if actual is not None:
@@ -231,8 +247,8 @@ def generation_attention(model, prompt: str, n: int, seed: int) -> Generation:
     from .config import SampleConfig
     from .sampling import generate
 
-    if not prompt:
-        raise UsageError("the prompt is empty: generating continues a prompt of at least one character")
+    _check_text(model, prompt, "generation_attention", "generating continues a prompt of at least one character")
+    prompt = model.vocab.fit(prompt)[0]  # (as generate will spell it: the text is read back through it)
     cfg = SampleConfig(max_new_tokens=n, seed=seed, temperature=GENERATE_TEMPERATURE).validate()
     text = prompt + "".join(parts[0] for parts in generate(model, model.vocab, prompt, cfg))
     T = model.config.block_size

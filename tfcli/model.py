@@ -328,12 +328,15 @@ class GPT(nn.Module):
         saw. The vocabulary is the one `tfcli.load` attached, or `vocab` for a model built here.
         """
         from .config import SampleConfig
+        from .corpus import Vocab
         from .errors import UsageError
         from .sampling import generate
 
         vocab = vocab if vocab is not None else getattr(self, "vocab", None)
         if vocab is None:
             raise UsageError("this model has no vocabulary: pass vocab=corpus.vocab, or get the model from tfcli.load")
+        if not isinstance(vocab, Vocab):
+            raise UsageError(f"vocab must be a Vocab (corpus.vocab, or Vocab.from_text), got {type(vocab).__name__}")
         fields = set(SampleConfig.__dataclass_fields__) - {"max_new_tokens"}
         if wrong := sorted(set(settings) - fields):
             raise UsageError(f"generate() has no setting {', '.join(wrong)}; it takes "

@@ -15,6 +15,7 @@ settings give the same text.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,8 +23,8 @@ import numpy as np
 
 from . import native_decoder
 from .config import SampleConfig
-from .corpus import Vocab
-from .errors import UsageError, setting
+from .corpus import Vocab, show_char
+from .errors import UsageError, at_command_line, setting
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -356,6 +357,9 @@ def check_batch_fits(config, num_samples: int) -> None:
 def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:
     """Prefill the prompt's last block_size characters, then one cached decode step per character.
     `logprobs=False` leaves Piece.logprobs None (a small model's step costs less than computing it)."""
+    if not isinstance(cfg, SampleConfig) or not isinstance(vocab, Vocab):
+        raise UsageError(f"generate takes a model, its Vocab, the prompt and a SampleConfig, got a "
+                         f"{type(vocab).__name__} and a {type(cfg).__name__}")
     cfg.validate()  # (a notebook's settings: the CLI has checked its own)
     check_batch_fits(model.config, cfg.num_samples)
     rng = new_rng(cfg.seed if cfg.seed is not None else new_seed())
@@ -366,6 +370,10 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprob
     pos, keep, rows = len(ids), max(penalty_window(cfg, T), 1), np.arange(B)
     history = np.repeat(ids[None, -keep:], B, axis=0) if _has_penalties(cfg) else None
     stops = tuple(vocab.spelt_as_known(s) for s in cfg.stop)  # (spelt as the prompt is: \r\n as \n, NFC or NFD)
+    for stop in stops if not at_command_line() else ():  # (the CLI warns in its own words, with a typing hint)
+        if missing := vocab.unknown(stop):  # (a notebook's was accepted, and silently never matched)
+            warnings.warn(f"stop={stop!r} can never match: the model's vocabulary has no "
+                          f"{' '.join(show_char(c) for c in missing)}", stacklevel=3)
     matchers = [StopMatcher(stops) for _ in range(B)]
     for _ in range(cfg.max_new_tokens):
         nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, rng)

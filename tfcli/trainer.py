@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -192,7 +193,7 @@ class _Run:
 
 
 def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path,
-          on_event: Callable[[Event], None] = lambda e: None, resume: bool = False,
+          on_event: Callable[[Event], None] | None = None, resume: bool = False,
           should_stop: Callable[[], bool] | None = None, started_at: float | None = None,
           world: World | None = None) -> Done:
     """Train a model on `corpus` into `run_dir` and return how it ended.
@@ -203,7 +204,8 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     interrupt) lets the step end and the run save, then raises KeyboardInterrupt as usual (see
     stopping.StopFlag).
     `world` places this process in a torchrun job (default: as torchrun's environment
-    says); events reach `on_event` on rank 0 only.
+    says); events reach `on_event` on rank 0 only. Without an `on_event`, its Notices (a context
+    shrunk to the text, a step that takes minutes, no validation) are Python warnings.
     """
     started_at = time.monotonic() if started_at is None else started_at
     run_dir = Path(run_dir)  # (a notebook passes a string)
@@ -225,10 +227,10 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     flag = StopFlag(alone=not world.is_distributed) if should_stop is None else contextlib.nullcontext(should_stop)
     # the run seeds torch's generators (cfg.seed); the caller's (a notebook's) get their state back
     cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    on_event = (on_event or _warn_of_notices) if world.is_main else _ignore
     try:
         with process_group(world, device), lock, flag as should_stop, torch.random.fork_rng(devices=cuda):
-            done = _train(corpus, model_cfg, cfg, run_dir, on_event if world.is_main else _ignore, resume,
-                          should_stop, started_at, world, device)
+            done = _train(corpus, model_cfg, cfg, run_dir, on_event, resume, should_stop, started_at, world, device)
     finally:
         gc.unfreeze()  # (the run froze what was alive at its third step: a notebook's objects get collected again)
     if done.reason == "interrupted" and isinstance(flag, StopFlag):  # (a loop of runs stops at one Ctrl-C)
@@ -253,6 +255,13 @@ def warn_slow_steps(model: GPT, batch_size: int, on_event: Callable[[Event], Non
 
 def _ignore(event: Event) -> None:
     pass
+
+
+def _warn_of_notices(event: Event) -> None:
+    """A notebook that passed no `on_event` still hears what changed its run: a context of 10**7
+    shrunk to a 180K-character text made a first step of about an hour, and said so to nobody."""
+    if isinstance(event, Notice):
+        warnings.warn(event.message, stacklevel=2)
 
 
 def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, on_event: Callable[[Event], None],
