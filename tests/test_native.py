@@ -1,6 +1,7 @@
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,8 +35,8 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(fresh_build):
 def test_without_a_working_compiler_there_is_nothing_and_it_is_tried_once(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     runs = []
-    real_run = native.subprocess.run
-    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
+    real_run = native._run
+    monkeypatch.setattr(native, "_run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
     assert native.load(SOURCE) is None
     assert len(runs) == len(native.flag_sets())
     assert {p.suffix for p in fresh_build.iterdir()} == {".failed"}  # no half-built libraries left
@@ -49,11 +50,11 @@ def test_a_build_that_could_not_finish_is_tried_again_next_time(fresh_build, mon
 
     def killed(*args, **kwargs):
         return native.subprocess.CompletedProcess(args[0], -9)
-    real_run = native.subprocess.run
-    monkeypatch.setattr(native.subprocess, "run", killed)
+    real_run = native._run
+    monkeypatch.setattr(native, "_run", killed)
     assert native.load(SOURCE) is None
     assert list(fresh_build.iterdir()) == []  # no marker, no temporary file
-    monkeypatch.setattr(native.subprocess, "run", real_run)
+    monkeypatch.setattr(native, "_run", real_run)
     native.load.cache_clear()
     assert native.load(SOURCE) is not None
 
@@ -68,7 +69,7 @@ def test_a_compiler_that_hangs_is_waited_for_once(fresh_build, monkeypatch):
     def hangs(*args, **kwargs):
         runs.append(args[0])
         raise native.subprocess.TimeoutExpired(args[0], native.BUILD_TIMEOUT_S)
-    monkeypatch.setattr(native.subprocess, "run", hangs)
+    monkeypatch.setattr(native, "_run", hangs)
     assert native.load(SOURCE) is None and len(runs) == 1
     assert {p.suffix for p in fresh_build.iterdir()} == {".failed"}
     native.load.cache_clear()  # the next process
@@ -105,8 +106,8 @@ def test_threads_asking_at_once_build_once_and_prepare_starts_it(fresh_build, mo
     if native.compiler() is None:
         pytest.skip("no C compiler here")
     runs = []
-    real_run = native.subprocess.run
-    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
+    real_run = native._run
+    monkeypatch.setattr(native, "_run", lambda *a, **k: runs.append(a) or real_run(*a, **k))
     prepared = native.prepare(SOURCE.name)  # as `tfcli sample` does before importing torch
     got = []
     threads = [threading.Thread(target=lambda: got.append(native.load(SOURCE))) for _ in range(3)]
@@ -128,3 +129,25 @@ def test_temporary_files_of_builds_that_died_are_removed(fresh_build):
     os.utime(stale, (time.time() - native.STALE_S - 1,) * 2)
     native.load(SOURCE)
     assert not stale.exists() and fresh.exists()  # another process may be building that one right now
+
+
+def test_a_process_that_exits_mid_build_takes_its_compiler_and_temporary_file_with_it(fresh_build, tmp_path):
+    """A Ctrl-C during start-up left the compilers running after tfcli exited, and their output in
+    the cache as tmp*.so files until a later run cleared them."""
+    import subprocess
+    import sys
+
+    slow = tmp_path / "slowcc"  # a "compiler" that writes its output, then takes its time
+    slow.write_text('#!/bin/sh\necho $$ > "$PIDFILE"\nwhile [ "$1" != -o ]; do shift; done; : > "$2"; sleep 30\n')
+    slow.chmod(0o755)
+    env = {**os.environ, "CC": str(slow), "PIDFILE": str(tmp_path / "pid"),
+           "PYTHONPATH": str(Path(native.__file__).parents[1])}
+    code = ("import time; from tfcli import native; native.prepare('decode_attention.c'); "
+            "import pathlib; p = pathlib.Path(__import__('os').environ['PIDFILE'])\n"
+            "while not p.exists() or not p.read_text(): time.sleep(0.05)\ntime.sleep(0.3)")
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=20, check=True)
+    pid = int((tmp_path / "pid").read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not list(fresh_build.glob("tmp*"))

@@ -157,8 +157,7 @@ def build(cc: str, flags: list[str], source: Path, path: Path) -> str:
     except OSError:
         return "unfinished"
     try:
-        done = subprocess.run([*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"],
-                              capture_output=True, timeout=BUILD_TIMEOUT_S)
+        done = _run([*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"], tmp)
         if done.returncode == 0:
             os.replace(tmp, path)
             return "built"
@@ -168,6 +167,35 @@ def build(cc: str, flags: list[str], source: Path, path: Path) -> str:
     except (OSError, subprocess.SubprocessError, ValueError):  # (ValueError: shlex on unbalanced quotes)
         return "unfinished"
     finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+_building: dict[subprocess.Popen, str] = {}  # builds under way, and their temporary files
+
+
+def _run(argv: list[str], tmp: str) -> subprocess.CompletedProcess:
+    """subprocess.run, with the compiler known to `_stop_builds` while it runs."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        _building[proc] = tmp
+        try:
+            out, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        finally:
+            _building.pop(proc, None)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+@atexit.register
+def _stop_builds() -> None:
+    """A process that exits mid-build (a Ctrl-C during start-up) takes its compilers and their
+    temporary files with it: they ran on after it, and left the files for a later run to clear."""
+    for proc, tmp in list(_building.items()):
+        with contextlib.suppress(OSError):
+            proc.kill()
+            proc.wait(timeout=5)
         Path(tmp).unlink(missing_ok=True)
 
 
