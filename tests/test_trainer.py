@@ -830,3 +830,15 @@ def test_the_time_kept_for_the_final_validation_is_a_gpus_where_the_model_is_on_
     val = [np.zeros(16384, dtype=np.int64)]
     on_cpu, on_gpu = _final_reserve(model, val, torch.device("cpu")), _final_reserve(model, val, torch.device("cuda"))
     assert 5 < on_cpu < 6.5 and 0.5 < on_gpu < 0.6  # (a GPU kept 5.7 s: a 15 s run there had no time for a step)
+
+
+def test_validation_characters_the_training_text_lacks_are_pointed_out(tmp_path):
+    (tmp_path / "v.txt").write_text("abcxyz" * 5)
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)], val_paths=[tmp_path / "v.txt"])
+    assert corpus.val_only() == ["x", "y", "z"]  # (they joined the vocabulary in silence)
+    events = []
+    train(corpus, MODEL, replace(TRAIN, max_steps=1), tmp_path / "run", events.append)
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert "the validation text has 3 characters the training text lacks (x y z): the model cannot learn them, and " \
+           "they raise its validation loss" in notices
+    assert load_corpus([write(tmp_path, PATTERN * 20)]).val_only() == []

@@ -399,6 +399,20 @@ class Corpus:
         return sum(int((ids[i:i + step] == token).sum()) for ids in (self.train, self.val)
                    for i in range(0, len(ids), step))
 
+    def val_only(self) -> list[str]:
+        """Characters of the validation text that the training text lacks (a --val file in another
+        script joined the vocabulary in silence): the model can only learn never to write them. A
+        slice at a time, stopping once the training text has shown them all, mostly in its first."""
+        size, step = len(self.vocab), 1 << 24
+        missing = np.zeros(size, dtype=bool)
+        for i in range(0, len(self.val), step):
+            missing |= np.bincount(self.val[i:i + step], minlength=size) > 0
+        for i in range(0, len(self.train), step):
+            if not missing.any():
+                break
+            missing &= np.bincount(self.train[i:i + step], minlength=size) == 0
+        return [self.vocab.chars[j] for j in np.flatnonzero(missing)]
+
 
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
                 encoding: str = "utf-8", errors: str = "strict", vocab: Vocab | None = None,

@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import native
 from .config import ModelConfig, SampleConfig, TrainConfig
-from .corpus import Corpus
+from .corpus import Corpus, show_char
 from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .distributed import World, agree, first_differing, mean, process_group, wrap
 from .errors import TfcliError, UsageError, setting
@@ -57,7 +57,7 @@ def fit_context(cfg: ModelConfig, corpus: Corpus, on_event: Callable[[Event], No
         hint = f"; {setting('val_fraction', 0)} holds none out" if held and n + held >= MIN_CONTEXT + 2 else ""
         raise UsageError(f"the training text has {n} character{'s' if n != 1 else ''}{after}: too short to train "
                          f"on (need at least {MIN_CONTEXT + 2}{hint})")
-    on_event(Notice(f"the training text is shorter than the context; context shrunk to {limit}"))
+    on_event(Notice(f"the training text is shorter than the context; context shrunk to {limit:,}"))
     return replace(cfg, block_size=limit)
 
 
@@ -253,6 +253,12 @@ def warn_slow_steps(model: GPT, batch_size: int, on_event: Callable[[Event], Non
                         f"{setting('time_budget', flag='--time')} act between steps"))
 
 
+def unseen_in_training(chars: list[str]) -> str:
+    shown = " ".join(show_char(c) for c in chars[:10]) + (f" and {len(chars) - 10} more" if chars[10:] else "")
+    return (f"the validation text has {len(chars)} character{'s' * (len(chars) != 1)} the training text lacks "
+            f"({shown}): the model cannot learn them, and they raise its validation loss")
+
+
 def _ignore(event: Event) -> None:
     pass
 
@@ -325,6 +331,8 @@ class _Session:
         if not self.val_ids:
             why = "none held out" if len(corpus.val) == 0 else "too short"
             on_event(Notice(f"no validation text ({why}); training without validation"))
+        elif unseen := corpus.val_only():
+            on_event(Notice(unseen_in_training(unseen)))
         self.net = wrap(self.model, world, device)
         self.compiled = should_compile(device, cfg.compile, cfg.time_budget,
                                        steps_to_repay_compile(cfg, corpus, self.model_cfg, self.run.step, device))
