@@ -149,7 +149,7 @@ def test_an_interrupt_that_arrives_wrapped_is_an_interruption(capsys):
             raise RuntimeError("Error calling __set_name__ on 'cached_property' instance") from e
     with pytest.raises(typer.Exit) as exited:
         command()
-    assert exited.value.exit_code == 130 and "error: interrupted" in capsys.readouterr().err
+    assert exited.value.exit_code == 130 and "interrupted: the command stopped" in capsys.readouterr().err
 
 
 def test_an_argument_an_ascii_locale_mangled_is_read_as_the_utf_8_it_was_typed_in():

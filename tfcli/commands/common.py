@@ -74,7 +74,7 @@ def quiet_exit_delay() -> None:
         time.sleep(QUIET_RANK_WAIT_S)
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int, label: str = "error") -> None:
     """One error line, and the exit. Under torchrun a usage error from the flags is every process's,
     so rank 0 says it and torchrun ends the others while they wait; a rank still here after the wait
     met one of its own (a file only its machine lacks) and says it, naming its rank, as for other errors."""
@@ -82,7 +82,8 @@ def fail(message: str, code: int) -> None:
     if rank != "0" and code == USAGE:
         quiet_exit_delay()
     where = f"rank {rank}: " if rank != "0" else ""
-    stderr.print(Text.assemble(("error:", "bold red"), " ", where + message.replace("\n", " ")), soft_wrap=True)
+    stderr.print(Text.assemble((f"{label}:", "bold red" if label == "error" else "bold"), " ",
+                               where + message.replace("\n", " ")), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -145,10 +146,10 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def interrupted(e: KeyboardInterrupt, term: stopping.TermAsInterrupt) -> None:
     """The exit for a Ctrl-C, or for SIGTERM (which `term` turned into one); `e`'s message, if it has
-    one, is what the command adds (what it left on disk)."""
+    one, is what the command adds (what it left on disk). Not called an error: the user asked for it."""
     if term.received or isinstance(e, stopping.Terminated):
-        fail(str(e) or "terminated", 128 + signal.SIGTERM)
-    fail(str(e) or "interrupted", INTERRUPTED)
+        fail(str(e) or "the command stopped", 128 + signal.SIGTERM, label="terminated")
+    fail(str(e) or "the command stopped", INTERRUPTED, label="interrupted")
 
 
 def out_of_memory(e: BaseException) -> str | None:

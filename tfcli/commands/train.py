@@ -216,9 +216,9 @@ def train(
                                 should_stop=stop, started_at=started_at, world=world)
     except KeyboardInterrupt as e:  # a second Ctrl-C or SIGTERM, or one before the first step: say what is left
         if world.is_main and not (run_dir / ckpt.MODEL_FILE).is_file():  # (its type kept: SIGTERM's exits 143)
-            raise type(e)("stopped before anything was saved: start it again, without --resume") from e
+            raise type(e)("nothing was saved yet; run the same command to start again") from e
         if world.is_main and not stop.polled:  # (only rank 0 writes: another machine's directory tells nothing)
-            raise type(e)(f"stopped before a step: {run_dir} is as the last session saved it") from e
+            raise type(e)(f"no step was taken; {run_dir} is as the last session saved it") from e
         raise
     if done.reason == "interrupted":
         if world.is_main:
