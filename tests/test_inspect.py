@@ -242,6 +242,7 @@ def test_logit_lens_reads_a_long_text_through_the_window_the_query_sees(model):
     lens = logit_lens(model, text, at=12)
     window = logit_lens(model, text[5:14], at=7)  # (the 8 characters up to position 12, and the next)
     assert lens.top == window.top and lens.actual == window.actual == " " and lens.actual_p == window.actual_p
+    assert logit_lens(model, text, at=np.int64(12)).top == lens.top  # (a numpy index is a position too)
     for at in (-1, 19, 2.0, True):
         with pytest.raises(UsageError, match=r"^at=.* is not a position in the text \(0 to 18\)$"):
             logit_lens(model, text, at=at)
@@ -259,6 +260,7 @@ def test_attention_spells_a_text_as_generate_takes_a_prompt(model):
     assert attention(m, "abz", unknown="skip").text == "ab"
     with pytest.raises(UsageError, match="nothing is left of the text"):
         attention(m, "zz", unknown="skip")
+    assert logit_lens(m, "ab\r\nc", at=2).actual == "c"  # (positions as in got.text)
 
 
 def test_generation_attention_reads_back_a_prompt_as_generate_spelt_it():

@@ -270,6 +270,9 @@ def earlier_files(run_dir: Path) -> list[str]:
 def _create(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # (the user's choice of path: a usage error, as at the CLI)
+        raise UsageError(f"{run_dir}: a file is in the way of the run directory; pick another "
+                         f"{setting('run_dir', flag='--out')}") from None
     except OSError as e:
         raise TfcliError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):

@@ -13,6 +13,7 @@ itself, is never counted). Scores describe where attention goes, not what the he
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,13 +196,26 @@ class Lens:
     actual_p: list[float]  # per stage, the probability given to `actual` (empty if none)
 
 
+def _position(at) -> int | None:
+    """`at` as an index (a numpy integer is one too), or None where it is no integer (a bool is not)."""
+    if isinstance(at, bool):
+        return None
+    try:
+        return operator.index(at)
+    except TypeError:
+        return None
+
+
 def logit_lens(model, text: str, at: int, k: int = 5) -> Lens:
     """Next-character guesses at query `at` (0 to len(text) - 1) read off the residual stream after
-    each block; the query sees the block_size characters up to it, as when sampling."""
+    each block; the query sees the block_size characters up to it, as when sampling. The text is
+    read as `attention` reads it (its positions are those of `Attention.text`)."""
     _check_text(model, text, "logit_lens")
+    text = model.vocab.fit(text)[0]
     ids = _ids(model, text)
-    if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < len(text):
-        raise UsageError(f"at={at!r} is not a position in the text (0 to {len(text) - 1})")
+    given, at = at, _position(at)
+    if at is None or not 0 <= at < len(text):
+        raise UsageError(f"at={given!r} is not a position in the text (0 to {len(text) - 1})")
     start = max(0, at + 1 - model.config.block_size)  # (a longer text failed inside the model)
     states = forward(model, ids[start:at + 1], states=True)[2]
     vocab = model.vocab.chars

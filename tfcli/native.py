@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -81,6 +82,8 @@ def built(source: Path) -> Iterator[Path]:
     remove_stale(where)
     paths = [where / f"{source.stem}-{build_key(cc, flags, source)}.so" for flags in flag_sets()]
     for flags, path in zip(flag_sets(), paths):
+        if _exiting.is_set():
+            return
         if not path.exists():
             if path.with_suffix(".failed").exists():
                 continue
@@ -171,31 +174,54 @@ def build(cc: str, flags: list[str], source: Path, path: Path) -> str:
 
 
 _building: dict[subprocess.Popen, str] = {}  # builds under way, and their temporary files
+_exiting = threading.Event()  # set at exit: no build starts after it
+_building_lock = threading.Lock()
 
 
 def _run(argv: list[str], tmp: str) -> subprocess.CompletedProcess:
-    """subprocess.run, with the compiler known to `_stop_builds` while it runs."""
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    """subprocess.run, with the compiler in a process group of its own (its cc1, as and ld are
+    stopped with it) and known to `_stop_builds` until it has been reaped."""
+    with _building_lock:
+        if _exiting.is_set():  # (a build thread going on to its next flags while the process exits)
+            raise subprocess.SubprocessError("exiting")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=hasattr(os, "killpg"))
         _building[proc] = tmp
-        try:
-            out, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise
-        finally:
-            _building.pop(proc, None)
+    try:
+        out, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        raise
+    finally:
+        if proc.poll() is not None:  # (one still running is left to _stop_builds: a SIGTERM's path)
+            with _building_lock:
+                _building.pop(proc, None)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The compiler and its children: SIGTERM first, so that gcc removes its own temporary files
+    (/tmp/cc*.s; a SIGKILL left them), then SIGKILL for one that will not go."""
+    for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)) if hasattr(os, "killpg") else ():
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait_s)
+            return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # (no process groups: the driver alone)
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 @atexit.register
 def _stop_builds() -> None:
     """A process that exits mid-build (a Ctrl-C during start-up) takes its compilers and their
     temporary files with it: they ran on after it, and left the files for a later run to clear."""
-    for proc, tmp in list(_building.items()):
-        with contextlib.suppress(OSError):
-            proc.kill()
-            proc.wait(timeout=5)
+    with _building_lock:
+        _exiting.set()
+        building = list(_building.items())
+    for proc, tmp in building:
+        _stop(proc)
         Path(tmp).unlink(missing_ok=True)
 
 
