@@ -127,11 +127,12 @@ def _prepare(source: Path) -> None:
 
 
 def remove_stale(where: Path) -> None:
-    """Temporary files of builds whose process died (a Ctrl-C during a first `tfcli sample`)."""
+    """Temporary files of builds whose process died (killed with SIGKILL, or older versions of
+    tfcli's on a Ctrl-C), and their directories."""
     with contextlib.suppress(OSError):
-        for tmp in where.glob("tmp*.so"):
+        for tmp in where.glob("tmp*"):
             if tmp.stat().st_mtime < time.time() - STALE_S:
-                tmp.unlink()
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
 
 def compiler() -> str | None:
@@ -151,18 +152,19 @@ BUILD_TIMEOUT_S = 120  # a build takes about a second; a compiler still going af
 
 
 def build(cc: str, flags: list[str], source: Path, path: Path) -> str:
-    """Compile into a temporary file beside `path`, then rename it: concurrent first uses never load
-    half a library, and an interrupted build leaves nothing behind. "built"; "refused" (the compiler
-    said no); "hung" (it ran past the timeout); "unfinished" (killed, no space)."""
+    """Compile in a temporary directory beside `path` (the compiler's own temporary files too, as
+    its TMPDIR), then rename the library into place: concurrent first uses never load half a
+    library, and an interrupted build leaves nothing behind. "built"; "refused" (the compiler said
+    no); "hung" (it ran past the timeout); "unfinished" (killed, no space)."""
     try:
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
+        work = tempfile.mkdtemp(prefix="tmp", dir=path.parent)
     except OSError:
         return "unfinished"
+    out = os.path.join(work, path.name)
     try:
-        done = _run([*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), "-o", tmp, "-lm"], tmp)
+        done = _run([*shlex.split(cc), *flags, "-shared", "-fPIC", str(source), "-o", out, "-lm"], work)
         if done.returncode == 0:
-            os.replace(tmp, path)
+            os.replace(out, path)
             return "built"
         return "refused" if done.returncode > 0 else "unfinished"
     except subprocess.TimeoutExpired:
@@ -170,23 +172,24 @@ def build(cc: str, flags: list[str], source: Path, path: Path) -> str:
     except (OSError, subprocess.SubprocessError, ValueError):  # (ValueError: shlex on unbalanced quotes)
         return "unfinished"
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
-_building: dict[subprocess.Popen, str] = {}  # builds under way, and their temporary files
+_building: dict[subprocess.Popen, str] = {}  # builds under way, and their temporary directories
 _exiting = threading.Event()  # set at exit: no build starts after it
 _building_lock = threading.Lock()
 
 
-def _run(argv: list[str], tmp: str) -> subprocess.CompletedProcess:
+def _run(argv: list[str], work: str) -> subprocess.CompletedProcess:
     """subprocess.run, with the compiler in a process group of its own (its cc1, as and ld are
-    stopped with it) and known to `_stop_builds` until it has been reaped."""
+    stopped with it), writing its temporary files into `work`, and known to `_stop_builds` until
+    it has been reaped."""
     with _building_lock:
         if _exiting.is_set():  # (a build thread going on to its next flags while the process exits)
             raise subprocess.SubprocessError("exiting")
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=hasattr(os, "killpg"))
-        _building[proc] = tmp
+                                env={**os.environ, "TMPDIR": work}, start_new_session=hasattr(os, "killpg"))
+        _building[proc] = work
     try:
         out, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -200,16 +203,11 @@ def _run(argv: list[str], tmp: str) -> subprocess.CompletedProcess:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """The compiler and its children: SIGTERM first, so that gcc removes its own temporary files
-    (/tmp/cc*.s; a SIGKILL left them), then SIGKILL for one that will not go."""
-    for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)) if hasattr(os, "killpg") else ():
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
-            return
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # (no process groups: the driver alone)
-        proc.kill()
+    """The compiler and its children, with SIGKILL: the builds may have started while `import_whole`
+    held SIGINT and SIGTERM, which their compilers then held too (gcc finished its build through a
+    SIGTERM). What they leave is in the build's own directory, which its caller removes."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL) if hasattr(os, "killpg") else proc.kill()
         proc.wait(timeout=5)
 
 
@@ -220,9 +218,9 @@ def _stop_builds() -> None:
     with _building_lock:
         _exiting.set()
         building = list(_building.items())
-    for proc, tmp in building:
+    for proc, work in building:
         _stop(proc)
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def cache_dir() -> Path | None:
