@@ -319,10 +319,14 @@ def test_non_finite_weights_are_never_written_over_a_good_checkpoint(saved):
     assert sorted(p.name for p in path.parent.iterdir()) == [ckpt.MODEL_FILE]
 
 
-def test_run_directory_under_a_file_is_refused_in_one_line(tmp_path):
+def test_run_directory_under_or_at_a_file_is_a_usage_error_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(TfcliError, match="cannot create run directory .*notes.txt/run: Not a directory"):
-        ckpt.make_run_dir(tmp_path / "notes.txt" / "run")
+    for run_dir in (tmp_path / "notes.txt" / "run", tmp_path / "notes.txt"):  # (the user's choice of path)
+        with pytest.raises(UsageError, match="notes.txt(/run)?: a file is in the way of the run directory; pick "
+                                             "another run_dir$"):
+            ckpt.make_run_dir(run_dir)
+    with command_line(), pytest.raises(UsageError, match="; pick another --out$"):
+        ckpt.make_run_dir(tmp_path / "notes.txt")
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
