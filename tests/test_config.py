@@ -103,6 +103,7 @@ def test_named_preset_is_returned_as_a_copy():
 
 @pytest.mark.parametrize("device, budget, name", [
     ("cuda", None, "large"), ("cuda:1", 60.0, "large"), ("cuda", 20.0, "large"), ("cuda", 19.9, "medium"),
+    ("cuda", 12.0, "medium"), ("cuda", 11.9, "small"),
     ("cpu", 60.0, "small"), ("cpu", 239.0, "small"),
     ("cpu", 240.0, "medium"), ("cpu", None, "medium"), ("mps", 60.0, "small"),
 ])
@@ -121,6 +122,7 @@ def test_auto_regularises_runs_that_would_pass_over_a_small_text_many_times():
     assert resolve_preset("auto", "cuda", 300.0, train_chars=10**10)["epochs"] == 4.0
     # 15 GPU seconds of the medium preset, start-up included, read ~3M characters: no dropout
     assert resolve_preset("auto", "cuda", 15.0, train_chars=1_000_000) == {**PRESETS["medium"], "epochs": 4.0}
+    assert resolve_preset("auto", "cuda", 10.0, train_chars=1_000_000) == {**PRESETS["small"], "epochs": 4.0}
     tiny = resolve_preset("auto", "cpu", 300.0, train_chars=2000)  # 10 passes would be 5 steps: 200 instead
     medium = PRESETS["medium"]
     assert tiny["epochs"] * 2000 == pytest.approx(200 * medium["batch_size"] * medium["block_size"])

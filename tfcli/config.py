@@ -157,11 +157,12 @@ DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this
 
 # Training tokens/s of each preset where it was measured (2-core Zen 4 CPU: compiled, bf16, averaged over
 # 60 s (small) and 300 s (medium) runs, start-up and validation included; an H200:
-# large with dropout, eager; medium over 15-20 s runs, start-up included, as auto picks it only for those).
-# Only used to guess how many times a run will pass over its text.
+# large with dropout, eager; medium over 15-20 s runs and small over 10-12 s ones, start-up included, as auto
+# picks them only for those). Only used to guess how many times a run will pass over its text.
 NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 24e3, "medium": 8.6e3, "large": 3e3},
-                        "gpu": {"medium": 2e5, "large": 1e6}}
-GPU_SHORT_BUDGET = 20.0  # seconds; a GPU run's first step comes at 7-12 s, so below this the 3.2M model learns more
+                        "gpu": {"small": 6e4, "medium": 2e5, "large": 1e6}}
+# A GPU run's first step comes 7-12 s in (an H200): below these budgets a smaller model learns more in what is left
+GPU_SHORT_BUDGETS = (("small", 12.0), ("medium", 20.0))
 MANY_PASSES = 4.0  # beyond this many passes over the text, a model without dropout memorises it
 SMALL_DATA = dict(dropout=0.2, epochs=10.0)  # see README, "Small texts"
 MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5 steps, too few to learn anything
@@ -186,7 +187,7 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     if name != "auto":
         return dict(PRESETS[name], **given)
     if device.startswith("cuda"):
-        name = "medium" if time_budget is not None and time_budget < GPU_SHORT_BUDGET else "large"
+        name = next((n for n, under in GPU_SHORT_BUDGETS if time_budget is not None and time_budget < under), "large")
     elif time_budget is not None and time_budget < 240:
         name = "small"
     else:
