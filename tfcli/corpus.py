@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 import re
+import stat
 import sys
 import unicodedata
 from collections import Counter
@@ -61,8 +62,9 @@ def list_files(paths: list[Path], skipped: list[Path] | None = None, nul_free: b
             files.extend(found)
         elif p.is_file():
             files.append(p)
-        elif p.exists():
-            raise UsageError(f"{p}: not a regular file")
+        elif p.exists():  # (a corpus is read twice, a scan for its vocabulary and then the encoding)
+            kind = "a pipe, as <(...) gives" if stat.S_ISFIFO(p.stat().st_mode) else "a device or a socket"
+            raise UsageError(f"{p}: not a regular file ({kind}); save the text to a file and name that")
         elif p.is_symlink():
             raise UsageError(f"{p}: a symbolic link to nothing that exists (or a loop of links)")
         else:

@@ -373,8 +373,8 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None, 
                      "memory, again on every run (set TFCLI_CACHE to a writable directory)", highlight=False,
                      markup=False)
     if replaced and (count := data.count("\ufffd")):  # how much of the text was not text: a few bytes, or all
-        stderr.print(f"note: {count:,} of the {plural(data.n_chars, 'char')} are U+FFFD, which --errors replace "
-                     "puts where bytes do not decode", highlight=False, markup=False)
+        stderr.print(f"note: {count:,} of the {plural(data.n_chars, 'char')} {'is' if count == 1 else 'are'} U+FFFD, "
+                     "which --errors replace puts where bytes do not decode", highlight=False, markup=False)
     if data.skipped:
         more = f" and {len(data.skipped) - 3} more" if len(data.skipped) > 3 else ""
         from ..corpus import wide_text
