@@ -456,6 +456,6 @@ def test_one_validation_file_may_be_named_as_a_string_and_no_thread_is_left_behi
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_pipe_named_as_a_corpus_is_refused_with_what_to_do(tmp_path):
     os.mkfifo(tmp_path / "pipe")  # (what `tfcli train <(zcat x.gz)` names: /dev/fd/63)
-    with pytest.raises(UsageError, match=r"pipe: not a regular file \(a pipe, as <\(\.\.\.\) gives\); save the text to a "
-                                         "file and name that$"):
+    with pytest.raises(UsageError, match=r"pipe: not a regular file \(a pipe, as <\(\.\.\.\) gives\); save the "
+                                         "text to a file and name that$"):
         read_text([tmp_path / "pipe"])
