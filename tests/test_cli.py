@@ -737,6 +737,7 @@ def test_checkpoint_file_can_be_named_directly(model):
     (["sample", "-n", "3", "--seed", str(10**20)], "--seed"),
     (["sample", "-n", "3", "--logprobs"], "--json"),
     (["eval", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--max-chars", "0"], "--max-chars"),
 ])
 def test_bad_sample_and_eval_settings_are_usage_errors(model, command, word):
     extra = [model.parent.parent / "names.txt"] if command[0] == "eval" else []
@@ -1137,6 +1138,19 @@ def test_eval_reads_stdin_for_dash(model, trained):
     assert "stdin: contains nul bytes" in refused(2, "eval", "-", "-m", model, input="an\x00na")
     assert refused(2, "eval", "-", "-m", model, input="").startswith("error: stdin: empty")
     assert refused(2, "eval", "-", "-m", model, input="ANNA").startswith("error: stdin: has characters")
+
+
+def test_eval_max_chars_scores_the_text_s_opening_only(model, trained, tmp_path):
+    """A 401 MB text's eval had an eta of 1:46:41, and no way to ask for less."""
+    text = (trained / "names.txt").read_text()
+    (tmp_path / "opening.txt").write_text(text[:1001])
+    first = json.loads(ok("eval", trained / "names.txt", "-m", model, "--json", "--max-chars", "1000").stdout)
+    assert first == json.loads(ok("eval", tmp_path / "opening.txt", "-m", model, "--json").stdout)
+    assert first["chars"] == 1000
+    piped = json.loads(ok("eval", "-", "-m", model, "--json", "--max-chars", "1000", input=text).stdout)
+    assert piped == first
+    everything = json.loads(ok("eval", trained / "names.txt", "-m", model, "--json", "--max-chars", "10000000").stdout)
+    assert everything["chars"] == len(text) - 1
 
 
 def test_eval_of_two_characters_scores_one_char(model, tmp_path):

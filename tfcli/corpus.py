@@ -106,14 +106,15 @@ def read_text(paths: list[Path], encoding: str = "utf-8", errors: str = "strict"
 
 
 def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors: str = "strict",
-                skipped: Counter | None = None) -> np.ndarray:
+                skipped: Counter | None = None, max_chars: int | None = None) -> np.ndarray:
     """The ids of the files' text (of stdin for the one path `-`), read and encoded a chunk at a
     time: a big file costs its ids' 2 bytes a character, not a Python string and its code
     points (`eval` held 14x a 200 MB file's size); a tqdm bar on a terminal shows the reading.
     A character the vocabulary lacks is refused, or, given a `skipped` Counter, dropped and
-    counted there (one unknown character had kept a whole file from being scored)."""
+    counted there (one unknown character had kept a whole file from being scored). `max_chars`:
+    stop reading once that many are encoded (a sample of a huge text)."""
     if any(str(p) == "-" for p in paths):
-        return _known_ids(read_text(paths, encoding, errors), vocab, paths, skipped)
+        return _known_ids(read_text(paths, encoding, errors), vocab, paths, skipped)[:max_chars]
     files = list_files(paths, nul_free=_nul_free(encoding))
     total = sum(f.stat().st_size for f in files)
     out = np.empty(total, dtype=np.uint16 if len(vocab) <= 65535 else np.int32)  # (a character takes a byte or more)
@@ -127,6 +128,8 @@ def encode_text(paths: list[Path], vocab: Vocab, encoding: str = "utf-8", errors
                 out[n:n + len(ids)] = ids
                 n += len(ids)
                 bar.update(n_bytes)
+                if max_chars is not None and n >= max_chars:
+                    return out[:max_chars]
     if n == 0 and skipped:
         raise UsageError(f"{source_names(paths)}: every character was skipped (none is in the model's vocabulary)")
     if n == 0:

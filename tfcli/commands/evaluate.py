@@ -52,6 +52,8 @@ def eval_(
     errors: str = typer.Option("strict", help="On undecodable bytes: strict (refuse) or replace."),
     unknown: str = typer.Option("error", help="Characters the model never saw: error, or skip (drop them and "
                                 "score the rest)."),
+    max_chars: Optional[int] = typer.Option(None, help="Score only the first N characters: a quick figure for a "
+                                            "huge text, which is read no further [default: all]."),
 ) -> None:
     """Loss on held-out text: every character scored once, in windows of the model's context."""
     from collections import Counter
@@ -65,11 +67,13 @@ def eval_(
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
     if unknown not in ("error", "skip"):
         raise UsageError(f"--unknown must be error or skip, got {unknown!r}")
+    if max_chars is not None and max_chars <= 0:
+        raise UsageError(f"--max-chars must be positive, got {max_chars}")
     model = load(model_path, device)
     skipped = Counter() if unknown == "skip" else None
     if any(str(f) == "-" for f in file):
         stdin_hint("the text")
-    ids = encode_text(file, model.vocab, encoding, errors, skipped)
+    ids = encode_text(file, model.vocab, encoding, errors, skipped, None if max_chars is None else max_chars + 1)
     if skipped:
         from ..render import plural
         top = ", ".join(f"{show_char(c)} ×{n:,}" for c, n in skipped.most_common(5))
