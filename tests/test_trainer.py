@@ -842,3 +842,10 @@ def test_validation_characters_the_training_text_lacks_are_pointed_out(tmp_path)
     assert "the validation text has 3 characters the training text lacks (x y z): the model cannot learn them, and " \
            "they raise its validation loss" in notices
     assert load_corpus([write(tmp_path, PATTERN * 20)]).val_only() == []
+
+
+def test_a_text_of_one_distinct_character_is_refused(tmp_path):
+    corpus = load_corpus([write(tmp_path, "\n" * 500)])
+    with pytest.raises(UsageError, match=r"^the text holds one distinct character \(\\n\): there is nothing"):
+        train(corpus, MODEL, TRAIN, tmp_path / "run")  # (it trained to a loss of 0.000)
+    assert not (tmp_path / "run").exists()

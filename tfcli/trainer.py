@@ -214,6 +214,9 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     if not isinstance(model_cfg, ModelConfig) or not isinstance(cfg, TrainConfig):
         raise UsageError("train takes a ModelConfig, then a TrainConfig (tfcli.preset() gives both)")
     cfg.validate()  # (the CLI's flags are checked already; a notebook's config is checked here)
+    if len(corpus.vocab) < 2:  # (a file of newlines trained to a loss of 0.000 and sampled newlines)
+        raise UsageError(f"the text holds one distinct character ({show_char(corpus.vocab.chars[0])}): there is "
+                         "nothing for a model to learn")
     if cfg.max_steps is None and cfg.time_budget is None and cfg.epochs is None:
         raise UsageError(f"give a budget: {setting('time_budget', flag='--time')}, {setting('max_steps')} "
                          f"and/or {setting('epochs')}")
