@@ -1153,6 +1153,27 @@ def test_eval_max_chars_scores_the_text_s_opening_only(model, trained, tmp_path)
     assert everything["chars"] == len(text) - 1
 
 
+def test_a_ctrl_c_during_eval_says_the_score_of_what_it_had_read(model, trained, monkeypatch):
+    """An hour into a huge text, a Ctrl-C threw the score of what had been read away."""
+    from tfcli import evaluation
+
+    calls, real = [], evaluation._summed_loss
+
+    def stopped_on_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(evaluation, "_summed_loss", stopped_on_the_second)
+    result = invoke("eval", trained / "names.txt", "-m", model, "--batch-size", "2")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    total = len((trained / "names.txt").read_text()) - 1
+    from tfcli.checkpoint import load_model
+    block = load_model(model).config.block_size
+    assert re.fullmatch(rf"interrupted: scored {2 * block:,} of {total:,} chars before the stop: loss \d\.\d{{4}} "
+                        r"nats/char, \d\.\d{4} bits/char on those", result.stderr.strip()), result.stderr
+
+
 def test_eval_of_two_characters_scores_one_char(model, tmp_path):
     (tmp_path / "two.txt").write_text("an")
     assert ok("eval", tmp_path / "two.txt", "-m", model).stdout.startswith("1 char: loss")

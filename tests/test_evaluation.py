@@ -128,3 +128,31 @@ def test_ids_outside_the_vocabulary_or_of_the_wrong_shape_are_refused_in_words(i
 def test_a_batch_size_that_is_no_positive_int_is_refused(batch_size):
     with pytest.raises(UsageError, match=r"^batch_size must be a positive int"):  # (0 was range()'s ValueError)
         evaluate(make_model(VOCAB), [0, 1, 2], batch_size=batch_size)
+
+
+def test_an_interrupted_evaluation_carries_the_score_of_what_it_finished():
+    model = make_model(VOCAB, block_size=8)
+    ids, seen = ids_of(500), []
+
+    def interrupt_on_the_second(n):
+        seen.append(n)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        evaluate(model, ids, batch_size=4, on_progress=interrupt_on_the_second)
+    done = sum(seen)  # (two batches of 4 windows of 8)
+    prefix = evaluate(model, ids[:done + 1], batch_size=4)
+    assert stopped.value.partial.chars == prefix.chars == 64
+    assert stopped.value.partial.loss == pytest.approx(prefix.loss, rel=1e-6)
+
+
+def test_an_evaluation_interrupted_before_its_first_window_carries_no_score(monkeypatch):
+    from tfcli import evaluation
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluation, "_summed_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        evaluate(make_model(VOCAB), ids_of(500))
+    assert stopped.value.partial is None

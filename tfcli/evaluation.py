@@ -42,7 +42,9 @@ def _long(ids: np.ndarray | torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: int = 32,
              dtype: torch.dtype = torch.float32, on_progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored."""
+    """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored. An interrupt
+    (Ctrl-C) carries, as its `partial`, the EvalResult of the windows scored before it (None before
+    the first): an hour into a huge text, that much was not to be thrown away."""
     keep_freed_memory()
     T = model.config.block_size
     device = next(model.parameters()).device
@@ -65,24 +67,26 @@ def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: 
         raise UsageError("need at least two characters to evaluate")
     was_training = model.training
     model.eval()
+    full, total, done = n // T, 0.0, 0
     try:
-        full = n // T
-        total = 0.0
         for start in range(0, full, batch_size):
             rows = min(batch_size, full - start)
             chunk = _long(data[start * T: (start + rows) * T + 1])
             x = chunk[:-1].view(rows, T).to(device)
             y = chunk[1:].view(rows, T).to(device)
-            total += _summed_loss(model, x, y, device, dtype)
+            total, done = total + _summed_loss(model, x, y, device, dtype), done + rows * T
             if on_progress:
                 on_progress(rows * T)
         rest = n - full * T
         if rest:
             chunk = _long(data[full * T:])
             x, y = chunk[:-1].view(1, rest).to(device), chunk[1:].view(1, rest).to(device)
-            total += _summed_loss(model, x, y, device, dtype)
+            total, done = total + _summed_loss(model, x, y, device, dtype), done + rest
             if on_progress:
                 on_progress(rest)
+    except KeyboardInterrupt as e:
+        e.partial = EvalResult(done, total / done) if done else None
+        raise
     finally:  # (an interrupt, or a callback's error, leaves the model as it was)
         model.train(was_training)
     return EvalResult(n, total / n)

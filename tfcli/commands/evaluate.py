@@ -81,8 +81,14 @@ def eval_(
                      f"{', …' if len(skipped) > 5 else ''})", highlight=False, markup=False)
     if len(ids) < 2:
         raise UsageError("need at least two characters to evaluate")
-    with progress(len(ids) - 1, "eval", "char") as update:
-        result = evaluate(model, ids, batch_size, on_progress=update)
+    try:
+        with progress(len(ids) - 1, "eval", "char") as update:
+            result = evaluate(model, ids, batch_size, on_progress=update)
+    except KeyboardInterrupt as e:  # (its type kept: a SIGTERM's exits 143)
+        if (part := getattr(e, "partial", None)) is None:
+            raise
+        raise type(e)(f"scored {part.chars:,} of {len(ids) - 1:,} chars before the stop: loss {part.loss:.4f} "
+                      f"nats/char, {part.bpc:.4f} bits/char on those") from None
     if as_json:
         print(json.dumps(result.to_dict()))
     else:
