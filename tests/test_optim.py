@@ -100,3 +100,29 @@ def test_parameters_keep_the_model_order_across_groups():
     hidden = [p for n, p in model.named_parameters() if is_hidden_matrix(n, p)]
     rest = [p for n, p in model.named_parameters() if not is_hidden_matrix(n, p)]
     assert [id(p) for p in opt.params()] == [id(p) for p in hidden + rest]
+
+
+def test_newton_schulz_in_float32_flattens_as_well_and_stays_float32():
+    g = torch.randn(3, 16, 40, generator=torch.Generator().manual_seed(0))
+    o = newton_schulz(g, dtype=torch.float32)
+    assert o.dtype == torch.float32
+    s = torch.linalg.svdvals(o)
+    assert 0.6 < s.min() and s.max() < 1.25
+    torch.testing.assert_close(o, newton_schulz(g).float(), atol=0.05, rtol=0)  # bf16's answer, to its precision
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_muon_orthogonalises_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native_bf16, expected):
+    # an AVX2-only CPU emulates bf16 products ~100x slower than float32: --time 60 trained 40 steps, not 145
+    from tfcli import native
+    monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: native_bf16)
+    model = GPT(ModelConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    muon = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers[0]
+    assert muon.ns_dtype == expected
+    seen = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: seen.append(a[0].dtype) or real(*a, **k))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    muon.step()
+    assert seen and set(seen) == {expected}
