@@ -251,7 +251,8 @@ def test_train_ends_after_epochs_and_a_resume_goes_on_to_the_limits_given_then(t
 
 
 def test_train_gives_auto_the_users_dropout_which_decides_the_epoch_limit(tmp_path, monkeypatch):
-    from tfcli import trainer
+    from tfcli import native, trainer
+    monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: True)  # (the passes of a bf16 CPU's 3.2M model)
     corpus = write_names(tmp_path / "names.txt", lines=30_000)  # ~330K characters: ~8 passes in 5 minutes
     settings = []
 

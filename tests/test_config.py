@@ -8,6 +8,13 @@ from tfcli.config import PRESETS, ModelConfig, SampleConfig, TrainConfig, parse_
 from tfcli.errors import USAGE, UsageError, command_line
 
 
+@pytest.fixture(autouse=True)
+def bf16_cpu(monkeypatch):
+    """These tests pick presets for a CPU with native bf16 unless they say otherwise, whatever this host is."""
+    from tfcli import native
+    monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: True)
+
+
 @pytest.mark.parametrize("text, seconds", [
     ("300", 300.0), ("90s", 90.0), ("5m", 300.0), ("1h30m", 5400.0), ("1.5h", 5400.0), (" 2m 30s ", 150.0),
 ])
@@ -109,6 +116,33 @@ def test_named_preset_is_returned_as_a_copy():
 ])
 def test_auto_preset_depends_on_device_and_budget(device, budget, name):
     assert resolve_preset("auto", device, budget) == PRESETS[name]
+
+
+@pytest.mark.parametrize("budget, name, batch", [(60.0, "small", 16), (239.0, "small", 16), (240.0, "small", 32),
+                                                (899.0, "small", 32), (900.0, "medium", 16), (None, "medium", 16)])
+def test_auto_picks_for_a_cpu_that_trains_in_float32(budget, name, batch):
+    # there the 0.8M model won 5 minutes too (1.483 against the 3.2M one's 1.661), and batches of 16
+    # won 1 minute (1.764 against 32's 2.001): float32 steps cost 3-4x bf16's
+    got = resolve_preset("auto", "cpu", budget, float32_cpu=True)
+    assert got == {**PRESETS[name], "batch_size": batch}
+    assert resolve_preset("auto", "cpu", 60.0, float32_cpu=True, batch_size=64)["batch_size"] == 64  # the user's
+    assert resolve_preset("auto", "cuda", 60.0, float32_cpu=True) == PRESETS["large"]  # (a GPU's own table)
+    assert resolve_preset("medium", "cpu", 60.0, float32_cpu=True) == PRESETS["medium"]
+
+
+def test_preset_asks_the_cpu_whether_it_trains_in_float32(monkeypatch):
+    from tfcli import native
+    model, train = config.preset("auto", "cpu", 300.0, 1_000_000, dtype="float32")
+    assert (model.n_embd, train.batch_size, train.epochs, train.dtype) == (128, 32, 4.0, "float32")
+    monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU: float32 by itself
+    assert config.preset("auto", "cpu", 300.0)[0].n_embd == 128
+    assert config.preset("auto", "cpu", 300.0, dtype="bfloat16")[0].n_embd == 256  # asked for: its speed is bf16's
+    assert config.preset("auto", "cuda", 300.0)[0].n_embd == 384
+    # 12K tokens/s for 5 minutes is ~3.6 passes over 1M characters (no dropout), ~36 over 100K (dropout)
+    assert config.preset("auto", "cpu", 300.0, 100_000)[0].dropout == 0.2
+    assert config.preset("auto", "cpu", 300.0, 1_000_000)[0].dropout == 0.0
+    with pytest.raises(UsageError, match="dtype must be auto"):
+        config.preset("auto", "cpu", 300.0, dtype="fp32")
 
 
 def test_auto_regularises_runs_that_would_pass_over_a_small_text_many_times():

@@ -160,7 +160,13 @@ DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this
 # large with dropout, eager; medium over 15-20 s runs and small over 10-12 s ones, start-up included, as auto
 # picks them only for those). Only used to guess how many times a run will pass over its text.
 NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 24e3, "medium": 8.6e3, "large": 3e3},
-                        "gpu": {"small": 6e4, "medium": 2e5, "large": 1e6}}
+                        "gpu": {"small": 6e4, "medium": 2e5, "large": 1e6},
+                        "cpu-float32": {"small": 12e3, "medium": 3e3}}  # a 2-core AVX2 Zen 3, as the CPU row
+# A CPU without native bf16 (AVX2 only, as most laptops) trains in float32 at a third to a quarter of the
+# speed: there the 0.8M model won the 5-minute budget too, in smaller batches below 4 minutes (README, "A CPU
+# without bfloat16"), and the 3.2M one takes over only from FLOAT32_CPU_MEDIUM_FROM seconds.
+FLOAT32_CPU_MEDIUM_FROM = 900.0
+FLOAT32_CPU_SHORT_BATCH = 16
 # A GPU run's first step comes 7-12 s in (an H200): below these budgets a smaller model learns more in what is left
 GPU_SHORT_BUDGETS = (("small", 12.0), ("medium", 20.0))
 MANY_PASSES = 4.0  # beyond this many passes over the text, a model without dropout memorises it
@@ -170,7 +176,7 @@ MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5
 
 def resolve_preset(name: str, device: str, time_budget: float | None, train_chars: int | None = None,
                    max_steps: int | None = None, dropout: float | None = None, batch_size: int | None = None,
-                   block_size: int | None = None) -> dict:
+                   block_size: int | None = None, float32_cpu: bool = False) -> dict:
     """Pick the preset that trains best in the budget: smaller models win short runs.
 
     `auto` also fits the regime to the text (unless --max-steps sets the length). A run that would
@@ -178,7 +184,8 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     MIN_STEPS steps, whichever is longer; one without dropout (as `dropout`, the user's, may also
     say) ends after MANY_PASSES passes, so a host faster than NOMINAL_TOKENS_PER_S stops early
     rather than memorising its text (README, "Small texts", has the measurements). `dropout`,
-    `batch_size` and `block_size` are the user's, which the limits are fitted to.
+    `batch_size` and `block_size` are the user's, which the limits are fitted to. `float32_cpu`: the
+    device is a CPU that trains in float32 (see `cpu_trains_in_float32`), several times slower.
     """
     if name not in PRESET_NAMES:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
@@ -186,16 +193,19 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
              if v is not None}
     if name != "auto":
         return dict(PRESETS[name], **given)
+    short = time_budget is not None and time_budget < 240
+    float32 = float32_cpu and not device.startswith("cuda")
     if device.startswith("cuda"):
         name = next((n for n, under in GPU_SHORT_BUDGETS if time_budget is not None and time_budget < under), "large")
-    elif time_budget is not None and time_budget < 240:
-        name = "small"
+    elif float32:
+        name = "small" if time_budget is not None and time_budget < FLOAT32_CPU_MEDIUM_FROM else "medium"
     else:
-        name = "medium"
-    picked = dict(PRESETS[name], **given)
+        name = "small" if short else "medium"
+    picked = {**PRESETS[name], **({"batch_size": FLOAT32_CPU_SHORT_BATCH} if float32 and short else {}), **given}
     if not train_chars:
         return picked
-    many = expected_passes(name, device, picked, time_budget, max_steps, train_chars) > MANY_PASSES
+    speed = "gpu" if device.startswith("cuda") else "cpu-float32" if float32 else "cpu"
+    many = expected_passes(name, speed, picked, time_budget, max_steps, train_chars) > MANY_PASSES
     if many and dropout is None:
         picked["dropout"] = SMALL_DATA["dropout"]
     if max_steps is None:
@@ -215,7 +225,7 @@ ADAMW_LR = 2e-3
 def preset(name: str = "auto", device: str | None = None, time_budget: float | None = None,
            train_chars: int | None = None, max_steps: int | None = None, optimizer: str = "muon",
            dropout: float | None = None, batch_size: int | None = None,
-           block_size: int | None = None) -> tuple[ModelConfig, TrainConfig]:
+           block_size: int | None = None, dtype: str = "auto") -> tuple[ModelConfig, TrainConfig]:
     """The model and training settings `tfcli train --preset NAME` starts from, as a notebook's
     `tfcli.train` wants them: `auto` picks by device, budget (seconds) and the training text's
     length in characters (a run without dropout ends after MANY_PASSES passes over its text, a short
@@ -224,8 +234,9 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
     budget is 5 minutes, as `tfcli train`'s; with max_steps alone there is no time limit, as with
     `tfcli train --max-steps`. Each field can then be changed with `dataclasses.replace` (a longer
     budget given that way still ends at auto's `epochs`: give it to `preset`, or replace both).
-    `device`: cpu, cuda, cuda:N or mps (None: the one `train` would use). The lr is the preset's for
-    Muon, ADAMW_LR for AdamW."""
+    `device`: cpu, cuda, cuda:N or mps (None: the one `train` would use); on a CPU, `dtype` (as
+    TrainConfig's) says whether it trains in float32, which picks for that speed. The lr is the
+    preset's for Muon, ADAMW_LR for AdamW."""
     if optimizer not in ("muon", "adamw"):
         raise UsageError(f"optimizer must be muon or adamw, got {optimizer!r}")
     _check_preset_args(device=(device, str), time_budget=(time_budget, float), max_steps=(max_steps, int),
@@ -235,15 +246,28 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
         device = pick_device("auto").type
     elif device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise UsageError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise UsageError(f"{setting('dtype')} must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if time_budget is None and max_steps is None:
         time_budget = DEFAULT_CPU_TIME
-    picked = resolve_preset(name, device, time_budget, train_chars, max_steps, dropout, batch_size, block_size)
+    float32 = device == "cpu" and cpu_trains_in_float32(dtype)
+    picked = resolve_preset(name, device, time_budget, train_chars, max_steps, dropout, batch_size, block_size,
+                            float32)
     lr = picked.pop("lr")
     if optimizer == "adamw":
         lr = ADAMW_LR
     train = TrainConfig(batch_size=picked.pop("batch_size"), lr=lr, epochs=picked.pop("epochs", None),
-                        time_budget=time_budget, max_steps=max_steps, optimizer=optimizer)
+                        time_budget=time_budget, max_steps=max_steps, optimizer=optimizer, dtype=dtype)
     return ModelConfig(**picked), train
+
+
+def cpu_trains_in_float32(dtype: str = "auto") -> bool:
+    """Whether training on this CPU runs in float32: asked for, or auto on a CPU without native
+    bf16 (AVX512_BF16 or AMX), where bf16 is emulated and float32 is what device.pick_dtype picks."""
+    if dtype != "auto":
+        return dtype == "float32"
+    from .native import cpu_has_native_bf16
+    return not cpu_has_native_bf16()
 
 
 def _check_preset_args(**given: tuple) -> None:
@@ -256,15 +280,15 @@ def _check_preset_args(**given: tuple) -> None:
             raise UsageError(f"preset's {name} must be positive, got {value!r}")
 
 
-def expected_passes(name: str, device: str, preset: dict, time_budget: float | None, max_steps: int | None,
+def expected_passes(name: str, speed: str, preset: dict, time_budget: float | None, max_steps: int | None,
                     train_chars: int) -> float:
     """How many times the run would read its training text: exact for --max-steps, a guess from
-    NOMINAL_TOKENS_PER_S for a time budget (whichever ends the run first)."""
+    NOMINAL_TOKENS_PER_S[speed] for a time budget (whichever ends the run first)."""
     tokens = []
     if max_steps is not None:
         tokens.append(max_steps * preset["batch_size"] * preset["block_size"])
     if time_budget is not None:
-        rate = NOMINAL_TOKENS_PER_S["gpu" if device.startswith("cuda") else "cpu"][name]
+        rate = NOMINAL_TOKENS_PER_S[speed][name]
         tokens.append(time_budget * rate)
     return min(tokens) / train_chars if tokens else 0.0
 

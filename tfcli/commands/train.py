@@ -174,7 +174,7 @@ def train(
 
     # flags that are wrong whatever the text: said before a large corpus is read, not after
     device_type = pick_device(device).type
-    _check_shape(base_model or preset_configs(preset, device_type, budget)[0],
+    _check_shape(base_model or preset_configs(preset, device_type, budget, dtype=dtype or "auto")[0],
                  dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size), dropout,
                  "the resumed model" if base_model else f"--preset {preset}")
     tuning = dict(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
@@ -191,7 +191,8 @@ def train(
         print_corpus_report(corpus, data, val, replaced=errors == "replace")
     if base_model is None:
         base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps,
-                                                optimizer or TrainConfig.optimizer, dropout, batch_size, block_size)
+                                                optimizer or TrainConfig.optimizer, dropout, batch_size, block_size,
+                                                dtype or "auto")
         base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
