@@ -271,7 +271,8 @@ def test_train_gives_auto_the_users_dropout_which_decides_the_epoch_limit(tmp_pa
 
 
 @pytest.mark.parametrize("native_bf16, flags, width", [(True, [], 256), (True, ["--dtype", "float32"], 128),
-                                                      (False, [], 128), (False, ["--dtype", "bfloat16"], 256)])
+                                                      (False, [], 128), (False, ["--dtype", "bfloat16"], 128),
+                                                      (True, ["--dtype", "bfloat16"], 256)])
 def test_train_picks_its_model_for_the_precision_the_cpu_trains_in(tmp_path, monkeypatch, native_bf16, flags, width):
     # 5 minutes in float32 train the 0.8M model, in bf16 the 3.2M one
     from tfcli import native, trainer

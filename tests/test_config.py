@@ -134,9 +134,12 @@ def test_preset_asks_the_cpu_whether_it_trains_in_float32(monkeypatch):
     from tfcli import native
     model, train = config.preset("auto", "cpu", 300.0, 1_000_000, dtype="float32")
     assert (model.n_embd, train.batch_size, train.epochs, train.dtype) == (128, 32, 4.0, "float32")
+    assert config.preset("auto", "cpu", 300.0, dtype="float16")[0].n_embd == 128  # (emulated on CPUs)
+    assert config.preset("auto", "cpu", 300.0, dtype="bfloat16")[0].n_embd == 256
     monkeypatch.setattr(native, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU: float32 by itself
     assert config.preset("auto", "cpu", 300.0)[0].n_embd == 128
-    assert config.preset("auto", "cpu", 300.0, dtype="bfloat16")[0].n_embd == 256  # asked for: its speed is bf16's
+    assert config.preset("auto", "cpu:0", 300.0)[0].n_embd == 128
+    assert config.preset("auto", "cpu", 300.0, dtype="bfloat16")[0].n_embd == 128  # emulated: slower still
     assert config.preset("auto", "cuda", 300.0)[0].n_embd == 384
     # 12K tokens/s for 5 minutes is ~3.6 passes over 1M characters (no dropout), ~36 over 100K (dropout)
     assert config.preset("auto", "cpu", 300.0, 100_000)[0].dropout == 0.2

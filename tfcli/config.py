@@ -236,7 +236,7 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
     `tfcli train --max-steps`. Each field can then be changed with `dataclasses.replace` (a longer
     budget given that way still ends at auto's `epochs`: give it to `preset`, or replace both).
     `device`: cpu, cuda, cuda:N or mps (None: the one `train` would use); on a CPU, `dtype` (as
-    TrainConfig's) says whether it trains in float32, which picks for that speed. The lr is the
+    TrainConfig's) and the CPU say whether it trains at bf16's speed or float32's, and auto picks for it. The lr is the
     preset's for Muon, ADAMW_LR for AdamW."""
     if optimizer not in ("muon", "adamw"):
         raise UsageError(f"optimizer must be muon or adamw, got {optimizer!r}")
@@ -251,7 +251,7 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
         raise UsageError(f"{setting('dtype')} must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if time_budget is None and max_steps is None:
         time_budget = DEFAULT_CPU_TIME
-    float32 = device == "cpu" and cpu_trains_in_float32(dtype)
+    float32 = device.split(":")[0] == "cpu" and cpu_trains_in_float32(dtype)
     picked = resolve_preset(name, device, time_budget, train_chars, max_steps, dropout, batch_size, block_size,
                             float32)
     lr = picked.pop("lr")
@@ -263,10 +263,11 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
 
 
 def cpu_trains_in_float32(dtype: str = "auto") -> bool:
-    """Whether training on this CPU runs in float32: asked for, or auto on a CPU without native
-    bf16 (AVX512_BF16 or AMX), where bf16 is emulated and float32 is what device.pick_dtype picks."""
-    if dtype != "auto":
-        return dtype == "float32"
+    """Whether training on this CPU runs at float32's speed or slower: float32 asked for, float16
+    (emulated on CPUs), or a CPU without native bf16 (AVX512_BF16 or AMX), where bf16 is emulated
+    too and auto is float32 (device.pick_dtype)."""
+    if dtype in ("float32", "float16"):
+        return True
     from .native import cpu_has_native_bf16
     return not cpu_has_native_bf16()
 
