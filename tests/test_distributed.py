@@ -143,18 +143,23 @@ def test_a_corpus_only_one_machine_lacks_is_said_and_ends_the_job_at_once(tmp_pa
     assert "forcefully exiting via 9" not in done.stderr  # (torchrun's SIGKILL, 30 s on: rank 0 ended at its SIGTERM)
 
 
-def test_processes_given_different_texts_are_told_so_before_training(tmp_path):
+@pytest.mark.parametrize("rank_1", ["other text", "--batch-size 16", "--seed 6"])
+def test_processes_given_different_texts_or_settings_are_told_so_before_training(tmp_path, rank_1):
+    """A batch size or seed only one process had (as `--preset auto` could pick on machines of different
+    kinds) trained without a word: each process took its share of a different batch."""
     corpus = _write(tmp_path, PATTERN * 40)
     other = tmp_path / "other.txt"
     other.write_text(PATTERN[::-1] * 40)  # (the same characters, so only the text's digest tells them apart)
+    text, extra = (other, "") if rank_1 == "other text" else (corpus, rank_1)
     launcher = tmp_path / "per_rank.sh"
-    launcher.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && c={other} || c={corpus}\n'
-                        f'exec {sys.executable} -m tfcli train "$c" "$@"\n')
+    launcher.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && c={text} e="{extra}" || c={corpus} e=\n'
+                        f'exec {sys.executable} -m tfcli train "$c" "$@" $e\n')  # (the last of a flag counts)
     launcher.chmod(0o755)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "--no-python", str(launcher), *ARGS, "--out", str(tmp_path / "r")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
-    assert "error: rank 1's text or model settings differ from rank 0's" in done.stderr, done.stderr[-3000:]
+    assert "error: rank 1's text, model or training settings differ from rank 0's" in done.stderr, \
+        done.stderr[-3000:]
     assert not (tmp_path / "r" / ckpt.MODEL_FILE).exists()
