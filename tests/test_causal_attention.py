@@ -124,3 +124,13 @@ def test_residual_dropout_passes_gradients_only_where_it_kept():
     assert abs(kept.float().mean().item() - 0.75) < 0.02
     torch.testing.assert_close(x.grad, kept.float() / (1 - 64 / 256))  # 0.25 is 64/256 exactly
     assert causal_attention.dropout(x, 0.0) is x
+
+
+def test_it_pays_in_bfloat16_with_dropout_and_compiled_but_not_in_eager_float32(monkeypatch):
+    q32, q16 = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    assert not causal_attention.pays(q32, 0.0)
+    assert causal_attention.pays(q32, 0.1) and causal_attention.pays(q16, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert causal_attention.pays(q32, 0.0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert causal_attention.pays(q32, 0.0)

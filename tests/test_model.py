@@ -83,6 +83,7 @@ def test_cpu_training_path_gives_the_fused_paths_loss_and_gradients(monkeypatch)
     results = []
     for limit in (0, 256):  # 0: the fused kernel, as on GPUs and long contexts
         monkeypatch.setattr(causal_attention, "MAX_T", limit)
+        monkeypatch.setattr(causal_attention, "pays", lambda q, dropout: True)  # (as in bf16, or compiled)
         model.zero_grad()
         _, loss = model(ids, targets)
         loss.backward()
@@ -91,6 +92,20 @@ def test_cpu_training_path_gives_the_fused_paths_loss_and_gradients(monkeypatch)
     torch.testing.assert_close(loss, fused_loss, atol=1e-6, rtol=0)
     for g, fg in zip(grads, fused_grads):
         torch.testing.assert_close(g, fg, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dropout, dtype, hand_written", [(0.0, None, False), (0.1, None, True),
+                                                          (0.0, torch.bfloat16, True)])
+def test_cpu_training_attention_goes_where_it_is_fastest(monkeypatch, dropout, dtype, hand_written):
+    """Eager float32 without dropout: the fused kernel (faster there); bf16 or dropout: the hand-written one."""
+    model = GPT(ModelConfig(vocab_size=len(VOCAB), n_layer=2, n_head=4, n_embd=32, block_size=16, dropout=dropout))
+    calls = []
+    attend = causal_attention.attend
+    monkeypatch.setattr(causal_attention, "attend", lambda *a: calls.append(1) or attend(*a))
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        _, loss = model(random_ids(2, 16), random_ids(2, 16, seed=2))
+    loss.backward()
+    assert len(calls) == (2 if hand_written else 0)  # (a call a layer)
 
 
 @torch.no_grad()

@@ -222,7 +222,7 @@ class CausalSelfAttention(nn.Module):
         if need_weights:
             y, weights = self._explicit(q, k, v)
             return self._out(y), weights
-        if cpu and T <= causal_attention.MAX_T:
+        if cpu and T <= causal_attention.MAX_T and causal_attention.pays(q, p):
             return self._out(causal_attention.attend(q, k, v, self.scale, p)), None
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=self.scale)
         return self._out(y), None
