@@ -365,3 +365,16 @@ def test_generate_names_a_misspelt_setting_and_a_missing_vocabulary(model):
     with pytest.raises(UsageError, match="no vocabulary"):
         GPT(model.config).generate("hello", 10)
     assert len(GPT(model.config).generate("hello", 10, vocab=model.vocab, seed=1)) == 10
+
+
+def test_relu_squared_and_its_gradient_are_autograds():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64).repeat(3, 1).requires_grad_()
+    ours = model_module._ReluSquared.apply(x)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.relu(ref_x).square()
+    g = torch.randn_like(ref)
+    ours.backward(g)
+    ref.backward(g)
+    assert torch.equal(ours, ref) and torch.equal(x.grad, ref_x.grad)
+    assert torch.autograd.gradcheck(model_module._ReluSquared.apply, (torch.randn(4, 6, dtype=torch.float64,
+                                                                                    requires_grad=True),))

@@ -248,7 +248,23 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(_ReluSquared.apply(self.fc(x)))
+
+
+class _ReluSquared(torch.autograd.Function):
+    """relu(x)², whose backward is one product with the saved relu(x): autograd's went through a
+    square's and a relu's backward, three passes over the widest activation instead of two."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = x.relu()
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return grad.mul(r).mul_(2)
 
 
 class Block(nn.Module):
