@@ -302,6 +302,7 @@ def test_a_run_ended_by_autos_epoch_limit_says_so_and_how_to_lift_it(tmp_path):
 def test_autos_limit_is_explained_by_which_limit_it_was():
     from tfcli.commands.train import auto_limit
     assert auto_limit(4.0, 0.0).startswith("it stopped at auto's limit of 4 passes over the text, after which")
+    assert auto_limit(6.0, 0.0).startswith("it stopped at auto's limit of 6 passes over the text, after which")
     assert auto_limit(10.0, 0.2) == "it stopped at auto's limit of 10 passes over this small text"
     short = "passes over this short text (at least 200 steps)"
     assert auto_limit(409.6, 0.2) == f"it stopped at auto's limit of 410 {short}"

@@ -23,6 +23,7 @@ from ..config import (
     MANY_PASSES,
     MIN_STEPS,
     PRESET_NAMES,
+    ROOMY_PASSES,
     SMALL_DATA,
     TrainConfig,
     parse_duration,
@@ -238,7 +239,8 @@ def train(
 
 def auto_limit(epochs: float, dropout: float) -> str:
     """What ended a run at the epoch limit `--preset auto` set, and why it set one."""
-    if epochs > (SMALL_DATA["epochs"] if dropout else MANY_PASSES):  # (the floor: that many passes is too few steps)
+    if dropout and epochs > SMALL_DATA["epochs"] or not dropout and epochs not in (MANY_PASSES, ROOMY_PASSES):
+        # (the floor: that many passes would be too few steps)
         passes = f"{epochs:{',.0f' if epochs >= 100 else '.3g'}}"  # (as the model line prints them)
         return f"it stopped at auto's limit of {passes} passes over this short text (at least {MIN_STEPS} steps)"
     if dropout:
