@@ -154,10 +154,12 @@ def config_hash(model_cfg: ModelConfig, corpus: Corpus) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def job_digest(chash: str, cfg: TrainConfig) -> str:
-    """What every process of a torchrun job must share: a batch size or seed of its own would train
-    on another share of another batch, silently, since DDP only needs the weights' shapes to agree."""
-    return hashlib.sha256(json.dumps({"config": chash, "train": cfg.to_dict()}).encode()).hexdigest()[:16]
+def steps_digest(cfg: TrainConfig) -> str:
+    """The settings every process of a torchrun job must share: a batch size or seed of its own would
+    train on another share of another batch, silently, since DDP only needs the weights' shapes to
+    agree. Not the device (each process drives its own GPU) nor whether it compiles (speed only)."""
+    steps = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "compile")}
+    return hashlib.sha256(json.dumps(steps).encode()).hexdigest()[:16]
 
 
 # -- resume state ---------------------------------------------------------------------------
@@ -324,10 +326,13 @@ class _Session:
         self.opt = make_optimizer(self.model, cfg, device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.chash = config_hash(self.model_cfg, corpus)
-        if (rank := first_differing(world, device, job_digest(self.chash, cfg))) is not None:
-            raise UsageError(f"rank {rank}'s text, model or training settings differ from rank 0's: every process "
-                             "of a torchrun job must read the same text, with the same flags (--preset auto picks "
-                             "by each machine's CPU: on machines of different kinds, name a preset)")
+        if (rank := first_differing(world, device, self.chash)) is not None:
+            raise UsageError(f"rank {rank}'s text or model settings differ from rank 0's: every process of a "
+                             "torchrun job must read the same text, with the same flags")
+        if (rank := first_differing(world, device, steps_digest(cfg))) is not None:
+            raise UsageError(f"rank {rank}'s training settings differ from rank 0's: every process of a torchrun "
+                             "job must take the same steps (--preset auto picks by each machine's CPU: on "
+                             "machines of different kinds, name a preset)")
         self.run = _load_resume(run_dir, self.chash, self.model, self.opt, self.gen, cfg) if resume else _Run()
         self.rows = world.share(cfg.batch_size)
         if (self.rows.stop - self.rows.start) % cfg.grad_accum:
