@@ -343,3 +343,16 @@ def test_preset_with_a_step_limit_alone_has_no_time_limit_as_the_cli_s_has_none(
 def test_preset_checks_a_notebook_s_arguments(given, message):
     with pytest.raises(UsageError, match=message):  # (they failed at a comparison or .split, or came back)
         config.preset("auto", **given)
+
+
+def test_whether_a_text_is_roomy_counts_the_users_model_shape():
+    """--n-embd 256 on tinyshakespeare is a 3.1M-weight model, which the 3.2M one's measurements say to
+    stop at 4 passes, whatever the preset's own shape."""
+    assert resolve_preset("auto", "cpu", 300.0, 1_000_000, float32_cpu=True)["epochs"] == 6.0
+    wide = resolve_preset("auto", "cpu", 300.0, 1_000_000, float32_cpu=True, n_embd=256)
+    assert (wide["n_embd"], wide["epochs"]) == (256, 4.0)
+    assert resolve_preset("auto", "cpu", 300.0, 1_000_000, float32_cpu=True, n_layer=2)["epochs"] == 6.0
+    model, _ = config.preset("auto", "cpu", 300.0, 1_000_000, n_layer=3, n_embd=64)
+    assert (model.n_layer, model.n_embd) == (3, 64)
+    with pytest.raises(UsageError, match="preset's n_embd must be int"):
+        config.preset("auto", "cpu", 300.0, n_embd=64.0)

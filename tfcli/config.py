@@ -178,7 +178,8 @@ MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5
 
 def resolve_preset(name: str, device: str, time_budget: float | None, train_chars: int | None = None,
                    max_steps: int | None = None, dropout: float | None = None, batch_size: int | None = None,
-                   block_size: int | None = None, float32_cpu: bool = False) -> dict:
+                   block_size: int | None = None, float32_cpu: bool = False, n_layer: int | None = None,
+                   n_embd: int | None = None) -> dict:
     """Pick the preset that trains best in the budget: smaller models win short runs.
 
     `auto` also fits the regime to the text (unless --max-steps sets the length). A run that would
@@ -187,13 +188,14 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     say) ends after MANY_PASSES passes, so a host faster than NOMINAL_TOKENS_PER_S stops early
     rather than memorising its text (README, "Small texts", has the measurements). A text with a
     character or more per hidden weight (`is_roomy`) gets no dropout and ROOMY_PASSES. `dropout`,
-    `batch_size` and `block_size` are the user's, which the limits are fitted to. `float32_cpu`: the
+    `batch_size`, `block_size`, `n_layer` and `n_embd` are the user's, which the limits are fitted
+    to. `float32_cpu`: the
     device is a CPU that trains in float32 (see `cpu_trains_in_float32`), several times slower.
     """
     if name not in PRESET_NAMES:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
-    given = {k: v for k, v in dict(dropout=dropout, batch_size=batch_size, block_size=block_size).items()
-             if v is not None}
+    given = {k: v for k, v in dict(dropout=dropout, batch_size=batch_size, block_size=block_size, n_layer=n_layer,
+                                   n_embd=n_embd).items() if v is not None}
     if name != "auto":
         return dict(PRESETS[name], **given)
     short = time_budget is not None and time_budget < 240
@@ -228,7 +230,8 @@ def is_roomy(preset: dict, train_chars: int) -> bool:
     On tinyshakespeare (1M characters) the 0.8M model (0.79M hidden weights) scored 1.489 after 4
     passes and 1.478 after 6, and dropout 0.2 cost it more than it saved (1.585 after 4.6 passes,
     1.513 after 9); the 3.2M one (3.1M) was best at 3.5-5.3 passes (1.461-1.475) and read 1.506
-    after 6.9. Small texts gain from dropout (README, "Small texts")."""
+    after 6.9. Small texts gain from dropout (README, "Small texts"). Bigger models on bigger texts
+    (a GPU's) follow the same rule unmeasured."""
     return train_chars >= 12 * preset["n_layer"] * preset["n_embd"] ** 2  # attention 4 d², MLP 8 d², a layer
 
 
@@ -240,12 +243,14 @@ ADAMW_LR = 2e-3
 def preset(name: str = "auto", device: str | None = None, time_budget: float | None = None,
            train_chars: int | None = None, max_steps: int | None = None, optimizer: str = "muon",
            dropout: float | None = None, batch_size: int | None = None,
-           block_size: int | None = None, dtype: str = "auto") -> tuple[ModelConfig, TrainConfig]:
+           block_size: int | None = None, dtype: str = "auto", n_layer: int | None = None,
+           n_embd: int | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The model and training settings `tfcli train --preset NAME` starts from, as a notebook's
     `tfcli.train` wants them: `auto` picks by device, budget (seconds) and the training text's
-    length in characters (a run without dropout ends after MANY_PASSES passes over its text, a short
-    text gets dropout and a longer limit; `dropout`, `batch_size` and `block_size`, when given, are
-    used, and the limit fitted to them); the budget and step limit come along. Without either, the
+    length in characters (a run without dropout ends after MANY_PASSES passes over its text, or
+    ROOMY_PASSES over one with a character or more per hidden weight; a short text gets dropout and a
+    longer limit; `dropout`, `batch_size`, `block_size`, `n_layer` and `n_embd`, when given, are used,
+    and the limits fitted to them); the budget and step limit come along. Without either, the
     budget is 5 minutes, as `tfcli train`'s; with max_steps alone there is no time limit, as with
     `tfcli train --max-steps`. Each field can then be changed with `dataclasses.replace` (a longer
     budget given that way still ends at auto's `epochs`: give it to `preset`, or replace both).
@@ -255,7 +260,8 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
     if optimizer not in ("muon", "adamw"):
         raise UsageError(f"optimizer must be muon or adamw, got {optimizer!r}")
     _check_preset_args(device=(device, str), time_budget=(time_budget, float), max_steps=(max_steps, int),
-                       train_chars=(train_chars, int), batch_size=(batch_size, int), block_size=(block_size, int))
+                       train_chars=(train_chars, int), batch_size=(batch_size, int), block_size=(block_size, int),
+                       n_layer=(n_layer, int), n_embd=(n_embd, int))
     if device is None:
         from .device import pick_device
         device = pick_device("auto").type
@@ -267,7 +273,7 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
         time_budget = DEFAULT_CPU_TIME
     float32 = device.split(":")[0] == "cpu" and cpu_trains_in_float32(dtype)
     picked = resolve_preset(name, device, time_budget, train_chars, max_steps, dropout, batch_size, block_size,
-                            float32)
+                            float32, n_layer, n_embd)
     lr = picked.pop("lr")
     if optimizer == "adamw":
         lr = ADAMW_LR

@@ -7,8 +7,9 @@ start at zero, so a new model predicts the uniform distribution exactly.
 Rotary positions make attention depend only on the distance between characters,
 which is what lets the KV cache be a ring buffer: generation runs past the
 context with no recomputation and no seam. Attention runs fused
-(`scaled_dot_product_attention`) on GPUs; on CPUs, whole sequences go through
-`causal_attention` (its backward is 2x faster) and batched decoding through `attend`.
+(`scaled_dot_product_attention`) on GPUs and in eager float32 without dropout; otherwise on
+CPUs (bf16, dropout, compiled) whole sequences go through `causal_attention` (its backward is
+2x faster there), and batched decoding through `attend`.
 """
 
 from __future__ import annotations

@@ -106,8 +106,9 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", "--max-iters",
                                             help="Stop after this many optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the training text "
-                                           "\\[default with auto: 4 without dropout; with it, 10 on a small "
-                                           "text, else none; at least 200 steps]."),
+                                           "\\[default with auto: 4 without dropout (6 on a text with a "
+                                           "character per weight); with it, 10 on a small text, else none; at "
+                                           "least 200 steps]."),
     preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} "
                                "(auto: by device, --time and the text's size)."),
     n_layer: Optional[int] = typer.Option(None, help="Transformer blocks."),
@@ -193,7 +194,7 @@ def train(
     if base_model is None:
         base_model, base_train = preset_configs(preset, device_type, budget, len(data.train), max_steps,
                                                 optimizer or TrainConfig.optimizer, dropout, batch_size, block_size,
-                                                dtype or "auto")
+                                                dtype or "auto", n_layer, n_embd)
         base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
@@ -245,6 +246,9 @@ def auto_limit(epochs: float, dropout: float) -> str:
         return f"it stopped at auto's limit of {passes} passes over this short text (at least {MIN_STEPS} steps)"
     if dropout:
         return f"it stopped at auto's limit of {epochs:g} passes over this small text"
+    if epochs == ROOMY_PASSES:
+        return (f"it stopped at auto's limit of {epochs:g} passes over the text, after which a model this size "
+                "gained little on a text this long")
     return (f"it stopped at auto's limit of {epochs:g} passes over the text, after which a model without dropout "
             "learns it by heart")
 
