@@ -189,8 +189,8 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     rather than memorising its text (README, "Small texts", has the measurements). A text with a
     character or more per hidden weight (`is_roomy`) gets no dropout and ROOMY_PASSES. `dropout`,
     `batch_size`, `block_size`, `n_layer` and `n_embd` are the user's, which the limits are fitted
-    to. `float32_cpu`: the
-    device is a CPU that trains in float32 (see `cpu_trains_in_float32`), several times slower.
+    to. `float32_cpu`: the device is a CPU that trains in float32 (see `cpu_trains_in_float32`),
+    several times slower.
     """
     if name not in PRESET_NAMES:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
