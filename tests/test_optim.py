@@ -3,7 +3,7 @@ import torch
 
 from tfcli.config import ModelConfig, TrainConfig
 from tfcli.model import GPT
-from tfcli.optim import Muon, is_hidden_matrix, make_optimizer, newton_schulz
+from tfcli.optim import Muon, _through_gram, _through_x, is_hidden_matrix, make_optimizer, newton_schulz, uses_gram
 
 SHAPES = [(16, 48), (16, 16), (64, 16), (16, 64), (16, 48)]  # wide, square, tall; repeats batch together
 
@@ -109,6 +109,41 @@ def test_newton_schulz_in_float32_flattens_as_well_and_stays_float32():
     s = torch.linalg.svdvals(o)
     assert 0.6 < s.min() and s.max() < 1.25
     torch.testing.assert_close(o, newton_schulz(g).float(), atol=0.05, rtol=0)  # bf16's answer, to its precision
+
+
+def spread(rows: int, cols: int, decades: int, n: int = 2) -> torch.Tensor:
+    """Matrices whose singular values fall evenly (in log) over `decades`, as a gradient's do."""
+    g = torch.Generator().manual_seed(0)
+    m = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(n, rows, m, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, cols, m, generator=g, dtype=torch.float64))[0]
+    return u @ torch.diag_embed(torch.logspace(0, -decades, m, dtype=torch.float64).expand(n, m)) @ v.mT
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_the_gram_iteration_is_the_same_maths_as_the_iteration_on_x(steps):
+    x = torch.randn(3, 16, 56, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(_through_gram(x, steps), _through_x(x, steps), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (24, 72)])
+@pytest.mark.parametrize("decades", [0, 4, 10])
+def test_float32_newton_schulz_stays_close_to_float64s_answer(shape, decades):
+    g = spread(*shape, decades)
+    exact = newton_schulz(g, dtype=torch.float64)
+    got = newton_schulz(g.float(), dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.shape == g.shape
+    assert ((got.double() - exact).norm() / exact.norm()) < 1e-3  # (bf16's own error here: ~0.1)
+
+
+@pytest.mark.parametrize("shape, dtype, expected", [
+    ((16, 32), torch.float32, True), ((16, 64), torch.float64, True),
+    ((16, 31), torch.float32, False),  # under 2x as wide: the iteration on x costs less
+    ((16, 16), torch.float32, False), ((16, 64), torch.bfloat16, False),  # bf16's rounding compounds
+])
+def test_only_wide_float32_stacks_iterate_on_the_gram_matrix(shape, dtype, expected):
+    assert uses_gram(torch.zeros(2, *shape, dtype=dtype), dtype) is expected
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])

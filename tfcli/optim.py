@@ -61,15 +61,52 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
     all Muon needs, so bf16 is precise enough where the hardware has it; it runs on the wide
     orientation, where the Gram matrix is smaller.
     """
-    a, b, c = NS_COEFFICIENTS
     tall = g.size(-2) > g.size(-1)
     x = g.to(dtype)
     x = x.mT if tall else x
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    x = _through_gram(x, steps) if uses_gram(x, dtype) else _through_x(x, steps)
+    return x.mT if tall else x
+
+
+def uses_gram(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the iteration runs on the Gram matrix alone: for a wide x (m rows, n ≥ 2m columns)
+    in float32 or wider.
+
+    Five steps on x cost 20·m²·n + 10·m³ flops; on the Gram matrix, 4·m²·n + 36·m³ (x is read
+    twice, at the start and the end), which is less from n ≈ 1.6·m. On a 2-core AVX2 Zen 3 in
+    float32 the stacks of nanoGPT's 0.8M / 4.8M / 10.7M shapes took 17.5 / 155 / 448 ms against
+    24.4 / 260 / 709. bf16 is excluded: its rounding compounds through the Gram powers, and with
+    singular values spread over four decades the answer was off by 100-320% of its norm, against
+    9-11% for the iteration on x (float32: 0.008-0.024% over 4 to 10 decades, against under 0.001%).
+    """
+    return dtype in (torch.float32, torch.float64) and x.size(-1) >= 2 * x.size(-2)
+
+
+def _through_x(x: torch.Tensor, steps: int) -> torch.Tensor:
+    a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+    return x
+
+
+def _through_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The same iterates, by algebra: each step multiplies x by p(A) = a·I + b·A + c·A², A = x·xᵀ,
+    and a polynomial in A commutes with A, so the next Gram matrix is p(A)·A·p(A) and x_k is
+    x_0 times the product of the p's: all m x m work but the two products with x_0."""
+    if not steps:
+        return x
+    a, b, c = NS_COEFFICIENTS
+    gram = x @ x.mT
+    total = None
+    for k in range(steps):
+        p = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        p.diagonal(dim1=-2, dim2=-1).add_(a)
+        total = p if total is None else p @ total
+        if k < steps - 1:
+            gram = p @ gram @ p
+    return total @ x
 
 
 class Muon(torch.optim.Optimizer):
