@@ -1,9 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from tfcli.config import ModelConfig, TrainConfig
 from tfcli.model import GPT
-from tfcli.optim import Muon, _through_gram, _through_x, is_hidden_matrix, make_optimizer, newton_schulz, uses_gram
+from tfcli.optim import AdamW, Muon, _through_gram, _through_x, is_hidden_matrix, make_optimizer, newton_schulz, uses_gram
 
 SHAPES = [(16, 48), (16, 16), (64, 16), (16, 64), (16, 48)]  # wide, square, tall; repeats batch together
 
@@ -44,6 +47,46 @@ def test_batched_muon_takes_the_same_steps_as_torch_muon():
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
     assert all("momentum_buffer" in a.state[p] for p in ours)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_takes_the_same_steps_as_torch_adamw(fused):
+    ours, theirs = params(), params()
+    groups = lambda ps: [{"params": ps[:2], "lr": 0.03}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa: E731
+    a = AdamW(groups(ours), lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    b = torch.optim.AdamW(groups(theirs), lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = None if (step == 1 and p is ours[0]) else torch.randn(p.shape, generator=g)
+            q.grad = None if p.grad is None else p.grad.clone()
+        a.step()
+        b.step()
+        a.zero_grad()
+        b.zero_grad()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+        assert a.state[p].keys() == b.state[q].keys()
+        for k in a.state[p]:
+            torch.testing.assert_close(a.state[p][k], b.state[q][k], atol=0, rtol=0)
+    assert all(p.grad is None for p in ours)
+
+
+def test_a_training_step_does_not_import_torch_dynamo():
+    # torch.optim.Optimizer's methods import it (1.5 s), and nothing else in an eager step needs it
+    code = ("import sys, torch\n"
+            "from tfcli.config import ModelConfig, TrainConfig\n"
+            "from tfcli.model import GPT\n"
+            "from tfcli.optim import make_optimizer\n"
+            "from tfcli.trainer import train_step\n"
+            "m = GPT(ModelConfig(11, 1, 2, 16, 8))\n"
+            "x = torch.randint(11, (2, 8))\n"
+            "for name in ('muon', 'adamw'):\n"
+            "    opt = make_optimizer(m, TrainConfig(optimizer=name), torch.device('cpu'))\n"
+            "    train_step(m, m, opt, x, x, torch.device('cpu'), torch.float32, 1.0)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_muon_momentum_survives_a_restore_and_a_step_without_some_gradients():

@@ -12,15 +12,71 @@ import math
 from collections import defaultdict
 
 import torch
+from torch.optim.adamw import adamw as adamw_update
 
 from . import native
 from .config import TrainConfig
 
 
+class ParamGroups:
+    """The part of torch.optim.Optimizer tfcli's optimizers use: groups of parameters with their
+    settings, and a state per parameter (what GradScaler and a resume read and write).
+
+    torch's base class imports torch._dynamo the first time any of its methods runs, for
+    compiled optimizers: 1.5 s of a run that compiles nothing, as long as `import torch`
+    itself, and 2.5% of the default one-minute budget on a CPU without bfloat16.
+    """
+
+    def __init__(self, params, defaults: dict):
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        self.defaults = defaults
+        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
+        self.state: defaultdict[torch.Tensor, dict] = defaultdict(dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+
+class AdamW(ParamGroups):
+    """torch.optim.AdamW's update and state (`step`, `exp_avg`, `exp_avg_sq` per parameter),
+    through torch's own functional form, fused where `fused` says the device has the kernel."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, fused: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.fused = fused
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._state(p) for p in params]
+            adamw_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                         [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+                         fused=self.fused, amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+                         lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:  # where torch keeps it: the fused kernel reads `step` on the parameter's device
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+
 class Optimizers:
     """Several optimizers driven as one: a shared lr schedule, step, zero_grad and state."""
 
-    def __init__(self, *optimizers: torch.optim.Optimizer):
+    def __init__(self, *optimizers: ParamGroups):
         self.optimizers = optimizers
 
     @property
@@ -109,7 +165,7 @@ def _through_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
     return total @ x
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(ParamGroups):
     """Nesterov momentum, then an orthogonalised update, for hidden matrices.
 
     Same maths as torch.optim.Muon with adjust_lr_fn="match_rms_adamw" (the update's RMS
@@ -202,8 +258,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         # embedding first: parameters keep the order they had in one group, which resume state follows
         groups = [{"params": embedding, "lr": cfg.lr * EMBEDDING_LR_SCALE, "lr_scale": EMBEDDING_LR_SCALE},
                   {"params": [p for p in other if all(p is not e for e in embedding)]}]
-        adam = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95),
-                                 weight_decay=0.0, fused=fused)
+        adam = AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
         return Optimizers(muon, adam)
     groups = [{"params": hidden, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return Optimizers(torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused))
+    return Optimizers(AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused))
