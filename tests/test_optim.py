@@ -189,6 +189,17 @@ def test_only_wide_float32_stacks_iterate_on_the_gram_matrix(shape, dtype, expec
     assert uses_gram(torch.zeros(2, *shape, dtype=dtype), dtype) is expected
 
 
+@pytest.mark.parametrize("shape, expected", [((64, 16), True), ((16, 64), True), ((16, 16), False)])
+def test_newton_schulz_takes_the_gram_path_for_tall_stacks_as_for_wide_ones(monkeypatch, shape, expected):
+    from tfcli import optim
+    taken = []
+    real = optim._through_gram
+    monkeypatch.setattr(optim, "_through_gram", lambda x, steps: taken.append(x.shape) or real(x, steps))
+    out = newton_schulz(torch.randn(2, *shape), dtype=torch.float32)
+    assert out.shape == (2, *shape)
+    assert taken == ([(2, min(shape), max(shape))] if expected else [])
+
+
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_muon_orthogonalises_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native_bf16, expected):
     # an AVX2-only CPU emulates bf16 products ~100x slower than float32: --time 60 trained 40 steps, not 145
