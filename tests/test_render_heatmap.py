@@ -219,6 +219,17 @@ def test_focus_view_ranks_the_largest_weight_first():
     assert bars == sorted(bars, reverse=True)
 
 
+@pytest.mark.parametrize("width", [80, 30, 16])
+def test_focus_view_bars_shrink_on_a_narrow_terminal_and_never_cut_a_weight(width):
+    w = np.zeros((1, 1, 4, 4))
+    w[0, 0, 3] = [0.1, 0.6, 0.05, 0.25]
+    out = render(focus_view(w, "ab c", 3, top=3, max_width=width), width=width)
+    lines = [line for line in out.splitlines() if line.startswith("  ")]
+    assert [line.split()[-1] for line in lines] == ["0.60", "0.25", "0.10"]
+    assert all(cell_len(line) <= width for line in out.splitlines())
+    assert max(cell_len(line.rstrip()) for line in lines) == min(width, 7 + 20 + 5)  # label, bar (its full 20 cells where they fit), weight
+
+
 def test_focus_view_ignores_future_positions_and_labels_each_head():
     out = render(focus_view(stack(2, 2, 6), "abcdef", 1, top=5))
     for label in ("L0 H0", "L0 H1", "L1 H0", "L1 H1"):

@@ -265,7 +265,7 @@ def inspect_attention(
                                      first_sees_itself=start == 0)
         if view == "focus":  # --range bounds the query; its keys are all it saw
             return heatmap.focus_view(att.weights[layers], att.text, start + pos, color=color, layer_labels=layers,
-                                      offset=att.offset)
+                                      offset=att.offset, max_width=width)
         if view == "summary":
             return _summary_view(model, att, start, stop, layers, color, width)
         if view == "lens":

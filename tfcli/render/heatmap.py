@@ -271,9 +271,9 @@ def eighths_bar(p: float, width: int) -> str:
     return "█" * full + _EIGHTHS[part].strip()
 
 
-def _bar(weight: float, color: bool) -> Text:
-    """A bar of ``_BAR_WIDTH`` cells on the fixed 0..1 scale."""
-    return Text(eighths_bar(weight, _BAR_WIDTH).ljust(_BAR_WIDTH), style=_rgb(weight) if color else "")
+def _bar(weight: float, color: bool, width: int = _BAR_WIDTH) -> Text:
+    """A bar of ``width`` cells on the fixed 0..1 scale."""
+    return Text(eighths_bar(weight, width).ljust(width), style=_rgb(weight) if color else "")
 
 
 def _ranked(row: np.ndarray, at: int, top: int) -> list[int]:
@@ -292,10 +292,12 @@ def focus_view(
     color: bool = True,
     layer_labels: list[int] | None = None,
     offset: int = 0,
+    max_width: int = 80,
 ) -> RenderableType:
     """For query index ``at``: each layer/head's top-``top`` attended keys as ranked bars.
 
     ``offset`` is the position of ``chars[0]`` in the prompt; labels show prompt positions.
+    The bars shrink to fit ``max_width``: a narrow terminal cut the weight after them to "0".
     """
     w = _check(weights, chars, 4)
     total = len(chars)
@@ -304,6 +306,7 @@ def focus_view(
     at %= total
     labels = list(range(w.shape[0])) if layer_labels is None else list(layer_labels)
     digits = len(str(offset + total - 1))
+    bar_width = max(1, min(_BAR_WIDTH, max_width - (digits + 6) - 5))  # label "  g 123 ", then " 0.42"
     bold = "bold" if color else ""
     lines = [_line(Text(f"attention from position {offset + at} {visible(chars[at])}", style=bold))]
     for li, layer in enumerate(labels):
@@ -313,5 +316,5 @@ def focus_view(
             for pos in _ranked(row, at, max(top, 1)):
                 glyph = _header_glyph(chars[pos])
                 label = f"  {glyph} {offset + pos:>{digits}} "
-                lines.append(_line(label, _bar(row[pos], color), f" {row[pos]:.2f}"))
+                lines.append(_line(label, _bar(row[pos], color, bar_width), f" {row[pos]:.2f}"))
     return Group(*lines)
