@@ -293,6 +293,16 @@ def test_generated_view_ranks_the_earlier_chars_each_step_attended_to():
     assert "not why" in out
 
 
+@pytest.mark.parametrize("width, label", [(80, "most-attended earlier characters (position, weight)"),
+                                          (50, "most-attended (position, weight)"), (30, "most-attended")])
+def test_generated_view_shortens_its_column_header_to_fit_rather_than_cutting_it(width, label):
+    steps = [GeneratedStep(3, "d", 0.62, 0, np.array([0.1, 0.7, 0.2]))]
+    out = render(generated_view(Generation("abcd", 3, steps), [steps[0].weights], "all layers", color=False,
+                                max_width=width), width=width)
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("pos"))
+    assert header.split("p  ", 1)[1].strip() == label and cell_len(header) <= width
+
+
 def test_export_writes_a_valid_svg_and_an_html_page_with_the_prompt(tmp_path):
     view = head_view(causal(6), "héllo!", title="layer 0, head 0", color=False)
     export(view, tmp_path / "a.svg", width=80, title="tfcli")

@@ -128,6 +128,10 @@ def lens_view(lens: Lens, chars: str, *, offset: int = 0, color: bool = True, ma
     return Group(*lines)
 
 
+_MOST_ATTENDED = ("most-attended earlier characters (position, weight)", "most-attended (position, weight)",
+                  "most-attended")  # the longest that fits: a narrow terminal cut the first mid-word
+
+
 def generated_view(gen: Generation, weights: list[np.ndarray], what: str, *, color: bool = True,
                    max_width: int = 80) -> RenderableType:
     """For each generated character, the earlier characters its query attended to most.
@@ -144,8 +148,10 @@ def generated_view(gen: Generation, weights: list[np.ndarray], what: str, *, col
     item = 2 + 1 + digits + 1 + 4 + 2  # glyph, position, weight, gap
     prefix = digits + 2 + 2 + 6 + 2
     top = max(1, min(5, (max_width - prefix) // item))
+    columns = f"{'pos':>{digits}}  ch     p  "
+    label = next((lab for lab in _MOST_ATTENDED if cell_len(columns + lab) <= max_width), _MOST_ATTENDED[-1])
     lines = [_line(head), _line(_fit(f"attention that produced each character ({what})", max_width)),
-             _line(f"{'pos':>{digits}}  ch     p  most-attended earlier characters (position, weight)")]
+             _line(columns + label)]
     for step, w in zip(gen.steps, weights):
         row = _line(f"{step.index:>{digits}}  ", Text(_header_glyph(step.char), style=bold), f" {step.p:5.2f}  ")
         order = np.argsort(-w[::-1], kind="stable")[:top]  # ties: the more recent key first
