@@ -582,6 +582,16 @@ def test_validation_is_also_due_every_eval_steps_steps():
     assert not validation_due(1.0, 10.0, 295.0, 30.0, steps_since=900, every_steps=None)
 
 
+def test_a_validation_the_clock_asks_for_waits_for_the_final_one_when_the_step_limit_is_near():
+    # a --max-steps 30 run validated at step 29 (30 s had passed), then at 30
+    assert not validation_due(31.0, 40.0, None, 30.0, steps_left=1, step_seconds=1.0)
+    assert not validation_due(31.0, 40.0, None, 30.0, steps_left=14, step_seconds=1.0)  # 14 s to go: under half
+    assert validation_due(31.0, 40.0, None, 30.0, steps_left=16, step_seconds=1.0)
+    assert validation_due(31.0, 40.0, None, 30.0, steps_left=1, step_seconds=0.0)  # pace not known yet
+    # the step count's own validations are kept: on a GPU the whole run can be shorter than half an interval
+    assert validation_due(1.0, 10.0, None, 30.0, steps_since=250, every_steps=250, steps_left=100, step_seconds=0.04)
+
+
 def test_fast_runs_validate_every_eval_steps_and_remember_where_the_best_was(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 200)])
     events = []

@@ -456,7 +456,8 @@ class _Session:
                                                         steps_left)
             if max_steps and run.step >= max_steps:
                 return limit
-            if budget is not None and elapsed + clock.next_step(elapsed, run.step - start_step) >= budget:
+            next_step = clock.next_step(elapsed, run.step - start_step)  # (kept up to date for validation_due too)
+            if budget is not None and elapsed + next_step >= budget:
                 return "time"  # (no step is begun that would end past the budget)
             self.set_lr(lr_at(progress, run.step, cfg))
             step_started = time.monotonic()
@@ -474,7 +475,7 @@ class _Session:
             last_step = max_steps is not None and run.step >= max_steps  # the final validation follows at once
             if world.is_main and not (last_step or stop) and validation_due(
                     now - last_eval, now - session_start, budget, cfg.eval_interval, run.step - self.last_eval_step,
-                    cfg.eval_steps):
+                    cfg.eval_steps, max_steps - run.step if max_steps else None, clock.estimate):
                 validated_at = time.monotonic()
                 self.validate(self.window.mean(self.train_loss))
                 last_eval, self.last_eval_step = time.monotonic(), run.step
@@ -551,6 +552,11 @@ class StepClock:
         if self.last is not None and steps_done >= self.first_counted:
             self.times = [*self.times[-2:], elapsed - self.last]
         self.last = elapsed
+        return self.estimate
+
+    @property
+    def estimate(self) -> float:
+        """The next step's time as last reckoned (0.0: not known yet)."""
         return min(self.times, default=0.0)
 
 
@@ -588,15 +594,21 @@ def steps_to_repay_compile(cfg: TrainConfig, corpus: Corpus, model_cfg: ModelCon
 
 
 def validation_due(since_last: float, elapsed: float, budget: float | None, interval: float | None,
-                   steps_since: int = 0, every_steps: int | None = None) -> bool:
+                   steps_since: int = 0, every_steps: int | None = None, steps_left: int | None = None,
+                   step_seconds: float = 0.0) -> bool:
     """Every `interval` seconds or every `every_steps` steps, whichever comes first, except within
     half an interval of the time budget's end, where the final validation is about to score the
     model anyway. Seconds pace a CPU run; the step count is for fast devices, where 30 s can be
     dozens of passes over a small corpus and the best model comes and goes between two validations
-    (an H200 ran 1,700 steps before its first one)."""
-    near_end = budget is not None and budget - elapsed < (interval or 0.0) / 2
-    due = (interval is not None and since_last >= interval) or (every_steps is not None and steps_since >= every_steps)
-    return due and not near_end
+    (an H200 ran 1,700 steps before its first one). A validation the clock asks for is skipped too
+    when the step limit's end is that near (`steps_left` at `step_seconds` each): a --max-steps 30
+    run validated at step 29, then at 30."""
+    half = (interval or 0.0) / 2
+    near_end = budget is not None and budget - elapsed < half
+    steps_end_near = steps_left is not None and step_seconds > 0 and steps_left * step_seconds < half
+    by_clock = interval is not None and since_last >= interval and not steps_end_near
+    by_steps = every_steps is not None and steps_since >= every_steps
+    return (by_clock or by_steps) and not near_end
 
 
 def _diverged(what: str, step: int, cfg: TrainConfig, run_dir: Path) -> TfcliError:
