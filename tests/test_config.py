@@ -22,7 +22,7 @@ def test_duration_reads_seconds_and_units(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "5x", "-3", "m", "5q3", "1h1h", "5s2m", "30s5"])
+@pytest.mark.parametrize("text", ["", "abc", "5x", "-3x", "--3", "m", "5q3", "1h1h", "5s2m", "30s5"])
 def test_unreadable_duration_is_a_usage_error(text):
     with pytest.raises(UsageError) as e:
         parse_duration(text)
@@ -30,8 +30,8 @@ def test_unreadable_duration_is_a_usage_error(text):
     assert "duration" in e.value.message
 
 
-@pytest.mark.parametrize("text", ["0", "0s", "0m0s"])
-def test_zero_duration_is_read_but_refused_as_not_positive(text):
+@pytest.mark.parametrize("text", ["0", "0s", "0m0s", "-3", "-5m", " -1h30m"])
+def test_zero_or_negative_duration_is_read_but_refused_as_not_positive(text):
     with pytest.raises(UsageError, match="must be positive"):
         parse_duration(text)
 

@@ -324,6 +324,9 @@ _NEXT_UNIT = {"h": "m", "m": "s"}  # "1h30" means 1h30m, "5m30" means 5m30s
 def parse_duration(text: str) -> float:
     """Seconds from `300`, `90s`, `5m`, `1h30m`, `1h30` or `1.5h`."""
     s = text.strip().replace(" ", "")
+    if s.startswith("-") and s[1:2].isdigit():  # a readable duration, negated: say what is wrong with it
+        parse_duration(s[1:])
+        raise UsageError(f"--time must be positive, got {text!r}")
     pos, total, parts, last = 0, 0.0, 0, None
     while pos < len(s):
         m = _DURATION.match(s, pos)
