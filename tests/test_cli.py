@@ -700,7 +700,10 @@ def test_unknown_skip_drops_and_replace_maps(model):
     emptied = ok("sample", "-m", model, "--prompt", "QQ", "-n", "5", "--seed", "1", "--unknown", "skip")
     assert "dropped unknown characters: Q (all the prompt had: the text starts from nothing)" in emptied.stderr
     emptied = ok("sample", "-m", model, "--prompt", "€", "-n", "5", "--seed", "1", "--unknown", "replace")
-    assert "replaced unknown characters: €→(dropped) (all the prompt had: the text starts" in emptied.stderr
+    assert ("dropped unknown characters with no look-alike in the vocabulary: € (all the prompt had: the text starts"
+            in emptied.stderr) and "replaced" not in emptied.stderr
+    both = ok("sample", "-m", model, "--prompt", "A€", "-n", "5", "--seed", "1", "--unknown", "replace")
+    assert "replaced unknown characters: A→a; dropped unknown characters with no look-alike" in both.stderr
     replaced = ok("sample", "-m", model, "--prompt", "ANNA", "-n", "5", "--seed", "1", "--unknown", "replace")
     assert replaced.stdout.startswith("anna") and "A→a" in replaced.stderr
 

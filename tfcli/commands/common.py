@@ -264,9 +264,11 @@ def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "", starts_text: bo
     left = " (all the prompt had: the text starts from nothing)" if starts_text and not prompt else ""
     if unknown == "skip":
         said = f"dropped unknown characters: {' '.join(show_char(c) for c in changed)}"
-    else:
-        said = "replaced unknown characters: " + ", ".join(
-            f"{show_char(c)}→{show_char(r) if r else '(dropped)'}" for c, r in changed.items())
+    else:  # (a character with no look-alike in the vocabulary is dropped: say so, not "replaced")
+        mapped = ", ".join(f"{show_char(c)}→{show_char(r)}" for c, r in changed.items() if r)
+        gone = " ".join(show_char(c) for c, r in changed.items() if not r)
+        said = "; ".join([f"replaced unknown characters: {mapped}"] * bool(mapped)
+                         + [f"dropped unknown characters with no look-alike in the vocabulary: {gone}"] * bool(gone))
     stderr.print(f"warning: {said}{left}{escape}", markup=False)
     return prompt
 
