@@ -6,7 +6,16 @@ import torch
 
 from tfcli.config import ModelConfig, TrainConfig
 from tfcli.model import GPT
-from tfcli.optim import AdamW, Muon, _through_gram, _through_x, is_hidden_matrix, make_optimizer, newton_schulz, uses_gram
+from tfcli.optim import (
+    AdamW,
+    Muon,
+    _through_gram,
+    _through_x,
+    is_hidden_matrix,
+    make_optimizer,
+    newton_schulz,
+    uses_gram,
+)
 
 SHAPES = [(16, 48), (16, 16), (64, 16), (16, 64), (16, 48)]  # wide, square, tall; repeats batch together
 

@@ -227,7 +227,8 @@ def test_focus_view_bars_shrink_on_a_narrow_terminal_and_never_cut_a_weight(widt
     lines = [line for line in out.splitlines() if line.startswith("  ")]
     assert [line.split()[-1] for line in lines] == ["0.60", "0.25", "0.10"]
     assert all(cell_len(line) <= width for line in out.splitlines())
-    assert max(cell_len(line.rstrip()) for line in lines) == min(width, 7 + 20 + 5)  # label, bar (its full 20 cells where they fit), weight
+    widest = max(cell_len(line.rstrip()) for line in lines)
+    assert widest == min(width, 7 + 20 + 5)  # label, bar (its full 20 cells where they fit), weight
 
 
 def test_focus_view_ignores_future_positions_and_labels_each_head():
