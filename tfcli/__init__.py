@@ -16,7 +16,7 @@ Names resolve lazily so that importing tfcli (and `tfcli --help`) does not load 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ModelConfig": "config", "TrainConfig": "config", "SampleConfig": "config", "preset": "config",
+    "ModelConfig": "config", "TrainConfig": "config", "SampleConfig": "config", "preset": "presets",
     "load_corpus": "corpus", "Vocab": "corpus",
     "train": "trainer", "load": ("checkpoint", "load_model"), "generate": "sampling",
     "attention": "inspect", "evaluate": "evaluation", "TfcliError": "errors", "UsageError": "errors",

@@ -18,18 +18,9 @@ from typing import Optional
 import typer
 
 from .. import stopping
-from ..config import (
-    DEFAULT_CPU_TIME,
-    MANY_PASSES,
-    MIN_STEPS,
-    PRESET_NAMES,
-    ROOMY_PASSES,
-    SMALL_DATA,
-    TrainConfig,
-    parse_duration,
-    with_overrides,
-)
+from ..config import TrainConfig, parse_duration, with_overrides
 from ..errors import UsageError, setting
+from ..presets import DEFAULT_CPU_TIME, MANY_PASSES, MIN_STEPS, PRESET_NAMES, ROOMY_PASSES, SMALL_DATA
 from .common import handle_errors, stderr, stdout, stop_writing_stdout
 
 
@@ -154,9 +145,9 @@ def train(
     from dataclasses import replace
 
     from .. import checkpoint as ckpt
-    from ..config import preset as preset_configs
     from ..corpus import load_corpus
     from ..device import pick_device
+    from ..presets import preset as preset_configs
 
     if out is not None and (blocker := _not_a_directory(out)) is not None:
         what = "a broken symbolic link" if blocker.is_symlink() else "a file"
