@@ -37,7 +37,7 @@ def test_auto_preset_depends_on_device_and_budget(device, budget, name):
 
 
 @pytest.mark.parametrize("budget, name, batch", [(60.0, "small", 16), (239.0, "small", 16), (240.0, "small", 32),
-                                                (899.0, "small", 32), (900.0, "medium", 16), (None, "medium", 16)])
+                                                (899.0, "small", 32), (900.0, "medium", 16), (None, "small", 32)])
 def test_auto_picks_for_a_cpu_that_trains_in_float32(budget, name, batch):
     # there the 0.8M model won 5 minutes too (1.483 against the 3.2M one's 1.661), and batches of 16
     # won 1 minute (1.75-1.82 against 32's 1.96): float32 steps cost 3-4x bf16's
@@ -193,3 +193,12 @@ def test_presets_import_without_torch():
     code = "import sys, tfcli.presets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("device, float32", [("cpu", True), ("cpu", False), ("cuda", False)])
+def test_a_step_limit_alone_picks_as_for_the_default_five_minutes(device, float32):
+    """As README says: a float32 CPU's `--max-steps 500` got the 3.2M model, `--max-steps 500 --time 5m` the 0.8M."""
+    five_minutes = resolve_preset("auto", device, presets.DEFAULT_CPU_TIME, float32_cpu=float32)
+    assert resolve_preset("auto", device, None, max_steps=500, float32_cpu=float32) == five_minutes
+    model, train = presets.preset("auto", "cpu", max_steps=500, dtype="float32")
+    assert (model.n_embd, train.batch_size, train.time_budget) == (128, PRESETS["small"]["batch_size"], None)

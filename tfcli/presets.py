@@ -65,12 +65,13 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
                                    n_embd=n_embd).items() if v is not None}
     if name != "auto":
         return dict(PRESETS[name], **given)
-    short = time_budget is not None and time_budget < 240
+    sizing = DEFAULT_CPU_TIME if time_budget is None else time_budget  # (--max-steps alone: as for 5 minutes)
+    short = sizing < 240
     float32 = float32_cpu and not device.startswith("cuda")
     if device.startswith("cuda"):
-        name = next((n for n, under in GPU_SHORT_BUDGETS if time_budget is not None and time_budget < under), "large")
+        name = next((n for n, under in GPU_SHORT_BUDGETS if sizing < under), "large")
     elif float32:
-        name = "small" if time_budget is not None and time_budget < FLOAT32_CPU_MEDIUM_FROM else "medium"
+        name = "small" if sizing < FLOAT32_CPU_MEDIUM_FROM else "medium"
     else:
         name = "small" if short else "medium"
     picked = {**PRESETS[name], **({"batch_size": FLOAT32_CPU_SHORT_BATCH} if float32 and short else {}), **given}
