@@ -297,6 +297,37 @@ def test_default_run_dir_goes_past_a_file_of_the_run_s_name(tmp_path):
     assert ckpt.default_run_dir([corpus], root) == root / "poems-2"
 
 
+def test_default_run_dir_goes_past_a_directory_of_other_things(tmp_path):
+    root, corpus = tmp_path / "runs", tmp_path / "poems.txt"
+    corpus.write_text("x")
+    (root / "poems").mkdir(parents=True)
+    (root / "poems" / "draft.txt").write_text("mine")
+    assert ckpt.default_run_dir([corpus], root) == root / "poems-2"
+    (root / "poems-2").mkdir()
+    (root / "poems-2" / ckpt.METRICS_FILE).write_text('{"step": 1}\n')  # a run stopped before its first save
+    assert ckpt.default_run_dir([corpus], root) == root / "poems-2"  # (the same command starts it again)
+
+
+def test_a_fresh_run_is_refused_in_a_directory_of_other_things_which_stay_as_they_were(tmp_path):
+    (tmp_path / "names").mkdir()
+    for name in ("notes.txt", "config.json", "metrics.jsonl", "more.txt"):
+        (tmp_path / name).write_text("mine")
+    with pytest.raises(UsageError, match=r"holds other things than a run \(config.json, more.txt, names/ and 1 more\)"
+                                         r"; a run needs a new or empty directory"):
+        ckpt.make_run_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl", "more.txt", "names",
+                                                          "notes.txt"]
+    assert all((tmp_path / n).read_text() == "mine" for n in ("notes.txt", "config.json", "metrics.jsonl"))
+
+
+def test_a_run_s_own_leftovers_do_not_make_a_directory_foreign(tmp_path):
+    for name in (ckpt.METRICS_FILE, f"{ckpt.METRICS_FILE}.prev2", f".{ckpt.MODEL_FILE}.x1y2.tmp"):
+        (tmp_path / name).write_text("")
+    assert ckpt.foreign_entries(tmp_path) == []
+    ckpt.make_run_dir(tmp_path)  # (not refused)
+    assert ckpt.foreign_entries(tmp_path / "not-there") == []
+
+
 def test_default_run_dir_of_a_directory_is_named_after_it(tmp_path):
     (tmp_path / "books").mkdir()
     assert ckpt.default_run_dir([tmp_path / "books"], tmp_path / "runs") == tmp_path / "runs" / "books"

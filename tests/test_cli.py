@@ -1406,6 +1406,16 @@ def test_a_negative_tuning_knob_is_refused(flag, value, tmp_path):
     assert flag in refused(2, "train", tmp_path / "names.txt", flag, value, "--out", tmp_path / "run")
 
 
+def test_a_run_into_a_directory_of_other_things_is_refused_before_the_text_is_read(tmp_path):
+    """`-o runs` wrote a model beside runs/names, and `sample` went on using runs/names."""
+    write_names(tmp_path / "names.txt")
+    ok("train", tmp_path / "names.txt", "--preset", "tiny", "--max-steps", "1", "--out", tmp_path / "runs" / "names")
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    message = refused(2, "train", tmp_path / "names.txt", "--max-steps", "1", "--out", tmp_path / "runs")
+    assert "holds other things than a run (names/)" in message and "--out" in message
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before == ["names"]
+
+
 def test_a_run_without_its_model_keeps_its_other_checkpoints_from_a_fresh_run(tmp_path):
     write_names(tmp_path / "names.txt")
     run = tmp_path / "run"

@@ -19,6 +19,7 @@ import glob
 import itertools
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -260,6 +261,27 @@ def refuse_finished_run(run_dir: Path) -> None:
         raise UsageError(f"{run_dir} already holds a run; {hint}")
     if left := earlier_files(run_dir):  # (without a model: not resumable, yet the weights are there)
         raise UsageError(f"{run_dir} holds an earlier run's {' and '.join(left)}; {other}, or move them away")
+    if foreign := foreign_entries(run_dir):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if foreign[3:] else "")
+        raise UsageError(f"{run_dir} holds other things than a run ({shown}); a run needs a new or empty "
+                         f"directory: {other}")
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What `run_dir` holds besides a run's own files. A fresh run is refused there: `-o runs` put its
+    files beside runs/names, which `sample` then used instead, and `-o .` would mix them with (and
+    could overwrite) the user's own. A run stopped before its first save leaves only its metrics."""
+    try:
+        entries = sorted(run_dir.iterdir())
+    except OSError:  # (not there yet, or not a directory: what makes it says so)
+        return []
+    return [p.name + "/" * p.is_dir() for p in entries if not _is_run_file(p.name)]
+
+
+def _is_run_file(name: str) -> bool:
+    return (name in (MODEL_FILE, BEST_FILE, STATE_FILE, METRICS_FILE)
+            or re.fullmatch(re.escape(METRICS_FILE) + r"\.prev\d+", name) is not None
+            or (name.startswith(".") and name.endswith(".tmp")))  # (atomic_write's, left by a crash)
 
 
 def earlier_files(run_dir: Path) -> list[str]:
@@ -422,7 +444,7 @@ def default_run_dir(corpus_paths: list[Path], root: Path = RUNS_DIR) -> Path:
     stem = run_name(corpus_paths)
     candidate, n = root / stem, 1
     while (candidate.exists() and not candidate.is_dir()) or (candidate / MODEL_FILE).exists() \
-            or earlier_files(candidate) or in_use(candidate):
+            or earlier_files(candidate) or foreign_entries(candidate) or in_use(candidate):
         n += 1
         candidate = root / f"{stem}-{n}"
     return candidate
