@@ -1,5 +1,6 @@
 """The benchmark's report, on shapes small enough for a test (no speed is asserted)."""
 
+import io
 import json
 
 from typer.testing import CliRunner
@@ -45,13 +46,34 @@ def test_bench_table_has_a_column_per_figure(monkeypatch):
     assert not set("┃━│─┏┗") & set(result.output)
     assert all(line == line.rstrip() for line in result.stdout.splitlines())  # (it padded every line to 113)
     row = next(line for line in result.output.splitlines() if "0.8M" in line)
-    for figure in ("20,000", "25%", "2,100 (float32)", "2,800", "2.0x (bfloat16)", "0.47 s"):
+    for figure in ("20,000", "100 (25%)", "2,100", "fp32", "2,800", "2.0x (bf16)", "0.47 s"):
         assert figure in row
     assert "(float16, bfloat16)" in " ".join(result.output.split())  # the caption names the C matmuls' dtypes
     assert "sampling attends through tfcli's C kernel" in result.output
     assert "training in bfloat16, compiled; peak 400 GFLOP/s" in result.output
     monkeypatch.setattr(bench, "run", lambda *a, **k: {**report, "compile": False})
     assert "training in bfloat16, uncompiled; peak" in CliRunner().invoke(app, ["bench"]).output  # (said nothing)
+
+
+def test_bench_table_fits_an_80_column_terminal_leaving_out_what_was_not_measured():
+    """At 80 columns every header and figure was cut: `(floa…`, `GFLOP…`, `--com…`."""
+    from rich.console import Console
+
+    from tfcli.commands.bench import bench_table
+    sample = {"chars_per_s": 1011.0, "dtype": "float16", "num_samples_16_cost": 5.1,
+              "num_samples_16_dtype": "bfloat16", "first_char_s": 0.61}
+    report = {"device": "cpu", "dtype": "float32", "compile": True, "peak_gflops": 153.0, "decode_kernel": True,
+              "decode_matmul": ["float16", "bfloat16"],
+              "train": {name: {"tokens_per_s": 12728.0, "gflops": 95.0, "params": 10_650_000, "peak_fraction": 0.62}
+                        for name in ("0.8M", "4.8M", "10.7M")},
+              "sample": {"0.8M": dict(sample, chars_per_s=4537.0), "10.7M": sample}}
+    console = Console(width=80, force_terminal=True, color_system=None, record=True, file=io.StringIO())
+    console.print(bench_table(report, plain=False))
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    assert "--compile" not in text.split("sampling attends")[0]  # (no column of dashes: the caption says why)
+    row = next(line for line in text.splitlines() if line.strip().startswith("10.7M"))
+    assert row.split() == ["10.7M", "10.65M", "12,728", "95", "(62%)", "1,011", "fp16", "5.1x", "(bf16)", "0.61", "s"]
 
 
 def test_sample_speed_takes_batch_sizes_in_turn_and_reports_paired_ratios(monkeypatch):

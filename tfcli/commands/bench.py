@@ -41,33 +41,49 @@ def bench(
     if as_json:
         print(json.dumps(result))
         return
+    print_view(bench_table(result, plain=not stdout.is_terminal), width=200)  # (a pipe: no line cut to 80)
+
+
+def bench_table(result: dict, plain: bool):
+    """The result as a table that fits 80 columns (a column nothing was measured for is left out);
+    `plain` (a pipe or file): without a box."""
     from rich import box
     from rich.table import Table
 
-    plain = not stdout.is_terminal  # (a pipe or file: columns without a box, none of them cut to 80)
     how = "compiled" if result["compile"] else "uncompiled"
     t = Table(title=f"tfcli bench: {result['device']}; training in {result['dtype']}, {how}; "
                     f"peak {result['peak_gflops']:.0f} GFLOP/s (probed)",
-              box=None if plain else box.HEAVY_HEAD, title_justify="left" if plain else "center",
-              caption_justify="left" if plain else "center")
-    for col in ("shape", "params", "train tok/s", "GFLOP/s", "% of peak", "sample chars/s (weights)",
-                "--compile chars/s", "16 samples (x one's time)", "first char"):
-        t.add_column(col, justify="right")
+              box=None if plain else box.SIMPLE_HEAD, title_justify="left", caption_justify="left", pad_edge=False)
+    columns = {"shape": [], "params": [], "train\ntok/s": [], "GFLOP/s\n(% peak)": [], "sample\nchars/s": [],
+               "weights": [], "--compile\nchars/s": [], "16 samples\n(x time)": [], "first\nchar": []}
     for name, r in result["train"].items():
         s = result["sample"].get(name, {})
-        rate = f"{s['chars_per_s']:,.0f} ({s['dtype']})" if s else "–"
-        compiled = f"{s['compiled_chars_per_s']:,.0f}" if "compiled_chars_per_s" in s else "–"
         batch = f"{s['num_samples_16_cost']:.1f}x" if "num_samples_16_cost" in s else "–"
         if s.get("num_samples_16_dtype", s.get("dtype")) != s.get("dtype"):  # (a batch's own weights)
-            batch += f" ({s['num_samples_16_dtype']})"
-        first = f"{s['first_char_s']:.2f} s" if "first_char_s" in s else "–"
-        t.add_row(name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.0f}",
-                  f"{r['peak_fraction']:.0%}", rate, compiled, batch, first)
+            batch += f" ({_short(s['num_samples_16_dtype'])})"
+        row = [name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}",
+               f"{r['gflops']:.0f} ({r['peak_fraction']:.0%})", f"{s['chars_per_s']:,.0f}" if s else "–",
+               _short(s["dtype"]) if s else "–",
+               f"{s['compiled_chars_per_s']:,.0f}" if "compiled_chars_per_s" in s else "–", batch,
+               f"{s['first_char_s']:.2f} s" if "first_char_s" in s else "–"]
+        for values, value in zip(columns.values(), row):
+            values.append(value)
+    shown = {head: values for i, (head, values) in enumerate(columns.items()) if i < 4 or set(values) != {"–"}}
+    for head in shown:
+        t.add_column(head, justify="right")
+    for row in zip(*shown.values()):
+        t.add_row(*row)
     if result["sample"]:
         t.caption = ("sampling attends through tfcli's C kernel (float16 keys and values with half weights)"
                      if result["decode_kernel"]
                      else "sampling attends through PyTorch (tfcli's C kernel is off or could not be built)")
         if result.get("decode_matmul"):
             t.caption += f"; half weights multiply in C ({', '.join(result['decode_matmul'])})"
-        t.caption += "; –: not measured (--compile is measured only where it is used: no C kernel, --compile on)"
-    print_view(t, width=200)  # (in a pipe: plain columns, none cut to 80, no padding at line ends)
+        if "--compile\nchars/s" not in shown:
+            t.caption += "; --compile is measured only where sampling uses it (no C kernel, --compile on)"
+        t.caption += "; x time: 16 samples at once, against one's time"
+    return t
+
+
+def _short(dtype: str) -> str:
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
