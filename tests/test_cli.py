@@ -905,7 +905,25 @@ def test_under_torchrun_an_unknown_flag_is_said_by_rank_0_only(monkeypatch, caps
 
 def test_on_off_flags_show_no_value_placeholder_in_help():
     for command in ("train", "sample", "eval", "info", "bench", "inspect-attention"):
-        assert "<bool>" not in ok(command, "--help").stdout
+        text = ok(command, "--help").stdout
+        assert "<bool>" not in text and "list[" not in text  # (nor an argument's annotation: `CORPUS <list[Path]>`)
+
+
+def test_help_in_a_pipe_gives_each_summary_whole_and_no_python_types():
+    """`tfcli --help | less` (click's plain help) cut every summary at 45 characters: "Train a model on
+    CORPUS; progress live on a...", and `train --help` read `CORPUS <list[Path]>`."""
+    from tfcli.commands import bench, evaluate, info, inspect_attention, sample, train
+
+    def piped(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "tfcli", *args], capture_output=True, text=True, check=True)
+        assert "╭" not in done.stdout  # (plain text, as in a pipe)
+        return done.stdout
+    text = " ".join(piped("--help").split())
+    for command in (train.train, sample.sample, inspect_attention.inspect_attention, evaluate.eval_, info.info,
+                    bench.bench):
+        assert command.__doc__.strip().splitlines()[0] in text
+    assert "..." not in text.replace("COMMAND [ARGS]...", "")
+    assert "list[" not in piped("train", "--help") and "<bool>" not in piped("sample", "--help")
 
 
 def test_help_keeps_every_default_it_states():

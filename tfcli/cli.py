@@ -19,16 +19,19 @@ from .commands.common import quiet_exit_delay, stderr, torchrun_rank
 from .errors import INTERRUPTED
 
 
-def _no_value_shown_for_flags() -> None:
-    """Typer 0.29's help gave an on/off flag a value placeholder (`--json <bool>`), as if it took one."""
-    from typer.core import TyperOption
+def _no_python_types_in_help() -> None:
+    """Typer 0.29's help gave an on/off flag a value placeholder (`--json <bool>`), as if it took one,
+    and an argument its annotation (`CORPUS <list[Path]>`), where its name and help say what it is."""
+    from typer.core import TyperArgument, TyperOption
 
     shown = getattr(TyperOption, "display_type_rich", None)
     if shown is not None:
         TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+    if getattr(TyperArgument, "display_type_rich", None) is not None:
+        TyperArgument.display_type_rich = lambda self, ctx: None
 
 
-_no_value_shown_for_flags()
+_no_python_types_in_help()
 
 
 app = typer.Typer(name="tfcli", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -52,12 +55,18 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 
 # (each module's function is the command: its signature is the interface)
-app.command()(train.train)
-app.command()(sample.sample)
-app.command("inspect-attention")(inspect_attention.inspect_attention)
-app.command("eval")(evaluate.eval_)
-app.command()(info.info)
-app.command()(bench.bench)
+def _command(function, name: str | None = None) -> None:
+    """Each command's summary is its docstring's first line, whole: in a pipe, `tfcli --help` cut
+    them at 45 characters ("Train a model on CORPUS; progress live on a...")."""
+    app.command(name, short_help=function.__doc__.strip().splitlines()[0])(function)
+
+
+_command(train.train)
+_command(sample.sample)
+_command(inspect_attention.inspect_attention, "inspect-attention")
+_command(evaluate.eval_, "eval")
+_command(info.info)
+_command(bench.bench)
 
 
 def _plain_help() -> None:
