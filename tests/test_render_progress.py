@@ -39,6 +39,37 @@ def test_done_line_says_when_the_model_has_barely_learnt(tmp_path):
     assert "barely" not in describe_done(done) and "barely" not in describe_done(replace(done, val_loss=0.0), 1)
 
 
+def test_done_line_of_a_model_that_learnt_only_its_training_text_does_not_say_train_longer(tmp_path):
+    """A 34-character text: train loss 0.00, validation 12.9 (characters it never saw), and the advice was
+    "train it for longer"."""
+    done = Done(step=256, val_loss=12.89, best_val_loss=12.89, elapsed=20.0, run_dir=tmp_path, reason="epochs")
+    line = describe_done(done, 18, train_loss=0.0001)
+    assert "learnt its training text (train loss 0.00)" in line
+    assert "uniform guess over its 18 characters (2.89)" in line
+    assert "longer" not in line and "give it more" in line
+    assert "barely learnt yet" in describe_done(done, 18, train_loss=2.5)  # (no better on its own text either)
+    assert "barely learnt yet" in describe_done(done, 18, train_loss=float("nan"))
+
+
+def test_both_views_tell_the_closing_line_the_last_training_loss(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tfcli.config import ModelConfig, TrainConfig
+    from tfcli.events import Eval, Start
+    from tfcli.render.progress import PlainProgress
+    events = [Start(tmp_path, 1000, ModelConfig(vocab_size=18), TrainConfig(), "cpu", "float32", 30, 3, 18, 0, False),
+              Eval(step=256, val_loss=12.89, train_loss=0.0001, best=True, elapsed=19.0),
+              Done(step=256, val_loss=12.89, best_val_loss=12.89, elapsed=20.0, run_dir=tmp_path, reason="epochs")]
+    for view in (PlainProgress, LiveProgress):
+        console = Console(file=io.StringIO(), width=200, force_terminal=view is LiveProgress, color_system=None)
+        with view(console, warnings=console) as shown:
+            for e in events:
+                shown(e)
+        assert "learnt its training text (train loss 0.00)" in console.file.getvalue(), view
+
+
 def test_eta_follows_the_pace_since_the_first_step_shown():
     eta = Eta()
     assert eta(0.5, 100.0) is None  # a resumed run's first step: half done, but no pace yet
