@@ -87,6 +87,18 @@ def test_fit_first_reads_a_text_in_the_spelling_the_vocabulary_knows():
     assert decomposed.fit("café €", "skip") == ("cafe\u0301 ", {"€": ""})  # (only € is unknown)
 
 
+def test_what_fit_changed_is_told_of_the_characters_as_typed_not_of_their_accents():
+    """A vocabulary without Ü, ï or é spelt them U + ¨ ...: the error named "¨ ø ´", marks nobody typed."""
+    vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :")
+    with pytest.raises(UsageError, match="has no Ü ï ø é 日 本; remove"):
+        vocab.fit("Ünïcødé 日本 ROMEO")
+    text, changed = vocab.fit("Ünïcødé 日本 ROMEO", "replace")
+    assert text == "Unicode  ROMEO"
+    assert changed == {"Ü": "U", "ï": "i", "ø": "o", "é": "e", "日": "", "本": ""}  # (ø has no accent to strip)
+    assert vocab.fit("Ünïcødé", "skip") == ("Unicde", {"Ü": "U", "ï": "i", "ø": "", "é": "e"})  # (their marks)
+    assert vocab.fit("Łódź straße", "replace") == ("Lodz strase", {"Ł": "L", "ó": "o", "ź": "z", "ß": "s"})
+
+
 def test_a_text_is_spelt_as_the_vocabulary_spells_it():
     decomposed = Vocab.from_text("cafe\u0301 ")  # (e and a combining acute accent)
     assert decomposed.spelt_as_known("café") == "cafe\u0301"

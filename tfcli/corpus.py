@@ -262,8 +262,11 @@ def _codepoints(text: str) -> np.ndarray:
 
 
 # typographic punctuation, and what a keyboard types for it (best first)
-PLAIN_PUNCTUATION = {**dict.fromkeys("‘’‚‛′ʼ`´", "'"), **dict.fromkeys("“”„‟″«»", "\"'"),
-                     **dict.fromkeys("‐‑‒–—―−", "-"), "…": ".", "‹": "'<", "›": "'>"}
+# what --unknown replace tries for a character after its own case: typographic punctuation as typed on a
+# keyboard, and the letters Unicode gives no decomposition to strip (ø is not o + a mark, as ö is)
+LOOK_ALIKES = {**dict.fromkeys("‘’‚‛′ʼ`´", "'"), **dict.fromkeys("“”„‟″«»", "\"'"),
+               **dict.fromkeys("‐‑‒–—―−", "-"), "…": ".", "‹": "'<", "›": "'>",
+               **dict(zip("øØłŁđĐħĦıß", "oOlLdDhHis")), "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE"}
 
 
 def check_unknown(unknown: str) -> None:
@@ -357,31 +360,48 @@ class Vocab:
         return "".join(out)
 
     def fit(self, text: str, unknown: str = "error") -> tuple[str, dict[str, str]]:
-        """`text` made encodable, and what changed: each unknown character and what replaced it
-        ("" where dropped). `unknown` is the --unknown policy: error raises naming the characters
-        the model never saw, skip drops them, replace maps each to its closest known character.
+        """`text` made encodable, and what changed: each character of `text` as typed that the model
+        never saw, and what it became ("" where dropped). `unknown` is the --unknown policy: error
+        raises naming those characters, skip drops them, replace maps each to its closest known one.
         First the text's other Unicode spelling is tried (see spelt_as_known), which changes nothing
         a reader can see."""
         check_unknown(unknown)
         if not isinstance(text, str):  # (None or bytes failed at `"\r" in text`)
             raise UsageError(f"the prompt must be a str, got {type(text).__name__}")
-        text = self.spelt_as_known(text)
+        typed, text = text, self.spelt_as_known(text)
         missing = self.unknown(text)
         if missing and unknown == "error":
             hint = "" if at_command_line() else ' (or pass unknown="skip" or "replace")'  # (the CLI adds its own)
-            raise UsageError(self._lacks(missing) + hint)
+            raise UsageError(self._lacks(as_typed(typed, missing)) + hint)
         changed = {c: "" if unknown == "skip" else self.closest(c) or "" for c in missing}
-        return "".join(changed.get(c, c) for c in text), changed
+        return "".join(changed.get(c, c) for c in text), changes_as_typed(typed, changed)
 
     def closest(self, c: str) -> str | None:
         """The known character most like `c` (case-folded, accent-stripped, typographic punctuation
-        as typed on a keyboard: ’ as ', “ as ", – as -), or None."""
+        as typed on a keyboard: ’ as ', “ as ", – as -; ø as o), or None."""
         base = unicodedata.normalize("NFKD", c)[:1]  # É: E, then e
-        plain = PLAIN_PUNCTUATION.get(c, "")
-        for cand in (c.lower(), c.upper(), *plain, base, base.lower(), base.upper(), " " if c.isspace() else ""):
+        alike = LOOK_ALIKES.get(c, "")
+        for cand in (c.lower(), c.upper(), *alike, base, base.lower(), base.upper(), *alike.swapcase(),
+                     " " if c.isspace() else ""):
             if cand and cand in self.chars:
                 return cand
         return None
+
+
+def changes_as_typed(text: str, changed: dict[str, str]) -> dict[str, str]:
+    """`changed` (what each unknown character of the spelling the vocabulary fits became) told of
+    the characters of `text` as typed: Ü spelt U + ¨, with ¨ dropped, became U."""
+    return {c: "".join(changed.get(part, part) for part in (c if c in changed else unicodedata.normalize("NFD", c)))
+            for c in as_typed(text, list(changed))}
+
+
+def as_typed(text: str, missing: list[str]) -> list[str]:
+    """The characters of `text`, composed, that hold the `missing` ones: the vocabulary lacked a bare
+    accent of Ü spelt U + ¨, and "has no ¨ ´" named marks nobody typed."""
+    lost = set(missing)
+    found = [c for c in dict.fromkeys(unicodedata.normalize("NFC", text))
+             if c in lost or any(part in lost for part in unicodedata.normalize("NFD", c))]
+    return found or missing
 
 
 @dataclass(frozen=True)

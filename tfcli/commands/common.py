@@ -262,13 +262,12 @@ def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "", starts_text: bo
         return prompt
     from ..corpus import show_char
     left = " (all the prompt had: the text starts from nothing)" if starts_text and not prompt else ""
-    if unknown == "skip":
-        said = f"dropped unknown characters: {' '.join(show_char(c) for c in changed)}"
-    else:  # (a character with no look-alike in the vocabulary is dropped: say so, not "replaced")
-        mapped = ", ".join(f"{show_char(c)}→{show_char(r)}" for c, r in changed.items() if r)
-        gone = " ".join(show_char(c) for c, r in changed.items() if not r)
-        said = "; ".join([f"replaced unknown characters: {mapped}"] * bool(mapped)
-                         + [f"dropped unknown characters with no look-alike in the vocabulary: {gone}"] * bool(gone))
+    # (a character with no look-alike is dropped: said so, not "replaced"; Ü spelt U + ¨ loses its ¨ even with skip)
+    mapped = ", ".join(f"{show_char(c)}→{''.join(map(show_char, r))}" for c, r in changed.items() if r)
+    gone = " ".join(show_char(c) for c, r in changed.items() if not r)
+    why = "" if unknown == "skip" else " with no look-alike in the vocabulary"
+    said = "; ".join([f"replaced unknown characters: {mapped}"] * bool(mapped)
+                     + [f"dropped unknown characters{why}: {gone}"] * bool(gone))
     stderr.print(f"warning: {said}{left}{escape}", markup=False)
     return prompt
 
