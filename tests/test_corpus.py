@@ -437,6 +437,18 @@ def test_load_corpus_takes_a_path_as_a_string_too(tmp_path):
     assert load_corpus([str(tmp_path / "t.txt")], val_paths=[str(tmp_path / "t.txt")]).n_chars == 120
 
 
+@pytest.mark.parametrize("paths, message", [
+    (5, "load_corpus's paths must be a path or a list of paths, got 5"),  # (`'int' object is not iterable`)
+    ([Path("a.txt"), 3], "must be a path or a list of paths"),
+    ([], "load_corpus needs at least one file or directory"),  # (": empty corpus", with no name before it)
+])
+def test_load_corpus_says_what_it_takes(paths, message):
+    with pytest.raises(UsageError, match=message):
+        load_corpus(paths)
+    with pytest.raises(UsageError, match="load_corpus's val_paths must be"):
+        load_corpus(["x.txt"], val_paths=7)
+
+
 def test_a_link_to_nothing_is_said_to_be_one(tmp_path):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")  # (a loop)

@@ -103,6 +103,13 @@ def test_a_single_character_cannot_be_evaluated():
         evaluate(make_model(VOCAB, block_size=8), ids_of(1))
 
 
+def test_a_run_directory_rather_than_a_model_is_refused_with_the_call_that_works():
+    with pytest.raises(UsageError, match=r"^evaluate takes a model: model = tfcli.load\('runs/x'\) first"):
+        evaluate("runs/x", [1, 2, 3])  # (it failed at `'str' object has no attribute 'config'`)
+    with pytest.raises(UsageError, match=r"^evaluate takes a model \(tfcli.load\(path\)\), got a dict"):
+        evaluate({}, [1, 2, 3])
+
+
 def test_result_dict_has_the_derived_figures():
     assert EvalResult(10, math.log(4)).to_dict() == pytest.approx(
         {"chars": 10, "loss": math.log(4), "bpc": 2.0, "perplexity": 4.0})
@@ -118,6 +125,7 @@ def test_text_rather_than_ids_is_refused_with_the_call_that_works():
     (np.zeros((2, 50), dtype=np.int64), "1-D sequence of integer token ids"),
     (np.array([0.0, 1.0, 2.0]), "1-D sequence of integer token ids"),
     (torch.tensor([0.0, 1.5, 2.0]), "integer token ids, got torch.float32"),  # (it was truncated to ids)
+    ([0, 1.5, 2.0], "integer token ids, got float64"),  # (a list, too)
 ])
 def test_ids_outside_the_vocabulary_or_of_the_wrong_shape_are_refused_in_words(ids, message):
     with pytest.raises(UsageError, match=message):

@@ -235,6 +235,8 @@ def test_attention_says_what_it_takes_when_given_ids_or_a_model_without_a_vocabu
     del model.vocab
     with pytest.raises(UsageError, match="no vocabulary"):
         attention(model, "anna")
+    with pytest.raises(UsageError, match=r"^attention takes a model: model = tfcli.load\('runs/x'\) first"):
+        attention("runs/x", "anna")  # (it said the model had no vocabulary)
 
 
 def test_logit_lens_reads_a_long_text_through_the_window_the_query_sees(model):

@@ -154,8 +154,9 @@ def test_generation_stops_before_the_stop_string(model):
 
 def test_a_notebook_is_warned_of_a_stop_string_the_model_cannot_write(model):
     cfg = SampleConfig(max_new_tokens=10, seed=1, stop=("\n", "✓"))
-    with pytest.warns(UserWarning, match="^stop='✓' can never match: the model's vocabulary has no ✓$"):
+    with pytest.warns(UserWarning, match="^stop='✓' can never match: the model's vocabulary has no ✓$") as said:
         text = text_of(model, "h", cfg)  # (it was accepted, and silently never matched)
+    assert {w.filename for w in said} == {__file__}  # (the first line outside tfcli)
     assert text == text_of(model, "h", replace(cfg, stop=("\n",)))  # (the other stops still work)
 
 

@@ -275,8 +275,10 @@ def test_corpus_shorter_than_the_context_shrinks_it_with_a_notice(tmp_path):
 
 def test_without_an_on_event_a_notice_is_a_python_warning(tmp_path):
     corpus = load_corpus([write(tmp_path, PATTERN * 2)], val_fraction=0.0)
-    with pytest.warns(UserWarning, match="^the training text is shorter than the context; context shrunk to 10$"):
+    shrunk = "^the training text is shorter than the context; context shrunk to 10$"
+    with pytest.warns(UserWarning, match=shrunk) as said:
         train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")
+    assert {w.filename for w in said} == {__file__}  # (the caller's line, not tfcli/trainer.py's)
 
 
 def test_hopelessly_short_corpus_is_refused(tmp_path):
@@ -758,6 +760,9 @@ def test_train_names_a_corpus_or_configs_in_the_wrong_place(tmp_path):
         train(str(tmp_path / "x.txt"), MODEL, TRAIN, tmp_path / "run")
     with pytest.raises(UsageError, match="a ModelConfig, then a TrainConfig"):
         train(corpus, TRAIN, MODEL, tmp_path / "run")
+    for run_dir in (None, 5):  # (a TypeError from pathlib)
+        with pytest.raises(UsageError, match=r"^train's run_dir must be a path \(str or Path\), got "):
+            train(corpus, MODEL, TRAIN, run_dir)
 
 
 def test_the_time_kept_for_the_final_validation_is_a_gpus_where_the_model_is_on_one():

@@ -68,6 +68,18 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def check_model(model, caller: str) -> None:
+    """A model is what carries a ModelConfig (a GPT, or the C kernels' NativeModel): a notebook's
+    `evaluate("runs/x", ids)` failed at `'str' object has no attribute 'config'`, and
+    `attention("runs/x", ...)` said the model had no vocabulary."""
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        return
+    if isinstance(model, (str, os.PathLike)):
+        raise UsageError(f"{caller} takes a model: model = tfcli.load({str(model)!r}) first, then "
+                         f"{caller}(model, ...)")
+    raise UsageError(f"{caller} takes a model (tfcli.load(path)), got a {type(model).__name__}")
+
+
 def check_seed(seed: int) -> None:
     """PyTorch's generators take 64-bit seeds; a larger one was a ValueError deep in a run."""
     if not -2**63 <= seed < 2**64:

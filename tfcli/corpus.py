@@ -16,6 +16,7 @@ import codecs
 import functools
 import hashlib
 import io
+import os
 import re
 import stat
 import sys
@@ -439,6 +440,16 @@ class Corpus:
         return [self.vocab.chars[j] for j in np.flatnonzero(missing)]
 
 
+def _paths(given, name: str) -> list[Path]:
+    """A notebook's paths: one (load_corpus("input.txt") is one file, not its letters) or a list; a
+    load_corpus(5) failed at `'int' object is not iterable`."""
+    if isinstance(given, (str, os.PathLike)):
+        given = [given]
+    if not isinstance(given, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in given):
+        raise UsageError(f"load_corpus's {name} must be a path or a list of paths, got {given!r}")
+    return [Path(p) for p in given]
+
+
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
                 encoding: str = "utf-8", errors: str = "strict", vocab: Vocab | None = None,
                 store: MemoryStore | TokenCache | None = None) -> Corpus:
@@ -450,11 +461,9 @@ def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_frac
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UsageError(f"{setting('val_fraction')} must be in [0, 1), got {val_fraction}")
-    if isinstance(paths, (str, Path)):  # (a notebook's load_corpus("input.txt"): one file, not its letters)
-        paths = [paths]
-    if isinstance(val_paths, (str, Path)):
-        val_paths = [val_paths]
-    paths, val_paths = [Path(p) for p in paths], val_paths and [Path(p) for p in val_paths]
+    paths, val_paths = _paths(paths, "paths"), val_paths and _paths(val_paths, "val_paths")
+    if not paths:
+        raise UsageError("load_corpus needs at least one file or directory to read")
     skipped: list[Path] = []
     nul_free = _nul_free(encoding)
     groups = [(paths, list_files(paths, skipped, nul_free))] + \

@@ -8,6 +8,9 @@ as its reader spells it (`setting`): `--n-layer 0` at the command line, `n_layer
 
 import contextlib
 import contextvars
+import os
+import sys
+import warnings
 
 USAGE = 2  # the user asked for something that cannot work (typer uses 2 too)
 RUNTIME = 1  # the request was sound but the work failed
@@ -57,3 +60,12 @@ def setting(field: str, value=_NO_VALUE, flag: str | None = None) -> str:
         name = flag or "--" + field.replace("_", "-")
         return name if value is _NO_VALUE or value is True else f"{name} {value}"  # (a switch: --resume)
     return field if value is _NO_VALUE else f"{field}={value!r}"
+
+
+def warn(message: str) -> None:
+    """A Python warning (for a notebook: the CLI says its own) shown at the caller's line, the first
+    outside tfcli: at tfcli's own, a notebook saw `tfcli/trainer.py:350` and a line of its source."""
+    package, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import check_model
 from .device import autocast, keep_freed_memory
 from .errors import UsageError
 
@@ -45,13 +46,14 @@ def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: 
     """Mean loss over `ids`; `on_progress(n)` is told of each n characters scored. An interrupt
     (Ctrl-C) carries, as its `partial`, the EvalResult of the windows scored before it (None before
     the first): an hour into a huge text, that much was not to be thrown away."""
+    check_model(model, "evaluate")
     keep_freed_memory()
     T = model.config.block_size
     device = next(model.parameters()).device
     if isinstance(ids, str):
         raise UsageError("evaluate takes token ids: evaluate(model, model.vocab.encode(text))")
-    if not isinstance(ids, (np.ndarray, torch.Tensor)):  # (a list of ids, from a notebook)
-        ids = np.asarray(ids, dtype=np.int64)
+    if not isinstance(ids, (np.ndarray, torch.Tensor)):  # (a list of ids, from a notebook: 1.5 is not cut to 1)
+        ids = np.asarray(ids) if len(ids) else np.zeros(0, dtype=np.int64)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise UsageError(f"batch_size must be a positive int, got {batch_size!r}")
     floats = isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import check_model
 from .errors import UsageError, setting
 from .native_decoder import NativeModel
 
@@ -65,6 +66,7 @@ def logits_from_hidden(model, x: np.ndarray) -> np.ndarray:
 
 
 def _check_text(model, text: str, caller: str, empty: str = "") -> None:
+    check_model(model, caller)
     if not isinstance(text, str):
         raise UsageError(f"{caller} takes the text itself (a str), got {type(text).__name__}")
     if getattr(model, "vocab", None) is None:

@@ -15,16 +15,15 @@ settings give the same text.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import native_decoder
-from .config import SampleConfig
+from .config import SampleConfig, check_model
 from .corpus import Vocab, show_char
-from .errors import UsageError, at_command_line, setting
+from .errors import UsageError, at_command_line, setting, warn
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -357,6 +356,7 @@ def check_batch_fits(config, num_samples: int) -> None:
 def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprobs: bool = True) -> Iterator[Piece]:
     """Prefill the prompt's last block_size characters, then one cached decode step per character.
     `logprobs=False` leaves Piece.logprobs None (a small model's step costs less than computing it)."""
+    check_model(model, "generate")
     if not isinstance(cfg, SampleConfig) or not isinstance(vocab, Vocab):
         raise UsageError(f"generate takes a model, its Vocab, the prompt and a SampleConfig, got a "
                          f"{type(vocab).__name__} and a {type(cfg).__name__}")
@@ -372,8 +372,8 @@ def generate_pieces(model, vocab: Vocab, prompt: str, cfg: SampleConfig, logprob
     stops = tuple(vocab.spelt_as_known(s) for s in cfg.stop)  # (spelt as the prompt is: \r\n as \n, NFC or NFD)
     for stop in stops if not at_command_line() else ():  # (the CLI warns in its own words, with a typing hint)
         if missing := vocab.unknown(stop):  # (a notebook's was accepted, and silently never matched)
-            warnings.warn(f"stop={stop!r} can never match: the model's vocabulary has no "
-                          f"{' '.join(show_char(c) for c in missing)}", stacklevel=3)
+            warn(f"stop={stop!r} can never match: the model's vocabulary has no "
+                 f"{' '.join(show_char(c) for c in missing)}")
     matchers = [StopMatcher(stops) for _ in range(B)]
     for _ in range(cfg.max_new_tokens):
         nxt = pick(filter_logits(logits, cfg, history), cfg.temperature, rng)

@@ -16,8 +16,8 @@ import gc
 import hashlib
 import json
 import math
+import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +31,7 @@ from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus, show_char
 from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .distributed import World, agree, first_differing, mean, process_group, wrap
-from .errors import TfcliError, UsageError, setting
+from .errors import TfcliError, UsageError, setting, warn
 from .evaluation import evaluate
 from .events import Done, Eval, Event, Notice, Sample, Start, Step
 from .model import GPT
@@ -206,7 +206,9 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
     shrunk to the text, a step that takes minutes, no validation) are Python warnings.
     """
     started_at = time.monotonic() if started_at is None else started_at
-    run_dir = Path(run_dir)  # (a notebook passes a string)
+    if not isinstance(run_dir, (str, os.PathLike)):  # (a notebook passes a string, or None: a TypeError of pathlib's)
+        raise UsageError(f"train's run_dir must be a path (str or Path), got {run_dir!r}")
+    run_dir = Path(run_dir)
     if not isinstance(corpus, Corpus):
         raise UsageError(f"train takes a Corpus (tfcli.load_corpus([path])), got {type(corpus).__name__}")
     if not isinstance(model_cfg, ModelConfig) or not isinstance(cfg, TrainConfig):
@@ -268,7 +270,7 @@ def _warn_of_notices(event: Event) -> None:
     """A notebook that passed no `on_event` still hears what changed its run: a context of 10**7
     shrunk to a 180K-character text made a first step of about an hour, and said so to nobody."""
     if isinstance(event, Notice):
-        warnings.warn(event.message, stacklevel=2)
+        warn(event.message)
 
 
 def _train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, on_event: Callable[[Event], None],
