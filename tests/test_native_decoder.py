@@ -27,10 +27,13 @@ def tiny_model(n_layer=2, n_head=3, n_embd=48, block_size=8) -> GPT:
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 @pytest.mark.parametrize("B", [1, 3, 16])
-def test_a_step_in_c_is_pytorchs_layer_by_layer_step_bit_for_bit(dtype, B):
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_step_in_c_is_pytorchs_layer_by_layer_step_bit_for_bit(dtype, B, threaded, monkeypatch):
     # decode_step does in one call what model.cached_step does kernel by kernel (on weights laid out
-    # for the same C matmuls): so a seed samples the same text whichever path a model takes
+    # for the same C matmuls): so a seed samples the same text whichever path a model takes, on one
+    # thread or several
     needs(dtype, B)
+    monkeypatch.setattr(native_decoder, "PARALLEL_FROM", 0 if threaded else 10**18)
     model = tiny_model()
     native = native_decoder.Decoder(native_weights(model, dtype), B)
     cache = model.new_cache(B, getattr(torch, dtype), pack=True,
@@ -169,6 +172,21 @@ def test_without_torch_the_step_takes_omp_num_threads_else_the_physical_cores(mo
     assert native_decoder.threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "bogus")
     assert native_decoder.threads() == native_decoder.native.physical_cores() >= 1
+
+
+def test_a_small_step_runs_on_one_thread_and_a_big_one_on_all(monkeypatch):
+    """On 2 cores a second thread gained nothing at the 0.8M shape and cost 4x beside a busy process."""
+    monkeypatch.setattr(native_decoder, "threads", lambda: 8)
+
+    def step_threads(n_layer, n_embd, rows, n):
+        cfg = ModelConfig(65, n_layer, 4, n_embd, 256)
+        decoder = native_decoder.Decoder.__new__(native_decoder.Decoder)
+        decoder.L, decoder.C, decoder.F, decoder.V = cfg.n_layer, cfg.n_embd, 4 * cfg.n_embd, cfg.vocab_size
+        return decoder._threads(rows, n)
+    assert step_threads(4, 128, 1, 64) == 1  # (the 0.8M shape: 0.85M multiply-adds a step)
+    assert step_threads(4, 128, 16, 64) == 8  # (16 samples at once)
+    assert step_threads(6, 256, 1, 128) == 8  # (4.8M)
+    assert step_threads(4, 128, 1, 8192) == 8  # (a long context: attention is the work)
 
 
 @torch.no_grad()

@@ -88,6 +88,13 @@ def runs(dtype: str, batch: int) -> bool:
             and (batch <= MANY_ROWS or dtype == "float16"))
 
 
+# A step's multiply-adds from which its kernels share the work among threads. Below, a second thread gained
+# nothing and cost 4x when another process kept the other core busy: on a 2-core AVX2 Zen 3 the 0.8M shape
+# (0.85M a step) sampled 5,000-5,100 chars/s with two threads and 4,600-5,100 with one; beside a busy loop,
+# 1,130 with two and 4,770 with one. The 4.8M shape (5.1M a step) gained 1.8x from the second thread.
+PARALLEL_FROM = 2_000_000
+
+
 def threads() -> int:
     """PyTorch's thread count where it is loaded (a caller may have set it), else OMP_NUM_THREADS
     where set, else this process's physical cores: what PyTorch would take (the kernels gain
@@ -201,12 +208,19 @@ class Decoder:
                          self.attention, ring.ctypes.data, ring.strides[0], ring.strides[1] // ring.itemsize,
                          ring.strides[2] // ring.itemsize, ring.strides[3] // ring.itemsize, cos.ctypes.data,
                          sin.ctypes.data, self.slot.ctypes.data, min(pos + 1, self.T), self.H, self.scale,
-                         threads())
+                         self._threads(rows, min(pos + 1, self.T)))
         if failed == -2:
             raise IndexError(f"native_decoder: a token id outside [0, {self.V})")
         if failed:
             raise MemoryError("decode_matmul: no memory for its working buffers")
         return logits
+
+    def _threads(self, rows: int, n: int) -> int:
+        """All of `threads()` for a step of PARALLEL_FROM multiply-adds or more (`n` positions
+        attended), else one."""
+        C, F = self.C, self.F
+        work = rows * (self.L * (4 * C * C + 2 * C * F + 2 * n * C) + self.V * C)
+        return threads() if work >= PARALLEL_FROM else 1
 
     def _angles(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         """The rotary rows of `pos`, from tables of four contexts that move on when generation
