@@ -1434,6 +1434,16 @@ def test_a_run_into_a_directory_of_other_things_is_refused_before_the_text_is_re
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before == ["names"]
 
 
+def test_resume_of_a_run_still_starting_elsewhere_says_it_is_in_use(tmp_path):
+    """A training in another process that had not saved yet: "no run to resume there" told nothing."""
+    from tfcli import checkpoint as ckpt
+    write_names(tmp_path / "names.txt")
+    with ckpt.run_lock(tmp_path / "run"):
+        message = refused(1, "train", tmp_path / "names.txt", "--resume", "--max-steps", "2", "--out", tmp_path / "run")
+    assert "in use by another tfcli train, which has not saved yet" in message
+    assert "no run to resume" in refused(2, "train", tmp_path / "names.txt", "--resume", "--out", tmp_path / "run")
+
+
 def test_a_run_without_its_model_keeps_its_other_checkpoints_from_a_fresh_run(tmp_path):
     write_names(tmp_path / "names.txt")
     run = tmp_path / "run"

@@ -81,7 +81,8 @@ def test_foreign_safetensors_file_is_refused(trained, tmp_path):
     path = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(3)}, path, metadata={"format": "pt"})
     for command in (["info"], ["sample", "-p", "a"], ["eval", trained / "names.txt"]):
-        assert refused(1, *command, "-m", path) == f"error: {path}: a safetensors file, but not a tfcli checkpoint"
+        assert refused(2, *command, "-m", path) == f"error: {path}: a safetensors file, but not a tfcli checkpoint"
+        refused(2, *command, "-m", trained / "names.txt")  # (exit 2 as for any file that is not a checkpoint)
 
 
 def test_checkpoint_from_a_newer_tfcli_asks_for_an_upgrade(run, tmp_path):

@@ -121,7 +121,7 @@ def _looks_pickled(path: Path) -> bool:
 def _check_meta(path: Path, meta: dict | None) -> dict:
     meta = meta or {}
     if meta.get("format") != FORMAT:
-        raise TfcliError(f"{path}: a safetensors file, but not a tfcli checkpoint")
+        raise UsageError(f"{path}: a safetensors file, but not a tfcli checkpoint")  # (2, as any other non-checkpoint)
     version = meta.get("format_version", "0")
     if not version.isdigit():
         raise TfcliError(f"{path}: damaged tfcli checkpoint (format version {version!r})")

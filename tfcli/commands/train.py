@@ -19,7 +19,7 @@ import typer
 
 from .. import stopping
 from ..config import TrainConfig, parse_duration, with_overrides
-from ..errors import UsageError, setting
+from ..errors import TfcliError, UsageError, setting
 from ..presets import DEFAULT_CPU_TIME, MANY_PASSES, MIN_STEPS, PRESET_NAMES, ROOMY_PASSES, SMALL_DATA
 from .common import handle_errors, stderr, stdout, stop_writing_stdout
 
@@ -257,6 +257,8 @@ def _run_to_resume(out: Path | None, corpus: list[Path]):
         if left := ckpt.earlier_files(run_dir):
             raise UsageError(f"{run_dir}: no {ckpt.MODEL_FILE} to resume from (its {' and '.join(left)} are kept); "
                              "train into another --out")
+        if ckpt.in_use(run_dir):  # (a training that has not saved yet)
+            raise TfcliError(f"{run_dir} is in use by another tfcli train, which has not saved yet; wait for it")
         raise UsageError(f"{run_dir}: no run to resume there; drop --resume to start one")
     return run_dir, ckpt.load_checkpoint(ckpt.resolve_model_path(run_dir))
 
