@@ -122,9 +122,10 @@ def test_resume_with_other_model_sizes_is_refused_and_keeps_the_run(trained, run
 
 
 def test_resume_on_a_corpus_with_new_characters_is_refused(run, tmp_path):
-    (tmp_path / "other.txt").write_text("ANNA BOB\n" * 50)
+    (tmp_path / "other.txt").write_text("ANNA BOB QUIZ FLY JEW\n" * 50)
     line = refused(2, "train", tmp_path / "other.txt", "--out", run, "--resume", "--max-steps", "8")
     assert "characters the run's vocabulary lacks" in line and "not the corpus this run trained on" in line
+    assert "and 4 more)" in line  # (14 capitals: ten of them shown, and the count of the rest)
 
 
 def test_divergence_never_replaces_the_last_good_checkpoint(trained, run, tmp_path):

@@ -144,10 +144,8 @@ def _known_ids(text: str, vocab: Vocab, paths: list[Path], skipped: Counter | No
         return ids
     missing = vocab.unknown(text)
     if skipped is None:
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        shown = " ".join(show_char(c) for c in missing[:10])
         skip = "--unknown skip" if at_command_line() else "a `skipped` Counter"  # (what eval's --unknown sets)
-        raise UsageError(f"{source_names(paths)}: has characters the model never saw ({shown}{more}); "
+        raise UsageError(f"{source_names(paths)}: has characters the model never saw ({show_chars(missing)}); "
                          f"evaluate on text like its corpus, or pass {skip} to score the rest")
     if len(missing) <= 16:  # (a scan of the text per character: fast for a few, a minute for thousands)
         skipped.update({c: text.count(c) for c in missing})
@@ -283,6 +281,12 @@ def show_char(c: str) -> str:
     return repr(c)[1:-1] if c != " " else "space"
 
 
+def show_chars(chars, most: int = 10) -> str:
+    """The first `most` of `chars` as `show_char` shows them, and how many more there are."""
+    chars = list(chars)
+    return " ".join(map(show_char, chars[:most])) + (f" and {len(chars) - most} more" if chars[most:] else "")
+
+
 @dataclass(frozen=True)
 class Vocab:
     chars: str  # sorted, distinct
@@ -336,9 +340,7 @@ class Vocab:
 
     @staticmethod
     def _lacks(missing: list[str]) -> str:
-        shown = " ".join(show_char(c) for c in missing[:10])
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        return f"the model's vocabulary has no {shown}{more}; remove those characters"
+        return f"the model's vocabulary has no {show_chars(missing)}; remove those characters"
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -558,8 +560,7 @@ def _with_vocab(encoded: Encoded, vocab: Vocab, store: MemoryStore | TokenCache,
     """The same text's ids under a given vocabulary (a resumed run's), which must hold all its characters."""
     missing = [c for c in encoded.vocab if c not in set(vocab.chars)]
     if missing:
-        shown = " ".join(show_char(c) for c in missing[:10])
-        raise UsageError(f"the corpus has characters the run's vocabulary lacks ({shown}); "
+        raise UsageError(f"the corpus has characters the run's vocabulary lacks ({show_chars(missing)}); "
                          "it is not the corpus this run trained on")
     table = np.searchsorted(_codepoints(vocab.chars), _codepoints(encoded.vocab)).astype(ids_dtype(len(vocab)))
 

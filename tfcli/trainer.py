@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import native
 from .config import ModelConfig, SampleConfig, TrainConfig
-from .corpus import Corpus, show_char
+from .corpus import Corpus, show_char, show_chars
 from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
 from .distributed import World, agree, first_differing, mean, process_group, wrap
 from .errors import TfcliError, UsageError, setting, warn
@@ -257,7 +257,7 @@ def warn_slow_steps(model: GPT, batch_size: int, on_event: Callable[[Event], Non
 
 
 def unseen_in_training(chars: list[str]) -> str:
-    shown = " ".join(show_char(c) for c in chars[:10]) + (f" and {len(chars) - 10} more" if chars[10:] else "")
+    shown = show_chars(chars)
     return (f"the validation text has {len(chars)} character{'s' * (len(chars) != 1)} the training text lacks "
             f"({shown}): the model cannot learn them, and they raise its validation loss")
 
