@@ -156,13 +156,14 @@ class TrainConfig:
         return asdict(self)
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|ms|m|s)?", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(hr|h|min|ms|m|sec|s)?", re.IGNORECASE)
+_ALIAS = {"hr": "h", "min": "m", "sec": "s"}  # ("--time 5min" was refused)
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
 _NEXT_UNIT = {"h": "m", "m": "s"}  # "1h30" means 1h30m, "5m30" means 5m30s
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from `300`, `90s`, `5m`, `1h30m`, `1h30` or `1.5h`."""
+    """Seconds from `300`, `90s`, `5m` (or `5min`), `1h30m`, `1h30` or `1.5h`."""
     s = text.strip().replace(" ", "")
     if s.startswith("-") and s[1:2].isdigit():  # a readable duration, negated: say what is wrong with it
         parse_duration(s[1:])
@@ -173,6 +174,7 @@ def parse_duration(text: str) -> float:
         if not m or m.end() == pos:
             break
         unit = m.group(2).lower() if m.group(2) else _NEXT_UNIT.get(last) if last else None
+        unit = _ALIAS.get(unit, unit)
         if m.group(2) is None and m.end() != len(s):
             break
         if last is not None and (unit is None or list(_UNIT).index(unit) <= list(_UNIT).index(last)):  # 1h1h, 5s2m
