@@ -67,13 +67,23 @@ def test_bench_table_fits_an_80_column_terminal_leaving_out_what_was_not_measure
               "train": {name: {"tokens_per_s": 12728.0, "gflops": 95.0, "params": 10_650_000, "peak_fraction": 0.62}
                         for name in ("0.8M", "4.8M", "10.7M")},
               "sample": {"0.8M": dict(sample, chars_per_s=4537.0), "10.7M": sample}}
-    console = Console(width=80, force_terminal=True, color_system=None, record=True, file=io.StringIO())
-    console.print(bench_table(report, plain=False))
-    text = console.export_text()
-    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+
+    def shown(report: dict) -> str:
+        console = Console(width=80, force_terminal=True, color_system=None, record=True, file=io.StringIO())
+        console.print(bench_table(report, plain=False))
+        text = console.export_text()
+        assert "…" not in text and max(map(len, text.splitlines())) <= 80
+        return text
+    text = shown(report)
     assert "--compile" not in text.split("sampling attends")[0]  # (no column of dashes: the caption says why)
     row = next(line for line in text.splitlines() if line.strip().startswith("10.7M"))
     assert row.split() == ["10.7M", "10.65M", "12,728", "95", "(62%)", "1,011", "fp16", "5.1x", "(bf16)", "0.61", "s"]
+    gpu = {**report, "device": "cuda", "peak_gflops": 712_345.0, "decode_kernel": False,  # (every column there is)
+           "train": {name: {**r, "tokens_per_s": 1_234_567.0, "gflops": 123_456.0}
+                     for name, r in report["train"].items()},
+           "sample": {name: {k: v for k, v in {**s, "compiled_chars_per_s": 23_456.0}.items() if k != "first_char_s"}
+                      for name, s in report["sample"].items()}}  # (a GPU's first character is not measured)
+    assert "--compile" in shown(gpu) and "23,456" in shown(gpu)
 
 
 def test_sample_speed_takes_batch_sizes_in_turn_and_reports_paired_ratios(monkeypatch):

@@ -321,8 +321,10 @@ def test_a_fresh_run_is_refused_in_a_directory_of_other_things_which_stay_as_the
 
 
 def test_a_run_s_own_leftovers_do_not_make_a_directory_foreign(tmp_path):
-    for name in (ckpt.METRICS_FILE, f"{ckpt.METRICS_FILE}.prev2", f".{ckpt.MODEL_FILE}.x1y2.tmp"):
+    for name in (ckpt.METRICS_FILE, f"{ckpt.METRICS_FILE}.prev2", f".{ckpt.MODEL_FILE}.x1y2.tmp", ".DS_Store",
+                 "Thumbs.db"):  # (nor what a file browser leaves in a directory it opened)
         (tmp_path / name).write_text("")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
     assert ckpt.foreign_entries(tmp_path) == []
     ckpt.make_run_dir(tmp_path)  # (not refused)
     assert ckpt.foreign_entries(tmp_path / "not-there") == []

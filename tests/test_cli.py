@@ -924,6 +924,8 @@ def test_help_in_a_pipe_gives_each_summary_whole_and_no_python_types():
         assert command.__doc__.strip().splitlines()[0] in text
     assert "..." not in text.replace("COMMAND [ARGS]...", "")
     assert "list[" not in piped("train", "--help") and "<bool>" not in piped("sample", "--help")
+    stripped = subprocess.run([sys.executable, "-OO", "-m", "tfcli", "--help"], capture_output=True, text=True)
+    assert stripped.returncode == 0 and "sample" in stripped.stdout  # (no docstrings: no summaries, no crash)
 
 
 def test_help_keeps_every_default_it_states():
@@ -1487,3 +1489,16 @@ def test_a_command_s_flag_spelling_ends_with_it_however_it_ends(model, tmp_path)
     for args in (["info", "-m", model], ["train", tmp_path / "missing.txt"], ["sample", "-m", model, "--temp", "-1"]):
         invoke(*args)
         assert not at_command_line()  # (a notebook importing the CLI would read --flags otherwise)
+
+
+def test_skip_says_what_it_kept_of_a_character_it_dropped_part_of(capsys):
+    from tfcli.commands.common import fit_prompt
+    from tfcli.corpus import Vocab
+
+    vocab = Vocab.from_text("Unicode ROMabcd")
+    assert fit_prompt(vocab, "Ünïcødé 日", "skip") == "Unicde "
+    said = " ".join(capsys.readouterr().err.split())
+    assert "dropped unknown characters: ø 日; kept what the model knows of: Ü→U, ï→i, é→e" in said
+    fit_prompt(vocab, "Ünïcødé 日", "replace")
+    said = " ".join(capsys.readouterr().err.split())
+    assert "replaced unknown characters: Ü→U, ï→i, ø→o, é→e; dropped unknown characters with no look-alike" in said

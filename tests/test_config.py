@@ -11,6 +11,7 @@ from tfcli.errors import USAGE, UsageError, command_line
 @pytest.mark.parametrize("text, seconds", [
     ("300", 300.0), ("90s", 90.0), ("5m", 300.0), ("1h30m", 5400.0), ("1.5h", 5400.0), (" 2m 30s ", 150.0),
     ("5min", 300.0), ("90sec", 90.0), ("1hr30min", 5400.0), ("2MIN", 120.0),  # ("5min" was refused)
+    ("5mins", 300.0), ("2hours", 7200.0), ("10 seconds", 10.0), ("1 minute", 60.0), ("250ms", 0.25),
 ])
 def test_duration_reads_seconds_and_units(text, seconds):
     assert parse_duration(text) == seconds

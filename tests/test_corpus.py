@@ -99,6 +99,17 @@ def test_what_fit_changed_is_told_of_the_characters_as_typed_not_of_their_accent
     assert vocab.fit("Łódź straße", "replace") == ("Lodz strase", {"Ł": "L", "ó": "o", "ź": "z", "ß": "s"})
 
 
+def test_a_known_character_is_not_reported_for_an_unknown_mark_elsewhere_nor_an_unknown_one_left_out():
+    composed = Vocab.from_text("abcdeé xyz")  # (é known composed; no bare acute accent)
+    with pytest.raises(UsageError, match="has no á; remove"):  # (not "é á": é is known, and left as typed)
+        composed.fit("éa\u0301")
+    assert composed.fit("café ca\u0301", "replace") == ("caé ca", {"f": "", "á": "a"})  # (what each became)
+    signs = Vocab.from_text("Uabc K")
+    assert signs.fit("\u2126 U\u0308", "skip") == (" U", {"Ω": "", "Ü": "U"})  # (the ohm sign composes to Ω)
+    with pytest.raises(UsageError, match="has no Ω Ü; remove"):
+        signs.fit("\u2126U\u0308")
+
+
 def test_a_text_is_spelt_as_the_vocabulary_spells_it():
     decomposed = Vocab.from_text("cafe\u0301 ")  # (e and a combining acute accent)
     assert decomposed.spelt_as_known("café") == "cafe\u0301"
@@ -433,6 +444,7 @@ def test_vocab_ids_are_none_for_a_character_beyond_or_between_its_own():
 
 def test_load_corpus_takes_a_path_as_a_string_too(tmp_path):
     (tmp_path / "t.txt").write_text("abcabc" * 10)
+    assert load_corpus(tmp_path.glob("*.txt")).n_chars == 60  # (a glob's generator, as a notebook writes it)
     assert load_corpus(str(tmp_path / "t.txt")).vocab.chars == load_corpus([tmp_path / "t.txt"]).vocab.chars == "abc"
     assert load_corpus([str(tmp_path / "t.txt")], val_paths=[str(tmp_path / "t.txt")]).n_chars == 120
 

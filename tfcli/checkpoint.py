@@ -278,10 +278,15 @@ def foreign_entries(run_dir: Path) -> list[str]:
     return [p.name + "/" * p.is_dir() for p in entries if not _is_run_file(p.name)]
 
 
+SYSTEM_FILES = ("Thumbs.db", "desktop.ini", "lost+found")  # (and hidden ones: .DS_Store, .ipynb_checkpoints)
+
+
 def _is_run_file(name: str) -> bool:
-    return (name in (MODEL_FILE, BEST_FILE, STATE_FILE, METRICS_FILE)
-            or re.fullmatch(re.escape(METRICS_FILE) + r"\.prev\d+", name) is not None
-            or (name.startswith(".") and name.endswith(".tmp")))  # (atomic_write's, left by a crash)
+    """A run's own files, its leftovers (atomic_write's hidden temporary files), and what a file
+    browser or the system leaves in any directory it opens: a stopped run looked at in Finder was
+    refused for its .DS_Store."""
+    return (name in (MODEL_FILE, BEST_FILE, STATE_FILE, METRICS_FILE, *SYSTEM_FILES) or name.startswith(".")
+            or re.fullmatch(re.escape(METRICS_FILE) + r"\.prev\d+", name) is not None)
 
 
 def earlier_files(run_dir: Path) -> list[str]:

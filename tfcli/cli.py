@@ -58,7 +58,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 def _command(function, name: str | None = None) -> None:
     """Each command's summary is its docstring's first line, whole: in a pipe, `tfcli --help` cut
     them at 45 characters ("Train a model on CORPUS; progress live on a...")."""
-    app.command(name, short_help=function.__doc__.strip().splitlines()[0])(function)
+    app.command(name, short_help=(function.__doc__ or "").strip().partition("\n")[0] or None)(function)  # (-OO: none)
 
 
 _command(train.train)

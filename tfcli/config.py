@@ -156,8 +156,7 @@ class TrainConfig:
         return asdict(self)
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(hr|h|min|ms|m|sec|s)?", re.IGNORECASE)
-_ALIAS = {"hr": "h", "min": "m", "sec": "s"}  # ("--time 5min" was refused)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(hours?|hrs?|h|minutes?|mins?|ms|m|seconds?|secs?|s)?", re.IGNORECASE)
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
 _NEXT_UNIT = {"h": "m", "m": "s"}  # "1h30" means 1h30m, "5m30" means 5m30s
 
@@ -174,7 +173,7 @@ def parse_duration(text: str) -> float:
         if not m or m.end() == pos:
             break
         unit = m.group(2).lower() if m.group(2) else _NEXT_UNIT.get(last) if last else None
-        unit = _ALIAS.get(unit, unit)
+        unit = unit if unit in _UNIT else unit[0]  # (5min, 2hrs, 90seconds: "--time 5min" was refused)
         if m.group(2) is None and m.end() != len(s):
             break
         if last is not None and (unit is None or list(_UNIT).index(unit) <= list(_UNIT).index(last)):  # 1h1h, 5s2m

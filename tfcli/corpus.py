@@ -352,32 +352,56 @@ class Vocab:
         spellings look the same, so a prompt typed one way fits a corpus that spells it the other.
         Line ends are spelt as the corpus's were read: \r\n and \r as \n, unless the vocabulary has \r
         (a prompt piped from a Windows file was refused for its \r, though its file trained)."""
+        text = self._line_ends(text)
+        return self._spell(text, self._form(text))
+
+    def _line_ends(self, text: str) -> str:
         if "\r" in text and "\r" not in self.chars:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        text = min((unicodedata.normalize(form, text) if form else text for form in ("", "NFC", "NFD")),
-                   key=lambda spelt: len(self.unknown(spelt)))
+        return text
+
+    def _form(self, text: str) -> str:
+        return min(("", "NFC", "NFD"), key=lambda form: len(self.unknown(unicodedata.normalize(form, text) if form
+                                                                          else text)))
+
+    def _spell(self, text: str, form: str) -> str:
         out = []
-        for c in text:
+        for c in unicodedata.normalize(form, text) if form else text:
             parts = unicodedata.normalize("NFD", c)
             out.append(parts if c not in self.chars and all(p in self.chars for p in parts) else c)
         return "".join(out)
 
     def fit(self, text: str, unknown: str = "error") -> tuple[str, dict[str, str]]:
-        """`text` made encodable, and what changed: each character of `text` as typed that the model
-        never saw, and what it became ("" where dropped). `unknown` is the --unknown policy: error
-        raises naming those characters, skip drops them, replace maps each to its closest known one.
-        First the text's other Unicode spelling is tried (see spelt_as_known), which changes nothing
-        a reader can see."""
+        """`text` made encodable, and what changed: each character of `text` as typed (composed) that
+        the model never saw, or some part of which it never saw, and what it became ("" where
+        dropped). `unknown` is the --unknown policy: error raises naming those characters, skip drops
+        what the model never saw, replace maps it to its closest known character. First the text's
+        other Unicode spelling is tried (see spelt_as_known), which changes nothing a reader can see."""
         check_unknown(unknown)
         if not isinstance(text, str):  # (None or bytes failed at `"\r" in text`)
             raise UsageError(f"the prompt must be a str, got {type(text).__name__}")
-        typed, text = text, self.spelt_as_known(text)
+        typed = self._line_ends(text)
+        form = self._form(typed)
+        text = self._spell(typed, form)
         missing = self.unknown(text)
         if missing and unknown == "error":
             hint = "" if at_command_line() else ' (or pass unknown="skip" or "replace")'  # (the CLI adds its own)
-            raise UsageError(self._lacks(as_typed(typed, missing)) + hint)
+            raise UsageError(self._lacks(list(self._as_typed(typed, form, dict.fromkeys(missing, "")))) + hint)
         changed = {c: "" if unknown == "skip" else self.closest(c) or "" for c in missing}
-        return "".join(changed.get(c, c) for c in text), changes_as_typed(typed, changed)
+        return "".join(changed.get(c, c) for c in text), self._as_typed(typed, form, changed)
+
+    def _as_typed(self, typed: str, form: str, changed: dict[str, str]) -> dict[str, str]:
+        """`changed` (what each unknown character of the text's spelling became) told of the text as
+        typed: of each character with its combining marks, composed, that holds one, what its
+        spelling became (Ü spelt U + ¨, the ¨ dropped: U). The error named "¨ ´", marks nobody typed.
+        An unknown character no cluster accounts for is named as it is."""
+        told, covered = {}, set()
+        for cluster in clusters(typed) if changed else ():
+            spelt = self._spell(cluster, form)
+            if any(c in changed for c in spelt):
+                told.setdefault(unicodedata.normalize("NFC", cluster), "".join(changed.get(c, c) for c in spelt))
+                covered.update(spelt)
+        return {**told, **{c: r for c, r in changed.items() if c not in covered}}
 
     def closest(self, c: str) -> str | None:
         """The known character most like `c` (case-folded, accent-stripped, typographic punctuation
@@ -391,20 +415,15 @@ class Vocab:
         return None
 
 
-def changes_as_typed(text: str, changed: dict[str, str]) -> dict[str, str]:
-    """`changed` (what each unknown character of the spelling the vocabulary fits became) told of
-    the characters of `text` as typed: Ü spelt U + ¨, with ¨ dropped, became U."""
-    return {c: "".join(changed.get(part, part) for part in (c if c in changed else unicodedata.normalize("NFD", c)))
-            for c in as_typed(text, list(changed))}
-
-
-def as_typed(text: str, missing: list[str]) -> list[str]:
-    """The characters of `text`, composed, that hold the `missing` ones: the vocabulary lacked a bare
-    accent of Ü spelt U + ¨, and "has no ¨ ´" named marks nobody typed."""
-    lost = set(missing)
-    found = [c for c in dict.fromkeys(unicodedata.normalize("NFC", text))
-             if c in lost or any(part in lost for part in unicodedata.normalize("NFD", c))]
-    return found or missing
+def clusters(text: str) -> list[str]:
+    """`text` as characters with their combining marks (each starts at a character that is not one)."""
+    out: list[str] = []
+    for c in text:
+        if out and unicodedata.combining(c):
+            out[-1] += c
+        else:
+            out.append(c)
+    return out
 
 
 @dataclass(frozen=True)
@@ -447,7 +466,11 @@ def _paths(given, name: str) -> list[Path]:
     load_corpus(5) failed at `'int' object is not iterable`."""
     if isinstance(given, (str, os.PathLike)):
         given = [given]
-    if not isinstance(given, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in given):
+    try:
+        given = list(given)  # (a glob's generator too)
+    except TypeError:
+        given = None
+    if given is None or not all(isinstance(p, (str, os.PathLike)) for p in given):
         raise UsageError(f"load_corpus's {name} must be a path or a list of paths, got {given!r}")
     return [Path(p) for p in given]
 

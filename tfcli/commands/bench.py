@@ -54,23 +54,23 @@ def bench_table(result: dict, plain: bool):
     t = Table(title=f"tfcli bench: {result['device']}; training in {result['dtype']}, {how}; "
                     f"peak {result['peak_gflops']:.0f} GFLOP/s (probed)",
               box=None if plain else box.SIMPLE_HEAD, title_justify="left", caption_justify="left", pad_edge=False)
-    columns = {"shape": [], "params": [], "train\ntok/s": [], "GFLOP/s\n(% peak)": [], "sample\nchars/s": [],
-               "weights": [], "--compile\nchars/s": [], "16 samples\n(x time)": [], "first\nchar": []}
+    columns = {"shape": [], "params": [], "train\ntok/s": [], "GFLOP/s\n(% peak)": [], "sample chars/s\n(weights)": [],
+               "--compile\nchars/s": [], "16 samples\n(x time)": [], "first\nchar": []}
     for name, r in result["train"].items():
         s = result["sample"].get(name, {})
         batch = f"{s['num_samples_16_cost']:.1f}x" if "num_samples_16_cost" in s else "–"
         if s.get("num_samples_16_dtype", s.get("dtype")) != s.get("dtype"):  # (a batch's own weights)
             batch += f" ({_short(s['num_samples_16_dtype'])})"
         row = [name, f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}",
-               f"{r['gflops']:.0f} ({r['peak_fraction']:.0%})", f"{s['chars_per_s']:,.0f}" if s else "–",
-               _short(s["dtype"]) if s else "–",
+               f"{r['gflops']:.0f} ({r['peak_fraction']:.0%})",
+               f"{s['chars_per_s']:,.0f} {_short(s['dtype'])}" if s else "–",
                f"{s['compiled_chars_per_s']:,.0f}" if "compiled_chars_per_s" in s else "–", batch,
                f"{s['first_char_s']:.2f} s" if "first_char_s" in s else "–"]
         for values, value in zip(columns.values(), row):
             values.append(value)
     shown = {head: values for i, (head, values) in enumerate(columns.items()) if i < 4 or set(values) != {"–"}}
     for head in shown:
-        t.add_column(head, justify="right")
+        t.add_column(head, justify="right", overflow="fold")  # (a figure too wide is folded, never cut)
     for row in zip(*shown.values()):
         t.add_row(*row)
     if result["sample"]:

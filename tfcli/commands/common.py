@@ -262,12 +262,16 @@ def fit_prompt(vocab, prompt: str, unknown: str, hint: str = "", starts_text: bo
         return prompt
     from ..corpus import show_char
     left = " (all the prompt had: the text starts from nothing)" if starts_text and not prompt else ""
-    # (a character with no look-alike is dropped: said so, not "replaced"; Ü spelt U + ¨ loses its ¨ even with skip)
+    # (a character with no look-alike is dropped: said so, not "replaced"; skip may keep part of one, Ü spelt
+    # U + ¨ where only the ¨ is unknown)
     mapped = ", ".join(f"{show_char(c)}→{''.join(map(show_char, r))}" for c, r in changed.items() if r)
     gone = " ".join(show_char(c) for c, r in changed.items() if not r)
-    why = "" if unknown == "skip" else " with no look-alike in the vocabulary"
-    said = "; ".join([f"replaced unknown characters: {mapped}"] * bool(mapped)
-                     + [f"dropped unknown characters{why}: {gone}"] * bool(gone))
+    if unknown == "skip":
+        said = "; ".join([f"dropped unknown characters: {gone}"] * bool(gone)
+                         + [f"kept what the model knows of: {mapped}"] * bool(mapped))
+    else:
+        said = "; ".join([f"replaced unknown characters: {mapped}"] * bool(mapped)
+                         + [f"dropped unknown characters with no look-alike in the vocabulary: {gone}"] * bool(gone))
     stderr.print(f"warning: {said}{left}{escape}", markup=False)
     return prompt
 
