@@ -1502,3 +1502,15 @@ def test_skip_says_what_it_kept_of_a_character_it_dropped_part_of(capsys):
     fit_prompt(vocab, "Ünïcødé 日", "replace")
     said = " ".join(capsys.readouterr().err.split())
     assert "replaced unknown characters: Ü→U, ï→i, ø→o, é→e; dropped unknown characters with no look-alike" in said
+
+
+def test_a_stop_string_is_checked_in_the_spelling_sampling_matches(capsys):
+    """A composed é against a text that spells it e + ´ was said never to match, and did match."""
+    from tfcli.commands.sample import warn_unmatchable_stops
+    from tfcli.corpus import Vocab
+
+    decomposed = Vocab.from_text("cafe\u0301 \n")
+    warn_unmatchable_stops(("café", "\r\n"), decomposed)  # (a Windows line end matches as \n)
+    assert "can never match" not in capsys.readouterr().err
+    warn_unmatchable_stops(("caffè",), decomposed)
+    assert "--stop 'caffè' can never match: the model never writes è" in capsys.readouterr().err

@@ -467,12 +467,12 @@ def _paths(given, name: str) -> list[Path]:
     if isinstance(given, (str, os.PathLike)):
         given = [given]
     try:
-        given = list(given)  # (a glob's generator too)
+        paths = list(given)  # (a glob's generator too)
     except TypeError:
-        given = None
-    if given is None or not all(isinstance(p, (str, os.PathLike)) for p in given):
+        paths = None
+    if paths is None or not all(isinstance(p, (str, os.PathLike)) for p in paths):
         raise UsageError(f"load_corpus's {name} must be a path or a list of paths, got {given!r}")
-    return [Path(p) for p in given]
+    return [Path(p) for p in paths]
 
 
 def load_corpus(paths: list[Path], val_paths: list[Path] | None = None, val_fraction: float = 0.1,
