@@ -955,6 +955,10 @@ def test_attention_without_a_prompt_looks_at_text_the_model_writes(model):
     assert "--seed does nothing with --prompt" in refused(2, "inspect-attention", "-m", model, "-p", "anna", "--seed",
                                                           "4")
     assert "seed" in ok("inspect-attention", "-m", model).stderr  # (a random one, printed)
+    generated = ok("inspect-attention", "-m", model, "--view", "generated", "--generate", "3")
+    seed = re.search(r"writes from its first character \(seed (\d+);", generated.stderr)  # (it printed none)
+    assert seed and generated.stdout == ok("inspect-attention", "-m", model, "--view", "generated", "--generate", "3",
+                                           "--seed", seed.group(1)).stdout
     bad = invoke("inspect-attention", "-m", model, "--layer", "7")
     assert bad.exit_code == 2 and "--layer 7 is out of range" in bad.stderr and "wrote" not in bad.stderr
 
@@ -1218,6 +1222,12 @@ def test_a_ctrl_c_during_eval_says_the_score_of_what_it_had_read(model, trained,
     block = load_model(model).config.block_size
     assert re.fullmatch(rf"interrupted: scored {2 * block:,} of {total:,} chars before the stop: loss \d\.\d{{4}} "
                         r"nats/char, \d\.\d{4} bits/char on those", result.stderr.strip()), result.stderr
+    assert result.stdout == ""  # (the score is a note on stderr)
+    calls.clear()
+    scripted = invoke("eval", trained / "names.txt", "-m", model, "--batch-size", "2", "--json")
+    assert scripted.exit_code == 130 and "before the stop" in scripted.stderr
+    partial = json.loads(scripted.stdout)  # (--json printed nothing: a script got no object)
+    assert partial["interrupted"] is True and (partial["chars"], partial["of_chars"]) == (2 * block, total)
 
 
 def test_eval_of_two_characters_scores_one_char(model, tmp_path):

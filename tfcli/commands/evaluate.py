@@ -87,6 +87,8 @@ def eval_(
     except KeyboardInterrupt as e:  # (its type kept: a SIGTERM's exits 143)
         if (part := getattr(e, "partial", None)) is None:
             raise
+        if as_json:  # (a script reads stdout: it got nothing)
+            print(json.dumps({**part.to_dict(), "interrupted": True, "of_chars": len(ids) - 1}), flush=True)
         raise type(e)(f"scored {part.chars:,} of {len(ids) - 1:,} chars before the stop: loss {part.loss:.4f} "
                       f"nats/char, {part.bpc:.4f} bits/char on those") from None
     if as_json:

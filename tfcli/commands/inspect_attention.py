@@ -172,7 +172,9 @@ def _own_prompt(model, view: str, seed: int | None, layer: int) -> tuple[str, in
     from ..sampling import new_seed
 
     seed = new_seed() if seed is None or seed == -1 else seed
-    if view == "generated":
+    if view == "generated":  # (the seed said, as every other view says it: the run could not be repeated)
+        stderr.print(f"note: no --prompt given: the model writes from its first character (seed {seed}; "
+                     "--prompt TEXT to choose)", highlight=False)
         return opening(model.vocab), seed
     text = own_text(model, seed, positions_shown(view, layer, model.config.n_head, stdout.width) or OWN_TEXT)
     stderr.print(f"note: no --prompt given: looking at text the model wrote (seed {seed}; --prompt TEXT to choose)",
