@@ -269,3 +269,13 @@ def test_generation_attention_reads_back_a_prompt_as_generate_spelt_it():
     m = make_model(Vocab.from_text("ab\nc"), block_size=8)
     gen = generation_attention(m, "ab\r\n", 3, seed=1)
     assert gen.text.startswith("ab\n") and gen.start == 3 and len(gen.steps) == 3
+
+
+def test_a_label_follows_the_rule_on_the_figures_as_the_summary_prints_them():
+    """An entropy of 0.797, printed 0.80, was labelled local beside "diffuse if entropy ≥ 0.80"."""
+    from tfcli.inspect import DIFFUSE_ENTROPY, THRESHOLD, _label
+
+    local = {"local": THRESHOLD + 0.1, "previous": 0.1}
+    assert _label(local, DIFFUSE_ENTROPY - 0.003, THRESHOLD) == "diffuse"  # (shown as DIFFUSE_ENTROPY)
+    assert _label(local, DIFFUSE_ENTROPY - 0.006, THRESHOLD) == "local"  # (shown 0.01 below it)
+    assert _label({"local": 0.0, "previous": THRESHOLD - 0.004}, 0.1, THRESHOLD) == "previous"

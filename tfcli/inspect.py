@@ -137,8 +137,11 @@ def _entropy(w: np.ndarray, first: int = 0) -> float:
 
 
 def _label(scores: dict[str, float], entropy: float, threshold: float) -> str:
+    """The rule the summary prints, applied to the figures as it prints them (two decimals): an
+    entropy of 0.797, shown 0.80, was labelled local beside "diffuse if entropy ≥ 0.80"."""
     if not np.isfinite(entropy) and not any(np.isfinite(s) for s in scores.values()):
         return "too short"  # one position: it attends to itself, and no pattern is defined
+    scores, entropy = {n: round(s, 2) for n, s in scores.items()}, round(entropy, 2)
     specific = {n: s for n, s in scores.items() if n in SPECIFIC and np.isfinite(s)}
     best = max(specific, key=lambda n: specific[n], default=None)  # ties: earlier in SPECIFIC wins
     if best is not None and specific[best] >= threshold:
