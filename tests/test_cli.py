@@ -1524,3 +1524,11 @@ def test_a_stop_string_is_checked_in_the_spelling_sampling_matches(capsys):
     assert "can never match" not in capsys.readouterr().err
     warn_unmatchable_stops(("caffè",), decomposed)
     assert "--stop 'caffè' can never match: the model never writes è" in capsys.readouterr().err
+
+
+def test_an_option_a_view_ignores_names_the_views_it_applies_to_as_a_list(in_trained):
+    """"(only to head and grid and focus and summary and lens)"."""
+    message = refused(2, "inspect-attention", "-p", "anna", "--view", "generated", "--range", "0:2")
+    assert "--range does not apply to --view generated (only to head, grid, focus, summary and lens)" in message
+    assert "(only to head and generated)" in refused(2, "inspect-attention", "-p", "anna", "--view", "grid",
+                                                     "--head", "0")

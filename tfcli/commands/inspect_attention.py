@@ -42,7 +42,9 @@ def _pick_view(view: str | None, given: dict[str, object]) -> str:
             raise UsageError("--seed does nothing with --prompt: it picks the text the model writes when no prompt "
                              "is given, or what --view generated writes")
         if value is not None and view not in APPLIES[flag]:
-            raise UsageError(f"{flag} does not apply to --view {view} (only to {' and '.join(APPLIES[flag])})")
+            views = APPLIES[flag]
+            listed = " and ".join(views) if len(views) < 3 else f"{', '.join(views[:-1])} and {views[-1]}"
+            raise UsageError(f"{flag} does not apply to --view {view} (only to {listed})")
     return view
 
 
