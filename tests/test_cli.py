@@ -1083,9 +1083,11 @@ def test_attention_export_svg_html_and_json(model, tmp_path):
     ok(*args, "--view", "head", "--layer", "0", "--export", tmp_path / "a.json")
     record = json.loads((tmp_path / "a.json").read_text())
     assert record["text"] == "anna bob" and (record["offset"], record["first_query"]) == (0, 0)
-    assert record["layers"] == [0] and record["heads"] == [0, 1]
-    assert len(record["weights"]) == 1 and len(record["weights"][0][0]) == 8
-    assert abs(sum(record["weights"][0][1][7]) - 1) < 1e-4
+    assert record["layers"] == [0] and record["heads"] == [0]  # (the head drawn: it held both)
+    assert len(record["weights"]) == 1 and len(record["weights"][0]) == 1 and len(record["weights"][0][0]) == 8
+    assert abs(sum(record["weights"][0][0][7]) - 1) < 1e-4
+    ok(*args, "--view", "head", "--layer", "0", "--aggregate", "mean", "--export", tmp_path / "a.json")
+    assert json.loads((tmp_path / "a.json").read_text())["heads"] == [0, 1]  # (the mean drawn is of both)
     ok(*args, "--view", "head", "--head", "1", "--export", tmp_path / "a.json")  # a head of the last layer, as shown
     record = json.loads((tmp_path / "a.json").read_text())
     assert (record["layers"], record["heads"]) == ([1], [1])  # (it held every layer, the first one first)

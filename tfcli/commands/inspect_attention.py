@@ -282,5 +282,5 @@ def inspect_attention(
         stderr.print(f"note: --range shows the keys from position {offset} on; attention to earlier ones is not "
                      "drawn, so a row's shares can add up to less than 1", highlight=False)
     if export is not None:  # in colour wherever stdout goes: a file is looked at elsewhere
-        heads = list(range(H)) if hi is None or aggregate_ else [hi]
+        heads = list(range(H)) if aggregate_ or (hi is None and view != "head") else [hi or 0]  # (a head view: its one)
         _write_export(export, draw(True), _export_record(view, att, (start, stop), shown, heads), width)
