@@ -1266,6 +1266,7 @@ def test_info_shows_parameter_count(in_trained):
     params = json.loads(ok("info", "--json").stdout)["params"]
     out = ok("info").stdout
     assert f"{params:,} parameters" in out and "2 layers" in out and "trained 30 steps" in out
+    assert "reached its --max-steps" in out  # (how the run ended: an interrupted one said no more than its steps)
     # what the run was trained with, resolved ("auto" came to this CPU's precision), so runs can be told apart
     summary = json.loads(ok("info", "--json").stdout)["summary"]
     assert f"  with muon, lr {summary['train']['lr']:g}, batch 16, {summary['dtype']} on cpu, seed 1337" in out
@@ -1534,3 +1535,16 @@ def test_an_option_a_view_ignores_names_the_views_it_applies_to_as_a_list(in_tra
     assert "--range does not apply to --view generated (only to head, grid, focus, summary and lens)" in message
     assert "(only to head and generated)" in refused(2, "inspect-attention", "-p", "anna", "--view", "grid",
                                                      "--head", "0")
+
+
+def test_info_says_a_run_was_interrupted_and_how_to_go_on(tmp_path):
+    from tfcli.config import ModelConfig, TrainConfig
+    from tfcli.corpus import load_corpus
+    from tfcli.trainer import train
+
+    corpus = load_corpus([write_names(tmp_path / "names.txt")])
+    train(corpus, ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16),
+          TrainConfig(max_steps=50, batch_size=4, device="cpu", dtype="float32"), tmp_path / "run",
+          should_stop=lambda: True)  # (as a Ctrl-C after the first step)
+    assert "trained 1 step" in (out := ok("info", "-m", tmp_path / "run").stdout)
+    assert "interrupted (train ... --resume goes on)" in out

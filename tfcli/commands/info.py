@@ -51,11 +51,15 @@ def info(
         done = [plural(s["step"], "step")]  # best.safetensors keeps only its step and loss
         done += [f"{s['tokens']:,} tokens"] if "tokens" in s else []
         done += [f"{s['seconds']} s"] if "seconds" in s else []
-        stdout.print(f"  trained {', '.join(done)}{val}", markup=False)
+        ended = ENDED.get(s.get("ended"), "")  # (an interrupted run showed no more than its step count)
+        stdout.print(f"  trained {', '.join(done)}{val}{ended}", markup=False)
         if "train" in s:
             stdout.print(f"  with {training_settings(s)}", markup=False, highlight=False)
 
 
+ENDED = {"steps": "; reached its --max-steps", "epochs": "; reached its epoch limit", "time": "; time budget spent",
+         "interrupted": "; interrupted (train ... --resume goes on)",
+         "running": "; saved at a validation, before the run ended"}
 SHOWN_CHARS = 200  # a CJK or many-script vocabulary of 10,000 characters made one 43,000-character line
 
 
