@@ -961,6 +961,9 @@ def test_attention_without_a_prompt_looks_at_text_the_model_writes(model):
                                            "--seed", seed.group(1)).stdout
     bad = invoke("inspect-attention", "-m", model, "--layer", "7")
     assert bad.exit_code == 2 and "--layer 7 is out of range" in bad.stderr and "wrote" not in bad.stderr
+    assert "(0 to 1, or -2 to -1 from the last)" in bad.stderr  # (negative ones are read: it named 0 to 1 only)
+    assert ok("inspect-attention", "-m", model, "-p", "anna", "--layer", "-1").stdout == \
+        ok("inspect-attention", "-m", model, "-p", "anna", "--layer", "1").stdout
 
 
 @pytest.mark.parametrize("view, width, shown", [("grid", 40, 19), ("head", 40, 17)])

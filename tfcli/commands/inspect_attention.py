@@ -50,7 +50,7 @@ def _pick_view(view: str | None, given: dict[str, object]) -> str:
 
 def _index(i: int, n: int, flag: str) -> int:
     if not -n <= i < n:
-        raise UsageError(f"{flag} {i} is out of range: there are {n} (0 to {n - 1})")
+        raise UsageError(f"{flag} {i} is out of range: there are {n} (0 to {n - 1}, or -{n} to -1 from the last)")
     return i % n
 
 
