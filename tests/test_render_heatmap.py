@@ -174,7 +174,9 @@ def test_grid_view_shows_every_layer_and_head_label():
 def test_notes_wrap_at_spaces_on_a_narrow_terminal_instead_of_being_cut():
     out = render(head_view(causal(120), "y" * 120, max_width=40), width=40)
     assert all(cell_len(line) <= 40 for line in out.splitlines())
-    assert "(--range A:B picks others)" in out and "masked (future)" in out
+    words = " ".join(out.split())
+    assert "(--range A:B picks others)" in words and "masked (future)" in out
+    assert "attention to earlier keys is not drawn" in words  # (rows read as attending only nearby)
 
 
 def test_lens_and_summary_on_a_narrow_terminal_drop_candidates_or_wrap_never_cut_a_number_or_word():

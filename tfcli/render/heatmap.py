@@ -101,9 +101,12 @@ def _vmax(values: np.ndarray) -> float:
 
 
 def _window_note(start: int, stop: int, offset: int, total: int) -> Text:
-    """Which positions are shown, written as --range takes them (0-based, end excluded)."""
+    """Which positions are shown, written as --range takes them (0-based, end excluded), and that the
+    attention to the keys left out is not drawn: a learner read those rows as attending only nearby."""
     given = f"{total}" if offset == 0 else f"{offset}:{offset + total}"
-    return _prose(f"showing positions {offset + start}:{offset + stop} of {given} (--range A:B picks others)")
+    return _prose(f"showing positions {offset + start}:{offset + stop} of {given}, as many as fit this width; "
+                  "attention to earlier keys is not drawn, so a row can add up to less than 1 "
+                  "(--range A:B picks others)")
 
 
 def _future_mask(n: int) -> np.ndarray:
