@@ -279,3 +279,4 @@ def test_a_label_follows_the_rule_on_the_figures_as_the_summary_prints_them():
     assert _label(local, DIFFUSE_ENTROPY - 0.003, THRESHOLD) == "diffuse"  # (shown as DIFFUSE_ENTROPY)
     assert _label(local, DIFFUSE_ENTROPY - 0.006, THRESHOLD) == "local"  # (shown 0.01 below it)
     assert _label({"local": 0.0, "previous": THRESHOLD - 0.004}, 0.1, THRESHOLD) == "previous"
+    assert _label({"previous": 0.449, "first": 0.451}, 0.1, THRESHOLD) == "first"  # (the higher, though both 0.45)

@@ -141,14 +141,13 @@ def _label(scores: dict[str, float], entropy: float, threshold: float) -> str:
     entropy of 0.797, shown 0.80, was labelled local beside "diffuse if entropy ≥ 0.80"."""
     if not np.isfinite(entropy) and not any(np.isfinite(s) for s in scores.values()):
         return "too short"  # one position: it attends to itself, and no pattern is defined
-    scores, entropy = {n: round(s, 2) for n, s in scores.items()}, round(entropy, 2)
     specific = {n: s for n, s in scores.items() if n in SPECIFIC and np.isfinite(s)}
     best = max(specific, key=lambda n: specific[n], default=None)  # ties: earlier in SPECIFIC wins
-    if best is not None and specific[best] >= threshold:
+    if best is not None and round(specific[best], 2) >= threshold:  # (the highest as measured, not as rounded)
         return best
-    if entropy >= DIFFUSE_ENTROPY:
+    if round(entropy, 2) >= DIFFUSE_ENTROPY:
         return "diffuse"
-    if scores.get("local", 0.0) >= threshold:
+    if round(scores.get("local", 0.0), 2) >= threshold:
         return "local"
     return "mixed"
 
