@@ -36,14 +36,41 @@ def test_auto_preset_depends_on_device_and_budget(device, budget, name):
     assert resolve_preset("auto", device, budget) == PRESETS[name]
 
 
-@pytest.mark.parametrize("budget, name, batch", [(60.0, "small", 16), (239.0, "small", 16), (240.0, "small", 32),
-                                                (899.0, "small", 32), (900.0, "medium", 16), (None, "small", 32)])
-def test_auto_picks_for_a_cpu_that_trains_in_float32(budget, name, batch):
-    # there the 0.8M model won 5 minutes too (1.483 against the 3.2M one's 1.661), and batches of 16
-    # won 1 minute (1.75-1.82 against 32's 1.96): float32 steps cost 3-4x bf16's
-    got = resolve_preset("auto", "cpu", budget, float32_cpu=True)
-    assert got == {**PRESETS[name], "batch_size": batch}
+SHORT = {**PRESETS["small"], **presets.FLOAT32_CPU_SHORT}
+SMALL16 = {**PRESETS["small"], "batch_size": 16}
+
+
+@pytest.mark.parametrize("budget, picked", [(60.0, SHORT), (179.0, SHORT), (180.0, SMALL16), (239.0, SMALL16),
+                                            (240.0, PRESETS["small"]), (899.0, PRESETS["small"]),
+                                            (900.0, PRESETS["medium"]), (None, PRESETS["small"])])
+def test_auto_picks_for_a_cpu_that_trains_in_float32(budget, picked):
+    # there the 0.8M model won 5 minutes too (1.483 against the 3.2M one's 1.661), and 2 layers with
+    # context 64 won 1 minute (1.635-1.653 against the 0.8M one's 1.737-1.786) and 2 (1.567 against 1.590),
+    # tied at 3 (1.538 against 1.538) and lost at 3:50 (1.529 against 1.509): float32 steps cost 3-4x bf16's
+    assert resolve_preset("auto", "cpu", budget, float32_cpu=True) == picked
+    assert SHORT["n_layer"] == 2 and SHORT["block_size"] == 64 and SHORT["batch_size"] == 32
     assert resolve_preset("auto", "cpu", 60.0, float32_cpu=True, batch_size=64)["batch_size"] == 64  # the user's
+
+
+def test_a_short_float32_run_keeps_its_batch_tokens_when_the_user_sets_only_the_context():
+    """Context 128 in batches of 32 read 1.962 in a 60 s run where batches of 16 read 1.737-1.786."""
+    def pick(**given):
+        got = resolve_preset("auto", "cpu", 60.0, float32_cpu=True, **given)
+        return got["n_layer"], got["block_size"], got["batch_size"]
+    assert pick(block_size=128) == (2, 128, 16)
+    assert pick(block_size=4096) == (2, 4096, 1)
+    assert pick(block_size=128, batch_size=32) == (2, 128, 32)
+    assert pick(n_layer=4) == (4, 64, 32)
+    assert resolve_preset("auto", "cpu", 60.0, block_size=128)["batch_size"] == PRESETS["small"]["batch_size"]
+
+
+def test_a_short_float32_run_guesses_its_passes_at_its_own_speed():
+    """The 2-layer model reads ~23K tokens/s there, twice the 0.8M one: a 300K text is read ~4.6 times in a
+    minute, past MANY_PASSES, so it gets dropout and a longer limit (at 12K tokens/s it would not)."""
+    got = resolve_preset("auto", "cpu", 60.0, 300_000, float32_cpu=True)
+    assert (got["dropout"], got["epochs"]) == (presets.SMALL_DATA["dropout"], presets.SMALL_DATA["epochs"])
+    got = resolve_preset("auto", "cpu", 60.0, 380_000, float32_cpu=True)  # ~3.6 passes, not roomy
+    assert "dropout" not in got and got["epochs"] == presets.MANY_PASSES
     assert resolve_preset("auto", "cuda", 60.0, float32_cpu=True) == PRESETS["large"]  # (a GPU's own table)
     assert resolve_preset("medium", "cpu", 60.0, float32_cpu=True) == PRESETS["medium"]
 

@@ -27,14 +27,25 @@ DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this
 # picks them only for those). Only used to guess how many times a run will pass over its text.
 NOMINAL_TOKENS_PER_S = {"cpu": {"tiny": 60e3, "small": 24e3, "medium": 8.6e3, "large": 3e3},
                         "gpu": {"small": 6e4, "medium": 2e5, "large": 1e6},
-                        "cpu-float32": {"small": 12e3, "medium": 4e3}}  # a 2-core AVX2 Zen 3: small 9-14K, medium 3.9K
+                        "cpu-float32": {"small": 12e3, "medium": 4e3, "short": 23e3}}
+# (a 2-core AVX2 Zen 3: small 9-14K, medium 3.9K, FLOAT32_CPU_SHORT's 2 layers 21-25K)
 # A CPU without native bf16 (AVX2 only, as most laptops) trains in float32 at a third to a quarter of the
 # speed. On a 2-core AVX2 Zen 3 the 0.8M model won 5 minutes (1.483 against the 3.2M one's 1.661) and, in
-# batches of 16, 1 minute (1.75-1.82 against batch 32's 1.96); in 10 minutes the 3.2M one scored 1.491 / 1.502
-# and the 0.8M one, ending after its 6 passes over that roomy text at 7:12, 1.476 / 1.478; in 15 the 3.2M one
-# scored 1.470 (README, "A CPU without bfloat16").
+# batches of 16, 1 minute (1.75-1.82 against batch 32's 1.96; FLOAT32_CPU_SHORT's smaller one has since won);
+# in 10 minutes the 3.2M one scored 1.491 / 1.502 and the 0.8M one, ending after its 6 passes over that roomy
+# text at 7:12, 1.476 / 1.478; in 15 the 3.2M one scored 1.470 (README, "A CPU without bfloat16").
 FLOAT32_CPU_MEDIUM_FROM = 900.0
-FLOAT32_CPU_SHORT_BATCH = 16
+# Below FLOAT32_CPU_SHORT_UNDER such a CPU makes too few steps for depth and a long context to pay: a shallower
+# model with a shorter context, whose steps cost half as much, learns more. There, `--time 60` (full-pass
+# validation loss, three to six runs each): the small preset in batches of 16 read 1.737-1.786; with context 64
+# in batches of 32 1.690-1.730; 3 layers of that 1.664-1.691, 2 layers 1.635-1.653 (1 layer 1.687-1.693, 2 of
+# 96 wide 1.647-1.650, 2 in batches of 16 1.652-1.653). Single runs: at 120 s 2 layers 1.567 against 1.590; at
+# 180 s, both compiled, 1.538 / 1.539 against 1.538; at 230 s 1.529 against 1.509, so from 3 minutes the small
+# preset stays, in batches of 16 below 4 minutes. A --block-size alone keeps FLOAT32_CPU_SHORT_TOKENS a batch.
+FLOAT32_CPU_SHORT = dict(n_layer=2, block_size=64, batch_size=32)
+FLOAT32_CPU_SHORT_TOKENS = 2048
+FLOAT32_CPU_SHORT_UNDER = 180.0
+FLOAT32_CPU_SHORT_BATCH = 16  # from FLOAT32_CPU_SHORT_UNDER to 4 minutes (1.75-1.82 at 60 s against batch 32's 1.96)
 # A GPU run's first step comes 7-12 s in (an H200): below these budgets a smaller model learns more in what is left
 GPU_SHORT_BUDGETS = (("small", 12.0), ("medium", 20.0))
 MANY_PASSES = 4.0  # beyond this many passes over the text, a model without dropout memorises it...
@@ -57,7 +68,7 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     character or more per hidden weight (`is_roomy`) gets no dropout and ROOMY_PASSES. `dropout`,
     `batch_size`, `block_size`, `n_layer` and `n_embd` are the user's, which the limits are fitted
     to. `float32_cpu`: the device is a CPU that trains in float32 (see `cpu_trains_in_float32`),
-    several times slower.
+    several times slower, where a short budget gets FLOAT32_CPU_SHORT's shallower model.
     """
     if name not in PRESET_NAMES:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
@@ -74,12 +85,13 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
         name = "small" if sizing < FLOAT32_CPU_MEDIUM_FROM else "medium"
     else:
         name = "small" if short else "medium"
-    picked = {**PRESETS[name], **({"batch_size": FLOAT32_CPU_SHORT_BATCH} if float32 and short else {}), **given}
+    picked = {**PRESETS[name], **(_float32_fit(sizing, given) if float32 else {}), **given}
     if not train_chars:
         return picked
     speed = "gpu" if device.startswith("cuda") else "cpu-float32" if float32 else "cpu"
     roomy = is_roomy(picked, train_chars)
-    many = not roomy and expected_passes(name, speed, picked, time_budget, max_steps, train_chars) > MANY_PASSES
+    rated = "short" if float32 and sizing < FLOAT32_CPU_SHORT_UNDER else name
+    many = not roomy and expected_passes(rated, speed, picked, time_budget, max_steps, train_chars) > MANY_PASSES
     if many and dropout is None:
         picked["dropout"] = SMALL_DATA["dropout"]
     if max_steps is None:
@@ -89,6 +101,19 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
         elif many:
             picked["epochs"] = max(SMALL_DATA["epochs"], floor)
     return picked
+
+
+def _float32_fit(sizing: float, given: dict) -> dict:
+    """What a CPU that trains in float32 changes in the small preset for a budget under 4 minutes. Under
+    FLOAT32_CPU_SHORT_UNDER a batch keeps its tokens when only the context is the user's: a 60 s run of
+    context 128 in batches of 32 read 1.962 where batches of 16 read 1.737-1.786."""
+    if sizing >= 240:
+        return {}
+    if sizing >= FLOAT32_CPU_SHORT_UNDER:
+        return {"batch_size": FLOAT32_CPU_SHORT_BATCH}
+    if "block_size" in given and "batch_size" not in given:
+        return {**FLOAT32_CPU_SHORT, "batch_size": max(1, FLOAT32_CPU_SHORT_TOKENS // given["block_size"])}
+    return FLOAT32_CPU_SHORT
 
 
 def is_roomy(preset: dict, train_chars: int) -> bool:
