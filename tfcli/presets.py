@@ -20,6 +20,7 @@ PRESETS: dict[str, dict] = {
 }
 PRESET_NAMES = ("auto", *PRESETS)
 DEFAULT_CPU_TIME = 300.0  # a run given neither --time nor --max-steps gets this budget
+SHORT_UNDER = 240.0  # a CPU budget below this trains the small preset (below FLOAT32_CPU_MEDIUM_FROM in float32)
 
 # Training tokens/s of each preset where it was measured (2-core Zen 4 CPU: compiled, bf16, averaged over
 # 60 s (small) and 300 s (medium) runs, start-up and validation included; an H200:
@@ -77,7 +78,7 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     if name != "auto":
         return dict(PRESETS[name], **given)
     sizing = DEFAULT_CPU_TIME if time_budget is None else time_budget  # (--max-steps alone: as for 5 minutes)
-    short = sizing < 240
+    short = sizing < SHORT_UNDER
     float32 = float32_cpu and not device.startswith("cuda")
     if device.startswith("cuda"):
         name = next((n for n, under in GPU_SHORT_BUDGETS if sizing < under), "large")
@@ -107,7 +108,7 @@ def _float32_fit(sizing: float, given: dict) -> dict:
     """What a CPU that trains in float32 changes in the small preset for a budget under 4 minutes. Under
     FLOAT32_CPU_SHORT_UNDER a batch keeps its tokens when only the context is the user's: a 60 s run of
     context 128 in batches of 32 read 1.962 where batches of 16 read 1.737-1.786."""
-    if sizing >= 240:
+    if sizing >= SHORT_UNDER:
         return {}
     if sizing >= FLOAT32_CPU_SHORT_UNDER:
         return {"batch_size": FLOAT32_CPU_SHORT_BATCH}
