@@ -290,15 +290,15 @@ def test_train_picks_its_model_for_the_precision_the_cpu_trains_in(tmp_path, mon
 
 def test_a_run_ended_by_autos_epoch_limit_says_so_and_how_to_lift_it(tmp_path):
     corpus = write_names(tmp_path / "names.txt", lines=400)  # ~3.6K characters to train on: 4 passes, ~225 steps
-    small = ["--n-layer", "2", "--n-head", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-             "--no-compile", "--time", "600"]  # (a budget only a stalled host would reach; 6K hidden weights)
+    small = ["--n-layer", "3", "--n-head", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+             "--no-compile", "--time", "600"]  # (a budget only a stalled host would reach; 9K hidden weights)
     ended = ok("train", corpus, *small, "--dropout", "0", "--out", tmp_path / "r")
     assert "(reached its epoch limit)" in ended.stdout
     assert ("note: it stopped at auto's limit of 4 passes over the text, after which a model without dropout learns "
             "it by heart; --epochs N sets another") in ended.stderr
     assert "note: it stopped" not in ok("train", corpus, *small, "--epochs", "1", "--out", tmp_path / "r2").stderr
     one_layer = ok("train", corpus, *small, "--n-layer", "1", "--dropout", "0", "--out", tmp_path / "r3")
-    assert "limit of 6 passes" in one_layer.stderr  # 3K hidden weights: fewer than the text's characters
+    assert "limit of 6 passes" in one_layer.stderr  # 3K hidden weights: over half a character each
 
 
 def test_autos_limit_is_explained_by_which_limit_it_was():

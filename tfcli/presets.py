@@ -50,7 +50,8 @@ FLOAT32_CPU_SHORT_BATCH = 16  # from FLOAT32_CPU_SHORT_UNDER to 4 minutes (1.75-
 # A GPU run's first step comes 7-12 s in (an H200): below these budgets a smaller model learns more in what is left
 GPU_SHORT_BUDGETS = (("small", 12.0), ("medium", 20.0))
 MANY_PASSES = 4.0  # beyond this many passes over the text, a model without dropout memorises it...
-ROOMY_PASSES = 6.0  # ...unless the text has a character or more per hidden weight (see `is_roomy`)
+ROOMY_PASSES = 6.0  # ...unless the text has ROOMY_CHARS_PER_WEIGHT or more per hidden weight (see `is_roomy`)
+ROOMY_CHARS_PER_WEIGHT = 0.5
 SMALL_DATA = dict(dropout=0.2, epochs=10.0)  # see README, "Small texts"
 MIN_STEPS = 200  # ...and never fewer steps: 10 passes over a 2K text would be 5 steps, too few to learn anything
 
@@ -65,8 +66,8 @@ def resolve_preset(name: str, device: str, time_budget: float | None, train_char
     pass over it more than MANY_PASSES times gets dropout and ends after SMALL_DATA's epochs or
     MIN_STEPS steps, whichever is longer; one without dropout (as `dropout`, the user's, may also
     say) ends after MANY_PASSES passes, so a host faster than NOMINAL_TOKENS_PER_S stops early
-    rather than memorising its text (README, "Small texts", has the measurements). A text with a
-    character or more per hidden weight (`is_roomy`) gets no dropout and ROOMY_PASSES. `dropout`,
+    rather than memorising its text (README, "Small texts", has the measurements). A text with half
+    a character or more per hidden weight (`is_roomy`) gets no dropout and ROOMY_PASSES. `dropout`,
     `batch_size`, `block_size`, `n_layer` and `n_embd` are the user's, which the limits are fitted
     to. `float32_cpu`: the device is a CPU that trains in float32 (see `cpu_trains_in_float32`),
     several times slower, where a short budget gets FLOAT32_CPU_SHORT's shallower model.
@@ -118,15 +119,19 @@ def _float32_fit(sizing: float, given: dict) -> dict:
 
 
 def is_roomy(preset: dict, train_chars: int) -> bool:
-    """Whether the text has a character or more per hidden weight: then auto adds no dropout, and a
-    run ends after ROOMY_PASSES passes rather than MANY_PASSES.
+    """Whether the text has ROOMY_CHARS_PER_WEIGHT characters or more per hidden weight: then auto adds
+    no dropout, and a run ends after ROOMY_PASSES passes rather than MANY_PASSES.
 
     On tinyshakespeare (1M characters) the 0.8M model (0.79M hidden weights) scored 1.489 after 4
     passes and 1.478 after 6, and dropout 0.2 cost it more than it saved (1.585 after 4.6 passes,
-    1.513 after 9); the 3.2M one (3.1M) was best at 3.5-5.3 passes (1.461-1.475) and read 1.506
-    after 6.9. Small texts gain from dropout (README, "Small texts"). Bigger models on bigger texts
-    (a GPU's) follow the same rule unmeasured."""
-    return train_chars >= 12 * preset["n_layer"] * preset["n_embd"] ** 2  # attention 4 d², MLP 8 d², a layer
+    1.513 after 9). At half a character a weight it still did: on the text's first 450K characters
+    in 5 minutes, 1.893 after 6 passes without dropout against 1.949 with it, and FLOAT32_CPU_SHORT's
+    model (0.39M) on names.txt (205K) in 1 minute 1.488 after 6 passes against 1.531-1.543 with
+    dropout 0.2. The 3.2M model (3.1M) on tinyshakespeare, a third of a character a weight, was best at
+    3.5-5.3 passes (1.461-1.475) and read 1.506 after 6.9. Small texts gain from dropout (README,
+    "Small texts"). Bigger models on bigger texts (a GPU's) follow the same rule unmeasured."""
+    hidden = 12 * preset["n_layer"] * preset["n_embd"] ** 2  # attention 4 d², MLP 8 d², a layer
+    return train_chars >= ROOMY_CHARS_PER_WEIGHT * hidden
 
 
 # AdamW's lr whatever the size: the presets' are Muon's, 2-4x what AdamW stands. Measured (README,
@@ -142,7 +147,7 @@ def preset(name: str = "auto", device: str | None = None, time_budget: float | N
     """The model and training settings `tfcli train --preset NAME` starts from, as a notebook's
     `tfcli.train` wants them: `auto` picks by device, budget (seconds) and the training text's
     length in characters (a run without dropout ends after MANY_PASSES passes over its text, or
-    ROOMY_PASSES over one with a character or more per hidden weight; a short text gets dropout and a
+    ROOMY_PASSES over one with half a character or more per hidden weight; a short text gets dropout and a
     longer limit; `dropout`, `batch_size`, `block_size`, `n_layer` and `n_embd`, when given, are used,
     and the limits fitted to them); the budget and step limit come along. Without either, the
     budget is 5 minutes, as `tfcli train`'s; with max_steps alone there is no time limit, as with

@@ -97,7 +97,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", "--max-iters",
                                             help="Stop after this many optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many passes over the training text "
-                                           "\\[default with auto: 4 without dropout (6 on a text with a "
+                                           "\\[default with auto: 4 without dropout (6 on a text with half a "
                                            "character per weight); with it, 10 on a small text, else none; at "
                                            "least 200 steps]."),
     preset: str = typer.Option("auto", help=f"Model size: {', '.join(PRESET_NAMES)} "
