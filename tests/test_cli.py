@@ -795,7 +795,11 @@ def test_eval_reads_undecodable_bytes_with_errors_replace_as_train_does(model, t
     skipped = ok("eval", bad, "-m", model, "--errors", "replace", "--unknown", "skip", "--json")
     clean = tmp_path / "clean.txt"
     clean.write_text("anna bob\ncarla\n")
-    assert skipped.stdout == ok("eval", clean, "-m", model, "--json").stdout  # the rest, scored as it reads
+    scored = json.loads(skipped.stdout)
+    assert scored.pop("skipped_chars") == 2
+    assert scored == json.loads(ok("eval", clean, "-m", model, "--json").stdout)  # the rest, scored as it reads
+    assert "skipped_chars" not in ok("eval", clean, "-m", model, "--json").stdout  # (only where --unknown skip)
+    assert json.loads(ok("eval", clean, "-m", model, "--json", "--unknown", "skip").stdout)["skipped_chars"] == 0
     assert "skipped 2 characters the model never saw (� ×2)" in skipped.stderr
 
 

@@ -74,6 +74,7 @@ def eval_(
     if any(str(f) == "-" for f in file):
         stdin_hint("the text")
     ids = encode_text(file, model.vocab, encoding, errors, skipped, None if max_chars is None else max_chars + 1)
+    counted = {} if skipped is None else {"skipped_chars": skipped.total()}  # (for --json's reader)
     if skipped:
         from ..render import plural
         top = ", ".join(f"{show_char(c)} ×{n:,}" for c, n in skipped.most_common(5))
@@ -88,11 +89,12 @@ def eval_(
         if (part := getattr(e, "partial", None)) is None:
             raise
         if as_json:  # (a script reads stdout: it got nothing)
-            print(json.dumps({**part.to_dict(), "interrupted": True, "of_chars": len(ids) - 1}), flush=True)
+            print(json.dumps({**part.to_dict(), **counted, "interrupted": True, "of_chars": len(ids) - 1}),
+                  flush=True)
         raise type(e)(f"scored {part.chars:,} of {len(ids) - 1:,} chars before the stop: loss {part.loss:.4f} "
                       f"nats/char, {part.bpc:.4f} bits/char on those") from None
     if as_json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), **counted}))
     else:
         from ..render import plural
         stdout.print(f"{plural(result.chars, 'char')}: loss {result.loss:.4f} nats/char, {result.bpc:.4f} bits/char, "
