@@ -288,6 +288,20 @@ def test_train_picks_its_model_for_the_precision_the_cpu_trains_in(tmp_path, mon
     assert seen == [width]
 
 
+def test_a_step_too_big_for_this_machines_memory_is_refused_before_anything_is_written(tmp_path):
+    """On Linux the OOM killer ended such a run in its first step, saying only "Killed"."""
+    from tfcli.memory import free_bytes
+    if free_bytes() is None:
+        pytest.skip("this system does not say how much memory is free")
+    corpus = write_names(tmp_path / "names.txt")
+    huge = ["--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--max-steps", "1", "--out", tmp_path / "r"]
+    message = refused(2, "train", corpus, *huge, "--batch-size", str(10**8))  # (terabytes of activations)
+    assert re.fullmatch(r"error: a training step of 100,000,000 sequences of 16 characters needs at least "
+                        r"[\d,.]+ gib of memory, and [\d,.]+ gib is free here; --grad-accum \d+ takes the same step "
+                        r"in \d+ parts, or use a smaller --batch-size", message)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_run_ended_by_autos_epoch_limit_says_so_and_how_to_lift_it(tmp_path):
     corpus = write_names(tmp_path / "names.txt", lines=400)  # ~3.6K characters to train on: 4 passes, ~225 steps
     small = ["--n-layer", "3", "--n-head", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",

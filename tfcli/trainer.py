@@ -34,6 +34,7 @@ from .distributed import World, agree, first_differing, mean, process_group, wra
 from .errors import TfcliError, UsageError, setting, warn
 from .evaluation import evaluate
 from .events import Done, Eval, Event, Notice, Sample, Start, Step
+from .memory import check_step_fits
 from .model import GPT
 from .optim import make_optimizer
 from .sampling import generate
@@ -330,6 +331,8 @@ class _Session:
         if (self.rows.stop - self.rows.start) % cfg.grad_accum:
             raise UsageError(f"{setting('grad_accum', cfg.grad_accum)} does not split each process's "
                              f"{self.rows.stop - self.rows.start} sequences evenly; pick a divisor of it")
+        if device.type == "cpu":  # (before the run directory: a run refused leaves nothing behind)
+            check_step_fits(self.model_cfg, self.rows.stop - self.rows.start, cfg.grad_accum, self.model.num_params())
         if world.is_main:
             ckpt.make_run_dir(run_dir, fresh=not resume, resumed_at=self.run.step if resume else None)
         if device.type == "cpu":
