@@ -550,6 +550,19 @@ def test_a_step_of_minutes_is_announced_and_a_step_of_moments_is_not():
     assert "min of CPU work" in notice.message and "context 100,000" in notice.message
 
 
+def test_a_step_longer_than_the_time_budget_is_announced_unless_it_is_a_few_seconds():
+    model = GPT(replace(MODEL, vocab_size=4))
+    work = 16 * MODEL.block_size * model.flops_per_token()  # a step of 16 sequences
+    events = []
+    warn_slow_steps(model, 16, events.append, rate=work / 30, budget=20.0)  # a 30 s step in a 20 s budget
+    warn_slow_steps(model, 16, events.append, rate=work / 30, budget=60.0)  # fits, and under a minute
+    warn_slow_steps(model, 16, events.append, rate=work / 5, budget=1.0)  # 5 s: not worth a word
+    warn_slow_steps(model, 16, events.append, rate=work / 30)  # (no budget)
+    [notice] = events
+    assert notice.message.startswith("one step of this model is about 30 s of CPU work (context 16, batch 16), "
+                                     "longer than the time budget; Ctrl-C and time_budget act between steps")
+
+
 def test_compile_on_trains_through_the_compiled_model(tmp_path, monkeypatch):
     compiled = []
 

@@ -244,17 +244,24 @@ def train(corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Pat
 
 
 CPU_FLOPS = 100e9  # a laptop CPU's training rate, roughly (2 Zen 4 cores: ~250 GFLOP/s in bf16)
+CPU_FLOPS_FLOAT32 = 50e9  # one without native bf16 (2 AVX2 Zen 3 cores: 17-100 GFLOP/s, the least at huge batches)
 SLOW_STEP_S = 60.0
+SLOW_FOR_BUDGET_S = 10.0  # ...or a step longer than the --time budget, when it is this long
 
 
-def warn_slow_steps(model: GPT, batch_size: int, on_event: Callable[[Event], None]) -> None:
-    """Say so when one step would take minutes: Ctrl-C and --time act between steps, so a context
-    of 100K characters (attention costs its square) looked like a hang that ignored them."""
-    seconds = batch_size * model.config.block_size * model.flops_per_token() / CPU_FLOPS
-    if seconds > SLOW_STEP_S:
-        on_event(Notice(f"one step of this model is about {seconds / 60:,.0f} min of CPU work "
-                        f"(context {model.config.block_size:,}, batch {batch_size}); Ctrl-C and "
-                        f"{setting('time_budget', flag='--time')} act between steps"))
+def warn_slow_steps(model: GPT, batch_size: int, on_event: Callable[[Event], None], rate: float = CPU_FLOPS,
+                    budget: float | None = None) -> None:
+    """Say so when one step would take minutes, or outlast the budget: Ctrl-C and --time act between
+    steps, so a context of 100K characters (attention costs its square) looked like a hang that
+    ignored them, and --batch-size 20000 with --time 20 ran 3.4 minutes in silence (its one step)."""
+    seconds = batch_size * model.config.block_size * model.flops_per_token() / rate
+    over_budget = budget is not None and seconds > max(budget, SLOW_FOR_BUDGET_S)
+    if seconds > SLOW_STEP_S or over_budget:
+        span = f"{seconds / 60:,.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+        budget_flag = setting('time_budget', flag='--time')
+        on_event(Notice(f"one step of this model is about {span} of CPU work (context {model.config.block_size:,}, "
+                        f"batch {batch_size}){', longer than the time budget' if over_budget else ''}; Ctrl-C and "
+                        f"{budget_flag} act between steps"))
 
 
 def unseen_in_training(chars: list[str]) -> str:
@@ -336,7 +343,8 @@ class _Session:
         if world.is_main:
             ckpt.make_run_dir(run_dir, fresh=not resume, resumed_at=self.run.step if resume else None)
         if device.type == "cpu":
-            warn_slow_steps(self.model, cfg.batch_size, on_event)
+            warn_slow_steps(self.model, cfg.batch_size, on_event,
+                            CPU_FLOPS if self.dtype == torch.bfloat16 else CPU_FLOPS_FLOAT32, cfg.time_budget)
         self.val_ids = val_sample(corpus.val, cfg.eval_tokens)
         if not self.val_ids:
             why = "none held out" if len(corpus.val) == 0 else "too short"
