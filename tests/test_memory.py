@@ -83,3 +83,11 @@ def test_a_step_that_fits_passes_and_one_that_does_not_names_the_grad_accum_that
         check_step_fits(CFG, 1000, 1, 400_000, free=ONE, processes=2)  # (in halves, each holds its own states)
     with pytest.raises(UsageError, match="use a smaller block_size or model$"):  # not even one sequence fits
         check_step_fits(CFG, 4, 1, 400_000, free=1000, processes=1)
+
+
+def test_a_prime_batch_is_answered_at_once():
+    """Parts must divide the batch: the search goes through its divisors, not every number below it."""
+    with pytest.raises(UsageError, match="grad_accum=1000003 takes"):  # (one sequence a part)
+        check_step_fits(CFG, 1_000_003, 1, 400_000, free=step_bytes(CFG, 1, 400_000), processes=1)
+    with pytest.raises(UsageError, match="use a smaller block_size or model$"):
+        check_step_fits(CFG, 10**12 + 39, 1, 400_000, free=step_bytes(CFG, 1, 400_000) - 1, processes=1)

@@ -9,6 +9,7 @@ own, which the CLI words (`commands.common.out_of_memory`).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -67,12 +68,20 @@ def check_step_fits(cfg: ModelConfig, sequences: int, accum: int, params: int, f
         return
     what = f"{sequences:,} sequences of {cfg.block_size:,} characters"
     what = what if accum == 1 else f"{what} in {accum} parts"
-    parts = next((k for k in range(accum + 1, sequences + 1) if sequences % k == 0 and need(k) <= free), None)
+    fits = max(0, free // processes - step_bytes(cfg, 0, params)) // step_bytes(cfg, 1, 0)  # sequences a part
+    most = max((d for d in (_divisors(sequences) if fits else []) if d <= fits), default=None)
+    parts = None if most is None else sequences // most
     fix = (f"{setting('grad_accum', parts)} takes the same step in {parts} parts, or use a smaller "
            f"{setting('batch_size')}" if parts else
            f"use a smaller {setting('block_size')} or model")
     raise UsageError(f"a training step of {what} needs at least {_gib(need(accum))} of memory, and "
                      f"{_gib(free)} is free here; {fix}")
+
+
+def _divisors(n: int) -> list[int]:
+    """n's divisors, found in √n tries: a --batch-size of 10**9 + 7 (a prime) is to be answered, not hung on."""
+    small = [i for i in range(1, math.isqrt(n) + 1) if n % i == 0]
+    return small + [n // i for i in small]
 
 
 def _gib(n: int) -> str:
