@@ -1198,6 +1198,21 @@ def test_eval_json_has_chars_loss_bpc_perplexity(model, trained):
     assert 0 < result["loss"] < 4 and abs(result["bpc"] * 0.6931 - result["loss"]) < 1e-3
 
 
+def test_eval_holds_a_batch_to_half_the_free_memory_with_a_note(model, trained, monkeypatch):
+    """`--batch-size 1000000` on a big text was to meet the OOM killer; the batch leaves the score alone."""
+    scored = json.loads(ok("eval", trained / "names.txt", "-m", model, "--json").stdout)
+    import tfcli
+    from tfcli.memory import forward_bytes
+    two = forward_bytes(tfcli.load(model).config, 2)
+    monkeypatch.setattr("tfcli.memory.free_bytes", lambda: two)
+    held = ok("eval", trained / "names.txt", "-m", model, "--json", "--batch-size", "1000000")
+    assert held.stderr == ("note: scoring 1 window at a time, what half the free memory holds, not "
+                           "--batch-size 1,000,000\n")
+    result = json.loads(held.stdout)
+    assert result["chars"] == scored["chars"] and result["loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    assert ok("eval", trained / "names.txt", "-m", model, "--batch-size", "1").stderr == ""  # (one fits: no note)
+
+
 def test_eval_text_summary(model, trained):
     out = ok("eval", trained / "names.txt", "-m", model).stdout
     assert "bits/char" in out and "perplexity" in out

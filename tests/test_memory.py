@@ -11,7 +11,7 @@ import pytest
 
 from tfcli.config import ModelConfig
 from tfcli.errors import UsageError
-from tfcli.memory import check_step_fits, free_bytes, step_bytes
+from tfcli.memory import check_step_fits, forward_bytes, free_bytes, step_bytes, windows_that_fit
 
 MEASURE = """
 import re, sys, torch
@@ -41,6 +41,44 @@ def test_the_estimate_falls_short_of_a_real_steps_peak(shape):
     out = subprocess.run([sys.executable, "-c", MEASURE, *shape.split()], capture_output=True, text=True, check=True)
     peak, estimate = map(int, out.stdout.split())
     assert 0.4 * peak < estimate <= peak  # (a bound, not a loose one: here 0.57-0.85 of the peak over five shapes)
+
+
+FORWARD = """
+import re, sys, torch
+from tfcli.config import ModelConfig
+from tfcli.device import keep_freed_memory
+from tfcli.evaluation import evaluate
+from tfcli.memory import forward_bytes
+from tfcli.model import GPT
+keep_freed_memory()  # (as eval does)
+layers, width, context, windows, vocab = map(int, sys.argv[1:])
+cfg = ModelConfig(vocab, layers, 4, width, context)
+model, ids = GPT(cfg), torch.randint(vocab, (windows * context + 1,))
+evaluate(model, ids[:context + 1], 1)  # (the first call's own allocations are not the batch's)
+status = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+before = status("VmRSS")
+evaluate(model, ids, windows)
+print(status("VmHWM") - before, forward_bytes(cfg, windows))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's peak memory from /proc")
+@pytest.mark.parametrize("shape", ["2 128 64 2000 65", "4 64 256 200 3000", "1 384 256 100 65"])
+def test_the_forward_estimate_covers_a_real_evaluations_peak(shape):
+    """It caps eval's batch, so it is to err high: `--batch-size 1000000` is not to reach the OOM killer
+    (here the peak was 0.66-0.78 of the estimate)."""
+    out = subprocess.run([sys.executable, "-c", FORWARD, *shape.split()], capture_output=True, text=True, check=True)
+    peak, estimate = map(int, out.stdout.split())
+    assert peak <= estimate < 2.5 * peak
+
+
+def test_windows_that_fit_take_the_share_of_free_memory_asked_and_at_least_one():
+    cfg = ModelConfig(65, 4, 4, 128, 256)
+    assert windows_that_fit(cfg, 0.5, free=forward_bytes(cfg, 100)) == 50
+    assert windows_that_fit(cfg, 1.0, free=forward_bytes(cfg, 100) + 1) == 100
+    assert windows_that_fit(cfg, 0.5, free=0) == 1  # (a window at a time: the score still comes)
+    here = windows_that_fit(cfg, 0.5)  # (this machine's free memory)
+    assert here is None or here >= 1
 
 
 def test_free_memory_is_the_lesser_of_the_machines_and_the_containers(tmp_path):

@@ -25,11 +25,29 @@ PER_LAYER_WIDTH = 80
 PER_VOCAB = 12
 PER_PARAM = 12  # a parameter's gradient and the optimizers' states, made by the first step
 
+# Bytes a token holds at the peak of a forward without gradients (`eval`): measured on a CPU,
+# 64-66 per unit of width (the widest layer's transients) and 8 per vocabulary entry (the logits
+# and their log-softmax), whatever the depth and context; rounded up, since this one caps a batch.
+FORWARD_PER_WIDTH = 80
+FORWARD_PER_VOCAB = 12
+
 
 def step_bytes(cfg: ModelConfig, sequences: int, params: int) -> int:
     """At least what one micro-batch of `sequences` adds to the process's memory in a step."""
     per_token = PER_LAYER_WIDTH * cfg.n_layer * cfg.n_embd + PER_VOCAB * cfg.vocab_size
     return sequences * cfg.block_size * per_token + PER_PARAM * params
+
+
+def forward_bytes(cfg: ModelConfig, sequences: int) -> int:
+    """About what a no-grad forward of `sequences` windows adds to the process's memory, at most."""
+    return sequences * cfg.block_size * (FORWARD_PER_WIDTH * cfg.n_embd + FORWARD_PER_VOCAB * cfg.vocab_size)
+
+
+def windows_that_fit(cfg: ModelConfig, share: float = 0.5, free: int | None = None) -> int | None:
+    """Windows a no-grad forward may take within `share` of the free memory (at least one); None
+    where that cannot be read."""
+    free = free_bytes() if free is None else free
+    return None if free is None else max(1, int(free * share) // forward_bytes(cfg, 1))
 
 
 def free_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:

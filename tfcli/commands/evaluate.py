@@ -45,7 +45,9 @@ def eval_(
     file: list[Path] = typer.Argument(..., help="Held-out text files ('-': stdin).", metavar="FILE",
                                       show_default=False),
     model_path: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    batch_size: int = typer.Option(32, help="Windows scored at once."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows scored at once (on a CPU, no more than half "
+                                             "the free memory holds) [default: 8,192 characters' worth].",
+                                             show_default=False),
     as_json: bool = typer.Option(False, "--json", help='Print {"chars", "loss", "bpc", "perplexity"}.'),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     encoding: str = typer.Option("utf-8", help="Text encoding of the files."),
@@ -59,9 +61,9 @@ def eval_(
     from collections import Counter
 
     from ..corpus import encode_text, show_char
-    from ..evaluation import evaluate
+    from ..evaluation import batch_windows, evaluate
 
-    if batch_size <= 0:
+    if batch_size is not None and batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
     if errors not in ("strict", "replace"):
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
@@ -82,9 +84,14 @@ def eval_(
                      f"{', …' if len(skipped) > 5 else ''})", highlight=False, markup=False)
     if len(ids) < 2:
         raise UsageError("need at least two characters to evaluate")
+    rows = batch_windows(model.config, batch_size, next(model.parameters()).device)
+    if batch_size and rows < min(batch_size, (len(ids) - 1) // model.config.block_size):
+        from ..render import plural
+        stderr.print(f"note: scoring {plural(rows, 'window')} at a time, what half the free memory holds, not "
+                     f"--batch-size {batch_size:,}", highlight=False, markup=False)
     try:
         with progress(len(ids) - 1, "eval", "char") as update:
-            result = evaluate(model, ids, batch_size, on_progress=update)
+            result = evaluate(model, ids, rows, on_progress=update)
     except KeyboardInterrupt as e:  # (its type kept: a SIGTERM's exits 143)
         if (part := getattr(e, "partial", None)) is None:
             raise
