@@ -413,3 +413,12 @@ def test_sampled_text_the_output_encoding_cannot_hold_is_refused_not_escaped(cor
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == ("error: the output's encoding (ascii) cannot write '\\xe9'; set PYTHONIOENCODING=utf-8 "
                            "or use a UTF-8 locale\n")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device every write to fails")
+def test_a_full_disk_under_the_output_is_said_in_words(corpus, tmp_path):
+    """`> /dev/full` was `error: OSError: [Errno 28] No space left on device (rerun as ...)`."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(tfcli("train", corpus, "--preset", "tiny", "--max-steps", "2", "--out", tmp_path / "r"),
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (1, "error: cannot write (no space left on device)\n")

@@ -37,6 +37,7 @@ def test_done_line_says_when_the_model_has_barely_learnt(tmp_path):
     assert "barely learnt yet: a uniform guess over its 72 characters scores 4.28" in describe_done(done, 72)
     assert "barely" not in describe_done(replace(done, val_loss=2.1), 72)  # (learning)
     assert "barely" not in describe_done(done) and "barely" not in describe_done(replace(done, val_loss=0.0), 1)
+    assert "a uniform guess over its 19,000 characters" in describe_done(replace(done, val_loss=9.5), 19000)
 
 
 def test_done_line_of_a_model_that_learnt_only_its_training_text_does_not_say_train_longer(tmp_path):
@@ -123,6 +124,9 @@ def test_the_start_line_counts_one_epoch_in_the_singular():
         return describe_start(Start(Path("runs/x"), 1000, ModelConfig(), TrainConfig(epochs=epochs), "cpu",
                                     "float32", 100, 10, 5, 0, False))
     assert "; 1 epoch;" in line(1.0)
+    wide = describe_start(Start(Path("runs/x"), 10**8, ModelConfig(n_embd=1024, block_size=2048),
+                                TrainConfig(batch_size=4096), "cpu", "float32", 100, 10, 5, 0, False))
+    assert "1,024 wide, context 2,048), batch 4,096," in wide  # (as the counts beside them are written)
     assert "2 epochs" in line(2.0) and "0.5 epochs" in line(0.5)
 
 

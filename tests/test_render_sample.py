@@ -32,5 +32,8 @@ def test_text_for_a_terminal_has_its_control_characters_as_symbols_one_for_one()
     assert styled("x\x1b", [0.0, -1.0]).plain == "x␛"  # (--color-by-prob: still one character per log-prob)
     assert "a␛␇" in batch_progress("a\x1b", ["\x07"], 80).plain
     assert for_terminal("a\tb\x1b[0m\x7f\x9b", unicode=False) == "a\tb^[[0m^??"  # (an ASCII terminal)
+    # (an override would reorder the rest of the line on a bidi terminal; Hebrew's marks and joiners stay)
+    assert for_terminal("a\u202eb\u2066c\u2069 \u05d0\u200f\u05d1 👩\u200d👧") == "a◌b◌c◌ \u05d0\u200f\u05d1 👩\u200d👧"
+    assert for_terminal("\u202a\u202e\u2068", unicode=False) == "???"
     tabbed = batch_progress("", ["ab\t" * 20, "x"], 20).plain.splitlines()[0]
     assert tabbed.endswith("ab⇥") and len(tabbed) <= 20  # a tab takes one cell here, not up to eight on screen

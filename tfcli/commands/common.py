@@ -8,6 +8,7 @@ left to tell. `handle_errors` turns every failure a user can cause into one line
 from __future__ import annotations
 
 import codecs
+import errno
 import functools
 import io
 import os
@@ -130,6 +131,8 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
                 less = {"sample": "fewer --num-samples, or a smaller model", "eval_": "a smaller --batch-size",
                         "train": "a smaller --batch-size or model", "bench": "fewer --shape"}
                 fail(f"out of memory: {short}; ask for less ({less.get(fn.__name__, 'a smaller model')})", 1)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # (the output: `> /dev/full`)
+                fail(f"cannot write{f' {e.filename}' if e.filename else ''} ({os.strerror(e.errno).lower()})", 1)
             if isinstance(e, UnicodeEncodeError) and e.encoding.replace("-", "").lower() != "utf8":
                 fail(f"the output's encoding ({e.encoding}) cannot write {e.object[e.start:e.end]!r}; "
                      "set PYTHONIOENCODING=utf-8 or use a UTF-8 locale", 1)

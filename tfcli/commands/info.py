@@ -41,7 +41,7 @@ def info(
     c, s = model.config, model.summary
     stdout.print(Text(str(model.path), style="bold"))
     stdout.print(f"  {model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
-                 f"context {c.block_size}, vocabulary {c.vocab_size}")
+                 f"context {c.block_size:,}, vocabulary {c.vocab_size:,}")
     stdout.print("  vocabulary: " + vocabulary_line(model.vocab.chars), markup=False)
     if s.get("step") is not None:
         val = f", val loss {s['val_loss']:.4f}" if s.get("val_loss") is not None else ""

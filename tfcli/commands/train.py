@@ -363,9 +363,9 @@ def print_corpus_report(paths: list[Path], data, val: list[Path] | None = None, 
 
     if val:  # two texts: say which holds how much
         line = (f"corpus: {listed(paths)}: {plural(len(data.train), 'char')} to train on; validation: "
-                f"{listed(val)}: {plural(len(data.val), 'char')}; vocab {len(data.vocab)}")
+                f"{listed(val)}: {plural(len(data.val), 'char')}; vocab {len(data.vocab):,}")
     else:
-        line = (f"corpus: {listed(paths)}: {plural(data.n_chars, 'char')}, vocab {len(data.vocab)}; "
+        line = (f"corpus: {listed(paths)}: {plural(data.n_chars, 'char')}, vocab {len(data.vocab):,}; "
                 f"train {len(data.train):,} / val {len(data.val):,}")
     stdout.print(line, highlight=False, markup=False)
     if data.uncached:

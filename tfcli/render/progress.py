@@ -74,8 +74,8 @@ def describe_start(e: Start) -> str:
     dropout = f", dropout {m.dropout:g}" if m.dropout else ""
     resumed = f", resuming at step {e.start_step}" if e.start_step else ""
     micro = f" in {e.train.grad_accum} micro-batches" if e.train.grad_accum > 1 else ""
-    return (f"model: {fmt_count(e.n_params)} params ({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-            f"context {m.block_size}{dropout}), batch {e.train.batch_size}{micro}, lr {e.train.lr:g}\n"
+    return (f"model: {fmt_count(e.n_params)} params ({m.n_layer} layers, {m.n_head} heads, {m.n_embd:,} wide, "
+            f"context {m.block_size:,}{dropout}), batch {e.train.batch_size:,}{micro}, lr {e.train.lr:g}\n"
             f"device: {e.device}{f' × {e.processes} processes' if e.processes > 1 else ''} "
             f"({e.dtype}{', compiled' if e.compiled else ''}, {e.train.optimizer}); "
             f"{budget}{resumed}; writing {e.run_dir}")
@@ -167,7 +167,7 @@ def untrained_note(e: Done, vocab_size: int | None, train_loss: float | None = N
     text (train loss 0.00, val 12.9), "train it for longer" was the wrong advice."""
     if e.val_loss is None or not vocab_size or vocab_size < 2 or e.val_loss < 0.9 * math.log(vocab_size):
         return ""
-    guess, uniform = f"a uniform guess over its {vocab_size} characters", math.log(vocab_size)
+    guess, uniform = f"a uniform guess over its {vocab_size:,} characters", math.log(vocab_size)
     if train_loss is not None and math.isfinite(train_loss) and train_loss < 0.5 * uniform:
         return (f"\nthe model learnt its training text (train loss {train_loss:.2f}) but scores the validation "
                 f"text no better than {guess} ({uniform:.2f}): the two texts differ, or there is too little "

@@ -7,13 +7,17 @@ import math
 from rich.text import Text
 
 PROB_STYLES = ((0.1, "red"), (0.3, "dark_orange"), (0.6, "yellow"), (0.9, "green"), (1.01, "bright_green"))
-# C0 controls but line break and tab as Unicode's control pictures, DEL as ␡, C1 controls as ◌
+# Bidirectional embeddings, overrides and isolates: a terminal that lays out bidi text would reorder
+# what follows one to the end of the line ("Trojan Source"). The marks (LRM, RLM, ALM) reorder
+# nothing past their neighbours and belong to Arabic and Hebrew text: they stay.
+BIDI_CONTROLS = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+# C0 controls but line break and tab as Unicode's control pictures, DEL as ␡, C1 and bidi controls as ◌
 _SAFE = {c: 0x2400 + c for c in range(0x20) if c not in (0x0A, 0x09)} | {0x7F: 0x2421} | {
-    c: 0x25CC for c in range(0x80, 0xA0)}
+    c: 0x25CC for c in (*range(0x80, 0xA0), *BIDI_CONTROLS)}
 
 
 _CARETS = {c: "^" + chr(c + 64) for c in range(0x20) if c not in (0x0A, 0x09)} | {0x7F: "^?"} | {
-    c: "?" for c in range(0x80, 0xA0)}
+    c: "?" for c in (*range(0x80, 0xA0), *BIDI_CONTROLS)}
 
 
 def for_terminal(text: str, unicode: bool = True) -> str:
