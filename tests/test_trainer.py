@@ -370,6 +370,19 @@ def test_no_step_is_begun_that_would_end_past_the_time_budget(tmp_path, clock, s
     assert done.reason == "time" and done.step == steps and done.elapsed <= cfg.time_budget
 
 
+def test_a_budget_spent_before_the_first_step_is_refused_and_leaves_no_run(tmp_path, clock):
+    """`--time 0.5s` saved an untrained model as the run, the one `sample` picks next, and exited 0."""
+    corpus = load_corpus([write(tmp_path, PATTERN * 20)])
+    cfg = replace(TRAIN, max_steps=None, time_budget=0.4, eval_interval=100.0, compile=False)  # (0.5 s is kept)
+    with pytest.raises(UsageError, match=r"^time_budget \(0.4 s\) ran out before the first step: starting up took "
+                                         r"[\d.]+ s, and 0.5 s is kept for the final validation; give it more time$"):
+        train(corpus, MODEL, cfg, tmp_path / "run", started_at=0.0)
+    assert not (tmp_path / "run").exists()
+    clock.step_s = 0.4
+    done = train(corpus, MODEL, replace(cfg, time_budget=1.0), tmp_path / "run", started_at=0.0)
+    assert done.step == 1 and (tmp_path / "run" / ckpt.MODEL_FILE).is_file()  # (one step fits: the run is made)
+
+
 def test_a_ctrl_c_during_the_final_validation_cuts_it_short_and_saves_the_run_as_interrupted(tmp_path, monkeypatch):
     """It was heard only after the validation and its sample, and the run then said it had finished."""
     from tfcli import trainer

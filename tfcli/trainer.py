@@ -461,6 +461,8 @@ class _Session:
                 return limit
             next_step = clock.next_step(elapsed, run.step - start_step)  # (kept up to date for validation_due too)
             if budget is not None and elapsed + next_step >= budget:
+                if run.step == 0:  # (a fresh run: saved, its untrained model would have passed for a trained one)
+                    raise self.spent_before_first_step(reserve)
                 return "time"  # (no step is begun that would end past the budget)
             self.set_lr(lr_at(progress, run.step, cfg))
             step_started = time.monotonic()
@@ -487,6 +489,14 @@ class _Session:
                 if budget is not None and took > reserve:  # (a loaded machine: keep what one really takes)
                     budget, reserve = budget - (took - reserve), took
                 stop = self.should_stop()  # (a Ctrl-C during it stops here, not after one more step)
+
+    def spent_before_first_step(self, reserve: float) -> UsageError:
+        """`--time 0.5s` trained no step, then saved the untrained model as the run (the one `sample`
+        takes next) and exited 0. Refused instead; the run directory, still empty, goes (`run_lock`)."""
+        started = time.monotonic() - self.started_at
+        return UsageError(f"{setting('time_budget', flag='--time')} ({self.cfg.time_budget:g} s) ran out before "
+                          f"the first step: starting up took {started:.1f} s, and {reserve:.1f} s is kept "
+                          f"for the final validation; give it more time")
 
     def report(self, loss: float, tokens: int, step_s: float, now: float, progress: float) -> None:
         """The step's own figures into the metrics and, twice a second, the window's mean to the display."""
