@@ -166,3 +166,17 @@ def test_processes_given_different_texts_or_settings_are_told_so_before_training
     what = "text or model settings" if rank_1 == "other text" else "training settings"
     assert f"error: rank 1's {what} differ from rank 0's" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "r" / ckpt.MODEL_FILE).exists()
+
+
+def test_a_time_budget_spent_before_the_first_step_ends_every_process_alike(tmp_path):
+    """Each process counts its budget from its own start, rank 0's the latest: one could refuse the first
+    step while the other began it and waited in its all-reduce. The least budget is every process's."""
+    corpus = _write(tmp_path, PATTERN * 40)
+    args = [a for a in ARGS if a not in ("--max-steps", "2")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "tfcli", "train", str(corpus), *args, "--time", "1",
+           "--out", "r"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "error: --time (1 s) ran out before the first step" in done.stderr
+    assert "another process" not in done.stderr and not (tmp_path / "r").exists()

@@ -103,6 +103,17 @@ def agree(world: World, device: torch.device, elapsed: float, stop: bool) -> tup
     return t[0].item(), bool(t[1].item())
 
 
+def least(world: World, device: torch.device, value: float) -> float:
+    """The smallest of the processes' values. Each counts its time budget from its own start, and
+    rank 0 starts last (it makes the run directory): at the first step one rank could find its
+    budget spent while another went into the step, to wait in its all-reduce for good."""
+    if not world.is_distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()
+
+
 def mean(world: World, device: torch.device, value: float) -> float:
     """The mean of `value` over the processes (each step's loss, so all see the whole batch's)."""
     if not world.is_distributed:

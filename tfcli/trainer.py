@@ -30,7 +30,7 @@ from . import native
 from .config import ModelConfig, SampleConfig, TrainConfig
 from .corpus import Corpus, show_char, show_chars
 from .device import autocast, compile_failure, compile_model, keep_freed_memory, pick_device, pick_dtype, should_compile
-from .distributed import World, agree, first_differing, mean, process_group, wrap
+from .distributed import World, agree, first_differing, least, mean, process_group, wrap
 from .errors import TfcliError, UsageError, setting, warn
 from .evaluation import evaluate
 from .events import Done, Eval, Event, Notice, Sample, Start, Step
@@ -441,7 +441,8 @@ class _Session:
         reserve = _final_reserve(self.model, self.val_ids, self.device)
         session_start = time.monotonic()
         prior_seconds, prior_progress = run.train_seconds, run.progress
-        budget = (cfg.time_budget - (session_start - self.started_at) - reserve) if cfg.time_budget else None
+        budget = least(world, self.device, cfg.time_budget - (session_start - self.started_at) - reserve) \
+            if cfg.time_budget else None
         last_eval, start_step = session_start, run.step
         self.window = _Window(session_start)
         max_steps, limit = step_limit(cfg, len(self.corpus.train), self.model_cfg.block_size)
@@ -461,7 +462,7 @@ class _Session:
                 return limit
             next_step = clock.next_step(elapsed, run.step - start_step)  # (kept up to date for validation_due too)
             if budget is not None and elapsed + next_step >= budget:
-                if run.step == 0:  # (a fresh run: saved, its untrained model would have passed for a trained one)
+                if run.step == 0:  # (saved, an untrained model would pass for a trained one)
                     raise self.spent_before_first_step(reserve)
                 return "time"  # (no step is begun that would end past the budget)
             self.set_lr(lr_at(progress, run.step, cfg))
@@ -492,11 +493,11 @@ class _Session:
 
     def spent_before_first_step(self, reserve: float) -> UsageError:
         """`--time 0.5s` trained no step, then saved the untrained model as the run (the one `sample`
-        takes next) and exited 0. Refused instead; the run directory, still empty, goes (`run_lock`)."""
+        takes next) and exited 0. Refused instead; a new run's directory, still empty, goes (`run_lock`)."""
         started = time.monotonic() - self.started_at
         return UsageError(f"{setting('time_budget', flag='--time')} ({self.cfg.time_budget:g} s) ran out before "
-                          f"the first step: starting up took {started:.1f} s, and {reserve:.1f} s is kept "
-                          f"for the final validation; give it more time")
+                          f"the first step: starting up took {started:.1f} s, and {reserve:.1f} s is kept for "
+                          f"the final validation and save; give it more than {math.ceil(started + reserve)} s")
 
     def report(self, loss: float, tokens: int, step_s: float, now: float, progress: float) -> None:
         """The step's own figures into the metrics and, twice a second, the window's mean to the display."""
