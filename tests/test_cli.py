@@ -1204,7 +1204,7 @@ def test_eval_holds_a_batch_to_half_the_free_memory_with_a_note(model, trained, 
     import tfcli
     from tfcli.memory import forward_bytes
     two = forward_bytes(tfcli.load(model).config, 2)
-    monkeypatch.setattr("tfcli.memory.free_bytes", lambda: two)
+    monkeypatch.setattr("tfcli.memory.free_bytes", lambda swap=True: two)
     held = ok("eval", trained / "names.txt", "-m", model, "--json", "--batch-size", "1000000")
     assert held.stderr == ("note: scoring 1 window at a time, what half the free memory holds, not "
                            "--batch-size 1,000,000\n")

@@ -169,12 +169,12 @@ def test_an_evaluation_interrupted_before_its_first_window_carries_no_score(monk
 
 def test_the_default_batch_is_a_number_of_characters_and_a_cpus_is_held_to_half_its_free_memory(monkeypatch):
     model = make_model(VOCAB, block_size=8)
-    monkeypatch.setattr("tfcli.memory.free_bytes", lambda: forward_bytes(model.config, 10))
+    monkeypatch.setattr("tfcli.memory.free_bytes", lambda swap=True: forward_bytes(model.config, 10))
     assert batch_windows(model.config, 4) == 4
     assert batch_windows(model.config, 1000) == 5  # (half of what is free)
     assert batch_windows(model.config, 1000, "cuda") == 1000  # (a GPU's allocator refuses by itself)
     assert batch_windows(model.config, None, "cuda") == BATCH_TOKENS // 8
-    monkeypatch.setattr("tfcli.memory.free_bytes", lambda: None)  # (a system that does not say)
+    monkeypatch.setattr("tfcli.memory.free_bytes", lambda swap=True: None)  # (a system that does not say)
     assert batch_windows(model.config, None) == BATCH_TOKENS // 8
     assert batch_windows(model.config, 10**9) == 10**9
 
@@ -182,7 +182,7 @@ def test_the_default_batch_is_a_number_of_characters_and_a_cpus_is_held_to_half_
 def test_a_batch_held_to_the_free_memory_gives_the_same_score(monkeypatch):
     model = make_model(VOCAB, block_size=8)
     whole = evaluate(model, ids_of(200), batch_size=1000)
-    monkeypatch.setattr("tfcli.memory.free_bytes", lambda: forward_bytes(model.config, 6))
+    monkeypatch.setattr("tfcli.memory.free_bytes", lambda swap=True: forward_bytes(model.config, 6))
     seen = []
     held = evaluate(model, ids_of(200), batch_size=1000, on_progress=seen.append)
     assert seen[:2] == [3 * 8, 3 * 8]  # (three windows a forward)

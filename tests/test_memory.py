@@ -63,7 +63,7 @@ print(status("VmHWM") - before, forward_bytes(cfg, windows))
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's peak memory from /proc")
-@pytest.mark.parametrize("shape", ["2 128 64 2000 65", "4 64 256 200 3000", "1 384 256 100 65"])
+@pytest.mark.parametrize("shape", ["2 128 64 600 65", "4 64 256 60 3000", "1 384 256 100 65"])
 def test_the_forward_estimate_covers_a_real_evaluations_peak(shape):
     """It caps eval's batch, so it is to err high: `--batch-size 1000000` is not to reach the OOM killer
     (here the peak was 0.66-0.78 of the estimate)."""
@@ -77,14 +77,13 @@ def test_windows_that_fit_take_the_share_of_free_memory_asked_and_at_least_one()
     assert windows_that_fit(cfg, 0.5, free=forward_bytes(cfg, 100)) == 50
     assert windows_that_fit(cfg, 1.0, free=forward_bytes(cfg, 100) + 1) == 100
     assert windows_that_fit(cfg, 0.5, free=0) == 1  # (a window at a time: the score still comes)
-    here = windows_that_fit(cfg, 0.5)  # (this machine's free memory)
-    assert here is None or here >= 1
 
 
 def test_free_memory_is_the_lesser_of_the_machines_and_the_containers(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:  8000000 kB\nMemFree:  100 kB\nMemAvailable:  4000000 kB\nSwapFree:  1000 kB\n")
     assert free_bytes(meminfo, tmp_path / "none") == 4_001_000 * 1024
+    assert free_bytes(meminfo, tmp_path / "none", swap=False) == 4_000_000 * 1024
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
     (cgroup / "memory.max").write_text("max\n")  # (cgroup v2 without a limit)

@@ -44,19 +44,21 @@ def forward_bytes(cfg: ModelConfig, sequences: int) -> int:
 
 
 def windows_that_fit(cfg: ModelConfig, share: float = 0.5, free: int | None = None) -> int | None:
-    """Windows a no-grad forward may take within `share` of the free memory (at least one); None
-    where that cannot be read."""
-    free = free_bytes() if free is None else free
+    """Windows a no-grad forward may take within `share` of the free memory, swap left out, since a
+    pass that pages would crawl (at least one); None where that cannot be read."""
+    free = free_bytes(swap=False) if free is None else free
     return None if free is None else max(1, int(free * share) // forward_bytes(cfg, 1))
 
 
-def free_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Memory this process could still take: the kernel's estimate of what is available (swap
-    included), or what is left under the cgroup's limit (a container's), whichever is less. None
-    where neither can be read (not Linux)."""
+def free_bytes(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup"),
+               swap: bool = True) -> int | None:
+    """Memory this process could still take: the kernel's estimate of what is available (with the
+    free swap, unless not `swap`), or what is left under the cgroup's limit (a container's),
+    whichever is less. None where neither can be read (not Linux)."""
     try:
         fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
-        free = (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+        swapped = int(fields.get("SwapFree", "0 kB").split()[0]) if swap else 0
+        free = (int(fields["MemAvailable"].split()[0]) + swapped) * 1024
     except (OSError, KeyError, ValueError):
         free = None
     for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",

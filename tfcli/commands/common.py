@@ -131,7 +131,7 @@ def handle_errors(fn=None, *, builds: tuple[str, ...] = (), torch: bool = True):
                 less = {"sample": "fewer --num-samples, or a smaller model", "eval_": "a smaller --batch-size",
                         "train": "a smaller --batch-size or model", "bench": "fewer --shape"}
                 fail(f"out of memory: {short}; ask for less ({less.get(fn.__name__, 'a smaller model')})", 1)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # (the output: `> /dev/full`)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):  # (`> /dev/full`)
                 fail(f"cannot write{f' {e.filename}' if e.filename else ''} ({os.strerror(e.errno).lower()})", 1)
             if isinstance(e, UnicodeEncodeError) and e.encoding.replace("-", "").lower() != "utf8":
                 fail(f"the output's encoding ({e.encoding}) cannot write {e.object[e.start:e.end]!r}; "

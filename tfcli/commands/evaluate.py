@@ -40,6 +40,19 @@ def progress(total: int, what: str, unit: str, every: float = 30.0):
     yield update
 
 
+def held_batch(model, batch_size: int | None, chars: int) -> int:
+    """The windows a forward scores, with a note where free memory holds fewer than --batch-size
+    asked for (and the text has)."""
+    from ..evaluation import batch_windows
+    from ..render import plural
+
+    rows = batch_windows(model.config, batch_size, next(model.parameters()).device)
+    if batch_size and rows < min(batch_size, chars // model.config.block_size):
+        stderr.print(f"note: scoring {plural(rows, 'window')} at a time, what half the free memory holds, not "
+                     f"--batch-size {batch_size:,}", highlight=False, markup=False)
+    return rows
+
+
 @handle_errors
 def eval_(
     file: list[Path] = typer.Argument(..., help="Held-out text files ('-': stdin).", metavar="FILE",
@@ -61,7 +74,8 @@ def eval_(
     from collections import Counter
 
     from ..corpus import encode_text, show_char
-    from ..evaluation import batch_windows, evaluate
+    from ..evaluation import evaluate
+    from ..render import plural
 
     if batch_size is not None and batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
@@ -78,17 +92,12 @@ def eval_(
     ids = encode_text(file, model.vocab, encoding, errors, skipped, None if max_chars is None else max_chars + 1)
     counted = {} if skipped is None else {"skipped_chars": skipped.total()}  # (for --json's reader)
     if skipped:
-        from ..render import plural
         top = ", ".join(f"{show_char(c)} ×{n:,}" for c, n in skipped.most_common(5))
         stderr.print(f"note: skipped {plural(sum(skipped.values()), 'character')} the model never saw ({top}"
                      f"{', …' if len(skipped) > 5 else ''})", highlight=False, markup=False)
     if len(ids) < 2:
         raise UsageError("need at least two characters to evaluate")
-    rows = batch_windows(model.config, batch_size, next(model.parameters()).device)
-    if batch_size and rows < min(batch_size, (len(ids) - 1) // model.config.block_size):
-        from ..render import plural
-        stderr.print(f"note: scoring {plural(rows, 'window')} at a time, what half the free memory holds, not "
-                     f"--batch-size {batch_size:,}", highlight=False, markup=False)
+    rows = held_batch(model, batch_size, len(ids) - 1)
     try:
         with progress(len(ids) - 1, "eval", "char") as update:
             result = evaluate(model, ids, rows, on_progress=update)
@@ -103,6 +112,5 @@ def eval_(
     if as_json:
         print(json.dumps({**result.to_dict(), **counted}))
     else:
-        from ..render import plural
         stdout.print(f"{plural(result.chars, 'char')}: loss {result.loss:.4f} nats/char, {result.bpc:.4f} bits/char, "
                      f"perplexity {result.perplexity:.3f}")

@@ -40,7 +40,7 @@ def info(
     from ..render import plural
     c, s = model.config, model.summary
     stdout.print(Text(str(model.path), style="bold"))
-    stdout.print(f"  {model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
+    stdout.print(f"  {model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, {c.n_embd:,} wide, "
                  f"context {c.block_size:,}, vocabulary {c.vocab_size:,}")
     stdout.print("  vocabulary: " + vocabulary_line(model.vocab.chars), markup=False)
     if s.get("step") is not None:

@@ -24,7 +24,7 @@ def for_terminal(text: str, unicode: bool = True) -> str:
     """Text as a terminal should get it: control characters as symbols, one for each (or, for a
     terminal that cannot encode them, in caret notation: ^[ for ESC). A model trained on logs or
     captured terminal output writes escape sequences, which a terminal would obey (colours, a
-    moved cursor, a changed title); a pipe or a file gets the bytes."""
+    moved cursor, a changed title), and bidi controls (BIDI_CONTROLS); a pipe or a file gets the bytes."""
     return text.translate(_SAFE if unicode else _CARETS)
 
 
