@@ -250,7 +250,8 @@ def test_resume_with_a_changed_corpus_is_refused(tmp_path):
     train(corpus, MODEL, replace(TRAIN, max_steps=2), tmp_path / "run")
     changed = load_corpus([write(tmp_path, "abcabc" + PATTERN * 19, "u.txt")])
     assert changed.vocab == corpus.vocab
-    with pytest.raises(UsageError, match=r"corpus or model settings differ .*\(its model settings match: the text"):
+    with pytest.raises(UsageError, match=r"corpus or model settings differ .*\(its model settings match: the training "
+                                         r"text is another, or the same text split another way: val_paths and "):
         train(changed, MODEL, replace(TRAIN, max_steps=4), tmp_path / "run", resume=True)
     with pytest.raises(UsageError, match=r"\(n_layer=3, the run's 2; dropout=0.1, the run's 0.0\)"):
         train(corpus, replace(MODEL, n_layer=3, dropout=0.1), replace(TRAIN, max_steps=4), tmp_path / "run",
@@ -652,7 +653,8 @@ def test_a_run_that_learnt_carriage_returns_is_told_why_its_text_now_differs(tmp
     from tfcli.corpus import Vocab
     from tfcli.trainer import _what_differs
 
-    for chars, said in (("ab\r\n", "it learnt \\r as a character"), ("ab\n", "the text is another")):
+    for chars, said in (("ab\r\n", "it learnt \\r as a character"), ("ab\n", "the training text is another, or "
+                                                                            "the same text split another way")):
         model = make_model(Vocab.from_text(chars))
         (tmp_path / chars.encode().hex()).mkdir()
         ckpt.save_model(tmp_path / chars.encode().hex() / ckpt.MODEL_FILE, model, Vocab.from_text(chars), {})

@@ -582,7 +582,8 @@ def _what_differs(run_dir: Path, asked: ModelConfig) -> str:
     if "\r" in stored.vocab.chars:  # (a run from before tfcli read \r\n and \r as \n)
         return (" (its model settings match, and it learnt \\r as a character: tfcli now reads line ends as \\n, "
                 "so its text reads as another)")
-    return " (its model settings match: the text is another)"
+    return (f" (its model settings match: the training text is another, or the same text split another way: "
+            f"{setting('val_paths', flag='--val')} and {setting('val_fraction')} as the run had them)")
 
 
 def _load_resume(run_dir: Path, chash: str, model, opt, gen, cfg: TrainConfig) -> _Run:

@@ -80,9 +80,9 @@ def sample(
     color_by_prob: bool = typer.Option(False, "--color-by-prob", help="Colour each character by its probability."),
     compile_: bool = typer.Option(False, "--compile", help="Compile the decode step (5-10 s first): for long "
                                   "generations on a GPU, or a CPU without a C compiler for tfcli's kernel."),
-    dtype: str = typer.Option("auto", help="Weights while sampling: auto (float16 for CPU models over 8 MB; "
-                              "bfloat16 for batches of 3+ where the CPU has it natively), float32, float16 or "
-                              "bfloat16."),
+    dtype: str = typer.Option("auto", help="Weights while sampling: auto (float16 for 1-2 samples of CPU models "
+                              "over 8 MB; bfloat16 for batches of 3+ where the CPU has it natively; else "
+                              "float32), float32, float16 or bfloat16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps or auto."),
     interactive: bool = typer.Option(False, "--interactive", "-i",
                                      help="Keep going: type text to add, the model continues after each line; "
