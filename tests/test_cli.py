@@ -1432,9 +1432,15 @@ def test_a_resumed_run_keeps_its_seed_and_says_a_new_one_does_not_apply(tmp_path
     ok("train", tmp_path / "names.txt", "--preset", "tiny", "--max-steps", "2", "--seed", "5", "--out", run)
     resumed = ok("train", tmp_path / "names.txt", "--out", run, "--resume", "--max-steps", "4", "--seed", "9")
     assert "--seed 9 does not apply to a resumed run" in resumed.stderr
+    assert "note: the resumed run" not in resumed.stderr  # (nothing else was changed)
     ok("train", tmp_path / "names.txt", "--out", run, "--resume", "--max-steps", "6")  # (the printed command's form)
     summary = json.loads(ok("info", "-m", run, "--json").stdout)["summary"]
     assert (summary["step"], summary["train"]["seed"]) == (6, 5)  # (it read 1337: the flag's default won)
+    lr, batch = summary["train"]["lr"], summary["train"]["batch_size"]
+    changed = ok("train", tmp_path / "names.txt", "--out", run, "--resume", "--max-steps", "7", "--lr", str(lr * 2),
+                 "--batch-size", str(batch), "--warmup-steps", "50")
+    assert (f"note: the resumed run goes on with --lr {lr * 2} (the run's {lr:g}), --warmup-steps 50 (the run's "
+            f"{summary['train']['warmup_steps']})\n") in changed.stderr  # (not the batch size, given as it was)
 
 
 def test_a_backslash_n_typed_in_quotes_is_explained(model):

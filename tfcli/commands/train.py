@@ -189,6 +189,10 @@ def train(
         base_model = replace(base_model, vocab_size=len(data.vocab))
     model_cfg = with_overrides(base_model, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                dropout=dropout).validate()
+    if resume and world.is_main:
+        _note_changed_settings(base_train, dict(batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                                                warmup_steps=warmup_steps, weight_decay=weight_decay,
+                                                grad_clip=grad_clip))
     train_cfg = with_overrides(base_train, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, **tuning)
     if eval_steps is not None and eval_interval is None:  # (validation at the same steps whatever the speed)
         train_cfg = replace(train_cfg, eval_interval=None)
@@ -276,6 +280,15 @@ def _warn_of_settings_a_resume_ignores(preset: str, seed: int | None) -> None:
     if seed is not None:
         stderr.print(f"warning: --seed {seed} does not apply to a resumed run, which goes on with its own "
                      "random state", highlight=False, markup=False)
+
+
+def _note_changed_settings(saved: TrainConfig, given: dict) -> None:
+    """A resumed run takes the training flags given now over its own; said, since --seed is
+    warned of, --optimizer and --dropout refused, and these went through without a word."""
+    changed = [f"{setting(k, v)} (the run's {getattr(saved, k):g})" for k, v in given.items()
+               if v is not None and v != getattr(saved, k)]
+    if changed:
+        stderr.print(f"note: the resumed run goes on with {', '.join(changed)}", highlight=False, markup=False)
 
 
 def _check_shape(shape, given: dict, dropout: float | None, source: str) -> None:
