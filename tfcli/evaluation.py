@@ -60,9 +60,9 @@ def _long(ids: np.ndarray | torch.Tensor) -> torch.Tensor:
 def evaluate(model, ids: np.ndarray | torch.Tensor | Sequence[int], batch_size: int | None = None,
              dtype: torch.dtype = torch.float32, on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Mean loss over `ids`, `batch_size` windows a forward (see batch_windows); `on_progress(n)` is
-    told of each n characters scored. An interrupt
-    (Ctrl-C) carries, as its `partial`, the EvalResult of the windows scored before it (None before
-    the first): an hour into a huge text, that much was not to be thrown away."""
+    told of each n characters scored. An interrupt (Ctrl-C) carries, as its `partial`, the
+    EvalResult of the windows scored before it (None before the first): an hour into a huge text,
+    that much was not to be thrown away."""
     check_model(model, "evaluate")
     keep_freed_memory()
     T = model.config.block_size
