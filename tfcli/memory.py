@@ -25,10 +25,12 @@ PER_LAYER_WIDTH = 80
 PER_VOCAB = 12
 PER_PARAM = 12  # a parameter's gradient and the optimizers' states, made by the first step
 
-# Bytes a token holds at the peak of a forward without gradients (`eval`): measured on a CPU,
-# 64-66 per unit of width (the widest layer's transients) and 8 per vocabulary entry (the logits
-# and their log-softmax), whatever the depth and context; rounded up, since this one caps a batch.
-FORWARD_PER_WIDTH = 80
+# Bytes a token holds at the peak of a forward without gradients (`eval`), measured on a CPU over
+# eight shapes: 61-65 per unit of width where each activation is big enough for glibc to map it
+# alone, up to 101 where it comes from the heap (under 32 MB: see device.keep_freed_memory) and
+# leaves gaps, and 8 per vocabulary entry (the logits and their log-softmax). Rounded up, since
+# this one caps a batch.
+FORWARD_PER_WIDTH = 128
 FORWARD_PER_VOCAB = 12
 
 
